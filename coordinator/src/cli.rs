@@ -1,0 +1,180 @@
+//! The `ringleader` command line (clap derive). Every flag can also come
+//! from a `RINGLEADER_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringleader",
+    version,
+    about = "Distributed training orchestrator"
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "RINGLEADER_LOG_JSON")]
+    pub log_json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator: campaign for leadership through etcd and serve gRPC.
+    Serve(ServeArgs),
+    /// Run a whole cluster as local processes (private etcd, coordinators,
+    /// workers); with `-- COMMAND`, run it against the cluster, then stop.
+    Local(LocalArgs),
+    /// Show the leader, the coordinators and the workers.
+    Status(StatusArgs),
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 3s, 500ms, 1m)"))
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "RINGLEADER_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+
+    /// Address others reach this coordinator on (the pod IP in Kubernetes);
+    /// defaults to --listen.
+    #[arg(long, env = "RINGLEADER_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "RINGLEADER_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+
+    /// TTL of the election lease: how long a dead leader can hold on.
+    #[arg(long, env = "RINGLEADER_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// Deadline of every etcd request (and of the first connection).
+    #[arg(long, env = "RINGLEADER_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub etcd_timeout: Duration,
+
+    /// How often workers send heartbeats.
+    #[arg(long, env = "RINGLEADER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Silence after which a worker is declared lost.
+    #[arg(long, env = "RINGLEADER_WORKER_LOST_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub worker_lost_after: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Number of worker processes.
+    #[arg(long, env = "RINGLEADER_LOCAL_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+
+    /// Number of coordinator processes (one leads, the rest stand by).
+    #[arg(long, env = "RINGLEADER_LOCAL_COORDINATORS", default_value_t = 2)]
+    pub coordinators: usize,
+
+    /// Use this etcd (comma-separated endpoints) instead of a private one.
+    #[arg(long, env = "RINGLEADER_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+
+    /// Election lease TTL for the coordinators.
+    #[arg(long, env = "RINGLEADER_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// Device for every worker: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "RINGLEADER_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Directory for etcd's data and the logs (default: a temporary one,
+    /// removed at exit).
+    #[arg(long, env = "RINGLEADER_LOCAL_DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// How long to wait for the cluster to form.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Command to run once the cluster is ready, with RINGLEADER_COORDINATOR
+    /// set; the cluster stops when it exits and its exit code is ours.
+    #[arg(last = true)]
+    pub run: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Coordinator addresses, comma-separated (any of them; the leader is
+    /// found from there).
+    #[arg(
+        long,
+        env = "RINGLEADER_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7400"
+    )]
+    pub coordinator: Vec<String>,
+
+    /// Deadline for reaching the leader.
+    #[arg(long, env = "RINGLEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_reads_flags_and_defaults() {
+        let cli = Cli::try_parse_from([
+            "ringleader",
+            "serve",
+            "--listen=127.0.0.1:1",
+            "--etcd=http://a:1,http://b:2",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.etcd, ["http://a:1", "http://b:2"]);
+        assert_eq!(args.lease_ttl, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let err = Cli::try_parse_from(["ringleader", "serve", "--etcd=x", "--lease-ttl=soon"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--lease-ttl"), "{err}");
+    }
+
+    #[test]
+    fn local_takes_a_trailing_command() {
+        let cli = Cli::try_parse_from([
+            "ringleader",
+            "local",
+            "--workers=3",
+            "--",
+            "ringleader",
+            "status",
+        ])
+        .unwrap();
+        let Command::Local(args) = cli.command else {
+            panic!("not local")
+        };
+        assert_eq!(args.workers, 3);
+        assert_eq!(args.run, ["ringleader", "status"]);
+    }
+}

@@ -1,0 +1,83 @@
+//! The coordinator's error type and its mapping onto gRPC status codes.
+
+use std::time::Duration;
+
+/// Errors a caller of the coordinator library can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// This coordinator does not lead; `leader` is who does, when known.
+    #[error("not the leader{}", .leader.as_deref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
+
+    /// A fenced write found that our leader key is gone or was re-created:
+    /// another coordinator may lead now, so the write was not applied.
+    #[error("fenced out: this coordinator's leadership (key {key}, create revision {revision}) is no longer current; the write was not applied")]
+    FencedOut { key: String, revision: i64 },
+
+    /// etcd could not be reached or answered with an error.
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    /// etcd did not answer within the deadline.
+    #[error("etcd at {endpoints} did not answer within {timeout:?} while trying to {what}")]
+    EtcdTimeout {
+        endpoints: String,
+        what: &'static str,
+        timeout: Duration,
+    },
+
+    /// A request or flag was malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A coordinator could not be reached.
+    #[error("coordinator {address} is unreachable: {reason}")]
+    Unreachable { address: String, reason: String },
+
+    /// A child process of the local launcher failed.
+    #[error("{what}: {reason}")]
+    Process { what: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::NotLeader { leader } => ringleader_proto::not_leader_status(leader.as_deref()),
+            Error::FencedOut { .. } => ringleader_proto::not_leader_status(None),
+            Error::InvalidArgument(msg) => tonic::Status::invalid_argument(msg),
+            e @ (Error::Etcd { .. } | Error::EtcdTimeout { .. } | Error::Unreachable { .. }) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            e @ Error::Process { .. } => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_leader_maps_to_failed_precondition_with_leader_metadata() {
+        let status = tonic::Status::from(Error::NotLeader {
+            leader: Some("10.0.0.1:7000".into()),
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            ringleader_proto::leader_from_status(&status).as_deref(),
+            Some("10.0.0.1:7000")
+        );
+    }
+
+    #[test]
+    fn invalid_argument_keeps_its_code() {
+        let status = tonic::Status::from(Error::InvalidArgument("bad".into()));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,37 @@
+//! Ringleader's coordinator: the control plane of a training cluster.
+//!
+//! ```text
+//!  CLI ──gRPC──▶ coordinator (leader) ◀──gRPC── coordinator (standby)…
+//!                    │  ▲                            │
+//!     fenced txn     │  │ election / key watch       │ campaign
+//!                    ▼  │                            ▼
+//!                   etcd (all durable state, election ringleader/leader)
+//!                    ▲
+//!  worker ◀── attach stream: register, heartbeats, assignments ──▶ leader
+//! ```
+//!
+//! * [`election`] campaigns with an explicitly kept-alive lease and turns
+//!   leadership into a [`election::Role`] whose term token is cancelled the
+//!   moment leadership ends.
+//! * [`store`] is the only path for writes: transactions fenced on the
+//!   leader key's create revision.
+//! * [`registry`] is the leader's pure view of its workers; [`service`] is
+//!   the gRPC face; [`server`] wires them up (`serve`).
+//! * [`local`] and [`process`] run a whole cluster as child processes, for
+//!   `ringleader local` and the integration tests.
+
+pub mod cli;
+pub mod client;
+pub mod election;
+pub mod error;
+pub mod etcd;
+pub mod local;
+pub mod process;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod status;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,164 @@
+//! `ringleader`: coordinator server, local cluster launcher and client CLI.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ringleader_coordinator::cli::{Cli, Command, LocalArgs, ServeArgs, StatusArgs};
+use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
+use ringleader_coordinator::server::{self, ServeOptions};
+use ringleader_coordinator::{runtime, status};
+use tokio_util::sync::CancellationToken;
+
+/// Grace period for children to stop on SIGTERM before they are killed.
+const CHILD_GRACE: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    runtime::init_tracing(cli.log_json);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Local(args) => local(args).await,
+        Command::Status(args) => show_status(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let shutdown = runtime::shutdown_on_signals()?;
+    let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
+    let options = ServeOptions {
+        listen: args.listen,
+        advertise,
+        etcd: args.etcd,
+        lease_ttl: args.lease_ttl,
+        etcd_timeout: args.etcd_timeout,
+        heartbeat_interval: args.heartbeat_interval,
+        worker_lost_after: args.worker_lost_after,
+    };
+    server::serve(options, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show_status(args: StatusArgs) -> Result<ExitCode> {
+    let status = status::fetch(&args.client).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status::to_json(&status))?
+        );
+    } else {
+        print!("{}", status::to_table(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn local(args: LocalArgs) -> Result<ExitCode> {
+    let shutdown = runtime::shutdown_on_signals()?;
+    let temp;
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("ringleader-local-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let options = LocalClusterOptions {
+        workers: args.workers,
+        coordinators: args.coordinators.max(1),
+        etcd: args.etcd.clone(),
+        lease_ttl: args.lease_ttl,
+        device: args.device.clone(),
+        dir: dir.clone(),
+        coordinator_args: Vec::new(),
+    };
+    eprintln!(
+        "starting {} coordinator(s) and {} worker(s); logs in {}",
+        options.coordinators,
+        options.workers,
+        dir.display()
+    );
+    let mut cluster = LocalCluster::start(options).await?;
+    let outcome = run_cluster(&mut cluster, &args, &shutdown).await;
+    eprintln!("stopping the local cluster");
+    cluster.shutdown(CHILD_GRACE);
+    outcome
+}
+
+/// Waits for the cluster, then for the user's command, a signal, or a member
+/// dying, whichever comes first.
+async fn run_cluster(
+    cluster: &mut LocalCluster,
+    args: &LocalArgs,
+    shutdown: &CancellationToken,
+) -> Result<ExitCode> {
+    let ready = tokio::select! {
+        r = cluster.wait_ready(args.ready_timeout) => r?,
+        _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+    };
+    let addresses = cluster.coordinator_addresses().join(",");
+    println!("cluster ready");
+    println!("  etcd:        {}", cluster.etcd_endpoints().join(","));
+    println!("  leader:      {}", ready.leader_address);
+    println!("  coordinators: {addresses}");
+    for worker in &ready.workers {
+        println!(
+            "  worker:      {} at {}",
+            worker.worker_id, worker.peer_address
+        );
+    }
+    println!("  export RINGLEADER_COORDINATOR={addresses}");
+
+    let mut command = match args.run.split_first() {
+        Some((program, rest)) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(rest).env("RINGLEADER_COORDINATOR", &addresses);
+            if let Ok(exe) = std::env::current_exe() {
+                if let Some(bin_dir) = exe.parent() {
+                    let path = std::env::var_os("PATH").unwrap_or_default();
+                    let mut dirs = vec![bin_dir.to_path_buf()];
+                    dirs.extend(std::env::split_paths(&path));
+                    command.env("PATH", std::env::join_paths(dirs)?);
+                }
+            }
+            command.kill_on_drop(true);
+            Some(
+                command
+                    .spawn()
+                    .with_context(|| format!("running {program}"))?,
+            )
+        }
+        None => {
+            println!("press Ctrl-C to stop");
+            None
+        }
+    };
+
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+            status = async { command.as_mut().expect("guarded").wait().await }, if command.is_some() => {
+                let status = status.context("waiting for the command")?;
+                let code = status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1);
+                return Ok(ExitCode::from(code));
+            }
+            _ = poll.tick() => {
+                if let Some(dead) = cluster.first_dead_member() {
+                    return Err(dead.into());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Child processes that never outlive their owner.
+//!
+//! A [`ManagedChild`] is killed when dropped (also while unwinding from a
+//! panic), and asks the kernel to SIGKILL it should the spawning thread die
+//! first (`PR_SET_PDEATHSIG`), so neither tests nor `ringleader local` leave
+//! orphans behind.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// A port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> Result<u16> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Process {
+            what: "finding a free loopback port".into(),
+            reason: e.to_string(),
+        })
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_loopback_address() -> Result<String> {
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
+/// A child process with its output in a log file; killed on drop.
+pub struct ManagedChild {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+    /// Set when we stopped it, so its exit is not reported as a crash.
+    stopped_on_purpose: bool,
+}
+
+impl ManagedChild {
+    /// Spawns `command` with stdout and stderr appended to `log`.
+    pub fn spawn(name: impl Into<String>, mut command: Command, log: &Path) -> Result<Self> {
+        let name = name.into();
+        let err = |reason: String| Error::Process {
+            what: format!("starting {name}"),
+            reason,
+        };
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| err(format!("cannot open log {}: {e}", log.display())))?;
+        let err_out = out.try_clone().map_err(|e| err(e.to_string()))?;
+        command.stdin(Stdio::null()).stdout(out).stderr(err_out);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let program = command.get_program().to_string_lossy().into_owned();
+        let child = command
+            .spawn()
+            .map_err(|e| err(format!("cannot run {program}: {e}")))?;
+        Ok(Self {
+            name,
+            child,
+            log: log.to_path_buf(),
+            exited: None,
+            stopped_on_purpose: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The exit status if the process has ended (reaping it).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// The exit status if the process ended without us stopping it.
+    pub fn crashed(&mut self) -> Option<ExitStatus> {
+        self.exit_status().filter(|_| !self.stopped_on_purpose)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) unless the process has ended.
+    pub fn signal(&mut self, signal: i32) {
+        if self.is_running() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: plain syscall on a pid we spawned and have not reaped.
+                unsafe {
+                    libc::kill(pid, signal);
+                }
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        self.stopped_on_purpose = true;
+        if self.is_running() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        self.stopped_on_purpose = true;
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while self.is_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    /// The last `lines` lines of the log, for error reports.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ManagedChild {
+    fn drop(&mut self) {
+        // Resume a stopped process first, or SIGKILL would leave it for later.
+        self.signal(libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// A binary installed beside the running executable (how `cargo build`
+/// and the container images lay them out), unless `env_override` names one.
+pub fn sibling_binary(name: &str, env_override: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_override) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::Process {
+        what: format!("locating {name}"),
+        reason: e.to_string(),
+    })?;
+    let candidate = exe.with_file_name(name);
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(Error::Process {
+            what: format!("locating {name}"),
+            reason: format!(
+                "{} does not exist; build the workspace (cargo build --release) or set {env_override}",
+                candidate.display()
+            ),
+        })
+    }
+}

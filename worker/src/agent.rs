@@ -1,0 +1,138 @@
+//! The worker's link to the leader: register, heartbeat, re-register.
+//!
+//! ```text
+//!   find leader (any coordinator names it) ──▶ Attach stream: Register
+//!        ▲                                          │ Registered
+//!        │ backoff (capped) on failure              ▼
+//!        └──── stream ends / errors / acks stop ◀── heartbeats every interval
+//! ```
+
+use std::time::{Duration, Instant};
+
+use ringleader_coordinator::client;
+use ringleader_proto::coordinator::{
+    coordinator_message, worker_message, Heartbeat, Register, WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How the agent reaches the leader.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub coordinators: Vec<String>,
+    pub registration: Register,
+    /// Deadline for connecting and for each unary call.
+    pub rpc_timeout: Duration,
+    /// First retry delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Why an attached session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Coordinator(#[from] ringleader_coordinator::Error),
+    #[error("leader {leader} refused the attach: {status}")]
+    Refused {
+        leader: String,
+        status: tonic::Status,
+    },
+    #[error("leader {leader}: {reason}")]
+    SessionLost { leader: String, reason: String },
+}
+
+/// Keeps the worker registered with whoever leads until `shutdown`.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
+    let mut backoff = options.min_backoff;
+    while !shutdown.is_cancelled() {
+        let error = match attach_once(&options, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        // A session that was up and then broke (failover) retries at once;
+        // repeated failures back off.
+        if let AgentError::SessionLost { .. } = error {
+            warn!(%error, "lost the leader; re-registering");
+            backoff = options.min_backoff;
+            continue;
+        }
+        warn!(%error, retry_in = ?backoff, "cannot register with the leader");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(options.max_backoff);
+    }
+}
+
+/// One registration and the heartbeats that follow it. `Ok` only on
+/// shutdown.
+async fn attach_once(
+    options: &AgentOptions,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let (leader, mut client) =
+        client::find_leader(&options.coordinators, options.rpc_timeout).await?;
+    let (tx, rx) = mpsc::channel(8);
+    let register = WorkerMessage {
+        kind: Some(worker_message::Kind::Register(options.registration.clone())),
+    };
+    // The channel is empty and ours: this cannot fail.
+    let _ = tx.send(register).await;
+    let refused = |status: tonic::Status| AgentError::Refused {
+        leader: leader.clone(),
+        status,
+    };
+    let response =
+        tokio::time::timeout(options.rpc_timeout, client.attach(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| refused(tonic::Status::deadline_exceeded("attach timed out")))?
+            .map_err(refused)?;
+    let mut inbound = response.into_inner();
+    let first = tokio::time::timeout(options.rpc_timeout, inbound.message())
+        .await
+        .map_err(|_| refused(tonic::Status::deadline_exceeded("no Registered answer")))?
+        .map_err(refused)?;
+    let interval = match first.and_then(|m| m.kind) {
+        Some(coordinator_message::Kind::Registered(r)) => {
+            Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)))
+        }
+        _ => return Err(refused(tonic::Status::internal("expected Registered"))),
+    };
+    info!(%leader, worker = %options.registration.worker_id, "registered");
+
+    let lost = |reason: String| AgentError::SessionLost {
+        leader: leader.clone(),
+        reason,
+    };
+    // Silence this long means the leader is gone even if TCP has not noticed.
+    let silence_limit = interval * 3 + options.rpc_timeout;
+    let mut tick = tokio::time::interval(interval);
+    let mut sequence = 0u64;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if last_heard.elapsed() > silence_limit {
+                    return Err(lost(format!("no answer for {silence_limit:?}")));
+                }
+                sequence += 1;
+                let heartbeat = WorkerMessage {
+                    kind: Some(worker_message::Kind::Heartbeat(Heartbeat { sequence })),
+                };
+                if tx.send(heartbeat).await.is_err() {
+                    return Err(lost("stream closed".into()));
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(_)) => last_heard = Instant::now(),
+                Ok(None) => return Err(lost("stream closed".into())),
+                Err(status) => return Err(lost(status.message().to_string())),
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! What a worker trains on and what it reports to the leader.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ringleader_proto::coordinator::{GpuInfo, WorkerResources};
+
+/// The `--device` a worker was asked to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// The first CUDA device if there is one, else the CPU.
+    Auto,
+    Cpu,
+    /// `cuda` means `cuda:0`.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device {other:?}: expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Errors resolving a device request against this machine.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device cuda:{requested} requested, but libtorch sees {available} CUDA device(s)")]
+    NoSuchCuda { requested: usize, available: usize },
+}
+
+impl DeviceRequest {
+    /// The concrete device, given how many CUDA devices libtorch sees.
+    pub fn resolve(self, cuda_devices: usize) -> Result<tch::Device, DeviceError> {
+        match self {
+            Self::Cpu => Ok(tch::Device::Cpu),
+            Self::Auto if cuda_devices > 0 => Ok(tch::Device::Cuda(0)),
+            Self::Auto => Ok(tch::Device::Cpu),
+            Self::Cuda(n) if n < cuda_devices => Ok(tch::Device::Cuda(n)),
+            Self::Cuda(n) => Err(DeviceError::NoSuchCuda {
+                requested: n,
+                available: cuda_devices,
+            }),
+        }
+    }
+}
+
+/// `cpu` or `cuda:N`, as reported to the leader.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// CUDA devices with names and memory. libtorch gives the count; NVML (when
+/// the driver is present) names them and sizes their memory.
+pub fn detect_gpus() -> Vec<GpuInfo> {
+    let count = if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    };
+    let nvml = if count > 0 {
+        nvml_wrapper::Nvml::init().ok()
+    } else {
+        None
+    };
+    (0..count)
+        .map(|index| {
+            let device = nvml
+                .as_ref()
+                .and_then(|n| n.device_by_index(index as u32).ok());
+            GpuInfo {
+                index: index as u32,
+                name: device
+                    .as_ref()
+                    .and_then(|d| d.name().ok())
+                    .unwrap_or_else(|| format!("cuda:{index}")),
+                memory_bytes: device
+                    .as_ref()
+                    .and_then(|d| d.memory_info().ok())
+                    .map(|m| m.total)
+                    .unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// This worker's resources for registration.
+pub fn resources(device: tch::Device, gpus: Vec<GpuInfo>) -> WorkerResources {
+    WorkerResources {
+        cpu_cores: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        gpus,
+        device: device_name(device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("auto".parse(), Ok(DeviceRequest::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceRequest::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceRequest::Cuda(3)));
+        let err = "gpu".parse::<DeviceRequest>().unwrap_err();
+        assert!(err.contains("gpu"), "{err}");
+        assert!("cuda:x".parse::<DeviceRequest>().is_err());
+    }
+
+    #[test]
+    fn auto_falls_back_to_cpu_and_cuda_must_exist() {
+        assert_eq!(DeviceRequest::Auto.resolve(0).unwrap(), tch::Device::Cpu);
+        assert_eq!(
+            DeviceRequest::Auto.resolve(2).unwrap(),
+            tch::Device::Cuda(0)
+        );
+        assert!(matches!(
+            DeviceRequest::Cuda(1).resolve(1),
+            Err(DeviceError::NoSuchCuda {
+                requested: 1,
+                available: 1
+            })
+        ));
+    }
+}

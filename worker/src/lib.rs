@@ -1,0 +1,12 @@
+//! Ringleader's worker: the agent that keeps a training node registered
+//! with the elected coordinator, and (in later modules) the collectives and
+//! the libtorch training loop.
+//!
+//! ```text
+//!   main ──▶ device (what to train on, what to report)
+//!        ──▶ peer server (gRPC health now; collectives later)
+//!        ──▶ agent: register with the leader, heartbeat, follow failovers
+//! ```
+
+pub mod agent;
+pub mod device;

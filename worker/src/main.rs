@@ -1,0 +1,128 @@
+//! `ringleader-worker`: one training node.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ringleader_coordinator::cli::parse_duration;
+use ringleader_coordinator::{client, runtime};
+use ringleader_proto::coordinator::Register;
+use ringleader_worker::agent::{self, AgentOptions};
+use ringleader_worker::device::{self, DeviceRequest};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringleader-worker",
+    version,
+    about = "Ringleader training worker"
+)]
+struct Args {
+    /// Coordinator addresses, comma-separated (any of them; the leader is
+    /// found from there).
+    #[arg(
+        long,
+        env = "RINGLEADER_COORDINATOR",
+        value_delimiter = ',',
+        required = true
+    )]
+    coordinator: Vec<String>,
+
+    /// Address to serve the peer (collective) service on.
+    #[arg(long, env = "RINGLEADER_LISTEN", default_value = "0.0.0.0:7500")]
+    listen: SocketAddr,
+
+    /// Address other workers reach this one on (the pod IP in Kubernetes);
+    /// defaults to --listen.
+    #[arg(long, env = "RINGLEADER_ADVERTISE")]
+    advertise: Option<String>,
+
+    /// What to train on: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "RINGLEADER_DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+
+    /// Stable worker id (the pod name in Kubernetes); defaults to
+    /// <hostname>-<advertised port>.
+    #[arg(long, env = "RINGLEADER_WORKER_ID")]
+    id: Option<String>,
+
+    /// Deadline for reaching a coordinator.
+    #[arg(long, env = "RINGLEADER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Longest wait between registration attempts.
+    #[arg(long, env = "RINGLEADER_MAX_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    max_backoff: Duration,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "RINGLEADER_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    runtime::init_tracing(args.log_json);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let shutdown = runtime::shutdown_on_signals()?;
+    let gpus = device::detect_gpus();
+    let device = args.device.resolve(gpus.len())?;
+    let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let port = advertise.rsplit(':').next().unwrap_or("0").to_string();
+    let worker_id = args.id.unwrap_or_else(|| format!("{host}-{port}"));
+    let resources = device::resources(device, gpus);
+    info!(
+        worker = %worker_id,
+        device = %resources.device,
+        cpu_cores = resources.cpu_cores,
+        gpus = resources.gpus.len(),
+        "worker starting"
+    );
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (_health_reporter, health_service) = tonic_health::server::health_reporter();
+    let server_shutdown = shutdown.clone();
+    let peer_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                server_shutdown.cancelled_owned(),
+            ),
+    );
+
+    let options = AgentOptions {
+        coordinators: client::split_addresses(&args.coordinator),
+        registration: Register {
+            worker_id,
+            host,
+            peer_address: advertise,
+            resources: Some(resources),
+        },
+        rpc_timeout: args.timeout,
+        min_backoff: Duration::from_millis(100),
+        max_backoff: args.max_backoff,
+    };
+    agent::run(options, shutdown.clone()).await;
+    shutdown.cancel();
+    peer_server.await?.context("peer server")?;
+    Ok(())
+}
