@@ -55,3 +55,12 @@ else
   echo "torch $TORCH_VERSION present in $VENV"
 fi
 ln -sfn "$VENV" "$ROOT/.venv"
+
+CURRENT="release build"
+step "$CURRENT"
+# shellcheck source=scripts/env.sh
+. "$ROOT/scripts/env.sh"
+command -v cargo >/dev/null || fail "cargo not found: install Rust with rustup (https://rustup.rs), then rerun"
+(cd "$ROOT" && cargo build --release --workspace --locked) ||
+  fail "cargo build failed: read the compiler output above"
+echo "built $ROOT/target/release/ringleader and ringleader-worker"

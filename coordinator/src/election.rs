@@ -149,11 +149,11 @@ impl Election {
         };
         let leader_key = match campaign {
             Ok(mut response) => response.take_leader(),
-            Err(source) => {
+            Err(error) => {
                 self.revoke(lease).await;
                 return Err(Error::Etcd {
                     endpoints: self.etcd.endpoints().to_string(),
-                    source,
+                    error,
                 });
             }
         };

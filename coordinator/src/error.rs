@@ -15,11 +15,11 @@ pub enum Error {
     FencedOut { key: String, revision: i64 },
 
     /// etcd could not be reached or answered with an error.
-    #[error("etcd at {endpoints}: {source}")]
+    /// (the cause is shown, not chained, so one-line reports stay readable.)
+    #[error("etcd at {endpoints}: {error}")]
     Etcd {
         endpoints: String,
-        #[source]
-        source: etcd_client::Error,
+        error: etcd_client::Error,
     },
 
     /// etcd did not answer within the deadline.

@@ -32,10 +32,10 @@ impl Etcd {
         let connect = Client::connect(endpoints, Some(options));
         let client = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(client)) => client,
-            Ok(Err(source)) => {
+            Ok(Err(error)) => {
                 return Err(Error::Etcd {
                     endpoints: joined,
-                    source,
+                    error,
                 })
             }
             Err(_) => {
@@ -80,9 +80,9 @@ impl Etcd {
     {
         match tokio::time::timeout(self.timeout, request(self.client.clone())).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(Error::Etcd {
+            Ok(Err(error)) => Err(Error::Etcd {
                 endpoints: self.endpoints.clone(),
-                source,
+                error,
             }),
             Err(_) => Err(Error::EtcdTimeout {
                 endpoints: self.endpoints.clone(),

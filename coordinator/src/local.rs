@@ -135,6 +135,9 @@ pub struct LocalClusterOptions {
     pub dir: PathBuf,
     /// Extra arguments for every `ringleader serve`.
     pub coordinator_args: Vec<String>,
+    /// Where `ringleader` and `ringleader-worker` are; default: beside the
+    /// running executable (or `RINGLEADER_BIN` / `RINGLEADER_WORKER_BIN`).
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// A running local cluster; every process is stopped when it is dropped.
@@ -164,8 +167,13 @@ impl LocalCluster {
             what: "creating the cluster directory".into(),
             reason: format!("{}: {e}", options.dir.display()),
         })?;
-        let coordinator_bin = sibling_binary("ringleader", "RINGLEADER_BIN")?;
-        let worker_bin = sibling_binary("ringleader-worker", "RINGLEADER_WORKER_BIN")?;
+        let (coordinator_bin, worker_bin) = match &options.bin_dir {
+            Some(dir) => (dir.join("ringleader"), dir.join("ringleader-worker")),
+            None => (
+                sibling_binary("ringleader", "RINGLEADER_BIN")?,
+                sibling_binary("ringleader-worker", "RINGLEADER_WORKER_BIN")?,
+            ),
+        };
         let (etcd, etcd_endpoints) = match &options.etcd {
             Some(endpoints) => (None, endpoints.clone()),
             None => {

@@ -82,6 +82,7 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
         device: args.device.clone(),
         dir: dir.clone(),
         coordinator_args: Vec::new(),
+        bin_dir: None,
     };
     eprintln!(
         "starting {} coordinator(s) and {} worker(s); logs in {}",

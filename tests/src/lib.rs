@@ -1,1 +1,216 @@
+//! Test harness: real etcd, coordinators and workers as processes on free
+//! loopback ports, in a private temp directory, all killed on drop (also
+//! when a test panics; their logs are printed then).
+//!
+//! Binaries come from `RINGLEADER_BIN_DIR` (scripts/test.sh sets it to
+//! target/release), else from the target directory this test was built in.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
+use ringleader_proto::coordinator::{ClusterStatusResponse, WorkerState};
+
+/// Default election lease for test clusters (the product default).
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Directory holding `ringleader` and `ringleader-worker`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RINGLEADER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-exe> → target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
+    assert!(
+        dir.join("ringleader").is_file() && dir.join("ringleader-worker").is_file(),
+        "binaries not found in {}: run `cargo build --workspace` (same profile) first, or set RINGLEADER_BIN_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// `ringleader` or `ringleader-worker` with arguments.
+pub fn command(binary: &str) -> Command {
+    Command::new(bin_dir().join(binary))
+}
+
+/// Runs `etcdctl` (v3 API) against `endpoints`: a client we did not write.
+pub fn etcdctl(endpoints: &[String], args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg("--command-timeout=5s")
+        .args(args)
+        .output()
+        .expect("etcdctl runs (scripts/setup.sh installs etcd-client)")
+}
+
+/// The leader value of `election` as `etcdctl elect -l` (observe mode)
+/// first reports it, or "" after 10 s. etcdctl keeps observing, so it is
+/// killed once it has answered.
+pub fn etcdctl_observe_leader(endpoints: &[String], election: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(["elect", "-l", election])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl runs (scripts/setup.sh installs etcd-client)");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Output is the leader's key on one line, then its value.
+    std::thread::spawn(move || {
+        let value = BufReader::new(stdout).lines().nth(1).and_then(|l| l.ok());
+        let _ = tx.send(value.unwrap_or_default());
+    });
+    let value = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    value
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `timeout` with
+/// `what` and the last observation.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) => {
+                if Instant::now() >= deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A local cluster for one test.
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Private etcd, `coordinators` coordinators and `workers` CPU workers.
+    pub async fn start(coordinators: usize, workers: usize) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ringleader-test-")
+            .tempdir()
+            .expect("temp dir");
+        let options = LocalClusterOptions {
+            workers,
+            coordinators,
+            etcd: None,
+            lease_ttl: LEASE_TTL,
+            device: "cpu".into(),
+            dir: dir.path().to_path_buf(),
+            coordinator_args: Vec::new(),
+            bin_dir: Some(bin_dir()),
+        };
+        let cluster = LocalCluster::start(options).await.expect("cluster starts");
+        Self { cluster, dir }
+    }
+
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.cluster.etcd_endpoints().to_vec()
+    }
+
+    /// Waits for a leader with every live worker registered and idle.
+    pub async fn must_form(&mut self, timeout: Duration) -> ClusterStatusResponse {
+        match self.cluster.wait_ready(timeout).await {
+            Ok(status) => status,
+            Err(error) => panic!("cluster did not form: {error}"),
+        }
+    }
+
+    /// SIGKILLs the current leader; returns its address.
+    pub async fn kill_leader(&mut self) -> String {
+        let status = self.must_form(Duration::from_secs(30)).await;
+        let leader = status.leader_address;
+        let member = self
+            .cluster
+            .coordinators()
+            .iter_mut()
+            .find(|m| m.address == leader)
+            .expect("the leader is one of our coordinators");
+        member.process.kill();
+        leader
+    }
+
+    /// Waits until a coordinator other than `old` leads and has all
+    /// `workers` registered and idle; returns its status.
+    pub async fn must_fail_over(
+        &self,
+        old: &str,
+        workers: usize,
+        timeout: Duration,
+    ) -> ClusterStatusResponse {
+        wait_until(
+            "a new leader with every worker re-registered",
+            timeout,
+            || async {
+                let status = self
+                    .cluster
+                    .status(Duration::from_millis(500))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let idle = status
+                    .workers
+                    .iter()
+                    .filter(|w| w.state == WorkerState::Idle as i32)
+                    .count();
+                if status.leader_address != old && idle == workers {
+                    Ok(status)
+                } else {
+                    Err(format!(
+                        "leader {} with {idle} idle workers",
+                        status.leader_address
+                    ))
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- logs of the failed test's cluster ({}) ---",
+                self.dir.path().display()
+            );
+            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "log") {
+                        let text = std::fs::read_to_string(&path).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        eprintln!("== {} ==", path.display());
+                        for line in &lines[lines.len().saturating_sub(30)..] {
+                            eprintln!("{line}");
+                        }
+                    }
+                }
+            }
+        }
+        self.cluster.shutdown(Duration::from_secs(5));
+    }
+}
