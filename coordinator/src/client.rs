@@ -41,6 +41,7 @@ pub async fn find_leader(
     let mut queue: VecDeque<String> = addresses.iter().cloned().collect();
     let mut tried: Vec<String> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
+    let mut any_answered = false;
     while let Some(address) = queue.pop_front() {
         if tried.contains(&address) {
             continue;
@@ -57,6 +58,7 @@ pub async fn find_leader(
             tokio::time::timeout(timeout, client.who_is_leader(WhoIsLeaderRequest {})).await;
         match answer {
             Ok(Ok(response)) => {
+                any_answered = true;
                 let response = response.into_inner();
                 if response.is_leader {
                     return Ok((address, client));
@@ -75,10 +77,18 @@ pub async fn find_leader(
             Err(_) => failures.push(format!("{address}: no answer within {timeout:?}")),
         }
     }
-    Err(Error::Unreachable {
-        address: addresses.join(","),
-        reason: format!("no leader found ({})", failures.join("; ")),
-    })
+    let reason = failures.join("; ");
+    if any_answered {
+        Err(Error::NoLeader {
+            addresses: addresses.join(","),
+            reason,
+        })
+    } else {
+        Err(Error::Unreachable {
+            address: addresses.join(","),
+            reason,
+        })
+    }
 }
 
 /// Splits `a,b , c` into addresses, dropping blanks.

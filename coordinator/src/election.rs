@@ -1,7 +1,7 @@
 //! Leader election through etcd's election API.
 //!
 //! ```text
-//!   grant lease (TTL) ──▶ keep-alive loop (every TTL/3, answer within TTL/2)
+//!   grant lease (TTL) ──▶ keep-alive loop (every TTL/2, answer within TTL/3)
 //!         │                         │ missed / expired
 //!         ▼                         ▼
 //!   campaign(ringleader/leader, advertise) ───────────────▶ lease lost ─┐
@@ -265,8 +265,13 @@ impl Election {
     }
 }
 
-/// Keeps `lease` alive: one ping every TTL/3 (or on `ping`), each answered
-/// within TTL/2, or the lease counts as lost and `lost` is cancelled.
+/// Keeps `lease` alive: one ping every TTL/2 (or on `ping`), each answered
+/// within TTL/3, or the lease counts as lost and `lost` is cancelled.
+///
+/// The interval sets how long a dead leader's lease lingers (between TTL/2
+/// and TTL after the crash): pinging more often would slow failover. Loss is
+/// noticed at the latest TTL/2 + TTL/3 after the last renewal, before the
+/// lease can expire at TTL.
 async fn keep_alive_loop(
     mut keeper: LeaseKeeper,
     mut stream: LeaseKeepAliveStream,
@@ -277,11 +282,11 @@ async fn keep_alive_loop(
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(ttl / 2) => {}
             _ = ping.notified() => {}
             _ = lost.cancelled() => return,
         }
-        let answered = tokio::time::timeout(ttl / 2, async {
+        let answered = tokio::time::timeout(ttl / 3, async {
             keeper.keep_alive().await?;
             stream.message().await
         })
@@ -303,7 +308,7 @@ async fn keep_alive_loop(
                 break;
             }
             Err(_) => {
-                warn!(deadline = ?(ttl / 2), "lease keep-alive unanswered");
+                warn!(deadline = ?(ttl / 3), "lease keep-alive unanswered");
                 break;
             }
         }

@@ -30,6 +30,11 @@ pub enum Error {
         timeout: Duration,
     },
 
+    /// Coordinators answered, but none of them is (or names) a reachable
+    /// leader: an election is under way.
+    #[error("no leader among {addresses}: {reason}")]
+    NoLeader { addresses: String, reason: String },
+
     /// A request or flag was malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -51,9 +56,10 @@ impl From<Error> for tonic::Status {
             Error::NotLeader { leader } => ringleader_proto::not_leader_status(leader.as_deref()),
             Error::FencedOut { .. } => ringleader_proto::not_leader_status(None),
             Error::InvalidArgument(msg) => tonic::Status::invalid_argument(msg),
-            e @ (Error::Etcd { .. } | Error::EtcdTimeout { .. } | Error::Unreachable { .. }) => {
-                tonic::Status::unavailable(e.to_string())
-            }
+            e @ (Error::Etcd { .. }
+            | Error::EtcdTimeout { .. }
+            | Error::Unreachable { .. }
+            | Error::NoLeader { .. }) => tonic::Status::unavailable(e.to_string()),
             e @ Error::Process { .. } => tonic::Status::internal(e.to_string()),
         }
     }

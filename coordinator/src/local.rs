@@ -211,8 +211,26 @@ impl LocalCluster {
 
     /// Starts one more coordinator on a fresh port.
     pub fn add_coordinator(&mut self) -> Result<&mut Member> {
-        let index = self.coordinators.len();
         let address = free_loopback_address()?;
+        let process = self.spawn_coordinator(&address, self.coordinators.len())?;
+        self.coordinators.push(Member {
+            id: address.clone(),
+            address,
+            process,
+        });
+        Ok(self.coordinators.last_mut().expect("just pushed"))
+    }
+
+    /// Starts coordinator `index` again on its old address (after a kill),
+    /// so workers configured with that address can still reach it.
+    pub fn restart_coordinator(&mut self, index: usize) -> Result<()> {
+        let address = self.coordinators[index].address.clone();
+        self.coordinators[index].process.kill();
+        self.coordinators[index].process = self.spawn_coordinator(&address, index)?;
+        Ok(())
+    }
+
+    fn spawn_coordinator(&self, address: &str, index: usize) -> Result<ManagedChild> {
         let mut command = Command::new(&self.coordinator_bin);
         command
             .arg("serve")
@@ -222,13 +240,7 @@ impl LocalCluster {
             .arg(format!("--lease-ttl={}s", self.options.lease_ttl.as_secs()))
             .args(&self.options.coordinator_args);
         let log = self.options.dir.join(format!("coordinator-{index}.log"));
-        let process = ManagedChild::spawn(format!("coordinator {address}"), command, &log)?;
-        self.coordinators.push(Member {
-            id: address.clone(),
-            address,
-            process,
-        });
-        Ok(self.coordinators.last_mut().expect("just pushed"))
+        ManagedChild::spawn(format!("coordinator {address}"), command, &log)
     }
 
     /// Starts one more worker on a fresh peer port.

@@ -16,7 +16,7 @@ use ringleader_proto::coordinator::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How the agent reaches the leader.
 #[derive(Clone, Debug)]
@@ -53,11 +53,24 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
             Err(error) => error,
         };
         // A session that was up and then broke (failover) retries at once;
-        // repeated failures back off.
-        if let AgentError::SessionLost { .. } = error {
-            warn!(%error, "lost the leader; re-registering");
-            backoff = options.min_backoff;
-            continue;
+        // while coordinators answer but an election is still under way, poll
+        // at the minimum interval; unreachable coordinators back off.
+        match error {
+            AgentError::SessionLost { .. } => {
+                warn!(%error, "lost the leader; re-registering");
+                backoff = options.min_backoff;
+                continue;
+            }
+            AgentError::Coordinator(ringleader_coordinator::Error::NoLeader { .. }) => {
+                debug!(%error, "waiting for an election");
+                backoff = options.min_backoff;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            _ => {}
         }
         warn!(%error, retry_in = ?backoff, "cannot register with the leader");
         tokio::select! {
