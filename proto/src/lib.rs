@@ -9,6 +9,17 @@ pub mod coordinator {
     tonic::include_proto!("ringleader.coordinator.v1");
 }
 
+pub mod collective {
+    //! `ringleader.collective.v1`: ring all-reduce, broadcast, all-gather
+    //! between workers.
+    tonic::include_proto!("ringleader.collective.v1");
+}
+
+/// Metadata keys naming the ring generation and sender rank of a
+/// `Collective.Ring` stream.
+pub const GENERATION_METADATA_KEY: &str = "ringleader-generation";
+pub const RANK_METADATA_KEY: &str = "ringleader-rank";
+
 /// Metadata key carrying the leader's address on a `FAILED_PRECONDITION`
 /// answer from a standby coordinator.
 pub const LEADER_METADATA_KEY: &str = "ringleader-leader";

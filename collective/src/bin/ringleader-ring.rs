@@ -1,0 +1,279 @@
+//! `ringleader-ring`: one rank of a standalone ring, as a process. Used by
+//! the integration tests (correctness across processes, failures) and by
+//! scripts/bench/allreduce.sh. Prints one JSON object per line.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use half::{bf16, f16};
+use ringleader_collective::plan::segment;
+use ringleader_collective::{CollectiveService, Element, ReduceOp, Ring, RingOptions, RingPlan};
+use ringleader_proto::collective::collective_server::CollectiveServer;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// Every dtype × op × length, checked against a local reference.
+    Check,
+    /// Time all-reduce of f32 buffers of the given sizes.
+    Bench,
+    /// All-reduce a large buffer in a loop until something fails.
+    Loop,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long)]
+    mode: Mode,
+    #[arg(long)]
+    rank: usize,
+    /// Peer addresses in rank order; ours is `peers[rank]`.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
+    /// Collective timeout in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_bytes: usize,
+    /// check: also all-reduce this many f32 elements (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    big: usize,
+    /// check: pretend to hold this many elements in the first case (to
+    /// provoke a length mismatch).
+    #[arg(long)]
+    wrong_length: Option<usize>,
+    /// bench: buffer sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    sizes: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    /// loop: elements per all-reduce.
+    #[arg(long, default_value_t = 1 << 22)]
+    elements: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listen: SocketAddr = args
+        .peers
+        .get(args.rank)
+        .context("rank outside --peers")?
+        .parse()
+        .context("peer address must be ip:port")?;
+    let options = RingOptions {
+        timeout: Duration::from_secs_f64(args.timeout),
+        chunk_bytes: args.chunk_bytes,
+        ..RingOptions::default()
+    };
+    let service = CollectiveService::new(options.timeout);
+    let listener = TcpListener::bind(listen).await?;
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window)
+        .add_service(
+            CollectiveServer::new(service.clone())
+                .max_decoding_message_size(ringleader_collective::ring::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(ringleader_collective::ring::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    let plan = RingPlan {
+        generation: args.generation,
+        rank: args.rank,
+        peers: args.peers.clone(),
+    };
+    let mut ring = Ring::connect(&service, plan, options).await?;
+    match args.mode {
+        Mode::Check => check(&mut ring, &args).await?,
+        Mode::Bench => bench(&mut ring, &args).await?,
+        Mode::Loop => run_loop(&mut ring, &args).await?,
+    }
+    // Let the last frames drain before the process (and its server) ends.
+    ring.barrier().await?;
+    Ok(())
+}
+
+/// Rank `rank`'s deterministic input: fractional values of both signs, so
+/// the reduction order matters for the bits.
+fn input(rank: usize, i: usize) -> f64 {
+    let x = (rank as u64 * 7919 + i as u64 * 104_729 + 17) % 2003;
+    x as f64 / 16.0 - 60.3
+}
+
+trait FromF64: Element {
+    fn from_f64(x: f64) -> Self;
+}
+impl FromF64 for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+impl FromF64 for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+impl FromF64 for f16 {
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+}
+impl FromF64 for bf16 {
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+}
+
+fn inputs<T: FromF64>(rank: usize, len: usize) -> Vec<T> {
+    (0..len).map(|i| T::from_f64(input(rank, i))).collect()
+}
+
+/// What the ring must produce: segment j reduced in ring order from rank j.
+fn reference<T: FromF64>(world: usize, len: usize, op: ReduceOp) -> Vec<T> {
+    let all: Vec<Vec<T>> = (0..world).map(|r| inputs(r, len)).collect();
+    let mut out = vec![T::from_f64(0.0); len];
+    for j in 0..world {
+        for i in segment(len, world, j) {
+            let mut acc = all[j][i];
+            for k in 1..world {
+                acc = T::combine(acc, all[(j + k) % world][i], op);
+            }
+            out[i] = if op == ReduceOp::Avg && world > 1 {
+                acc.divide(world)
+            } else {
+                acc
+            };
+        }
+    }
+    out
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+async fn check_case<T: FromF64>(
+    ring: &mut Ring,
+    op: ReduceOp,
+    len: usize,
+    claimed: usize,
+) -> Result<()> {
+    let mut data: Vec<T> = inputs(ring.rank(), claimed);
+    let result = ring.all_reduce(&mut data, op).await;
+    let case = format!("{:?}/{}/{len}", T::DTYPE, op.as_str_name());
+    match result {
+        Ok(()) => {
+            let expected = reference::<T>(ring.world(), len, op);
+            let ok =
+                bytemuck::cast_slice::<T, u8>(&data) == bytemuck::cast_slice::<T, u8>(&expected);
+            println!(
+                "{}",
+                json!({"case": case, "ok": ok, "hash": fnv(bytemuck::cast_slice(&data))})
+            );
+            Ok(())
+        }
+        Err(error) => {
+            println!("{}", json!({"case": case, "error": error.to_string()}));
+            Err(error.into())
+        }
+    }
+}
+
+async fn check(ring: &mut Ring, args: &Args) -> Result<()> {
+    let world = ring.world();
+    let mut first = true;
+    for len in [0, 1, world - 1, 10_007] {
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+            let claimed = match args.wrong_length {
+                Some(wrong) if first => wrong,
+                _ => len,
+            };
+            first = false;
+            check_case::<f32>(ring, op, len, claimed).await?;
+            check_case::<f64>(ring, op, len, len).await?;
+            check_case::<f16>(ring, op, len, len).await?;
+            check_case::<bf16>(ring, op, len, len).await?;
+        }
+    }
+    if args.big > 0 {
+        check_case::<f32>(ring, ReduceOp::Sum, args.big, args.big).await?;
+    }
+    for root in 0..world {
+        let mut data: Vec<f64> = if ring.rank() == root {
+            inputs(root, 1000)
+        } else {
+            vec![0.0; 1000]
+        };
+        ring.broadcast(&mut data, root).await?;
+        let ok = data == inputs::<f64>(root, 1000);
+        println!("{}", json!({"case": format!("broadcast/{root}"), "ok": ok}));
+    }
+    let mine = Bytes::from(format!("rank-{}", ring.rank()));
+    let gathered = ring.all_gather(mine).await?;
+    let ok = gathered
+        .iter()
+        .enumerate()
+        .all(|(r, b)| b == format!("rank-{r}").as_bytes());
+    println!("{}", json!({"case": "all_gather", "ok": ok}));
+    Ok(())
+}
+
+async fn bench(ring: &mut Ring, args: &Args) -> Result<()> {
+    for &size in &args.sizes {
+        let mut data = vec![1.0f32; size / 4];
+        ring.all_reduce(&mut data, ReduceOp::Sum).await?; // warm-up
+        let mut times = Vec::with_capacity(args.iterations);
+        for _ in 0..args.iterations {
+            ring.barrier().await?;
+            let start = Instant::now();
+            ring.all_reduce(&mut data, ReduceOp::Sum).await?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        if ring.rank() == 0 {
+            println!(
+                "{}",
+                json!({"bytes": size, "median_s": median, "world": ring.world()})
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_loop(ring: &mut Ring, args: &Args) -> Result<()> {
+    let mut data = vec![1.0f32; args.elements];
+    let mut last_ok = Instant::now();
+    let mut rounds = 0u64;
+    loop {
+        match ring.all_reduce(&mut data, ReduceOp::Avg).await {
+            Ok(()) => {
+                rounds += 1;
+                last_ok = Instant::now();
+                if rounds == 1 {
+                    println!("{}", json!({"event": "running"}));
+                }
+            }
+            Err(error) => {
+                println!(
+                    "{}",
+                    json!({"event": "error", "error": error.to_string(), "after_s": last_ok.elapsed().as_secs_f64(), "rounds": rounds})
+                );
+                bail!("{error}");
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Element types a ring can reduce, and how each reduces.
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+use ringleader_proto::collective::{DType, ReduceOp};
+
+/// A reducible element. `combine(acc, local)` is applied in ring order, so
+/// the same inputs always give the same bits.
+pub trait Element: Pod + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn combine(acc: Self, local: Self, op: ReduceOp) -> Self;
+    /// `self / world`, for `Avg` (applied once, by the segment's owner).
+    fn divide(self, world: usize) -> Self;
+}
+
+macro_rules! float_element {
+    ($t:ty, $dtype:expr, $acc:ty, $to:expr, $from:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            #[inline]
+            fn combine(acc: Self, local: Self, op: ReduceOp) -> Self {
+                let (a, b) = ($to(acc), $to(local));
+                $from(match op {
+                    ReduceOp::Max => a.max(b),
+                    ReduceOp::Min => a.min(b),
+                    ReduceOp::Sum | ReduceOp::Avg | ReduceOp::Unspecified => a + b,
+                })
+            }
+            #[inline]
+            fn divide(self, world: usize) -> Self {
+                $from($to(self) / world as $acc)
+            }
+        }
+    };
+}
+
+float_element!(f32, DType::F32, f32, |x: f32| x, |x: f32| x);
+float_element!(f64, DType::F64, f64, |x: f64| x, |x: f64| x);
+// Half types accumulate through f32 and round once per hop.
+float_element!(f16, DType::F16, f32, f16::to_f32, f16::from_f32);
+float_element!(bf16, DType::Bf16, f32, bf16::to_f32, bf16::from_f32);
+
+/// `acc ⊕= local` element-wise, with `received` read from a possibly
+/// unaligned network buffer; the result lands in `local`.
+pub fn reduce_into<T: Element>(local: &mut [T], received: &[u8], op: ReduceOp) {
+    let size = std::mem::size_of::<T>();
+    debug_assert_eq!(received.len(), std::mem::size_of_val(local));
+    for (dst, src) in local.iter_mut().zip(received.chunks_exact(size)) {
+        let acc: T = bytemuck::pod_read_unaligned(src);
+        *dst = T::combine(acc, *dst, op);
+    }
+}
+
+/// Overwrites `local` with `received` (all-gather, broadcast).
+pub fn copy_into<T: Element>(local: &mut [T], received: &[u8]) {
+    bytemuck::cast_slice_mut::<T, u8>(local).copy_from_slice(received);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_reduce_as_expected() {
+        let mut local = [1.0f32, 5.0, -2.0];
+        let received: Vec<u8> = bytemuck::cast_slice(&[3.0f32, 4.0, -7.0]).to_vec();
+        reduce_into(&mut local, &received, ReduceOp::Max);
+        assert_eq!(local, [3.0, 5.0, -2.0]);
+        reduce_into(&mut local, &received, ReduceOp::Sum);
+        assert_eq!(local, [6.0, 9.0, -9.0]);
+        reduce_into(&mut local, &received, ReduceOp::Min);
+        assert_eq!(local, [3.0, 4.0, -9.0]);
+        assert_eq!(6.0f64.divide(4), 1.5);
+        assert_eq!(bf16::from_f32(3.0).divide(2), bf16::from_f32(1.5));
+    }
+
+    #[test]
+    fn unaligned_input_is_read_correctly() {
+        let mut raw = [0u8; 1 + 8];
+        raw[1..].copy_from_slice(bytemuck::cast_slice(&[1.5f32, 2.5]));
+        let mut local = [f16::from_f32(1.0), f16::from_f32(1.0)];
+        let received: Vec<u8> =
+            bytemuck::cast_slice(&[f16::from_f32(0.5), f16::from_f32(2.0)]).to_vec();
+        reduce_into(&mut local, &received, ReduceOp::Sum);
+        assert_eq!(local, [f16::from_f32(1.5), f16::from_f32(3.0)]);
+        let mut f = [0.0f32; 2];
+        reduce_into(&mut f, &raw[1..], ReduceOp::Sum);
+        assert_eq!(f, [1.5, 2.5]);
+    }
+}

@@ -1,0 +1,67 @@
+//! Collective errors: each names the peer and what went wrong, so a caller
+//! can abandon the ring generation and report which rank failed.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A neighbour's stream broke or ended mid-operation.
+    #[error("peer rank {rank} lost: {reason}")]
+    PeerLost { rank: usize, reason: String },
+
+    /// Nothing arrived from a neighbour within the timeout.
+    #[error("no data from rank {rank} within {waited:?} (step {step}, chunk {chunk})")]
+    Timeout {
+        rank: usize,
+        waited: Duration,
+        step: u32,
+        chunk: u32,
+    },
+
+    /// Ranks disagree about the operation (length, dtype, op, root, …).
+    #[error("rank {rank} disagrees on {field}: ours is {ours}, theirs is {theirs}")]
+    Mismatch {
+        rank: usize,
+        field: &'static str,
+        ours: String,
+        theirs: String,
+    },
+
+    /// Traffic stamped with another ring generation.
+    #[error("stale ring generation {got} (current is {current})")]
+    StaleGeneration { got: u64, current: u64 },
+
+    /// An earlier operation failed; this ring can no longer be trusted.
+    #[error("ring generation {generation} failed earlier; build a new ring")]
+    Poisoned { generation: u64 },
+
+    #[error("invalid ring plan: {0}")]
+    InvalidPlan(String),
+
+    #[error("cannot reach rank {rank} at {address}: {reason}")]
+    Connect {
+        rank: usize,
+        address: String,
+        reason: String,
+    },
+}
+
+pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
+
+impl From<CollectiveError> for tonic::Status {
+    fn from(err: CollectiveError) -> Self {
+        let text = err.to_string();
+        match err {
+            CollectiveError::StaleGeneration { .. } | CollectiveError::Poisoned { .. } => {
+                tonic::Status::failed_precondition(text)
+            }
+            CollectiveError::Mismatch { .. } | CollectiveError::InvalidPlan(_) => {
+                tonic::Status::invalid_argument(text)
+            }
+            CollectiveError::Timeout { .. } => tonic::Status::deadline_exceeded(text),
+            CollectiveError::PeerLost { .. } | CollectiveError::Connect { .. } => {
+                tonic::Status::unavailable(text)
+            }
+        }
+    }
+}

@@ -1,0 +1,687 @@
+//! The ring communicator.
+//!
+//! All-reduce over `n` ranks splits the buffer into `n` segments and runs
+//! `2(n-1)` steps; every segment is further cut into chunks, and a chunk is
+//! forwarded as soon as it has been reduced, so sending, receiving and adding
+//! overlap. Example, `n = 3`, segments A B C, `x_r` = rank r's input:
+//!
+//! ```text
+//!              reduce-scatter                       all-gather
+//!  step    0            1               2 (=n-1)          3
+//!  r0   send A0 ─┐   send C0+C1+… ┐   send A* (owner)    forward C*
+//!  r1   send B1  └▶  recv A0⊕A1 ─┐│   send B*… etc.
+//!  r2   send C2      ...         └┴▶ r2 owns A* = A0⊕A1⊕A2
+//!
+//!  rank r sends segment (r - s) and receives (r - s - 1) at reduce-scatter
+//!  step s; after n-1 steps it owns the full result of segment r+1, which
+//!  then travels once around the ring, unchanged, in n-1 all-gather steps.
+//! ```
+//!
+//! Determinism: segment `j` is reduced in one fixed order — `x_j`, then
+//! `⊕ x_{j+1}`, … — at one place each hop, and the finished segment is
+//! copied (not recomputed) to every rank, so all ranks end bit-identical.
+//!
+//! Transport: one long-lived client stream to the successor per ring
+//! generation; frames carry (generation, sequence, step, chunk) plus the
+//! operation's shape, checked on arrival. Every wait is bounded by the
+//! timeout; any failure poisons the ring and closes its streams, so the
+//! neighbours fail at once instead of waiting out their own timeouts.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringleader_proto::collective::collective_client::CollectiveClient;
+use ringleader_proto::collective::{DType, OpKind, ReduceOp, RingFrame};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::element::{copy_into, reduce_into, Element};
+use crate::error::{CollectiveError, Result};
+use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
+use crate::service::{CollectiveService, Inbound};
+
+/// Largest gRPC message either side accepts (a chunk plus its header).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Who is in the ring, as the coordinator hands it out.
+#[derive(Clone, Debug)]
+pub struct RingPlan {
+    pub generation: u64,
+    pub rank: usize,
+    /// Peer (collective service) addresses in rank order.
+    pub peers: Vec<String>,
+}
+
+/// Tuning and failure bounds.
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    /// Longest wait for any frame or send; a dead peer is an error after it.
+    pub timeout: Duration,
+    /// Chunk size in bytes (pipelining granularity).
+    pub chunk_bytes: usize,
+    /// Frames buffered per direction.
+    pub queue_depth: usize,
+    /// HTTP/2 stream and connection windows.
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            chunk_bytes: 1 << 20,
+            queue_depth: 8,
+            stream_window: 16 << 20,
+            connection_window: 32 << 20,
+        }
+    }
+}
+
+/// The shape of one operation, stamped on each of its frames.
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    generation: u64,
+    sequence: u64,
+    kind: OpKind,
+    dtype: DType,
+    reduce: ReduceOp,
+    elements: u64,
+    root: u32,
+}
+
+impl Header {
+    fn frame(&self, step: usize, chunk: usize, payload: Bytes) -> RingFrame {
+        RingFrame {
+            generation: self.generation,
+            sequence: self.sequence,
+            step: step as u32,
+            chunk: chunk as u32,
+            kind: self.kind as i32,
+            dtype: self.dtype as i32,
+            reduce: self.reduce as i32,
+            elements: self.elements,
+            root: self.root,
+            payload,
+        }
+    }
+}
+
+struct Links {
+    outbound: mpsc::Sender<RingFrame>,
+    inbound: Inbound,
+    call: JoinHandle<std::result::Result<(), tonic::Status>>,
+}
+
+/// One rank's handle on a ring generation.
+pub struct Ring {
+    generation: u64,
+    rank: usize,
+    world: usize,
+    sequence: u64,
+    options: RingOptions,
+    /// `None` for a world of one, or once the ring has failed.
+    links: Option<Links>,
+    failed: bool,
+}
+
+impl Ring {
+    /// Registers with the local collective service, then dials the successor
+    /// (retrying until the timeout, as peers start at different moments).
+    pub async fn connect(
+        service: &CollectiveService,
+        plan: RingPlan,
+        options: RingOptions,
+    ) -> Result<Self> {
+        let world = plan.peers.len();
+        if world == 0 || plan.rank >= world {
+            return Err(CollectiveError::InvalidPlan(format!(
+                "rank {} in a ring of {world}",
+                plan.rank
+            )));
+        }
+        let mut ring = Self {
+            generation: plan.generation,
+            rank: plan.rank,
+            world,
+            sequence: 0,
+            options,
+            links: None,
+            failed: false,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let predecessor = ring_sub(plan.rank, 1, world);
+        let successor = (plan.rank + 1) % world;
+        let inbound = service.register(plan.generation, predecessor, ring.options.queue_depth)?;
+        let channel = dial(&plan.peers[successor], successor, &ring.options).await?;
+        let (outbound, frames) = mpsc::channel(ring.options.queue_depth);
+        let mut request = tonic::Request::new(ReceiverStream::new(frames));
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            ringleader_proto::GENERATION_METADATA_KEY,
+            plan.generation.into(),
+        );
+        metadata.insert(
+            ringleader_proto::RANK_METADATA_KEY,
+            (plan.rank as u64).into(),
+        );
+        let mut client = CollectiveClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
+        ring.links = Some(Links {
+            outbound,
+            inbound,
+            call,
+        });
+        Ok(ring)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Reduces `data` in place across all ranks.
+    pub async fn all_reduce<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<()> {
+        let header = self.begin(OpKind::AllReduce, T::DTYPE, op, data.len() as u64, 0)?;
+        let Some(links) = self.links.as_mut() else {
+            return Ok(()); // world of one: already reduced (x / 1 == x)
+        };
+        let result = all_reduce_ring(
+            links,
+            header,
+            data,
+            op,
+            self.rank,
+            self.world,
+            &self.options,
+        )
+        .await;
+        self.finish(result)
+    }
+
+    /// Copies `root`'s `data` into every rank's `data`.
+    pub async fn broadcast<T: Element>(&mut self, data: &mut [T], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(CollectiveError::InvalidPlan(format!(
+                "broadcast root {root} in a ring of {}",
+                self.world
+            )));
+        }
+        let header = self.begin(
+            OpKind::Broadcast,
+            T::DTYPE,
+            ReduceOp::Unspecified,
+            data.len() as u64,
+            root as u32,
+        )?;
+        let Some(links) = self.links.as_mut() else {
+            return Ok(());
+        };
+        let result = broadcast_ring(
+            links,
+            header,
+            data,
+            root,
+            self.rank,
+            self.world,
+            &self.options,
+        )
+        .await;
+        self.finish(result)
+    }
+
+    /// Every rank's `payload`, indexed by rank. For small payloads (each
+    /// travels as one frame).
+    pub async fn all_gather(&mut self, payload: Bytes) -> Result<Vec<Bytes>> {
+        let header = self.begin(OpKind::AllGather, DType::Bytes, ReduceOp::Unspecified, 0, 0)?;
+        let Some(links) = self.links.as_mut() else {
+            return Ok(vec![payload]);
+        };
+        let result =
+            all_gather_ring(links, header, payload, self.rank, self.world, &self.options).await;
+        self.finish(result)
+    }
+
+    /// Returns once every rank has called it.
+    pub async fn barrier(&mut self) -> Result<()> {
+        self.all_gather(Bytes::new()).await.map(|_| ())
+    }
+
+    fn begin(
+        &mut self,
+        kind: OpKind,
+        dtype: DType,
+        reduce: ReduceOp,
+        elements: u64,
+        root: u32,
+    ) -> Result<Header> {
+        if self.failed {
+            return Err(CollectiveError::Poisoned {
+                generation: self.generation,
+            });
+        }
+        self.sequence += 1;
+        Ok(Header {
+            generation: self.generation,
+            sequence: self.sequence,
+            kind,
+            dtype,
+            reduce,
+            elements,
+            root,
+        })
+    }
+
+    /// On failure, close both streams so the neighbours fail fast too.
+    fn finish<T>(&mut self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            self.failed = true;
+            if let Some(links) = self.links.take() {
+                links.call.abort();
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if let Some(links) = self.links.take() {
+            links.call.abort();
+        }
+    }
+}
+
+async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Channel> {
+    let connect_error = |reason: String| CollectiveError::Connect {
+        rank,
+        address: address.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(ringleader_proto::endpoint_uri(address))
+        .map_err(|e| connect_error(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(options.timeout)
+        .initial_stream_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(options.timeout)
+        .keep_alive_while_idle(true);
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(connect_error(format!(
+        "not reachable within {:?}: {last}",
+        options.timeout
+    )))
+}
+
+/// Sends frames from `initial`, then from `forward`, until `forward` closes.
+async fn send_all(
+    links_out: &mpsc::Sender<RingFrame>,
+    initial: Vec<RingFrame>,
+    mut forward: mpsc::UnboundedReceiver<RingFrame>,
+    successor: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let send = |frame: RingFrame| async move {
+        let (step, chunk) = (frame.step, frame.chunk);
+        match tokio::time::timeout(timeout, links_out.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CollectiveError::PeerLost {
+                rank: successor,
+                reason: "the stream to it closed".into(),
+            }),
+            Err(_) => Err(CollectiveError::Timeout {
+                rank: successor,
+                waited: timeout,
+                step,
+                chunk,
+            }),
+        }
+    };
+    for frame in initial {
+        send(frame).await?;
+    }
+    while let Some(frame) = forward.recv().await {
+        send(frame).await?;
+    }
+    Ok(())
+}
+
+/// Waits for the next frame and checks it is the one expected.
+async fn receive(
+    inbound: &mut Inbound,
+    expected: &Header,
+    step: usize,
+    chunk: usize,
+    payload_bytes: Option<usize>,
+    predecessor: usize,
+    timeout: Duration,
+) -> Result<RingFrame> {
+    let frame = match tokio::time::timeout(timeout, inbound.recv()).await {
+        Err(_) => {
+            return Err(CollectiveError::Timeout {
+                rank: predecessor,
+                waited: timeout,
+                step: step as u32,
+                chunk: chunk as u32,
+            })
+        }
+        Ok(None) => {
+            return Err(CollectiveError::PeerLost {
+                rank: predecessor,
+                reason: "its stream ended".into(),
+            })
+        }
+        Ok(Some(Err(status))) => {
+            return Err(CollectiveError::PeerLost {
+                rank: predecessor,
+                reason: status.message().to_string(),
+            })
+        }
+        Ok(Some(Ok(frame))) => frame,
+    };
+    let mismatch = |field: &'static str, ours: String, theirs: String| CollectiveError::Mismatch {
+        rank: predecessor,
+        field,
+        ours,
+        theirs,
+    };
+    if frame.generation != expected.generation {
+        return Err(CollectiveError::StaleGeneration {
+            got: frame.generation,
+            current: expected.generation,
+        });
+    }
+    let name = |kind: i32| {
+        OpKind::try_from(kind)
+            .map(|k| k.as_str_name().to_string())
+            .unwrap_or_else(|_| kind.to_string())
+    };
+    let dname = |d: i32| {
+        DType::try_from(d)
+            .map(|k| k.as_str_name().to_string())
+            .unwrap_or_else(|_| d.to_string())
+    };
+    let rname = |d: i32| {
+        ReduceOp::try_from(d)
+            .map(|k| k.as_str_name().to_string())
+            .unwrap_or_else(|_| d.to_string())
+    };
+    if frame.kind != expected.kind as i32 {
+        return Err(mismatch(
+            "operation",
+            name(expected.kind as i32),
+            name(frame.kind),
+        ));
+    }
+    if frame.dtype != expected.dtype as i32 {
+        return Err(mismatch(
+            "dtype",
+            dname(expected.dtype as i32),
+            dname(frame.dtype),
+        ));
+    }
+    if frame.reduce != expected.reduce as i32 {
+        return Err(mismatch(
+            "reduce op",
+            rname(expected.reduce as i32),
+            rname(frame.reduce),
+        ));
+    }
+    if frame.elements != expected.elements {
+        return Err(mismatch(
+            "length (elements)",
+            expected.elements.to_string(),
+            frame.elements.to_string(),
+        ));
+    }
+    if frame.root != expected.root {
+        return Err(mismatch(
+            "root",
+            expected.root.to_string(),
+            frame.root.to_string(),
+        ));
+    }
+    if frame.sequence != expected.sequence {
+        return Err(mismatch(
+            "operation sequence",
+            expected.sequence.to_string(),
+            frame.sequence.to_string(),
+        ));
+    }
+    if (frame.step as usize, frame.chunk as usize) != (step, chunk) {
+        return Err(mismatch(
+            "step/chunk",
+            format!("{step}/{chunk}"),
+            format!("{}/{}", frame.step, frame.chunk),
+        ));
+    }
+    if let Some(bytes) = payload_bytes {
+        if frame.payload.len() != bytes {
+            return Err(mismatch(
+                "chunk size (bytes)",
+                bytes.to_string(),
+                frame.payload.len().to_string(),
+            ));
+        }
+    }
+    Ok(frame)
+}
+
+fn bytes_of<T: Element>(data: &[T]) -> Bytes {
+    Bytes::copy_from_slice(bytemuck::cast_slice(data))
+}
+
+async fn all_reduce_ring<T: Element>(
+    links: &mut Links,
+    header: Header,
+    data: &mut [T],
+    op: ReduceOp,
+    rank: usize,
+    world: usize,
+    options: &RingOptions,
+) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    let chunk_elements = (options.chunk_bytes / size).max(1);
+    let len = data.len();
+    let initial: Vec<RingFrame> = chunks(segment(len, world, rank), chunk_elements)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| header.frame(0, i, bytes_of(&data[c])))
+        .collect();
+    let (forward, forwarded) = mpsc::unbounded_channel();
+    let successor = (rank + 1) % world;
+    let predecessor = ring_sub(rank, 1, world);
+    let sender = send_all(
+        &links.outbound,
+        initial,
+        forwarded,
+        successor,
+        options.timeout,
+    );
+    let inbound = &mut links.inbound;
+    let receiver = async move {
+        for step in 0..world - 1 {
+            let (_, received) = reduce_scatter_step(rank, world, step);
+            for (i, c) in chunks(segment(len, world, received), chunk_elements)
+                .into_iter()
+                .enumerate()
+            {
+                let frame = receive(
+                    inbound,
+                    &header,
+                    step,
+                    i,
+                    Some(c.len() * size),
+                    predecessor,
+                    options.timeout,
+                )
+                .await?;
+                let part = &mut data[c];
+                reduce_into(part, &frame.payload, op);
+                if step == world - 2 && op == ReduceOp::Avg {
+                    for x in part.iter_mut() {
+                        *x = x.divide(world);
+                    }
+                }
+                // The reduced chunk moves on: next reduce-scatter step, or
+                // (after the last one) the first all-gather step.
+                let _ = forward.send(header.frame(step + 1, i, bytes_of(part)));
+            }
+        }
+        for s in 0..world - 1 {
+            let step = world - 1 + s;
+            let (_, received) = all_gather_step(rank, world, s);
+            for (i, c) in chunks(segment(len, world, received), chunk_elements)
+                .into_iter()
+                .enumerate()
+            {
+                let mut frame = receive(
+                    inbound,
+                    &header,
+                    step,
+                    i,
+                    Some(c.len() * size),
+                    predecessor,
+                    options.timeout,
+                )
+                .await?;
+                copy_into(&mut data[c], &frame.payload);
+                if s < world - 2 {
+                    frame.step += 1;
+                    let _ = forward.send(frame); // payload forwarded without a copy
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(sender, receiver).map(|_| ())
+}
+
+async fn broadcast_ring<T: Element>(
+    links: &mut Links,
+    header: Header,
+    data: &mut [T],
+    root: usize,
+    rank: usize,
+    world: usize,
+    options: &RingOptions,
+) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    let chunk_elements = (options.chunk_bytes / size).max(1);
+    let pieces = chunks(0..data.len(), chunk_elements);
+    let successor = (rank + 1) % world;
+    let predecessor = ring_sub(rank, 1, world);
+    let (forward, forwarded) = mpsc::unbounded_channel();
+    if rank == root {
+        let initial = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, c)| header.frame(0, i, bytes_of(&data[c.clone()])))
+            .collect();
+        drop(forward);
+        return send_all(
+            &links.outbound,
+            initial,
+            forwarded,
+            successor,
+            options.timeout,
+        )
+        .await;
+    }
+    let sender = send_all(
+        &links.outbound,
+        Vec::new(),
+        forwarded,
+        successor,
+        options.timeout,
+    );
+    let inbound = &mut links.inbound;
+    let receiver = async move {
+        for (i, c) in pieces.into_iter().enumerate() {
+            let frame = receive(
+                inbound,
+                &header,
+                0,
+                i,
+                Some(c.len() * size),
+                predecessor,
+                options.timeout,
+            )
+            .await?;
+            copy_into(&mut data[c], &frame.payload);
+            if successor != root {
+                let _ = forward.send(frame);
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(sender, receiver).map(|_| ())
+}
+
+async fn all_gather_ring(
+    links: &mut Links,
+    header: Header,
+    payload: Bytes,
+    rank: usize,
+    world: usize,
+    options: &RingOptions,
+) -> Result<Vec<Bytes>> {
+    let successor = (rank + 1) % world;
+    let predecessor = ring_sub(rank, 1, world);
+    let mut gathered = vec![Bytes::new(); world];
+    gathered[rank] = payload.clone();
+    let (forward, forwarded) = mpsc::unbounded_channel();
+    let sender = send_all(
+        &links.outbound,
+        vec![header.frame(0, 0, payload)],
+        forwarded,
+        successor,
+        options.timeout,
+    );
+    let inbound = &mut links.inbound;
+    let slots = &mut gathered;
+    let receiver = async move {
+        for step in 0..world - 1 {
+            let mut frame = receive(
+                inbound,
+                &header,
+                step,
+                0,
+                None,
+                predecessor,
+                options.timeout,
+            )
+            .await?;
+            slots[ring_sub(rank, step + 1, world)] = frame.payload.clone();
+            if step < world - 2 {
+                frame.step += 1;
+                let _ = forward.send(frame);
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(sender, receiver)?;
+    Ok(gathered)
+}
