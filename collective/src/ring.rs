@@ -285,6 +285,66 @@ impl Ring {
         })
     }
 
+    /// Ends the ring gracefully: our stream to the successor is closed after
+    /// its last frame and we wait (bounded) until the successor has read it
+    /// all and our predecessor has closed its stream too. Without this, a
+    /// rank that exits right after its last operation can cut off frames its
+    /// neighbour still needs.
+    pub async fn close(mut self) -> Result<()> {
+        let Some(links) = self.links.take() else {
+            return Ok(());
+        };
+        let Links {
+            outbound,
+            mut inbound,
+            call,
+        } = links;
+        drop(outbound);
+        let timeout = self.options.timeout;
+        let successor = (self.rank + 1) % self.world;
+        let predecessor = ring_sub(self.rank, 1, self.world);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(status))) => {
+                return Err(CollectiveError::PeerLost {
+                    rank: successor,
+                    reason: status.message().to_string(),
+                })
+            }
+            Ok(Err(join)) => {
+                return Err(CollectiveError::PeerLost {
+                    rank: successor,
+                    reason: join.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(CollectiveError::Timeout {
+                    rank: successor,
+                    waited: timeout,
+                    step: 0,
+                    chunk: 0,
+                })
+            }
+        }
+        // The predecessor's stream ends with an error status ("closed its
+        // stream") or by the channel closing; a data frame now is a bug.
+        match tokio::time::timeout(timeout, inbound.recv()).await {
+            Ok(None | Some(Err(_))) => Ok(()),
+            Ok(Some(Ok(frame))) => Err(CollectiveError::Mismatch {
+                rank: predecessor,
+                field: "operation count",
+                ours: format!("{} operations", self.sequence),
+                theirs: format!("a frame of operation {}", frame.sequence),
+            }),
+            Err(_) => Err(CollectiveError::Timeout {
+                rank: predecessor,
+                waited: timeout,
+                step: 0,
+                chunk: 0,
+            }),
+        }
+    }
+
     /// On failure, close both streams so the neighbours fail fast too.
     fn finish<T>(&mut self, result: Result<T>) -> Result<T> {
         if result.is_err() {

@@ -100,7 +100,7 @@ async fn main() -> Result<()> {
         Mode::Loop => run_loop(&mut ring, &args).await?,
     }
     // Let the last frames drain before the process (and its server) ends.
-    ring.barrier().await?;
+    ring.close().await?;
     Ok(())
 }
 
