@@ -4,9 +4,10 @@
 //!
 //! ```text
 //!   main ──▶ device (what to train on, what to report)
-//!        ──▶ peer server (gRPC health now; collectives later)
+//!        ──▶ peer server: gRPC health + the Collective service (rings)
 //!        ──▶ agent: register with the leader, heartbeat, follow failovers
 //! ```
 
 pub mod agent;
+pub mod collective;
 pub mod device;

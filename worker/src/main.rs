@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ringleader_collective::ring::MAX_MESSAGE_BYTES;
+use ringleader_collective::{CollectiveService, RingOptions};
 use ringleader_coordinator::cli::parse_duration;
 use ringleader_coordinator::{client, runtime};
+use ringleader_proto::collective::collective_server::CollectiveServer;
 use ringleader_proto::coordinator::Register;
 use ringleader_worker::agent::{self, AgentOptions};
 use ringleader_worker::device::{self, DeviceRequest};
@@ -58,6 +61,10 @@ struct Args {
     #[arg(long, env = "RINGLEADER_MAX_BACKOFF", default_value = "1s", value_parser = parse_duration)]
     max_backoff: Duration,
 
+    /// Longest a collective waits on a peer before failing.
+    #[arg(long, env = "RINGLEADER_COLLECTIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    collective_timeout: Duration,
+
     /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
@@ -99,10 +106,23 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
+    let ring_options = RingOptions {
+        timeout: args.collective_timeout,
+        ..RingOptions::default()
+    };
+    // Rings built from coordinator plans register here.
+    let collectives = CollectiveService::new(ring_options.timeout);
     let server_shutdown = shutdown.clone();
     let peer_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(ring_options.stream_window)
+            .initial_connection_window_size(ring_options.connection_window)
             .add_service(health_service)
+            .add_service(
+                CollectiveServer::new(collectives)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 server_shutdown.cancelled_owned(),

@@ -1,0 +1,191 @@
+//! Ring collectives on libtorch tensors.
+//!
+//! A CPU tensor that is contiguous is reduced in place, straight in its own
+//! storage; anything else (CUDA, strided) goes through a contiguous host
+//! staging copy that is written back afterwards.
+
+use ringleader_collective::{CollectiveError, Element, ReduceOp, Ring};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TensorCollectiveError {
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("tensors of kind {0:?} cannot be reduced (use f32, f64, f16 or bf16)")]
+    UnsupportedKind(Kind),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// All-reduces `tensor` in place across the ring.
+pub async fn all_reduce(
+    ring: &mut Ring,
+    tensor: &mut Tensor,
+    op: ReduceOp,
+) -> Result<(), TensorCollectiveError> {
+    match tensor.kind() {
+        Kind::Float => all_reduce_as::<f32>(ring, tensor, op).await,
+        Kind::Double => all_reduce_as::<f64>(ring, tensor, op).await,
+        Kind::Half => all_reduce_as::<half::f16>(ring, tensor, op).await,
+        Kind::BFloat16 => all_reduce_as::<half::bf16>(ring, tensor, op).await,
+        other => Err(TensorCollectiveError::UnsupportedKind(other)),
+    }
+}
+
+/// Copies `root`'s `tensor` into every rank's `tensor`.
+pub async fn broadcast(
+    ring: &mut Ring,
+    tensor: &mut Tensor,
+    root: usize,
+) -> Result<(), TensorCollectiveError> {
+    match tensor.kind() {
+        Kind::Float => broadcast_as::<f32>(ring, tensor, root).await,
+        Kind::Double => broadcast_as::<f64>(ring, tensor, root).await,
+        Kind::Half => broadcast_as::<half::f16>(ring, tensor, root).await,
+        Kind::BFloat16 => broadcast_as::<half::bf16>(ring, tensor, root).await,
+        other => Err(TensorCollectiveError::UnsupportedKind(other)),
+    }
+}
+
+/// The host tensor to work on: `tensor` itself when it is a contiguous CPU
+/// tensor, else a contiguous CPU copy (the staging buffer).
+fn host_view(tensor: &Tensor) -> (Tensor, bool) {
+    if tensor.device() == Device::Cpu && tensor.is_contiguous() {
+        (tensor.shallow_clone(), false)
+    } else {
+        (tensor.to_device(Device::Cpu).contiguous(), true)
+    }
+}
+
+/// The elements of a contiguous CPU tensor of element type `T`.
+///
+/// SAFETY: the caller holds the only handle through which the storage is
+/// used for the duration (an exclusive borrow of the original tensor), the
+/// tensor is contiguous, on the CPU, and of `T`'s kind.
+unsafe fn elements_mut<T: Element>(host: &mut Tensor) -> &mut [T] {
+    let numel = host.numel();
+    if numel == 0 {
+        return &mut [];
+    }
+    // SAFETY: upheld by the caller, see above.
+    unsafe { std::slice::from_raw_parts_mut(host.data_ptr().cast::<T>(), numel) }
+}
+
+async fn all_reduce_as<T: Element>(
+    ring: &mut Ring,
+    tensor: &mut Tensor,
+    op: ReduceOp,
+) -> Result<(), TensorCollectiveError> {
+    let (mut host, staged) = host_view(tensor);
+    // SAFETY: `tensor` is borrowed mutably for this whole call and `host` is
+    // either it (shallow) or a private contiguous CPU copy of its kind.
+    let data = unsafe { elements_mut::<T>(&mut host) };
+    ring.all_reduce(data, op).await?;
+    if staged {
+        tch::no_grad(|| tensor.f_copy_(&host))?;
+    }
+    Ok(())
+}
+
+async fn broadcast_as<T: Element>(
+    ring: &mut Ring,
+    tensor: &mut Tensor,
+    root: usize,
+) -> Result<(), TensorCollectiveError> {
+    let (mut host, staged) = host_view(tensor);
+    // SAFETY: as in `all_reduce_as`.
+    let data = unsafe { elements_mut::<T>(&mut host) };
+    ring.broadcast(data, root).await?;
+    if staged {
+        tch::no_grad(|| tensor.f_copy_(&host))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringleader_collective::{CollectiveService, RingOptions, RingPlan};
+    use ringleader_proto::collective::collective_server::CollectiveServer;
+
+    async fn serve(service: CollectiveService) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CollectiveServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        address
+    }
+
+    async fn two_rings() -> (Ring, Ring) {
+        let services = [
+            CollectiveService::new(std::time::Duration::from_secs(5)),
+            CollectiveService::new(std::time::Duration::from_secs(5)),
+        ];
+        let peers = vec![
+            serve(services[0].clone()).await,
+            serve(services[1].clone()).await,
+        ];
+        let plan = |rank| RingPlan {
+            generation: 1,
+            rank,
+            peers: peers.clone(),
+        };
+        let (a, b) = tokio::join!(
+            Ring::connect(&services[0], plan(0), RingOptions::default()),
+            Ring::connect(&services[1], plan(1), RingOptions::default()),
+        );
+        (a.unwrap(), b.unwrap())
+    }
+
+    #[tokio::test]
+    async fn tensors_average_in_place_and_strided_ones_through_staging() {
+        let (mut r0, mut r1) = two_rings().await;
+        let mut a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+        let mut b = Tensor::from_slice(&[3.0f32, 4.0, 5.0, 6.0]).view([2, 2]);
+        let (x, y) = tokio::join!(
+            all_reduce(&mut r0, &mut a, ReduceOp::Avg),
+            all_reduce(&mut r1, &mut b, ReduceOp::Avg)
+        );
+        x.unwrap();
+        y.unwrap();
+        let expected = Tensor::from_slice(&[2.0f32, 3.0, 4.0, 5.0]).view([2, 2]);
+        assert!(a.equal(&expected) && b.equal(&expected));
+
+        // A transposed (non-contiguous) bf16 tensor goes through staging.
+        let mut a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+            .view([2, 2])
+            .to_kind(Kind::BFloat16)
+            .tr();
+        let mut b = a.ones_like();
+        let (x, y) = tokio::join!(
+            all_reduce(&mut r0, &mut a, ReduceOp::Sum),
+            all_reduce(&mut r1, &mut b, ReduceOp::Sum)
+        );
+        x.unwrap();
+        y.unwrap();
+        assert!(a.equal(&b));
+        assert_eq!(
+            Vec::<f32>::try_from(a.to_kind(Kind::Float).tr().reshape([-1])).unwrap(),
+            [2.0, 3.0, 4.0, 5.0]
+        );
+    }
+
+    #[tokio::test]
+    async fn broadcast_copies_the_roots_tensor_and_ints_are_refused() {
+        let (mut r0, mut r1) = two_rings().await;
+        let mut a = Tensor::zeros([3], (Kind::Double, Device::Cpu));
+        let mut b = Tensor::from_slice(&[7.0f64, 8.0, 9.0]);
+        let (x, y) = tokio::join!(broadcast(&mut r0, &mut a, 1), broadcast(&mut r1, &mut b, 1));
+        x.unwrap();
+        y.unwrap();
+        assert!(a.equal(&b));
+        let mut ints = Tensor::from_slice(&[1i64]);
+        assert!(matches!(
+            all_reduce(&mut r0, &mut ints, ReduceOp::Sum).await,
+            Err(TensorCollectiveError::UnsupportedKind(Kind::Int64))
+        ));
+    }
+}
