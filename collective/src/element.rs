@@ -43,11 +43,32 @@ float_element!(bf16, DType::Bf16, f32, bf16::to_f32, bf16::from_f32);
 /// `acc ⊕= local` element-wise, with `received` read from a possibly
 /// unaligned network buffer; the result lands in `local`.
 pub fn reduce_into<T: Element>(local: &mut [T], received: &[u8], op: ReduceOp) {
-    let size = std::mem::size_of::<T>();
     debug_assert_eq!(received.len(), std::mem::size_of_val(local));
-    for (dst, src) in local.iter_mut().zip(received.chunks_exact(size)) {
-        let acc: T = bytemuck::pod_read_unaligned(src);
-        *dst = T::combine(acc, *dst, op);
+    // The op is fixed per call: match once so each loop is a tight,
+    // vectorisable kernel.
+    match op {
+        ReduceOp::Max => combine_all(local, received, |a, b| T::combine(a, b, ReduceOp::Max)),
+        ReduceOp::Min => combine_all(local, received, |a, b| T::combine(a, b, ReduceOp::Min)),
+        ReduceOp::Sum | ReduceOp::Avg | ReduceOp::Unspecified => {
+            combine_all(local, received, |a, b| T::combine(a, b, ReduceOp::Sum))
+        }
+    }
+}
+
+#[inline(always)]
+fn combine_all<T: Element>(local: &mut [T], received: &[u8], f: impl Fn(T, T) -> T) {
+    match bytemuck::try_cast_slice::<u8, T>(received) {
+        Ok(aligned) => {
+            for (dst, acc) in local.iter_mut().zip(aligned) {
+                *dst = f(*acc, *dst);
+            }
+        }
+        Err(_) => {
+            let size = std::mem::size_of::<T>();
+            for (dst, src) in local.iter_mut().zip(received.chunks_exact(size)) {
+                *dst = f(bytemuck::pod_read_unaligned(src), *dst);
+            }
+        }
     }
 }
 

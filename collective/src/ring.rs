@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringleader_proto::collective::collective_client::CollectiveClient;
+use ringleader_proto::collective::collective_server::CollectiveServer;
 use ringleader_proto::collective::{DType, OpKind, ReduceOp, RingFrame};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -44,6 +45,23 @@ use crate::service::{CollectiveService, Inbound};
 
 /// Largest gRPC message either side accepts (a chunk plus its header).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A tonic server tuned for ring traffic (windows, frame size), to which
+/// the caller adds [`collective_server`] and any other services.
+pub fn server_builder(options: &RingOptions) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window)
+        .max_frame_size(options.frame_bytes)
+}
+
+/// The `Collective` gRPC service with message limits that fit a chunk.
+pub fn collective_server(service: CollectiveService) -> CollectiveServer<CollectiveService> {
+    CollectiveServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
 
 /// Who is in the ring, as the coordinator hands it out.
 #[derive(Clone, Debug)]
@@ -66,6 +84,8 @@ pub struct RingOptions {
     /// HTTP/2 stream and connection windows.
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept (hyper's default is 16 KiB).
+    pub frame_bytes: u32,
 }
 
 impl Default for RingOptions {
@@ -76,6 +96,7 @@ impl Default for RingOptions {
             queue_depth: 8,
             stream_window: 16 << 20,
             connection_window: 32 << 20,
+            frame_bytes: (1 << 20) - 1,
         }
     }
 }
@@ -377,6 +398,7 @@ async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Chann
         .connect_timeout(options.timeout)
         .initial_stream_window_size(options.stream_window)
         .initial_connection_window_size(options.connection_window)
+        .max_frame_size(options.frame_bytes)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(options.timeout)
         .keep_alive_while_idle(true);

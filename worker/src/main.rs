@@ -6,17 +6,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ringleader_collective::ring::MAX_MESSAGE_BYTES;
+use ringleader_collective::ring;
 use ringleader_collective::{CollectiveService, RingOptions};
 use ringleader_coordinator::cli::parse_duration;
 use ringleader_coordinator::{client, runtime};
-use ringleader_proto::collective::collective_server::CollectiveServer;
 use ringleader_proto::coordinator::Register;
 use ringleader_worker::agent::{self, AgentOptions};
 use ringleader_worker::device::{self, DeviceRequest};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
+
+/// Ring chunks are large, short-lived buffers: glibc serves them with fresh
+/// mmaps (page faults, zeroing) every time; mimalloc reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,15 +118,9 @@ async fn run(args: Args) -> Result<()> {
     let collectives = CollectiveService::new(ring_options.timeout);
     let server_shutdown = shutdown.clone();
     let peer_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(ring_options.stream_window)
-            .initial_connection_window_size(ring_options.connection_window)
+        ring::server_builder(&ring_options)
             .add_service(health_service)
-            .add_service(
-                CollectiveServer::new(collectives)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+            .add_service(ring::collective_server(collectives))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 server_shutdown.cancelled_owned(),

@@ -10,11 +10,16 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use half::{bf16, f16};
 use ringleader_collective::plan::segment;
+use ringleader_collective::ring;
 use ringleader_collective::{CollectiveService, Element, ReduceOp, Ring, RingOptions, RingPlan};
-use ringleader_proto::collective::collective_server::CollectiveServer;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+
+/// Ring chunks are large, short-lived buffers: glibc serves them with fresh
+/// mmaps (page faults, zeroing) every time; mimalloc reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
@@ -78,14 +83,8 @@ async fn main() -> Result<()> {
     };
     let service = CollectiveService::new(options.timeout);
     let listener = TcpListener::bind(listen).await?;
-    let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(options.stream_window)
-        .initial_connection_window_size(options.connection_window)
-        .add_service(
-            CollectiveServer::new(service.clone())
-                .max_decoding_message_size(ringleader_collective::ring::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(ringleader_collective::ring::MAX_MESSAGE_BYTES),
-        )
+    let server = ring::server_builder(&options)
+        .add_service(ring::collective_server(service.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);
     let plan = RingPlan {
