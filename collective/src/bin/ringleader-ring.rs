@@ -47,6 +47,9 @@ struct Args {
     timeout: f64,
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
+    /// HTTP/2 stream window in bytes (default: RingOptions' default).
+    #[arg(long)]
+    stream_window: Option<u32>,
     /// check: also all-reduce this many f32 elements (0 = skip).
     #[arg(long, default_value_t = 0)]
     big: usize,
@@ -80,6 +83,14 @@ async fn main() -> Result<()> {
         timeout: Duration::from_secs_f64(args.timeout),
         chunk_bytes: args.chunk_bytes,
         ..RingOptions::default()
+    };
+    let options = match args.stream_window {
+        Some(window) => RingOptions {
+            stream_window: window,
+            connection_window: window.saturating_mul(2),
+            ..options
+        },
+        None => options,
     };
     let service = CollectiveService::new(options.timeout);
     let listener = TcpListener::bind(listen).await?;
