@@ -130,6 +130,33 @@ impl Header {
     }
 }
 
+/// Where this rank sits in the ring, plus the options: what every
+/// operation's driver needs.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    rank: usize,
+    world: usize,
+    successor: usize,
+    predecessor: usize,
+    options: &'a RingOptions,
+}
+
+impl<'a> Place<'a> {
+    fn new(rank: usize, world: usize, options: &'a RingOptions) -> Self {
+        Self {
+            rank,
+            world,
+            successor: (rank + 1) % world,
+            predecessor: ring_sub(rank, 1, world),
+            options,
+        }
+    }
+
+    fn chunk_elements<T>(&self) -> usize {
+        (self.options.chunk_bytes / std::mem::size_of::<T>()).max(1)
+    }
+}
+
 struct Links {
     outbound: mpsc::Sender<RingFrame>,
     inbound: Inbound,
@@ -217,19 +244,11 @@ impl Ring {
     /// Reduces `data` in place across all ranks.
     pub async fn all_reduce<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<()> {
         let header = self.begin(OpKind::AllReduce, T::DTYPE, op, data.len() as u64, 0)?;
+        let place = Place::new(self.rank, self.world, &self.options);
         let Some(links) = self.links.as_mut() else {
             return Ok(()); // world of one: already reduced (x / 1 == x)
         };
-        let result = all_reduce_ring(
-            links,
-            header,
-            data,
-            op,
-            self.rank,
-            self.world,
-            &self.options,
-        )
-        .await;
+        let result = all_reduce_ring(links, header, data, op, place).await;
         self.finish(result)
     }
 
@@ -248,19 +267,11 @@ impl Ring {
             data.len() as u64,
             root as u32,
         )?;
+        let place = Place::new(self.rank, self.world, &self.options);
         let Some(links) = self.links.as_mut() else {
             return Ok(());
         };
-        let result = broadcast_ring(
-            links,
-            header,
-            data,
-            root,
-            self.rank,
-            self.world,
-            &self.options,
-        )
-        .await;
+        let result = broadcast_ring(links, header, data, root, place).await;
         self.finish(result)
     }
 
@@ -268,11 +279,11 @@ impl Ring {
     /// travels as one frame).
     pub async fn all_gather(&mut self, payload: Bytes) -> Result<Vec<Bytes>> {
         let header = self.begin(OpKind::AllGather, DType::Bytes, ReduceOp::Unspecified, 0, 0)?;
+        let place = Place::new(self.rank, self.world, &self.options);
         let Some(links) = self.links.as_mut() else {
             return Ok(vec![payload]);
         };
-        let result =
-            all_gather_ring(links, header, payload, self.rank, self.world, &self.options).await;
+        let result = all_gather_ring(links, header, payload, place).await;
         self.finish(result)
     }
 
@@ -580,12 +591,17 @@ async fn all_reduce_ring<T: Element>(
     header: Header,
     data: &mut [T],
     op: ReduceOp,
-    rank: usize,
-    world: usize,
-    options: &RingOptions,
+    place: Place<'_>,
 ) -> Result<()> {
+    let Place {
+        rank,
+        world,
+        successor,
+        predecessor,
+        options,
+    } = place;
     let size = std::mem::size_of::<T>();
-    let chunk_elements = (options.chunk_bytes / size).max(1);
+    let chunk_elements = place.chunk_elements::<T>();
     let len = data.len();
     let initial: Vec<RingFrame> = chunks(segment(len, world, rank), chunk_elements)
         .into_iter()
@@ -593,8 +609,6 @@ async fn all_reduce_ring<T: Element>(
         .map(|(i, c)| header.frame(0, i, bytes_of(&data[c])))
         .collect();
     let (forward, forwarded) = mpsc::unbounded_channel();
-    let successor = (rank + 1) % world;
-    let predecessor = ring_sub(rank, 1, world);
     let sender = send_all(
         &links.outbound,
         initial,
@@ -666,15 +680,18 @@ async fn broadcast_ring<T: Element>(
     header: Header,
     data: &mut [T],
     root: usize,
-    rank: usize,
-    world: usize,
-    options: &RingOptions,
+    place: Place<'_>,
 ) -> Result<()> {
+    let Place {
+        rank,
+        successor,
+        predecessor,
+        options,
+        ..
+    } = place;
     let size = std::mem::size_of::<T>();
-    let chunk_elements = (options.chunk_bytes / size).max(1);
+    let chunk_elements = place.chunk_elements::<T>();
     let pieces = chunks(0..data.len(), chunk_elements);
-    let successor = (rank + 1) % world;
-    let predecessor = ring_sub(rank, 1, world);
     let (forward, forwarded) = mpsc::unbounded_channel();
     if rank == root {
         let initial = pieces
@@ -726,12 +743,15 @@ async fn all_gather_ring(
     links: &mut Links,
     header: Header,
     payload: Bytes,
-    rank: usize,
-    world: usize,
-    options: &RingOptions,
+    place: Place<'_>,
 ) -> Result<Vec<Bytes>> {
-    let successor = (rank + 1) % world;
-    let predecessor = ring_sub(rank, 1, world);
+    let Place {
+        rank,
+        world,
+        successor,
+        predecessor,
+        options,
+    } = place;
     let mut gathered = vec![Bytes::new(); world];
     gathered[rank] = payload.clone();
     let (forward, forwarded) = mpsc::unbounded_channel();

@@ -23,13 +23,7 @@ pub async fn all_reduce(
     tensor: &mut Tensor,
     op: ReduceOp,
 ) -> Result<(), TensorCollectiveError> {
-    match tensor.kind() {
-        Kind::Float => all_reduce_as::<f32>(ring, tensor, op).await,
-        Kind::Double => all_reduce_as::<f64>(ring, tensor, op).await,
-        Kind::Half => all_reduce_as::<half::f16>(ring, tensor, op).await,
-        Kind::BFloat16 => all_reduce_as::<half::bf16>(ring, tensor, op).await,
-        other => Err(TensorCollectiveError::UnsupportedKind(other)),
-    }
+    run(ring, tensor, TensorOp::AllReduce(op)).await
 }
 
 /// Copies `root`'s `tensor` into every rank's `tensor`.
@@ -38,11 +32,25 @@ pub async fn broadcast(
     tensor: &mut Tensor,
     root: usize,
 ) -> Result<(), TensorCollectiveError> {
+    run(ring, tensor, TensorOp::Broadcast { root }).await
+}
+
+#[derive(Clone, Copy)]
+enum TensorOp {
+    AllReduce(ReduceOp),
+    Broadcast { root: usize },
+}
+
+async fn run(
+    ring: &mut Ring,
+    tensor: &mut Tensor,
+    op: TensorOp,
+) -> Result<(), TensorCollectiveError> {
     match tensor.kind() {
-        Kind::Float => broadcast_as::<f32>(ring, tensor, root).await,
-        Kind::Double => broadcast_as::<f64>(ring, tensor, root).await,
-        Kind::Half => broadcast_as::<half::f16>(ring, tensor, root).await,
-        Kind::BFloat16 => broadcast_as::<half::bf16>(ring, tensor, root).await,
+        Kind::Float => run_as::<f32>(ring, tensor, op).await,
+        Kind::Double => run_as::<f64>(ring, tensor, op).await,
+        Kind::Half => run_as::<half::f16>(ring, tensor, op).await,
+        Kind::BFloat16 => run_as::<half::bf16>(ring, tensor, op).await,
         other => Err(TensorCollectiveError::UnsupportedKind(other)),
     }
 }
@@ -71,31 +79,19 @@ unsafe fn elements_mut<T: Element>(host: &mut Tensor) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(host.data_ptr().cast::<T>(), numel) }
 }
 
-async fn all_reduce_as<T: Element>(
+async fn run_as<T: Element>(
     ring: &mut Ring,
     tensor: &mut Tensor,
-    op: ReduceOp,
+    op: TensorOp,
 ) -> Result<(), TensorCollectiveError> {
     let (mut host, staged) = host_view(tensor);
     // SAFETY: `tensor` is borrowed mutably for this whole call and `host` is
     // either it (shallow) or a private contiguous CPU copy of its kind.
     let data = unsafe { elements_mut::<T>(&mut host) };
-    ring.all_reduce(data, op).await?;
-    if staged {
-        tch::no_grad(|| tensor.f_copy_(&host))?;
+    match op {
+        TensorOp::AllReduce(reduce) => ring.all_reduce(data, reduce).await?,
+        TensorOp::Broadcast { root } => ring.broadcast(data, root).await?,
     }
-    Ok(())
-}
-
-async fn broadcast_as<T: Element>(
-    ring: &mut Ring,
-    tensor: &mut Tensor,
-    root: usize,
-) -> Result<(), TensorCollectiveError> {
-    let (mut host, staged) = host_view(tensor);
-    // SAFETY: as in `all_reduce_as`.
-    let data = unsafe { elements_mut::<T>(&mut host) };
-    ring.broadcast(data, root).await?;
     if staged {
         tch::no_grad(|| tensor.f_copy_(&host))?;
     }
