@@ -204,7 +204,8 @@ impl Ring {
         }
         let predecessor = ring_sub(plan.rank, 1, world);
         let successor = (plan.rank + 1) % world;
-        let inbound = service.register(plan.generation, predecessor, ring.options.queue_depth)?;
+        let registration =
+            service.register(plan.generation, predecessor, ring.options.queue_depth)?;
         let channel = dial(&plan.peers[successor], successor, &ring.options).await?;
         let (outbound, frames) = mpsc::channel(ring.options.queue_depth);
         let mut request = tonic::Request::new(ReceiverStream::new(frames));
@@ -221,6 +222,23 @@ impl Ring {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
+        // Every rank opened its outgoing stream before waiting here, so once
+        // our predecessor's stream is in, every link of the ring exists and a
+        // rank that dies later is noticed as a broken stream, not silence.
+        let inbound = registration.inbound;
+        match tokio::time::timeout(ring.options.timeout, registration.attached).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(CollectiveError::Connect {
+                    rank: predecessor,
+                    address: plan.peers[predecessor].clone(),
+                    reason: format!(
+                        "its stream did not arrive within {:?}",
+                        ring.options.timeout
+                    ),
+                })
+            }
+        }
         ring.links = Some(Links {
             outbound,
             inbound,
@@ -377,23 +395,16 @@ impl Ring {
         }
     }
 
-    /// On failure, close both streams so the neighbours fail fast too.
+    /// On failure, close both streams so the neighbours fail fast too. The
+    /// outgoing stream ends gracefully (frames already queued still go out,
+    /// so a neighbour sees the real cause, e.g. a length mismatch); dropping
+    /// the inbound side makes the predecessor's stream fail.
     fn finish<T>(&mut self, result: Result<T>) -> Result<T> {
         if result.is_err() {
             self.failed = true;
-            if let Some(links) = self.links.take() {
-                links.call.abort();
-            }
+            self.links = None;
         }
         result
-    }
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        if let Some(links) = self.links.take() {
-            links.call.abort();
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ringleader_proto::collective::collective_server::Collective;
 use ringleader_proto::collective::{RingClosed, RingFrame};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::CollectiveError;
@@ -23,6 +23,15 @@ pub type Inbound = mpsc::Receiver<Result<RingFrame, Status>>;
 struct Waiting {
     predecessor: usize,
     frames: mpsc::Sender<Result<RingFrame, Status>>,
+    /// Told when the predecessor's stream has arrived.
+    attached: oneshot::Sender<()>,
+}
+
+/// A registered ring's side of the service: its predecessor's frames, and a
+/// signal that fires once that predecessor's stream has been accepted.
+pub struct Registration {
+    pub inbound: Inbound,
+    pub attached: oneshot::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -59,8 +68,9 @@ impl CollectiveService {
         generation: u64,
         predecessor: usize,
         depth: usize,
-    ) -> Result<Inbound, CollectiveError> {
+    ) -> Result<Registration, CollectiveError> {
         let (tx, rx) = mpsc::channel(depth.max(1));
+        let (attached_tx, attached_rx) = oneshot::channel();
         {
             let mut registry = self.registry();
             if generation < registry.newest {
@@ -77,11 +87,15 @@ impl CollectiveService {
                 Waiting {
                     predecessor,
                     frames: tx,
+                    attached: attached_tx,
                 },
             );
         }
         self.registered.notify_waiters();
-        Ok(rx)
+        Ok(Registration {
+            inbound: rx,
+            attached: attached_rx,
+        })
     }
 
     /// Claims the registration for `generation`, waiting for it briefly.
@@ -110,6 +124,7 @@ impl CollectiveService {
                             "rank {sender} is not this rank's predecessor (rank {expected}) in generation {generation}"
                         )));
                     }
+                    let _ = waiting.attached.send(());
                     return Ok(waiting.frames);
                 }
             }

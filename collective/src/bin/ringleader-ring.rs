@@ -94,10 +94,14 @@ async fn main() -> Result<()> {
     };
     let service = CollectiveService::new(options.timeout);
     let listener = TcpListener::bind(listen).await?;
+    let stop_serving = tokio_util::sync::CancellationToken::new();
     let server = ring::server_builder(&options)
         .add_service(ring::collective_server(service.clone()))
-        .serve_with_incoming(TcpListenerStream::new(listener));
-    tokio::spawn(server);
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop_serving.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
     let plan = RingPlan {
         generation: args.generation,
         rank: args.rank,
@@ -109,8 +113,15 @@ async fn main() -> Result<()> {
         Mode::Bench => bench(&mut ring, &args).await?,
         Mode::Loop => run_loop(&mut ring, &args).await?,
     }
-    // Let the last frames drain before the process (and its server) ends.
+    // Let the last frames drain before the process (and its server) ends:
+    // close the ring, then shut the server down gracefully so the answer to
+    // our predecessor's stream is written before we exit.
+    let timeout = Duration::from_secs_f64(args.timeout);
     ring.close().await?;
+    stop_serving.cancel();
+    tokio::time::timeout(timeout, server)
+        .await
+        .context("the peer server did not stop in time")???;
     Ok(())
 }
 
