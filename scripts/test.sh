@@ -16,6 +16,10 @@ echo "==> cargo clippy"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 
 echo
+echo "==> scripts/check-k8s.sh"
+"$ROOT/scripts/check-k8s.sh"
+
+echo
 echo "==> cargo test"
 # The integration tests start the release binaries built by setup.sh.
 RINGLEADER_BIN_DIR="$ROOT/target/release" cargo test --release --workspace --locked
