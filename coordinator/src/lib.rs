@@ -17,6 +17,8 @@
 //!   leader key's create revision.
 //! * [`registry`] is the leader's pure view of its workers; [`service`] is
 //!   the gRPC face; [`server`] wires them up (`serve`).
+//! * [`search`] holds the pure searchers (search spaces, grid, random,
+//!   ASHA) that sweeps are built on.
 //! * [`local`] and [`process`] run a whole cluster as child processes, for
 //!   `ringleader local` and the integration tests.
 
@@ -29,6 +31,7 @@ pub mod local;
 pub mod process;
 pub mod registry;
 pub mod runtime;
+pub mod search;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -1,0 +1,20 @@
+//! Hyperparameter search as pure state machines: no I/O, no clocks, every
+//! random choice from a seeded generator, so a searcher is unit-tested
+//! without a cluster and a sweep can be replayed from its seed.
+//!
+//! ```text
+//!   Space (uniform, log_uniform, int, choice)
+//!     ├─ Grid    — every combination, in order
+//!     ├─ Random  — independent samples from a seed
+//!     └─ Asha    — given rung results, which paused trial to promote
+//! ```
+//!
+//! The sweep driver (later) owns the I/O: it asks a searcher for the next
+//! configuration, runs it, feeds results back, and records each decision in
+//! etcd before acting on it.
+
+pub mod asha;
+pub mod space;
+
+pub use asha::{Asha, AshaError, Mode, Promotion};
+pub use space::{Grid, Param, Random, Space, SpaceError};
