@@ -6,7 +6,9 @@
 //!   Space (uniform, log_uniform, int, choice)
 //!     ├─ Grid    — every combination, in order
 //!     ├─ Random  — independent samples from a seed
+//!     ├─ Tpe     — Parzen-estimator suggestions from past results
 //!     └─ Asha    — given rung results, which paused trial to promote
+//!   synthetic: Hartmann-6 and Branin, to exercise them without training
 //! ```
 //!
 //! The sweep driver (later) owns the I/O: it asks a searcher for the next
@@ -15,6 +17,9 @@
 
 pub mod asha;
 pub mod space;
+pub mod synthetic;
+pub mod tpe;
 
 pub use asha::{Asha, AshaError, Mode, Promotion};
 pub use space::{Grid, Param, Random, Space, SpaceError};
+pub use tpe::{Tpe, TpeOptions};
