@@ -8,7 +8,7 @@
 //!     ├─ Random  — independent samples from a seed
 //!     ├─ Tpe     — Parzen-estimator suggestions from past results
 //!     └─ Asha    — given rung results, which paused trial to promote
-//!   synthetic: Hartmann-6 and Branin, to exercise them without training
+//!   (the synthetic objectives live in ringleader-spec: workers evaluate them)
 //! ```
 //!
 //! The sweep driver (later) owns the I/O: it asks a searcher for the next
@@ -17,7 +17,6 @@
 
 pub mod asha;
 pub mod space;
-pub mod synthetic;
 pub mod tpe;
 
 pub use asha::{Asha, AshaError, Mode, Promotion};

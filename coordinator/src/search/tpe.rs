@@ -297,7 +297,7 @@ fn normal_cdf(z: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::super::space::Random;
-    use super::super::synthetic::hartmann6;
+    use ringleader_spec::synthetic::hartmann6;
     use super::*;
 
     fn unit_cube(dims: usize) -> Space {
