@@ -166,6 +166,9 @@ pub enum ModelSpec {
         x5: f64,
         #[serde(default)]
         x6: f64,
+        /// Simulated training time per epoch, in milliseconds.
+        #[serde(default)]
+        epoch_ms: u64,
     },
 }
 
