@@ -5,9 +5,11 @@
 //! setting. A sweep's `[search.params]` keys are dotted paths into this
 //! structure (`optimizer.lr`, `model.channels`, `batch_size`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Document, FieldError, SpecError};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +44,112 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
 }
 
+impl JobSpec {
+    /// Reads and checks a job file; errors name the file, line and field.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks a job written in TOML; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, SpecError> {
+        let doc = Document::parse(text, origin)?;
+        let job: Self = doc.deserialize()?;
+        job.validate().map_err(|e| doc.error(e))?;
+        Ok(job)
+    }
+
+    /// Deserialises and checks a job held as a TOML table (a sweep's base
+    /// job with overrides). The table is not a file, so errors carry only
+    /// the field path; the caller knows where the table came from.
+    pub fn from_table(table: &toml::Table) -> Result<Self, FieldError> {
+        // Written out and parsed again so serde's spans give field paths.
+        let text = toml::to_string(table)
+            .map_err(|e| FieldError::new(&[], format!("cannot write the job as TOML: {e}")))?;
+        let doc = Document::parse(&text, "").map_err(|e| FieldError::new(&[], e.to_string()))?;
+        let job: Self = doc.deserialize_fields().map_err(|(e, _)| e)?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    /// Checks what the types cannot: ranges, and which keys a dataset
+    /// format or model needs. Dataset files are not opened (the worker
+    /// reports a missing file).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        at_least_one(self.workers, &["workers"])?;
+        at_least_one(self.epochs, &["epochs"])?;
+        at_least_one(self.batch_size, &["batch_size"])?;
+        at_least_one(self.eval_batch_size, &["eval_batch_size"])?;
+        let device = self.device.as_str();
+        let cuda_index = device.strip_prefix("cuda:").map(str::parse::<u32>);
+        if !matches!(device, "auto" | "cpu" | "cuda") && !matches!(cuda_index, Some(Ok(_))) {
+            return Err(FieldError::new(
+                &["device"],
+                format!("expected auto, cpu, cuda or cuda:N, got `{device}`"),
+            ));
+        }
+        self.dataset.validate()?;
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        self.schedule.validate()?;
+        at_least_one(
+            self.checkpoint.interval_epochs,
+            &["checkpoint", "interval_epochs"],
+        )
+    }
+}
+
+fn at_least_one(value: u32, path: &[&str]) -> Result<(), FieldError> {
+    if value == 0 {
+        return Err(FieldError::new(path, "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// In [0, 1): momentum, dropout and Adam's betas.
+fn fraction(value: f64, path: &[&str]) -> Result<(), FieldError> {
+    within(value, 0.0, 1.0, path)?;
+    if value == 1.0 {
+        return Err(FieldError::new(path, "must lie in [0, 1), got 1"));
+    }
+    Ok(())
+}
+
+/// Finite and in [low, high].
+fn within(value: f64, low: f64, high: f64, path: &[&str]) -> Result<(), FieldError> {
+    if !(low..=high).contains(&value) {
+        return Err(FieldError::new(
+            path,
+            format!("must lie in [{low}, {high}], got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn non_negative(value: f64, path: &[&str]) -> Result<(), FieldError> {
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(FieldError::new(
+            path,
+            format!("must be 0 or more, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Strictly positive and finite.
+fn positive(value: f64, path: &[&str]) -> Result<(), FieldError> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(FieldError::new(
+            path,
+            format!("must be above 0, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Where the examples come from. `train` and `test` are read with the same
 /// format; `test` may be omitted (then no evaluation metrics).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,6 +176,31 @@ pub struct DatasetSpec {
     /// Shuffle the training set every epoch (permutation from seed, epoch).
     #[serde(default = "yes")]
     pub shuffle: bool,
+}
+
+impl DatasetSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.classes < 2 {
+            return Err(FieldError::new(
+                &["dataset", "classes"],
+                format!("must be at least 2, got {}", self.classes),
+            ));
+        }
+        self.train.validate(self.format, "train")?;
+        if let Some(test) = &self.test {
+            test.validate(self.format, "test")?;
+        }
+        if let Normalize::Fixed { mean, std } = self.normalize {
+            if !mean.is_finite() {
+                return Err(FieldError::new(
+                    &["dataset", "normalize", "mean"],
+                    "must be a finite number",
+                ));
+            }
+            positive(std, &["dataset", "normalize", "std"])?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +241,36 @@ pub struct SplitSpec {
     pub features_key: String,
     #[serde(default = "default_labels_key")]
     pub labels_key: String,
+}
+
+impl SplitSpec {
+    /// The keys `format` reads must be set; `split` is `train` or `test`.
+    fn validate(&self, format: DatasetFormat, split: &str) -> Result<(), FieldError> {
+        let missing = |key: &str, why: &str| {
+            FieldError::new(
+                &["dataset", split, key],
+                format!("{why} (format {format:?})"),
+            )
+        };
+        let required = |value: &Option<PathBuf>, key: &str| match value {
+            Some(_) => Ok(()),
+            None => Err(missing(key, "required")),
+        };
+        match format {
+            DatasetFormat::Idx => {
+                required(&self.images, "images")?;
+                required(&self.labels, "labels")
+            }
+            DatasetFormat::Npy => {
+                required(&self.features, "features")?;
+                required(&self.labels, "labels")
+            }
+            DatasetFormat::Csv | DatasetFormat::Safetensors if self.files.is_empty() => {
+                Err(missing("files", "needs at least one file"))
+            }
+            DatasetFormat::Csv | DatasetFormat::Safetensors => Ok(()),
+        }
+    }
 }
 
 /// Input normalisation applied after scaling bytes to [0, 1].
@@ -172,6 +335,68 @@ pub enum ModelSpec {
     },
 }
 
+impl ModelSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        let widths = |values: &[u32], key: &str| {
+            if values.contains(&0) {
+                return Err(FieldError::new(&["model", key], "sizes must be above 0"));
+            }
+            Ok(())
+        };
+        match self {
+            ModelSpec::Mlp { hidden, dropout } => {
+                widths(hidden, "hidden")?;
+                fraction(*dropout, &["model", "dropout"])
+            }
+            ModelSpec::Cnn {
+                channels,
+                hidden,
+                kernel,
+                dropout,
+            } => {
+                widths(channels, "channels")?;
+                widths(&[*hidden], "hidden")?;
+                widths(&[*kernel], "kernel")?;
+                fraction(*dropout, &["model", "dropout"])
+            }
+            ModelSpec::Torchscript { path } if path.as_os_str().is_empty() => {
+                Err(FieldError::new(&["model", "path"], "must not be empty"))
+            }
+            ModelSpec::Torchscript { .. } => Ok(()),
+            ModelSpec::Synthetic {
+                function,
+                x1,
+                x2,
+                x3,
+                x4,
+                x5,
+                x6,
+                ..
+            } => match function {
+                SyntheticFunction::Hartmann6 => {
+                    let xs = [x1, x2, x3, x4, x5, x6];
+                    let keys = ["x1", "x2", "x3", "x4", "x5", "x6"];
+                    xs.iter()
+                        .zip(keys)
+                        .try_for_each(|(x, key)| within(**x, 0.0, 1.0, &["model", key]))
+                }
+                SyntheticFunction::Branin => {
+                    within(*x1, -5.0, 10.0, &["model", "x1"])?;
+                    within(*x2, 0.0, 15.0, &["model", "x2"])
+                }
+            },
+        }
+    }
+
+    /// The metrics a trial of this model reports, by name.
+    pub fn metrics(&self) -> &'static [&'static str] {
+        match self {
+            ModelSpec::Synthetic { .. } => &["objective"],
+            _ => &["train_loss", "test_loss", "test_accuracy"],
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyntheticFunction {
@@ -216,6 +441,28 @@ impl Default for OptimizerSpec {
     }
 }
 
+impl OptimizerSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        positive(self.lr, &["optimizer", "lr"])?;
+        fraction(self.momentum, &["optimizer", "momentum"])?;
+        if self.nesterov && self.momentum == 0.0 {
+            return Err(FieldError::new(
+                &["optimizer", "nesterov"],
+                "nesterov needs momentum above 0",
+            ));
+        }
+        non_negative(self.weight_decay, &["optimizer", "weight_decay"])?;
+        for beta in self.betas {
+            fraction(beta, &["optimizer", "betas"])?;
+        }
+        positive(self.eps, &["optimizer", "eps"])?;
+        match self.grad_clip {
+            Some(clip) => positive(clip, &["optimizer", "grad_clip"]),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -226,7 +473,7 @@ pub enum OptimizerKind {
 
 /// Learning-rate schedule, stepped per optimiser step; `warmup_steps`
 /// ramps linearly from 0 to the scheduled rate first.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     #[serde(default)]
@@ -241,6 +488,28 @@ pub struct ScheduleSpec {
     /// cosine: the rate it anneals to at the last epoch.
     #[serde(default)]
     pub min_lr: f64,
+}
+
+// Written out so an omitted `[schedule]` gets the same values as an empty
+// one (a derived Default would make `step_epochs` and `gamma` 0).
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::default(),
+            warmup_steps: 0,
+            step_epochs: one(),
+            gamma: default_gamma(),
+            min_lr: 0.0,
+        }
+    }
+}
+
+impl ScheduleSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        at_least_one(self.step_epochs, &["schedule", "step_epochs"])?;
+        positive(self.gamma, &["schedule", "gamma"])?;
+        non_negative(self.min_lr, &["schedule", "min_lr"])
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,4 +592,222 @@ fn default_eps() -> f64 {
 }
 fn default_gamma() -> f64 {
     0.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"name = "fmnist"
+workers = 2
+epochs = 1
+
+[dataset]
+format = "idx"
+classes = 10
+train = { images = "train-images.gz", labels = "train-labels.gz" }
+
+[dataset.test]
+images = "t10k-images.gz"
+labels = "t10k-labels.gz"
+
+[model]
+kind = "cnn"
+
+[optimizer]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+"#;
+
+    /// The error for GOOD with `from` replaced by `to`.
+    fn error(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "{from}");
+        JobSpec::parse(&GOOD.replacen(from, to, 1), "job.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_job_parses() {
+        let job = JobSpec::parse(GOOD, "job.toml").unwrap();
+        assert_eq!(job.workers, 2);
+        assert_eq!(job.optimizer.lr, 0.05);
+        assert!(matches!(
+            job.model,
+            ModelSpec::Cnn {
+                channels: [32, 64],
+                ..
+            }
+        ));
+        assert_eq!(job.schedule, ScheduleSpec::default());
+        assert_eq!(job.schedule.step_epochs, 1);
+    }
+
+    #[test]
+    fn type_errors_name_file_line_and_field() {
+        for (from, to, expected) in [
+            (
+                "kind = \"sgd\"",
+                "kind = \"adagrad\"",
+                "job.toml:18:8: optimizer.kind: unknown variant `adagrad`, expected one of `sgd`, `adam`, `adamw`",
+            ),
+            ("lr = 0.05", "lrr = 0.05", "job.toml:19:1: optimizer.lrr: unknown field `lrr`"),
+            ("epochs = 1\n", "", "job.toml:1:1: epochs: missing field `epochs`"),
+            ("format = \"idx\"", "format = \"idx\"\nbogus = 1", "job.toml:7:1: dataset.bogus: unknown field"),
+            (
+                "labels = \"train-labels.gz\" ",
+                "labels = 3 ",
+                "job.toml:8:48: dataset.train.labels: invalid type: integer `3`",
+            ),
+            ("kind = \"cnn\"", "kind = \"cnn\"\nchannels = [1]", "job.toml:14:1: model: invalid length 1"),
+            ("[optimizer]", "[optimizer", "job.toml:17:11: unclosed table"),
+        ] {
+            let message = error(from, to);
+            assert!(message.starts_with(expected), "{message}\nexpected {expected}");
+        }
+    }
+
+    #[test]
+    fn range_errors_point_at_the_field_or_its_table() {
+        for (from, to, expected) in [
+            (
+                "workers = 2",
+                "workers = 0",
+                "job.toml:2:1: workers: must be at least 1",
+            ),
+            (
+                "epochs = 1",
+                "epochs = 0",
+                "job.toml:3:1: epochs: must be at least 1",
+            ),
+            (
+                "workers = 2",
+                "batch_size = 0",
+                "job.toml:2:1: batch_size: must be at least 1",
+            ),
+            (
+                "workers = 2",
+                "device = \"gpu\"",
+                "job.toml:2:1: device: expected auto, cpu, cuda or cuda:N",
+            ),
+            (
+                "lr = 0.05",
+                "lr = -1.0",
+                "job.toml:19:1: optimizer.lr: must be above 0",
+            ),
+            (
+                "lr = 0.05",
+                "lr = nan",
+                "job.toml:19:1: optimizer.lr: must be above 0",
+            ),
+            (
+                "momentum = 0.9",
+                "momentum = 1.0",
+                "job.toml:20:1: optimizer.momentum: must lie in [0, 1)",
+            ),
+            (
+                "momentum = 0.9",
+                "nesterov = true",
+                "job.toml:20:1: optimizer.nesterov: nesterov needs momentum",
+            ),
+            (
+                "momentum = 0.9",
+                "weight_decay = -0.1",
+                "job.toml:20:1: optimizer.weight_decay: must be 0 or more",
+            ),
+            (
+                "momentum = 0.9",
+                "betas = [0.9, 1.5]",
+                "job.toml:20:1: optimizer.betas: must lie in [0, 1]",
+            ),
+            (
+                "classes = 10",
+                "classes = 1",
+                "job.toml:7:1: dataset.classes: must be at least 2",
+            ),
+            (
+                "kind = \"cnn\"",
+                "kind = \"cnn\"\ndropout = 1.0",
+                "job.toml:16:1: model.dropout: must lie in [0, 1)",
+            ),
+            (
+                "kind = \"cnn\"",
+                "kind = \"cnn\"\nchannels = [8, 0]",
+                "job.toml:16:1: model.channels: sizes must be above 0",
+            ),
+            (
+                "kind = \"cnn\"",
+                "kind = \"mlp\"\nhidden = [0]",
+                "job.toml:16:1: model.hidden: sizes must be above 0",
+            ),
+            // A key left out is reported at its table's header.
+            (
+                "[dataset.test]\nimages = \"t10k-images.gz\"\n",
+                "[dataset.test]\n",
+                "job.toml:10:10: dataset.test.images: required (format Idx)",
+            ),
+            (
+                "format = \"idx\"",
+                "format = \"csv\"",
+                "job.toml:8:1: dataset.train.files: needs at least one file",
+            ),
+            (
+                "format = \"idx\"",
+                "format = \"npy\"",
+                "job.toml:8:1: dataset.train.features: required (format Npy)",
+            ),
+            (
+                "momentum = 0.9",
+                "momentum = 0.9\n[checkpoint]\ninterval_epochs = 0",
+                "job.toml:22:1: checkpoint.interval_epochs: must be at least 1",
+            ),
+        ] {
+            let message = error(from, to);
+            assert!(
+                message.starts_with(expected),
+                "{message}\nexpected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn synthetic_inputs_must_lie_in_the_function_domain() {
+        let job = |model: &str| {
+            let text = format!(
+                "name = \"s\"\nepochs = 1\n[dataset]\nformat = \"csv\"\nclasses = 2\ntrain.files = [\"x\"]\n[model]\n{model}"
+            );
+            JobSpec::parse(&text, "s.toml")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        job("kind = \"synthetic\"\nfunction = \"branin\"\nx1 = -5.0\nx2 = 15.0").unwrap();
+        let err = job("kind = \"synthetic\"\nfunction = \"branin\"\nx2 = 16.0").unwrap_err();
+        assert!(
+            err.starts_with("s.toml:10:1: model.x2: must lie in [0, 15]"),
+            "{err}"
+        );
+        let err = job("kind = \"synthetic\"\nfunction = \"hartmann6\"\nx6 = -0.1").unwrap_err();
+        assert!(
+            err.starts_with("s.toml:10:1: model.x6: must lie in [0, 1]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = JobSpec::load(Path::new("/nonexistent/job.toml")).unwrap_err();
+        assert!(matches!(err, SpecError::Read { .. }));
+        assert!(
+            err.to_string().starts_with("/nonexistent/job.toml: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jobs_round_trip_through_json() {
+        let job = JobSpec::parse(GOOD, "job.toml").unwrap();
+        let json = serde_json::to_string(&job).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), job);
+    }
 }

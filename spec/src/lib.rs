@@ -1,8 +1,21 @@
-//! Specs both sides of the cluster share: the job spec (a training run), and
-//! later the sweep spec and the dataset shard plan. Pure code: no I/O beyond
-//! reading a spec file, no libtorch.
+//! Specs both sides of the cluster share: the job spec (a training run),
+//! overrides that turn a sweep's base job into one trial's job, and the
+//! dataset shard plan. Pure code: no I/O beyond reading a spec file, no
+//! libtorch.
+//!
+//! ```text
+//!  job.toml ──Document::parse──▶ spans ──deserialize + validate──▶ JobSpec
+//!      errors: "job.toml:12:7: optimizer.kind: unknown variant `adagrad`, …"
+//!  base job table + {"optimizer.lr": 0.1} ──with_overrides──▶ JobSpec
+//!  ShardPlan (examples, world, rank, seed) ──indices(epoch)──▶ this rank's examples
+//! ```
 
+pub mod error;
 pub mod job;
+pub mod overrides;
+pub mod shard;
 pub mod synthetic;
 
+pub use error::{Document, FieldError, FieldPath, Location, SpecError};
 pub use job::JobSpec;
+pub use overrides::{apply_overrides, with_overrides};
