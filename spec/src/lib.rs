@@ -19,3 +19,4 @@ pub mod synthetic;
 pub use error::{Document, FieldError, FieldPath, Location, SpecError};
 pub use job::JobSpec;
 pub use overrides::{apply_overrides, with_overrides};
+pub use shard::{FileShards, ShardError, ShardPlan};
