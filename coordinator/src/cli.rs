@@ -31,6 +31,96 @@ pub enum Command {
     Local(LocalArgs),
     /// Show the leader, the coordinators and the workers.
     Status(StatusArgs),
+    /// Training jobs: one trial with fixed hyperparameters.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Hyperparameter sweeps.
+    #[command(subcommand)]
+    Sweep(SweepCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Validate a job spec (TOML) and run it on the cluster.
+    Submit(SubmitArgs),
+    /// Show a job's state and metrics per epoch.
+    Status(LookupArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Validate a sweep spec (TOML) and start it on the cluster.
+    Submit(SubmitArgs),
+    /// List sweeps and jobs, oldest first.
+    List(ListArgs),
+    /// Show a sweep's state and its trials.
+    Status(LookupArgs),
+    /// The leaderboard: trials best first, with parameters and objective.
+    Results(ResultsArgs),
+    /// Stop a sweep's running trials and free their workers.
+    Cancel(CancelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// The spec file.
+    pub file: PathBuf,
+
+    /// Follow progress until it finishes (exit status 1 if it fails).
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Job or sweep id (as `submit` printed it).
+    pub id: String,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ResultsFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    pub id: String,
+
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ResultsFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    pub id: String,
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -67,6 +157,11 @@ pub struct ServeArgs {
     /// Silence after which a worker is declared lost.
     #[arg(long, env = "RINGLEADER_WORKER_LOST_AFTER", default_value = "5s", value_parser = parse_duration)]
     pub worker_lost_after: Duration,
+
+    /// Where trials checkpoint when their job names no `checkpoint.dir`
+    /// (must be shared by all workers; default: <tmp>/ringleader-checkpoints).
+    #[arg(long, env = "RINGLEADER_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -36,5 +36,7 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod sweep;
+pub mod sweep_spec;
 
 pub use error::{Error, Result};

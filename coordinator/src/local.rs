@@ -238,6 +238,10 @@ impl LocalCluster {
             .arg(format!("--advertise={address}"))
             .arg(format!("--etcd={}", self.etcd_endpoints.join(",")))
             .arg(format!("--lease-ttl={}s", self.options.lease_ttl.as_secs()))
+            .arg(format!(
+                "--checkpoint-dir={}",
+                self.options.dir.join("checkpoints").display()
+            ))
             .args(&self.options.coordinator_args);
         let log = self.options.dir.join(format!("coordinator-{index}.log"));
         ManagedChild::spawn(format!("coordinator {address}"), command, &log)

@@ -5,9 +5,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ringleader_coordinator::cli::{Cli, Command, LocalArgs, ServeArgs, StatusArgs};
+use ringleader_coordinator::cli::{
+    Cli, ClientArgs, Command, JobCommand, LocalArgs, ResultsFormat, ServeArgs, StatusArgs,
+    SweepCommand,
+};
 use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
 use ringleader_coordinator::server::{self, ServeOptions};
+use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
+use ringleader_coordinator::sweep::{SweepKind, SweepState};
 use ringleader_coordinator::{runtime, status};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +27,8 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Local(args) => local(args).await,
         Command::Status(args) => show_status(args).await,
+        Command::Job(command) => job(command).await,
+        Command::Sweep(command) => sweep(command).await,
     };
     match result {
         Ok(code) => code,
@@ -43,6 +50,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         etcd_timeout: args.etcd_timeout,
         heartbeat_interval: args.heartbeat_interval,
         worker_lost_after: args.worker_lost_after,
+        checkpoint_dir: args
+            .checkpoint_dir
+            .unwrap_or_else(|| std::env::temp_dir().join("ringleader-checkpoints")),
     };
     server::serve(options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
@@ -57,6 +67,120 @@ async fn show_status(args: StatusArgs) -> Result<ExitCode> {
         );
     } else {
         print!("{}", status::to_table(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How often `--watch` polls the leader.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+async fn job(command: JobCommand) -> Result<ExitCode> {
+    match command {
+        JobCommand::Submit(args) => {
+            submit(&args.client, SweepKind::Job, &args.file, args.watch).await
+        }
+        JobCommand::Status(args) => show(&args.client, &args.id, args.json).await,
+    }
+}
+
+async fn sweep(command: SweepCommand) -> Result<ExitCode> {
+    match command {
+        SweepCommand::Submit(args) => {
+            submit(&args.client, SweepKind::Sweep, &args.file, args.watch).await
+        }
+        SweepCommand::List(args) => {
+            let sweeps = sweeps::list(&args.client).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&sweeps)?);
+            } else {
+                print!("{}", sweeps::list_table(&sweeps));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SweepCommand::Status(args) => show(&args.client, &args.id, args.json).await,
+        SweepCommand::Results(args) => {
+            let view = sweeps::get(&args.client, &args.id).await?;
+            match args.format {
+                ResultsFormat::Table => print!("{}", sweeps::results_table(&view)),
+                ResultsFormat::Csv => print!("{}", sweeps::results_csv(&view)),
+                ResultsFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&sweeps::results_json(&view))?
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SweepCommand::Cancel(args) => {
+            let stopped = sweeps::cancel(&args.client, &args.id).await?;
+            println!(
+                "{} cancelled; {stopped} running attempt(s) told to stop",
+                args.id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn submit(
+    client: &ClientArgs,
+    kind: SweepKind,
+    file: &std::path::Path,
+    watch: bool,
+) -> Result<ExitCode> {
+    let id = sweeps::submit(client, kind, file).await?;
+    println!("submitted {id}");
+    if !watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = sweeps::watch(client, &id, WATCH_EVERY).await?;
+    print_outcome(&view);
+    Ok(exit_code(&view))
+}
+
+fn print_outcome(view: &SweepView) {
+    match view.record.kind {
+        SweepKind::Job => {
+            if let Some(metrics) = view.trials.first().and_then(|t| t.metrics.last()) {
+                println!("final metrics (epoch {}):", metrics.epoch);
+                for (name, value) in &metrics.metrics {
+                    println!("  {name:<16} {value:.4}");
+                }
+            }
+        }
+        SweepKind::Sweep => {
+            print!("{}", sweeps::results_table(view));
+            if let Some(best) = view.best() {
+                println!(
+                    "best: trial {} with {} = {:.4}",
+                    best.number,
+                    view.record.objective_metric,
+                    best.objective.unwrap_or(f64::NAN)
+                );
+            }
+        }
+    }
+}
+
+fn exit_code(view: &SweepView) -> ExitCode {
+    if view.record.state == SweepState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn show(client: &ClientArgs, id: &str, json: bool) -> Result<ExitCode> {
+    let view = sweeps::get(client, id).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "sweep": view.record,
+                "trials": view.trials,
+            }))?
+        );
+    } else {
+        print!("{}", sweeps::status_text(&view));
     }
     Ok(ExitCode::SUCCESS)
 }

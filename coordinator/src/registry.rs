@@ -7,7 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ringleader_proto::coordinator::{Register, WorkerInfo, WorkerState};
+use ringleader_proto::coordinator::{
+    AttemptRef, CoordinatorMessage, Register, WorkerInfo, WorkerState,
+};
+use tokio::sync::mpsc;
+
+/// The leader's half of a worker's attach stream.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
 /// Identifies one attach stream, so a stale stream closing cannot mark a
 /// worker lost after it has re-registered on a new stream.
@@ -20,6 +26,9 @@ struct Entry {
     connection: ConnectionId,
     last_heartbeat: Instant,
     registered_at: SystemTime,
+    outbound: Option<Outbound>,
+    /// The attempt the worker runs for us.
+    running: Option<AttemptRef>,
 }
 
 /// Workers known to this leader.
@@ -52,9 +61,80 @@ impl WorkerRegistry {
                 connection,
                 last_heartbeat: now,
                 registered_at: SystemTime::now(),
+                outbound: None,
+                running: None,
             },
         );
         connection
+    }
+
+    /// Where to send this connection's assignments.
+    pub fn set_outbound(&mut self, worker_id: &str, connection: ConnectionId, outbound: Outbound) {
+        if let Some(entry) = self.current(worker_id, connection) {
+            entry.outbound = Some(outbound);
+        }
+    }
+
+    pub fn outbound(&self, worker_id: &str) -> Option<Outbound> {
+        self.workers.get(worker_id).and_then(|e| e.outbound.clone())
+    }
+
+    /// Connected workers with nothing to run, in id order, with their
+    /// training device ("cpu", "cuda:0", …).
+    pub fn idle(&self) -> Vec<(String, String)> {
+        self.workers
+            .iter()
+            .filter(|(_, e)| {
+                e.state == WorkerState::Idle && e.running.is_none() && e.outbound.is_some()
+            })
+            .map(|(id, e)| {
+                let device = e.registration.resources.as_ref().map(|r| r.device.clone());
+                (id.clone(), device.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Workers that are not lost.
+    pub fn alive(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|e| e.state != WorkerState::Lost)
+            .count()
+    }
+
+    pub fn assign(&mut self, worker_id: &str, attempt: AttemptRef) {
+        if let Some(entry) = self.workers.get_mut(worker_id) {
+            entry.running = Some(attempt);
+        }
+    }
+
+    /// Frees the worker if it runs `attempt`; returns whether it did.
+    pub fn release(&mut self, worker_id: &str, attempt: &AttemptRef) -> bool {
+        match self.workers.get_mut(worker_id) {
+            Some(entry) if entry.running.as_ref() == Some(attempt) => {
+                entry.running = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn peer_address(&self, worker_id: &str) -> Option<String> {
+        self.workers
+            .get(worker_id)
+            .map(|e| e.registration.peer_address.clone())
+    }
+
+    /// The attempt `worker_id` runs, if any.
+    pub fn running(&self, worker_id: &str) -> Option<&AttemptRef> {
+        self.workers.get(worker_id).and_then(|e| e.running.as_ref())
+    }
+
+    /// Whether the worker is registered and not lost.
+    pub fn is_alive(&self, worker_id: &str) -> bool {
+        self.workers
+            .get(worker_id)
+            .is_some_and(|e| e.state != WorkerState::Lost)
     }
 
     /// A heartbeat on `connection`; ignored if that connection is stale.
@@ -72,6 +152,7 @@ impl WorkerRegistry {
         match self.current(worker_id, connection) {
             Some(entry) if entry.state != WorkerState::Lost => {
                 entry.state = WorkerState::Lost;
+                entry.outbound = None;
                 true
             }
             _ => false,
@@ -101,7 +182,11 @@ impl WorkerRegistry {
                 host: e.registration.host.clone(),
                 peer_address: e.registration.peer_address.clone(),
                 resources: e.registration.resources.clone(),
-                state: e.state as i32,
+                state: match (&e.running, e.state) {
+                    (Some(_), WorkerState::Idle) => WorkerState::Busy as i32,
+                    (_, state) => state as i32,
+                },
+                running: e.running.clone(),
                 last_heartbeat_ms_ago: millis(now.saturating_duration_since(e.last_heartbeat)),
                 registered_at_unix_ms: e
                     .registered_at
@@ -133,6 +218,8 @@ mod tests {
             host: "h".into(),
             peer_address: "127.0.0.1:1".into(),
             resources: None,
+            running: None,
+            last_finished: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Bootstrap of one coordinator: connect etcd, campaign, serve gRPC.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,11 +11,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::election::{Election, Role};
+use crate::election::{Election, LeaderTerm, Role};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
-use crate::service::{CoordinatorService, CoordinatorState};
-use crate::store::FencedStore;
+use crate::service::{load_prefix, load_trials, CoordinatorService, CoordinatorState};
+use crate::store::{FencedStore, StateWriter};
+use crate::sweep::driver::Driver;
+use crate::sweep::records::SWEEPS_PREFIX;
+use crate::sweep::{SweepRecord, SweepRun, Template};
 
 /// Everything `ringleader serve` needs.
 #[derive(Clone, Debug)]
@@ -28,6 +32,8 @@ pub struct ServeOptions {
     pub heartbeat_interval: Duration,
     /// Silence after which a worker counts as lost.
     pub worker_lost_after: Duration,
+    /// Where trials checkpoint when their job names no directory.
+    pub checkpoint_dir: PathBuf,
 }
 
 /// Runs a coordinator until `shutdown` is cancelled. Fails fast (within
@@ -47,6 +53,7 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
         role.clone(),
         options.heartbeat_interval,
         options.worker_lost_after,
+        options.checkpoint_dir.clone(),
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -89,17 +96,13 @@ async fn leader_duties(
             Role::Candidate => None,
         };
         if let Some(term) = term {
-            state.reset_registry(options.worker_lost_after);
-            let store = FencedStore::new(state.etcd.clone(), &term);
-            match store.begin_term().await {
-                Ok(number) => info!(term = number, "leader term recorded"),
-                Err(error) => warn!(%error, "could not record the leader term"),
-            }
-            tokio::spawn(sweep_lost_workers(
-                state.clone(),
-                term.token.clone(),
-                options.heartbeat_interval,
-            ));
+            // Workers of running attempts get one loss timeout to re-attach
+            // before their attempts are re-queued.
+            state.begin_term(
+                term.create_revision,
+                Instant::now() + options.worker_lost_after,
+            );
+            tokio::spawn(lead(state.clone(), term, options.clone()));
         }
         tokio::select! {
             changed = role.changed() => if changed.is_err() { return },
@@ -108,20 +111,82 @@ async fn leader_duties(
     }
 }
 
-/// Declares silent workers lost while the term lasts.
-async fn sweep_lost_workers(
-    state: Arc<CoordinatorState>,
-    term: CancellationToken,
-    every: Duration,
-) {
-    let mut tick = tokio::time::interval(every);
+/// One leadership term: load the stored sweeps, then keep scheduling and
+/// watching for lost workers until the term ends.
+async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOptions) {
+    let store = FencedStore::new(state.etcd.clone(), &term);
+    match store.begin_term().await {
+        Ok(number) => info!(term = number, "leader term recorded"),
+        Err(error) => warn!(%error, "could not record the leader term"),
+    }
+    let runs = loop {
+        match load_state(&state).await {
+            Ok(runs) => break runs,
+            Err(error) => {
+                warn!(%error, "cannot load the stored sweeps; retrying");
+                tokio::select! {
+                    _ = term.token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    };
+    {
+        let mut scheduler = state.scheduler();
+        info!(sweeps = runs.len(), "stored state loaded");
+        for run in runs {
+            scheduler.restore(run);
+        }
+    }
+    state.loaded(StateWriter::spawn(store, term.token.clone()));
+    let mut tick = tokio::time::interval(SCHEDULE_EVERY.min(options.heartbeat_interval));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = term.cancelled() => return,
+            _ = term.token.cancelled() => return,
         }
-        for worker in state.registry().sweep(Instant::now()) {
-            warn!(worker = %worker, "worker lost: missed heartbeats");
+        let lost = state.scheduler().registry.sweep(Instant::now());
+        if !lost.is_empty() {
+            for worker in &lost {
+                warn!(worker = %worker, "worker lost: missed heartbeats");
+            }
+            let _ = state.apply(|s| (s.workers_lost(&lost), ()));
+        }
+        state.schedule();
+    }
+}
+
+/// How often the leader re-checks placement without an event.
+const SCHEDULE_EVERY: Duration = Duration::from_millis(250);
+
+/// Every stored sweep: running ones rebuilt with their trials, finished
+/// ones (and any whose spec no longer parses) as records only.
+async fn load_state(
+    state: &CoordinatorState,
+) -> Result<Vec<std::result::Result<SweepRun, SweepRecord>>> {
+    let records: Vec<SweepRecord> = load_prefix(&state.etcd, SWEEPS_PREFIX).await?;
+    let mut runs = Vec::new();
+    for record in records {
+        if record.state.is_terminal() {
+            runs.push(Err(record));
+            continue;
+        }
+        let template = match Template::parse(record.kind, &record.spec, &record.origin) {
+            Ok(template) => template,
+            Err(error) => {
+                warn!(sweep = %record.id, %error, "stored spec no longer parses");
+                runs.push(Err(record));
+                continue;
+            }
+        };
+        let trials = load_trials(&state.etcd, &record.id).await?;
+        match Driver::restore(template.driver_config(&record.id), trials) {
+            Ok(driver) => runs.push(Ok(SweepRun::new(record, driver, template))),
+            Err(error) => {
+                warn!(sweep = %record.id, %error, "stored trials do not replay");
+                runs.push(Err(record));
+            }
         }
     }
+    Ok(runs)
 }

@@ -6,12 +6,16 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use ringleader_proto::coordinator::coordinator_server::Coordinator;
+use std::path::PathBuf;
+
 use ringleader_proto::coordinator::{
-    coordinator_message, worker_message, ClusterStatusRequest, ClusterStatusResponse,
-    CoordinatorInfo, CoordinatorMessage, HeartbeatAck, Register, Registered, WhoIsLeaderRequest,
+    coordinator_message, worker_message, CancelSweepRequest, CancelSweepResponse,
+    ClusterStatusRequest, ClusterStatusResponse, CoordinatorInfo, CoordinatorMessage,
+    GetSweepRequest, GetSweepResponse, HeartbeatAck, ListSweepsRequest, ListSweepsResponse,
+    Register, Registered, SubmitKind, SubmitRequest, SubmitResponse, WhoIsLeaderRequest,
     WhoIsLeaderResponse, WorkerMessage,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -19,7 +23,15 @@ use tracing::{info, warn};
 use crate::election::{self, LeaderTerm, Role};
 use crate::error::Error;
 use crate::etcd::Etcd;
-use crate::registry::{ConnectionId, WorkerRegistry};
+use crate::registry::ConnectionId;
+use crate::search::Mode;
+use crate::store::StateWriter;
+use crate::sweep::driver::Driver;
+use crate::sweep::records::TRIALS_PREFIX;
+use crate::sweep::scheduler::unix_ms;
+use crate::sweep::{
+    Effects, Scheduler, SweepKind, SweepRecord, SweepRun, SweepState, Template, TrialRecord,
+};
 
 /// How long a new attach stream may take to send its `Register`.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(5);
@@ -30,7 +42,11 @@ pub struct CoordinatorState {
     pub etcd: Etcd,
     pub role: watch::Receiver<Role>,
     pub heartbeat_interval: Duration,
-    registry: Mutex<WorkerRegistry>,
+    pub lost_after: Duration,
+    pub checkpoint_root: PathBuf,
+    scheduler: Mutex<Scheduler>,
+    /// The current term's writer, once its state is loaded from etcd.
+    writer: Mutex<Option<StateWriter>>,
 }
 
 impl CoordinatorState {
@@ -40,26 +56,113 @@ impl CoordinatorState {
         role: watch::Receiver<Role>,
         heartbeat_interval: Duration,
         lost_after: Duration,
+        checkpoint_root: PathBuf,
     ) -> Self {
         Self {
             advertise,
             etcd,
             role,
             heartbeat_interval,
-            registry: Mutex::new(WorkerRegistry::new(lost_after)),
+            lost_after,
+            scheduler: Mutex::new(Scheduler::new(
+                lost_after,
+                0,
+                checkpoint_root.clone(),
+                Instant::now(),
+            )),
+            checkpoint_root,
+            writer: Mutex::new(None),
         }
     }
 
-    /// The registry; a poisoned lock only means a handler panicked mid-update
-    /// of plain data, which stays usable.
-    pub fn registry(&self) -> MutexGuard<'_, WorkerRegistry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    /// The scheduler; a poisoned lock only means a handler panicked
+    /// mid-update of plain data, which stays usable.
+    pub fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
+        self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops every registration: a new term starts from the workers that
-    /// re-register with it.
-    pub fn reset_registry(&self, lost_after: Duration) {
-        *self.registry() = WorkerRegistry::new(lost_after);
+    fn writer(&self) -> MutexGuard<'_, Option<StateWriter>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a term: a fresh scheduler (workers re-register with it), no
+    /// writer until [`CoordinatorState::loaded`].
+    pub fn begin_term(&self, owner: i64, reattach_until: Instant) {
+        *self.writer() = None;
+        *self.scheduler() = Scheduler::new(
+            self.lost_after,
+            owner,
+            self.checkpoint_root.clone(),
+            reattach_until,
+        );
+    }
+
+    /// The term's stored state is in the scheduler: accept changes.
+    pub fn loaded(&self, writer: StateWriter) {
+        *self.writer() = Some(writer);
+    }
+
+    /// Runs a scheduler step: its writes are queued (in decision order,
+    /// under the lock) and its messages sent once the writes are durable.
+    /// The returned receiver answers when that has happened.
+    pub fn apply<T>(
+        &self,
+        step: impl FnOnce(&mut Scheduler) -> (Effects, T),
+    ) -> (T, oneshot::Receiver<Result<(), String>>) {
+        let (done_tx, done_rx) = oneshot::channel();
+        let (effects, value, ticket) = {
+            let mut scheduler = self.scheduler();
+            let (effects, value) = step(&mut scheduler);
+            let ticket = match (effects.writes.is_empty(), self.writer().as_ref()) {
+                (true, _) => None,
+                (false, Some(writer)) => Some(writer.enqueue(effects.writes.clone())),
+                (false, None) => {
+                    let _ = done_tx.send(Err("the leader is still loading its state".into()));
+                    return (value, done_rx);
+                }
+            };
+            (effects, value, ticket)
+        };
+        tokio::spawn(async move {
+            let durable = match ticket {
+                None => Ok(()),
+                Some(ticket) => ticket
+                    .await
+                    .unwrap_or_else(|_| Err("the state writer stopped".into())),
+            };
+            if durable.is_ok() {
+                for (to, message) in effects.messages {
+                    let _ = to.send(Ok(message)).await;
+                }
+            } else if let Err(error) = &durable {
+                warn!(%error, "state change not stored; its messages were not sent");
+            }
+            let _ = done_tx.send(durable);
+        });
+        (value, done_rx)
+    }
+
+    /// Places work after an event.
+    pub fn schedule(&self) {
+        if self.writer().is_some() {
+            let _ = self.apply(|s| (s.schedule(Instant::now()), ()));
+        }
+    }
+
+    /// Whether this term's state is loaded (sweep calls need it).
+    pub fn is_loaded(&self) -> bool {
+        self.writer().is_some()
+    }
+
+    /// Leader with its state loaded, or the status that says why not.
+    async fn require_loaded_leader(&self) -> Result<LeaderTerm, Status> {
+        let term = self.require_leader().await?;
+        if !self.is_loaded() {
+            return Err(Status::unavailable(
+                "the leader is loading its state from etcd; try again in a moment",
+            ));
+        }
+        Ok(term)
     }
 
     /// The current term, or `NotLeader` naming the leader as etcd has it.
@@ -73,6 +176,17 @@ impl CoordinatorState {
             .flatten()
             .filter(|l| *l != self.advertise);
         Err(Error::NotLeader { leader })
+    }
+}
+
+/// Waits until a scheduler step's writes are durable.
+async fn durable(answer: oneshot::Receiver<Result<(), String>>) -> Result<(), Status> {
+    match answer.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(Status::unavailable(format!(
+            "the change could not be stored: {reason}"
+        ))),
+        Err(_) => Err(Status::unavailable("the change could not be stored")),
     }
 }
 
@@ -129,9 +243,22 @@ impl Coordinator for CoordinatorService {
             peer = %registration.peer_address,
             "worker registered"
         );
-        let connection = self.state.registry().register(registration, Instant::now());
-
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
+        let connection = {
+            let mut scheduler = self.state.scheduler();
+            if scheduler.owner() != term.create_revision {
+                return Err(Status::unavailable(
+                    "the leader is starting its term; retry",
+                ));
+            }
+            let connection = scheduler
+                .registry
+                .register(registration.clone(), Instant::now());
+            scheduler
+                .registry
+                .set_outbound(&worker_id, connection, tx.clone());
+            connection
+        };
         let registered = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Registered(Registered {
                 worker_id: worker_id.clone(),
@@ -143,6 +270,8 @@ impl Coordinator for CoordinatorService {
         tx.send(Ok(registered))
             .await
             .map_err(|_| Status::cancelled("worker went away during registration"))?;
+        let _ = self.state.apply(|s| (s.registered(&registration), ()));
+        self.state.schedule();
         tokio::spawn(serve_worker_stream(
             self.state.clone(),
             term,
@@ -169,7 +298,7 @@ impl Coordinator for CoordinatorService {
                 lease: format!("{:x}", c.lease),
             })
             .collect();
-        let workers = self.state.registry().snapshot(Instant::now());
+        let workers = self.state.scheduler().registry.snapshot(Instant::now());
         Ok(Response::new(ClusterStatusResponse {
             leader_address: self.state.advertise.clone(),
             coordinators,
@@ -194,9 +323,161 @@ impl Coordinator for CoordinatorService {
         };
         Ok(Response::new(response))
     }
+
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let request = request.into_inner();
+        let kind = match request.kind() {
+            SubmitKind::Job => SweepKind::Job,
+            SubmitKind::Sweep => SweepKind::Sweep,
+            SubmitKind::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "submit: kind must be job or sweep",
+                ))
+            }
+        };
+        let origin = if request.origin.is_empty() {
+            "<submitted spec>".to_string()
+        } else {
+            request.origin.clone()
+        };
+        // Parsed in full before anything is stored: a rejected spec
+        // leaves no trace in etcd.
+        let template =
+            Template::parse(kind, &request.spec, &origin).map_err(Status::invalid_argument)?;
+        let (id, answer) = self.state.apply(|s| {
+            let (id, seq) = s.next_id(kind);
+            let (metric, mode) = template.objective();
+            let driver = match Driver::new(template.driver_config(&id)) {
+                Ok(driver) => driver,
+                Err(error) => return (Effects::default(), Err(error.to_string())),
+            };
+            let record = SweepRecord {
+                id: id.clone(),
+                seq,
+                kind,
+                name: template.name().to_string(),
+                spec: request.spec.clone(),
+                origin: origin.clone(),
+                state: SweepState::Running,
+                submitted_unix_ms: unix_ms(),
+                finished_unix_ms: None,
+                objective_metric: metric,
+                objective_mode: mode_name(mode).into(),
+                max_trials: template.max_trials(),
+            };
+            (s.submit(SweepRun::new(record, driver, template)), Ok(id))
+        });
+        let id = id.map_err(Status::invalid_argument)?;
+        durable(answer).await?;
+        self.state.schedule();
+        Ok(Response::new(SubmitResponse { sweep_id: id }))
+    }
+
+    async fn list_sweeps(
+        &self,
+        _request: Request<ListSweepsRequest>,
+    ) -> Result<Response<ListSweepsResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let sweeps = self.state.scheduler().list();
+        Ok(Response::new(ListSweepsResponse {
+            sweep_json: sweeps.iter().map(to_json).collect(),
+        }))
+    }
+
+    async fn get_sweep(
+        &self,
+        request: Request<GetSweepRequest>,
+    ) -> Result<Response<GetSweepResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let id = request.into_inner().sweep_id;
+        let found = self.state.scheduler().get(&id);
+        let Some((record, trials)) = found else {
+            return Err(Status::not_found(format!("no sweep or job {id}")));
+        };
+        let trials = match trials {
+            Some(trials) => trials,
+            // Finished sweeps are not kept in memory: read their trials.
+            None => load_trials(&self.state.etcd, &id).await?,
+        };
+        Ok(Response::new(GetSweepResponse {
+            sweep_json: to_json(&record),
+            trial_json: trials.iter().map(to_json).collect(),
+        }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<CancelSweepRequest>,
+    ) -> Result<Response<CancelSweepResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let id = request.into_inner().sweep_id;
+        let (result, answer) = self.state.apply(|s| match s.cancel(&id) {
+            Ok((effects, stopped)) => (effects, Ok(stopped)),
+            Err(reason) => (Effects::default(), Err(reason)),
+        });
+        let stopped = result.map_err(Status::failed_precondition)?;
+        durable(answer).await?;
+        self.state.schedule();
+        Ok(Response::new(CancelSweepResponse {
+            stopped_attempts: stopped,
+        }))
+    }
 }
 
-/// Feeds one worker's heartbeats into the registry until the stream ends or
+fn to_json<T: serde::Serialize>(record: &T) -> String {
+    serde_json::to_string(record).expect("records serialise")
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Max => "max",
+        Mode::Min => "min",
+    }
+}
+
+/// A sweep's stored trials, by number.
+pub async fn load_trials(etcd: &Etcd, sweep: &str) -> Result<Vec<TrialRecord>, Error> {
+    let prefix = format!("{TRIALS_PREFIX}{sweep}/");
+    let mut trials: Vec<TrialRecord> = load_prefix(etcd, &prefix).await?;
+    trials.sort_by_key(|t| t.number);
+    Ok(trials)
+}
+
+/// Every JSON record under `prefix`; a record that does not parse is an
+/// error naming its key (nothing is silently dropped).
+pub async fn load_prefix<T: serde::de::DeserializeOwned>(
+    etcd: &Etcd,
+    prefix: &str,
+) -> Result<Vec<T>, Error> {
+    let key = prefix.to_string();
+    let response = etcd
+        .call("read stored state", |mut c| {
+            let key = key.clone();
+            async move {
+                c.get(key, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await
+            }
+        })
+        .await?;
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            serde_json::from_slice(kv.value()).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "stored record {} is not valid: {e}",
+                    String::from_utf8_lossy(kv.key())
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Feeds one worker's messages into the scheduler until the stream ends or
 /// this term does; on the latter the worker is told to find the new leader.
 async fn serve_worker_stream(
     state: Arc<CoordinatorState>,
@@ -214,23 +495,13 @@ async fn serve_worker_stream(
                 return;
             }
             message = inbound.message() => match message {
-                Ok(Some(WorkerMessage { kind: Some(worker_message::Kind::Heartbeat(hb)) })) => {
-                    state.registry().heartbeat(&worker_id, connection, Instant::now());
-                    let ack = CoordinatorMessage {
-                        kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
-                            sequence: hb.sequence,
-                        })),
-                    };
-                    if outbound.send(Ok(ack)).await.is_err() {
+                Ok(Some(WorkerMessage { kind: Some(kind) })) => {
+                    if let Err(status) = handle_worker_message(&state, &worker_id, connection, kind, &outbound).await {
+                        let _ = outbound.send(Err(status)).await;
                         break;
                     }
                 }
-                Ok(Some(_)) => {
-                    let _ = outbound
-                        .send(Err(Status::invalid_argument("only heartbeats may follow Register")))
-                        .await;
-                    break;
-                }
+                Ok(Some(WorkerMessage { kind: None })) => {}
                 Ok(None) => break,
                 Err(status) => {
                     warn!(worker = %worker_id, %status, "worker stream failed");
@@ -239,7 +510,62 @@ async fn serve_worker_stream(
             }
         }
     }
-    if state.registry().disconnected(&worker_id, connection) {
+    let lost = state
+        .scheduler()
+        .registry
+        .disconnected(&worker_id, connection);
+    if lost {
         warn!(worker = %worker_id, "worker disconnected");
+        let _ = state.apply(|s| (s.workers_lost(std::slice::from_ref(&worker_id)), ()));
+        state.schedule();
     }
+}
+
+async fn handle_worker_message(
+    state: &CoordinatorState,
+    worker_id: &str,
+    connection: ConnectionId,
+    kind: worker_message::Kind,
+    outbound: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
+) -> Result<(), Status> {
+    match kind {
+        worker_message::Kind::Heartbeat(hb) => {
+            state
+                .scheduler()
+                .registry
+                .heartbeat(worker_id, connection, Instant::now());
+            let ack = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
+                    sequence: hb.sequence,
+                })),
+            };
+            outbound
+                .send(Ok(ack))
+                .await
+                .map_err(|_| Status::cancelled("worker went away"))?;
+        }
+        worker_message::Kind::Epoch(report) => {
+            let Some(attempt) = report.attempt else {
+                return Err(Status::invalid_argument("epoch report without an attempt"));
+            };
+            let metrics = report.metrics.into_iter().collect();
+            let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
+            let _ = state.apply(|s| {
+                (
+                    s.epoch_report(&attempt, report.epoch, metrics, checkpoint),
+                    (),
+                )
+            });
+        }
+        worker_message::Kind::Finished(report) => {
+            let _ = state.apply(|s| (s.finished_report(worker_id, &report), ()));
+            state.schedule();
+        }
+        worker_message::Kind::Register(_) => {
+            return Err(Status::invalid_argument(
+                "Register may only be the first message",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -33,6 +33,7 @@ fn state_name(worker: &WorkerInfo) -> &'static str {
     match WorkerState::try_from(worker.state).unwrap_or_default() {
         WorkerState::Idle => "idle",
         WorkerState::Lost => "lost",
+        WorkerState::Busy => "busy",
         WorkerState::Unspecified => "unknown",
     }
 }

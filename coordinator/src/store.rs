@@ -5,7 +5,12 @@
 //! one paused long enough not to notice) fails that compare, so its write is
 //! rejected by etcd itself rather than by a check in our process.
 
+use std::time::Duration;
+
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::election::LeaderTerm;
 use crate::error::{Error, Result};
@@ -107,6 +112,111 @@ impl FencedStore {
             let put = TxnOp::put(TERM_KEY, next.to_string(), None);
             if self.txn_if(vec![unchanged], vec![put]).await? {
                 return Ok(next);
+            }
+        }
+    }
+}
+
+/// Most operations etcd accepts in one transaction (its `--max-txn-ops`
+/// default is 128).
+const MAX_TXN_OPS: usize = 128;
+
+struct QueuedWrites {
+    puts: Vec<(String, String)>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Group commit for the leader's state: writes queued from anywhere are
+/// committed in queue order, many per fenced transaction, so throughput
+/// does not stop at one etcd round trip per change. While etcd is down the
+/// writes wait (and retry); a fenced-out term fails them all.
+#[derive(Clone)]
+pub struct StateWriter {
+    queue: mpsc::UnboundedSender<QueuedWrites>,
+}
+
+impl StateWriter {
+    /// Starts the writer for one term; it stops when `term` is cancelled.
+    pub fn spawn(store: FencedStore, term: CancellationToken) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(commit_loop(store, term, rx));
+        Self { queue }
+    }
+
+    /// Queues `puts` (key, JSON); the receiver answers once they are
+    /// durable, or with why they never will be.
+    pub fn enqueue(&self, puts: Vec<(String, String)>) -> oneshot::Receiver<Result<(), String>> {
+        let (done, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError(rejected)) = self.queue.send(QueuedWrites { puts, done })
+        {
+            let _ = rejected
+                .done
+                .send(Err("this coordinator's term has ended".into()));
+        }
+        answer
+    }
+}
+
+async fn commit_loop(
+    store: FencedStore,
+    term: CancellationToken,
+    mut queue: mpsc::UnboundedReceiver<QueuedWrites>,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = term.cancelled() => return,
+            next = queue.recv() => match next { Some(w) => w, None => return },
+        };
+        let mut batch = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            batch.push(more);
+        }
+        // Last write wins per key; the order of first appearance is kept.
+        let mut order: Vec<String> = Vec::new();
+        let mut latest: std::collections::HashMap<String, String> = Default::default();
+        for (key, value) in batch.iter().flat_map(|w| w.puts.iter()) {
+            if latest.insert(key.clone(), value.clone()).is_none() {
+                order.push(key.clone());
+            }
+        }
+        let mut result = Ok(());
+        for keys in order.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = keys
+                .iter()
+                .map(|k| TxnOp::put(k.as_str(), latest[k].as_str(), None))
+                .collect();
+            if let Err(reason) = commit_with_retry(&store, &term, ops).await {
+                result = Err(reason);
+                break;
+            }
+        }
+        for w in batch {
+            let _ = w.done.send(result.clone());
+        }
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
+/// Retries transient failures (etcd down) until the term ends.
+async fn commit_with_retry(
+    store: &FencedStore,
+    term: &CancellationToken,
+    ops: Vec<TxnOp>,
+) -> Result<(), String> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store.txn_if(vec![], ops.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(error @ Error::FencedOut { .. }) => return Err(error.to_string()),
+            Err(error) => {
+                warn!(%error, retry_in = ?delay, "state write failed; retrying");
+                tokio::select! {
+                    _ = term.cancelled() => return Err("this coordinator's term has ended".into()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }

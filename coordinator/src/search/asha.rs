@@ -166,6 +166,13 @@ impl Asha {
         None
     }
 
+    /// Restores a promotion out of `rung` decided before a failover.
+    pub fn mark_promoted(&mut self, trial: u64, rung: usize) {
+        if let Some(level) = self.rungs.get_mut(rung) {
+            level.promoted.insert(trial);
+        }
+    }
+
     /// Trials waiting at some rung below the top without a promotion: the
     /// ones to stop when the sweep has no budget left.
     pub fn paused(&self) -> BTreeSet<u64> {

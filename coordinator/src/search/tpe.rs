@@ -297,8 +297,8 @@ fn normal_cdf(z: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::super::space::Random;
-    use ringleader_spec::synthetic::hartmann6;
     use super::*;
+    use ringleader_spec::synthetic::hartmann6;
 
     fn unit_cube(dims: usize) -> Space {
         Space::new(

@@ -1,0 +1,489 @@
+//! The client side of `ringleader job …` and `ringleader sweep …`: submit,
+//! look up, watch, cancel, and render what the leader holds.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use ringleader_proto::coordinator::coordinator_client::CoordinatorClient;
+use ringleader_proto::coordinator::{
+    CancelSweepRequest, GetSweepRequest, ListSweepsRequest, SubmitKind, SubmitRequest,
+};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use super::driver::best_trial;
+use super::records::{SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
+use super::template::Template;
+use crate::cli::ClientArgs;
+use crate::client;
+use crate::error::{Error, Result};
+use crate::search::Mode;
+
+/// A sweep as the leader reports it.
+pub struct SweepView {
+    pub record: SweepRecord,
+    pub trials: Vec<TrialRecord>,
+}
+
+impl SweepView {
+    fn mode(&self) -> Mode {
+        if self.record.objective_mode == "min" {
+            Mode::Min
+        } else {
+            Mode::Max
+        }
+    }
+
+    pub fn best(&self) -> Option<&TrialRecord> {
+        best_trial(
+            self.trials
+                .iter()
+                .filter(|t| matches!(t.state, TrialState::Completed | TrialState::Stopped)),
+            self.mode(),
+        )
+    }
+
+    fn count(&self, state: TrialState) -> usize {
+        self.trials.iter().filter(|t| t.state == state).count()
+    }
+}
+
+/// Calls the leader, following redirects; unreachable or no leader is an
+/// error after `args.timeout`.
+async fn leader(args: &ClientArgs) -> Result<CoordinatorClient<Channel>> {
+    let addresses = client::split_addresses(&args.coordinator);
+    Ok(client::find_leader(&addresses, args.timeout).await?.1)
+}
+
+fn status_error(what: &str, status: tonic::Status) -> Error {
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+            Error::InvalidArgument(status.message().to_string())
+        }
+        _ => Error::Unreachable {
+            address: "the leader".into(),
+            reason: format!("{what}: {}", status.message()),
+        },
+    }
+}
+
+/// Reads and validates a spec file locally (so a bad spec never reaches
+/// the cluster), then submits it. Returns the new id.
+pub async fn submit(args: &ClientArgs, kind: SweepKind, file: &Path) -> Result<String> {
+    let spec = std::fs::read_to_string(file)
+        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?;
+    let origin = file.display().to_string();
+    Template::parse(kind, &spec, &origin).map_err(Error::InvalidArgument)?;
+    let request = SubmitRequest {
+        kind: match kind {
+            SweepKind::Job => SubmitKind::Job,
+            SweepKind::Sweep => SubmitKind::Sweep,
+        } as i32,
+        spec,
+        origin,
+    };
+    let response = leader(args)
+        .await?
+        .submit(request)
+        .await
+        .map_err(|s| status_error("submit", s))?;
+    Ok(response.into_inner().sweep_id)
+}
+
+pub async fn get(args: &ClientArgs, id: &str) -> Result<SweepView> {
+    let response = leader(args)
+        .await?
+        .get_sweep(GetSweepRequest {
+            sweep_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| status_error("get", s))?
+        .into_inner();
+    Ok(SweepView {
+        record: parse_record(&response.sweep_json)?,
+        trials: response
+            .trial_json
+            .iter()
+            .map(|t| parse_record(t))
+            .collect::<Result<_>>()?,
+    })
+}
+
+pub async fn list(args: &ClientArgs) -> Result<Vec<SweepRecord>> {
+    let response = leader(args)
+        .await?
+        .list_sweeps(ListSweepsRequest {})
+        .await
+        .map_err(|s| status_error("list", s))?
+        .into_inner();
+    response
+        .sweep_json
+        .iter()
+        .map(|s| parse_record(s))
+        .collect()
+}
+
+pub async fn cancel(args: &ClientArgs, id: &str) -> Result<u32> {
+    let response = leader(args)
+        .await?
+        .cancel_sweep(CancelSweepRequest {
+            sweep_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| status_error("cancel", s))?;
+    Ok(response.into_inner().stopped_attempts)
+}
+
+fn parse_record<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| {
+        Error::InvalidArgument(format!("the leader sent a record we cannot read: {e}"))
+    })
+}
+
+/// Polls until the sweep finishes, printing progress as it changes; rides
+/// out leader failovers (the state is in etcd). Returns the final view.
+pub async fn watch(args: &ClientArgs, id: &str, every: Duration) -> Result<SweepView> {
+    let mut printed = BTreeSet::new();
+    let mut last_line = String::new();
+    loop {
+        match get(args, id).await {
+            Ok(view) => {
+                let lines = match view.record.kind {
+                    SweepKind::Job => job_progress(&view, &mut printed),
+                    SweepKind::Sweep => sweep_progress(&view),
+                };
+                for line in lines {
+                    if line != last_line {
+                        println!("{line}");
+                        last_line = line;
+                    }
+                }
+                if view.record.state.is_terminal() {
+                    return Ok(view);
+                }
+            }
+            Err(error @ Error::InvalidArgument(_)) => return Err(error),
+            Err(error) => eprintln!("waiting for the leader: {error}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// New epochs of a job since the last call.
+fn job_progress(view: &SweepView, printed: &mut BTreeSet<(u32, u32)>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let Some(trial) = view.trials.first() else {
+        return vec![format!("{}: waiting for workers", view.record.id)];
+    };
+    let total = trial
+        .attempts
+        .last()
+        .map(|a| a.stop_epoch)
+        .unwrap_or_default();
+    for m in &trial.metrics {
+        let attempt = trial.attempts.len() as u32;
+        if printed.insert((attempt, m.epoch)) {
+            lines.push(format!(
+                "epoch {}/{}  {}",
+                m.epoch,
+                total,
+                metrics_text(&m.metrics)
+            ));
+        }
+    }
+    if trial.state.is_terminal() {
+        lines.push(format!("{}: {}", view.record.id, state_name(trial.state)));
+        if let Some(error) = &trial.error {
+            lines.push(format!("error: {error}"));
+        }
+    }
+    lines
+}
+
+fn sweep_progress(view: &SweepView) -> Vec<String> {
+    let best = view
+        .best()
+        .map(|t| {
+            format!(
+                "; best #{} {}={}",
+                t.number,
+                view.record.objective_metric,
+                number(t.objective.unwrap_or(f64::NAN))
+            )
+        })
+        .unwrap_or_default();
+    vec![format!(
+        "{}: {} completed, {} stopped, {} failed, {} running, {} paused, of {}{}",
+        view.record.id,
+        view.count(TrialState::Completed),
+        view.count(TrialState::Stopped),
+        view.count(TrialState::Failed),
+        view.count(TrialState::Running),
+        view.count(TrialState::Paused),
+        view.record.max_trials,
+        best
+    )]
+}
+
+fn metrics_text(metrics: &std::collections::BTreeMap<String, f64>) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {}", number(*v)))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+fn number(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+pub fn state_name(state: TrialState) -> &'static str {
+    match state {
+        TrialState::Pending => "pending",
+        TrialState::Running => "running",
+        TrialState::Paused => "paused",
+        TrialState::Completed => "completed",
+        TrialState::Stopped => "stopped",
+        TrialState::Failed => "failed",
+        TrialState::Cancelled => "cancelled",
+    }
+}
+
+pub fn sweep_state_name(state: SweepState) -> &'static str {
+    match state {
+        SweepState::Running => "running",
+        SweepState::Completed => "completed",
+        SweepState::Cancelled => "cancelled",
+        SweepState::Failed => "failed",
+    }
+}
+
+/// `sweep list`.
+pub fn list_table(sweeps: &[SweepRecord]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<6} {:<10} {:>6}  NAME",
+        "ID", "KIND", "STATE", "TRIALS"
+    );
+    for s in sweeps {
+        let kind = match s.kind {
+            SweepKind::Job => "job",
+            SweepKind::Sweep => "sweep",
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<6} {:<10} {:>6}  {}",
+            s.id,
+            kind,
+            sweep_state_name(s.state),
+            s.max_trials,
+            s.name
+        );
+    }
+    out
+}
+
+/// Trials best first (by the objective), then the ones without a value.
+fn leaderboard(view: &SweepView) -> Vec<&TrialRecord> {
+    let mut trials: Vec<&TrialRecord> = view.trials.iter().collect();
+    let mode = view.mode();
+    trials.sort_by(|a, b| {
+        let key = |t: &TrialRecord| t.objective.filter(|v| !v.is_nan());
+        match (key(a), key(b)) {
+            (Some(x), Some(y)) => {
+                let order = x.total_cmp(&y);
+                if mode == Mode::Max {
+                    order.reverse()
+                } else {
+                    order
+                }
+            }
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.number.cmp(&b.number),
+        }
+    });
+    trials
+}
+
+fn param_names(view: &SweepView) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    for t in &view.trials {
+        names.extend(t.config.keys().cloned());
+    }
+    names.into_iter().collect()
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .map(|f| {
+                if f.fract() == 0.0 && f.abs() < 1e15 {
+                    format!("{f:.0}")
+                } else {
+                    format!("{f:.4e}")
+                }
+            })
+            .unwrap_or_else(|| n.to_string()),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The leaderboard as a table: rank, trial, state, epochs, objective and
+/// every parameter.
+pub fn results_table(view: &SweepView) -> String {
+    let params = param_names(view);
+    let mut rows = vec![{
+        let mut header = vec![
+            "RANK".to_string(),
+            "TRIAL".into(),
+            "STATE".into(),
+            "EPOCHS".into(),
+            view.record.objective_metric.to_uppercase(),
+        ];
+        header.extend(params.iter().cloned());
+        header
+    }];
+    for (rank, t) in leaderboard(view).into_iter().enumerate() {
+        let mut row = vec![
+            (rank + 1).to_string(),
+            t.number.to_string(),
+            state_name(t.state).to_string(),
+            t.epochs_done.to_string(),
+            t.objective.map(number).unwrap_or_else(|| "-".into()),
+        ];
+        row.extend(
+            params
+                .iter()
+                .map(|p| t.config.get(p).map(value_text).unwrap_or_default()),
+        );
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+pub fn results_csv(view: &SweepView) -> String {
+    let params = param_names(view);
+    let mut out = String::new();
+    let mut header = vec!["rank", "trial", "state", "epochs", "objective"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    header.extend(params.iter().cloned());
+    let _ = writeln!(
+        out,
+        "{}",
+        header
+            .iter()
+            .map(|h| csv_cell(h))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for (rank, t) in leaderboard(view).into_iter().enumerate() {
+        let mut row = vec![
+            (rank + 1).to_string(),
+            t.number.to_string(),
+            state_name(t.state).to_string(),
+            t.epochs_done.to_string(),
+            t.objective.map(|v| v.to_string()).unwrap_or_default(),
+        ];
+        row.extend(params.iter().map(|p| match t.config.get(p) {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        }));
+        let _ = writeln!(
+            out,
+            "{}",
+            row.iter()
+                .map(|c| csv_cell(c))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
+    out
+}
+
+fn csv_cell(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+pub fn results_json(view: &SweepView) -> Value {
+    json!({
+        "sweep": view.record,
+        "leaderboard": leaderboard(view).into_iter().map(|t| json!({
+            "trial": t.number,
+            "state": t.state,
+            "epochs": t.epochs_done,
+            "objective": t.objective,
+            "config": t.config,
+            "metrics": t.metrics.last().map(|m| &m.metrics),
+            "attempts": t.attempts.len(),
+            "error": t.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `job status` / `sweep status`: the record, then the trials.
+pub fn status_text(view: &SweepView) -> String {
+    let mut out = String::new();
+    let r = &view.record;
+    let _ = writeln!(
+        out,
+        "{} ({}) {}: {}",
+        r.id,
+        r.name,
+        r.origin,
+        sweep_state_name(r.state)
+    );
+    let _ = writeln!(
+        out,
+        "objective: {} ({})",
+        r.objective_metric, r.objective_mode
+    );
+    for line in sweep_progress(view) {
+        let _ = writeln!(out, "{line}");
+    }
+    for t in &view.trials {
+        let last = t.metrics.last();
+        let _ = writeln!(
+            out,
+            "  trial {:>4}  {:<9}  epochs {:>3}  attempts {}  {}{}",
+            t.number,
+            state_name(t.state),
+            t.epochs_done.max(last.map_or(0, |m| m.epoch)),
+            t.attempts.len(),
+            last.map(|m| metrics_text(&m.metrics)).unwrap_or_default(),
+            t.error
+                .as_deref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}

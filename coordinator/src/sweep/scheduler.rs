@@ -1,0 +1,599 @@
+//! The leader's scheduler: sweeps in submission order, each driven by its
+//! [`Driver`], placed on gangs of idle workers.
+//!
+//! Every method is synchronous and returns [`Effects`]: the records to write
+//! and the messages to send once they are durable. The caller queues the
+//! writes on the [`StateWriter`](crate::store::StateWriter) while still
+//! holding the scheduler's lock (so writes reach etcd in decision order),
+//! then waits for them and only then sends the messages: a worker never
+//! runs an attempt etcd does not know about.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ringleader_proto::coordinator::{
+    coordinator_message, Assignment, AttemptRef, CoordinatorMessage, Register, StopAttempt,
+    TrialFinished,
+};
+use ringleader_spec::JobSpec;
+use tracing::{info, warn};
+
+use super::driver::{Driver, Work};
+use super::records::{
+    sweep_key, trial_key, AttemptOutcome, SweepKind, SweepRecord, SweepState, TrialRecord,
+    TrialState,
+};
+use super::template::Template;
+use crate::registry::{Outbound, WorkerRegistry};
+
+/// What the caller must do after a scheduler call: write, then send.
+#[derive(Default)]
+pub struct Effects {
+    pub writes: Vec<(String, String)>,
+    pub messages: Vec<(Outbound, CoordinatorMessage)>,
+}
+
+impl Effects {
+    fn write_trial(&mut self, trial: &TrialRecord) {
+        self.writes.push((
+            trial_key(&trial.sweep, trial.number),
+            serde_json::to_string(trial).expect("records serialise"),
+        ));
+    }
+
+    fn write_sweep(&mut self, sweep: &SweepRecord) {
+        self.writes.push((
+            sweep_key(&sweep.id),
+            serde_json::to_string(sweep).expect("records serialise"),
+        ));
+    }
+
+    fn send(&mut self, to: Option<Outbound>, kind: coordinator_message::Kind) {
+        if let Some(to) = to {
+            self.messages
+                .push((to, CoordinatorMessage { kind: Some(kind) }));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.messages.is_empty()
+    }
+}
+
+/// One sweep under way.
+pub struct SweepRun {
+    pub record: SweepRecord,
+    pub driver: Driver,
+    template: Template,
+}
+
+impl SweepRun {
+    pub fn new(record: SweepRecord, driver: Driver, template: Template) -> Self {
+        Self {
+            record,
+            driver,
+            template,
+        }
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Everything the leader knows in memory; rebuilt from etcd each term.
+pub struct Scheduler {
+    pub registry: WorkerRegistry,
+    /// Running sweeps by submission sequence (FIFO).
+    sweeps: BTreeMap<u64, SweepRun>,
+    /// Finished sweeps (records only), by id.
+    finished: BTreeMap<String, SweepRecord>,
+    /// The leader key's create revision: identifies the term, and orders
+    /// ring generations across terms.
+    owner: i64,
+    generations: u64,
+    next_seq: u64,
+    checkpoint_root: PathBuf,
+    /// Until then, live attempts whose workers have not re-attached are
+    /// left alone (their workers may still be re-registering).
+    reattach_until: Instant,
+}
+
+impl Scheduler {
+    pub fn new(
+        lost_after: Duration,
+        owner: i64,
+        checkpoint_root: PathBuf,
+        reattach_until: Instant,
+    ) -> Self {
+        Self {
+            registry: WorkerRegistry::new(lost_after),
+            sweeps: BTreeMap::new(),
+            finished: BTreeMap::new(),
+            owner,
+            generations: 0,
+            next_seq: 1,
+            checkpoint_root,
+            reattach_until,
+        }
+    }
+
+    /// The term this scheduler belongs to (see [`Scheduler::new`]).
+    pub fn owner(&self) -> i64 {
+        self.owner
+    }
+
+    /// Loads one stored sweep (at the start of a term).
+    pub fn restore(&mut self, run: Result<SweepRun, SweepRecord>) {
+        let seq = match &run {
+            Ok(r) => r.record.seq,
+            Err(r) => r.seq,
+        };
+        self.next_seq = self.next_seq.max(seq + 1);
+        match run {
+            Ok(run) if !run.record.state.is_terminal() => {
+                self.sweeps.insert(seq, run);
+            }
+            Ok(run) => {
+                self.finished.insert(run.record.id.clone(), run.record);
+            }
+            Err(record) => {
+                self.finished.insert(record.id.clone(), record);
+            }
+        }
+    }
+
+    /// Allocates the id and sequence of a new sweep.
+    pub fn next_id(&mut self, kind: SweepKind) -> (String, u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let prefix = match kind {
+            SweepKind::Job => "job",
+            SweepKind::Sweep => "sweep",
+        };
+        (format!("{prefix}-{seq}"), seq)
+    }
+
+    /// Adds a submitted sweep; its record is written before anything else.
+    pub fn submit(&mut self, run: SweepRun) -> Effects {
+        let mut effects = Effects::default();
+        effects.write_sweep(&run.record);
+        info!(sweep = %run.record.id, name = %run.record.name, "sweep submitted");
+        self.sweeps.insert(run.record.seq, run);
+        effects
+    }
+
+    /// Sweep records, oldest first.
+    pub fn list(&self) -> Vec<SweepRecord> {
+        let mut all: Vec<SweepRecord> = self
+            .finished
+            .values()
+            .cloned()
+            .chain(self.sweeps.values().map(|r| r.record.clone()))
+            .collect();
+        all.sort_by_key(|r| r.seq);
+        all
+    }
+
+    /// A sweep's record and trials (in memory, so pending ones show too).
+    pub fn get(&self, id: &str) -> Option<(SweepRecord, Option<Vec<TrialRecord>>)> {
+        if let Some(r) = self.finished.get(id) {
+            return Some((r.clone(), None));
+        }
+        self.sweeps.values().find(|r| r.record.id == id).map(|r| {
+            (
+                r.record.clone(),
+                Some(r.driver.trials().values().cloned().collect()),
+            )
+        })
+    }
+
+    /// A worker (re-)registered: re-attach the attempt it still runs, or
+    /// tell it to stop one we no longer want; apply a report it could not
+    /// deliver before.
+    pub fn registered(&mut self, registration: &Register) -> Effects {
+        let mut effects = Effects::default();
+        let worker = registration.worker_id.as_str();
+        if let Some(report) = &registration.last_finished {
+            effects.extend(self.finished_report(worker, report));
+        }
+        if let Some(running) = &registration.running {
+            let wanted = self
+                .live_attempt(running)
+                .is_some_and(|a| a.workers.iter().any(|w| w == worker));
+            if wanted {
+                info!(worker, sweep = %running.sweep_id, trial = running.trial, attempt = running.attempt, "re-attached a running attempt");
+                self.registry.assign(worker, running.clone());
+            } else {
+                effects.send(
+                    self.registry.outbound(worker),
+                    coordinator_message::Kind::Stop(StopAttempt {
+                        attempt: Some(running.clone()),
+                        reason: "the attempt is no longer current".into(),
+                    }),
+                );
+            }
+        }
+        effects
+    }
+
+    fn live_attempt(&self, r: &AttemptRef) -> Option<&super::records::AttemptRecord> {
+        self.run(&r.sweep_id)
+            .and_then(|run| run.driver.trial(r.trial))
+            .filter(|t| t.state == TrialState::Running)
+            .and_then(TrialRecord::live_attempt)
+            .filter(|a| a.number == r.attempt)
+    }
+
+    fn run(&self, sweep: &str) -> Option<&SweepRun> {
+        self.sweeps.values().find(|r| r.record.id == sweep)
+    }
+
+    fn run_mut(&mut self, sweep: &str) -> Option<&mut SweepRun> {
+        self.sweeps.values_mut().find(|r| r.record.id == sweep)
+    }
+
+    /// Metrics of one epoch from rank 0 of the live attempt.
+    pub fn epoch_report(
+        &mut self,
+        attempt: &AttemptRef,
+        epoch: u32,
+        metrics: BTreeMap<String, f64>,
+        checkpoint: Option<String>,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        if let Some(run) = self.run_mut(&attempt.sweep_id) {
+            if run
+                .driver
+                .epoch(attempt.trial, attempt.attempt, epoch, metrics, checkpoint)
+            {
+                if let Some(t) = run.driver.trial(attempt.trial) {
+                    effects.write_trial(t);
+                }
+            }
+        }
+        effects
+    }
+
+    /// A worker's report that it stopped running an attempt.
+    pub fn finished_report(&mut self, worker: &str, report: &TrialFinished) -> Effects {
+        let mut effects = Effects::default();
+        let Some(attempt) = report.attempt.clone() else {
+            return effects;
+        };
+        self.registry.release(worker, &attempt);
+        let Some(live) = self.live_attempt(&attempt).cloned() else {
+            return effects;
+        };
+        let outcome = match report.outcome() {
+            ringleader_proto::coordinator::AttemptOutcome::Done => AttemptOutcome::Done,
+            ringleader_proto::coordinator::AttemptOutcome::Abandoned => AttemptOutcome::Abandoned,
+            _ => AttemptOutcome::Failed,
+        };
+        // Rank 0 speaks for a finished gang; any rank's failure ends it.
+        let rank0 = live.workers.first().map(String::as_str) == Some(worker);
+        if outcome == AttemptOutcome::Done && !rank0 {
+            return effects;
+        }
+        let error = (!report.error.is_empty()).then(|| format!("{worker}: {}", report.error));
+        self.end_attempt(&attempt, outcome, report.epochs_done, error, &mut effects);
+        effects
+    }
+
+    /// Ends a live attempt, stops the rest of its gang and records it.
+    fn end_attempt(
+        &mut self,
+        attempt: &AttemptRef,
+        outcome: AttemptOutcome,
+        epochs_done: u32,
+        error: Option<String>,
+        effects: &mut Effects,
+    ) {
+        let now = unix_ms();
+        let Some(run) = self
+            .sweeps
+            .values_mut()
+            .find(|r| r.record.id == attempt.sweep_id)
+        else {
+            return;
+        };
+        let workers = run
+            .driver
+            .trial(attempt.trial)
+            .and_then(TrialRecord::live_attempt)
+            .map(|a| a.workers.clone())
+            .unwrap_or_default();
+        if !run.driver.finished(
+            attempt.trial,
+            attempt.attempt,
+            outcome,
+            epochs_done,
+            error.clone(),
+            now,
+        ) {
+            return;
+        }
+        if let Some(t) = run.driver.trial(attempt.trial) {
+            info!(sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, ?outcome, state = ?t.state, error = error.as_deref().unwrap_or(""), "attempt ended");
+            effects.write_trial(t);
+        }
+        for worker in workers {
+            if self.registry.running(&worker) == Some(attempt) {
+                effects.send(
+                    self.registry.outbound(&worker),
+                    coordinator_message::Kind::Stop(StopAttempt {
+                        attempt: Some(attempt.clone()),
+                        reason: "another rank of the gang stopped".into(),
+                    }),
+                );
+                self.registry.release(&worker, attempt);
+            }
+        }
+    }
+
+    /// Workers declared lost: their attempts fail (and are re-queued).
+    pub fn workers_lost(&mut self, workers: &[String]) -> Effects {
+        let mut effects = Effects::default();
+        for worker in workers {
+            if let Some(attempt) = self.registry.running(worker).cloned() {
+                self.registry.release(worker, &attempt);
+                let epochs = self.epochs_done(&attempt);
+                self.end_attempt(
+                    &attempt,
+                    AttemptOutcome::Failed,
+                    epochs,
+                    Some(format!("worker {worker} was lost")),
+                    &mut effects,
+                );
+            }
+        }
+        effects
+    }
+
+    fn epochs_done(&self, attempt: &AttemptRef) -> u32 {
+        self.run(&attempt.sweep_id)
+            .and_then(|r| r.driver.trial(attempt.trial))
+            .map_or(0, |t| t.epochs_done)
+    }
+
+    /// Cancels a sweep: its live attempts are told to stop.
+    pub fn cancel(&mut self, id: &str) -> Result<(Effects, u32), String> {
+        let mut effects = Effects::default();
+        let Some(seq) = self
+            .sweeps
+            .iter()
+            .find(|(_, r)| r.record.id == id)
+            .map(|(s, _)| *s)
+        else {
+            return match self.finished.get(id) {
+                Some(r) => Err(format!("{id} has already finished ({:?})", r.state)),
+                None => Err(format!("no sweep or job {id}")),
+            };
+        };
+        let mut run = self.sweeps.remove(&seq).expect("found above");
+        let live = run.driver.cancel(unix_ms());
+        let stopped = live.len() as u32;
+        for (trial, attempt) in live {
+            let reference = AttemptRef {
+                sweep_id: id.to_string(),
+                trial,
+                attempt: attempt.number,
+            };
+            for worker in &attempt.workers {
+                effects.send(
+                    self.registry.outbound(worker),
+                    coordinator_message::Kind::Stop(StopAttempt {
+                        attempt: Some(reference.clone()),
+                        reason: "the sweep was cancelled".into(),
+                    }),
+                );
+                self.registry.release(worker, &reference);
+            }
+        }
+        for t in run.driver.trials().values() {
+            effects.write_trial(t);
+        }
+        run.record.state = SweepState::Cancelled;
+        run.record.finished_unix_ms = Some(unix_ms());
+        effects.write_sweep(&run.record);
+        info!(sweep = id, stopped, "sweep cancelled");
+        self.finished.insert(id.to_string(), run.record);
+        Ok((effects, stopped))
+    }
+
+    /// Periodic and after every event: re-queue orphaned attempts, place
+    /// work on idle workers, finish sweeps that are done.
+    pub fn schedule(&mut self, now: Instant) -> Effects {
+        let mut effects = Effects::default();
+        if now >= self.reattach_until {
+            self.requeue_orphans(&mut effects);
+        }
+        self.place(&mut effects);
+        self.finish_done(&mut effects);
+        effects
+    }
+
+    /// Live attempts with a worker that is not running them any more (it
+    /// never re-attached after a failover, or was lost before we led).
+    fn requeue_orphans(&mut self, effects: &mut Effects) {
+        let mut orphans = Vec::new();
+        for run in self.sweeps.values() {
+            for t in run.driver.trials().values() {
+                let Some(a) = t.live_attempt().filter(|_| t.state == TrialState::Running) else {
+                    continue;
+                };
+                let reference = AttemptRef {
+                    sweep_id: run.record.id.clone(),
+                    trial: t.number,
+                    attempt: a.number,
+                };
+                if a.workers
+                    .iter()
+                    .any(|w| self.registry.running(w) != Some(&reference))
+                {
+                    orphans.push((reference, t.epochs_done));
+                }
+            }
+        }
+        for (reference, epochs) in orphans {
+            warn!(sweep = %reference.sweep_id, trial = reference.trial, attempt = reference.attempt, "attempt lost its workers; re-queued");
+            self.end_attempt(
+                &reference,
+                AttemptOutcome::Abandoned,
+                epochs,
+                Some("its workers did not re-attach after a leader change".into()),
+                effects,
+            );
+        }
+    }
+
+    fn place(&mut self, effects: &mut Effects) {
+        let mut idle = self.registry.idle();
+        let alive = self.registry.alive();
+        let seqs: Vec<u64> = self.sweeps.keys().copied().collect();
+        'sweeps: for seq in seqs {
+            loop {
+                let run = self.sweeps.get_mut(&seq).expect("listed above");
+                let Some(work) = run.driver.next_work() else {
+                    break;
+                };
+                let config = run
+                    .driver
+                    .trial(work.trial)
+                    .map(|t| t.config.clone())
+                    .unwrap_or_default();
+                let job = match run.template.job(&config) {
+                    Ok(job) => job,
+                    Err(error) => {
+                        warn!(sweep = %run.record.id, trial = work.trial, %error, "trial cannot be built");
+                        run.driver.reject(work.trial, error);
+                        if let Some(t) = run.driver.trial(work.trial) {
+                            effects.write_trial(t);
+                        }
+                        continue;
+                    }
+                };
+                let need = job.workers as usize;
+                let gang = pick_gang(&idle, need, &job.device);
+                let Some(gang) = gang else {
+                    // First come, first served: a sweep that could run with
+                    // the workers we have waits for them; later sweeps may
+                    // only use workers it could never use.
+                    if need <= alive {
+                        break 'sweeps;
+                    }
+                    break;
+                };
+                idle.retain(|(id, _)| !gang.contains(id));
+                self.generations += 1;
+                let generation = ((self.owner as u64) << 24) | self.generations;
+                let dir = checkpoint_dir(&self.checkpoint_root, &job, &run.record.id, work.trial);
+                let attempt = run.driver.start(&work, generation, gang.clone(), unix_ms());
+                let trial = run.driver.trial(work.trial).expect("started above");
+                effects.write_trial(trial);
+                let reference = AttemptRef {
+                    sweep_id: run.record.id.clone(),
+                    trial: work.trial,
+                    attempt: attempt.number,
+                };
+                let peers: Vec<String> = gang
+                    .iter()
+                    .map(|w| self.registry.peer_address(w).unwrap_or_default())
+                    .collect();
+                let job_json = serde_json::to_string(&job).expect("job serialises");
+                for (rank, worker) in gang.iter().enumerate() {
+                    self.registry.assign(worker, reference.clone());
+                    effects.send(
+                        self.registry.outbound(worker),
+                        coordinator_message::Kind::Assign(Assignment {
+                            attempt: Some(reference.clone()),
+                            generation,
+                            rank: rank as u32,
+                            peers: peers.clone(),
+                            job_json: job_json.clone(),
+                            start_epoch: work.start_epoch,
+                            stop_epoch: work.stop_epoch,
+                            checkpoint_dir: dir.display().to_string(),
+                        }),
+                    );
+                }
+                log_start(&reference, &work, &gang);
+            }
+        }
+    }
+
+    fn finish_done(&mut self, effects: &mut Effects) {
+        let done: Vec<u64> = self
+            .sweeps
+            .iter_mut()
+            .filter_map(|(seq, run)| run.driver.is_done().then_some(*seq))
+            .collect();
+        for seq in done {
+            let mut run = self.sweeps.remove(&seq).expect("listed above");
+            for number in run.driver.stop_paused() {
+                if let Some(t) = run.driver.trial(number) {
+                    effects.write_trial(t);
+                }
+            }
+            let trials = run.driver.trials();
+            let any_good = trials
+                .values()
+                .any(|t| matches!(t.state, TrialState::Completed | TrialState::Stopped));
+            run.record.state = if any_good || trials.is_empty() {
+                SweepState::Completed
+            } else {
+                SweepState::Failed
+            };
+            run.record.finished_unix_ms = Some(unix_ms());
+            effects.write_sweep(&run.record);
+            info!(sweep = %run.record.id, state = ?run.record.state, trials = trials.len(), "sweep finished");
+            self.finished.insert(run.record.id.clone(), run.record);
+        }
+    }
+}
+
+impl Effects {
+    fn extend(&mut self, other: Effects) {
+        self.writes.extend(other.writes);
+        self.messages.extend(other.messages);
+    }
+}
+
+fn log_start(reference: &AttemptRef, work: &Work, gang: &[String]) {
+    info!(
+        sweep = %reference.sweep_id,
+        trial = reference.trial,
+        attempt = reference.attempt,
+        epochs = format!("{}..={}", work.start_epoch + 1, work.stop_epoch),
+        workers = gang.join(","),
+        "attempt started"
+    );
+}
+
+/// A trial's checkpoint directory: under the job's `checkpoint.dir`, or
+/// the coordinator's default root.
+fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, trial: u64) -> PathBuf {
+    job.checkpoint
+        .dir
+        .as_deref()
+        .unwrap_or(root)
+        .join(sweep)
+        .join(format!("trial-{trial:06}"))
+}
+
+/// `need` idle workers able to run on `device` ("cuda…" needs GPU workers;
+/// "cpu" and "auto" take any), or `None`.
+fn pick_gang(idle: &[(String, String)], need: usize, device: &str) -> Option<Vec<String>> {
+    let wants_gpu = device.starts_with("cuda");
+    let fit: Vec<String> = idle
+        .iter()
+        .filter(|(_, d)| !wants_gpu || d.starts_with("cuda"))
+        .map(|(id, _)| id.clone())
+        .take(need)
+        .collect();
+    (need > 0 && fit.len() == need).then_some(fit)
+}

@@ -1,0 +1,143 @@
+//! From a submitted spec to what the scheduler needs: the driver's settings
+//! and, per trial, the job to run.
+
+use std::collections::BTreeMap;
+
+use ringleader_spec::job::ModelSpec;
+use ringleader_spec::JobSpec;
+use serde_json::Value;
+
+use super::driver::{DriverConfig, Source, Stopping};
+use super::records::SweepKind;
+use crate::search::{Mode, Space};
+use crate::sweep_spec::{SearcherSpec, SweepSpec};
+
+/// Attempts that may fail before a job (a one-trial sweep) is failed.
+const JOB_MAX_FAILURES: u32 = 2;
+
+/// A parsed submission.
+pub enum Template {
+    Job(Box<JobSpec>),
+    Sweep(Box<SweepSpec>),
+}
+
+impl Template {
+    /// Parses (and fully validates) a spec; the error names file, field
+    /// and line.
+    pub fn parse(kind: SweepKind, text: &str, origin: &str) -> Result<Self, String> {
+        match kind {
+            SweepKind::Job => JobSpec::parse(text, origin)
+                .map(|j| Template::Job(Box::new(j)))
+                .map_err(|e| e.to_string()),
+            SweepKind::Sweep => SweepSpec::parse(text, origin)
+                .map(|s| Template::Sweep(Box::new(s)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Template::Job(job) => &job.name,
+            Template::Sweep(sweep) => &sweep.name,
+        }
+    }
+
+    /// The metric a job optimises: a synthetic model's value, else test
+    /// accuracy when there is a test split, else the training loss.
+    pub fn objective(&self) -> (String, Mode) {
+        match self {
+            Template::Job(job) => match (&job.model, &job.dataset.test) {
+                (ModelSpec::Synthetic { .. }, _) => ("objective".into(), Mode::Min),
+                (_, Some(_)) => ("test_accuracy".into(), Mode::Max),
+                (_, None) => ("train_loss".into(), Mode::Min),
+            },
+            Template::Sweep(sweep) => (sweep.objective.metric.clone(), sweep.objective.mode),
+        }
+    }
+
+    pub fn max_trials(&self) -> u64 {
+        match self {
+            Template::Job(_) => 1,
+            Template::Sweep(sweep) => u64::from(sweep.max_trials),
+        }
+    }
+
+    pub fn driver_config(&self, sweep_id: &str) -> DriverConfig {
+        let (metric, mode) = self.objective();
+        match self {
+            Template::Job(job) => DriverConfig {
+                sweep: sweep_id.into(),
+                space: Space::default(),
+                source: Source::Fixed,
+                stopping: None,
+                seed: job.seed,
+                max_trials: 1,
+                max_concurrent: None,
+                max_epochs: job.epochs,
+                max_failures: JOB_MAX_FAILURES,
+                metric,
+                mode,
+            },
+            Template::Sweep(spec) => {
+                let (source, stopping) = match &spec.searcher {
+                    SearcherSpec::Grid { points } => (Source::Grid { points: *points }, None),
+                    SearcherSpec::Random => (Source::Random, None),
+                    SearcherSpec::Tpe { options } => (Source::Tpe(options.clone()), None),
+                    SearcherSpec::Asha { eta, min_epochs } => (
+                        Source::Random,
+                        Some(Stopping {
+                            eta: *eta,
+                            min_epochs: *min_epochs,
+                            brackets: 1,
+                        }),
+                    ),
+                    SearcherSpec::Hyperband { eta, min_epochs } => (
+                        Source::Random,
+                        Some(Stopping {
+                            eta: *eta,
+                            min_epochs: *min_epochs,
+                            brackets: hyperband_brackets(*eta, *min_epochs, spec.max_epochs),
+                        }),
+                    ),
+                };
+                let stopping = stopping.or(spec.stopper.as_ref().map(|s| Stopping {
+                    eta: s.eta,
+                    min_epochs: s.min_epochs,
+                    brackets: 1,
+                }));
+                DriverConfig {
+                    sweep: sweep_id.into(),
+                    space: Space::new(spec.params.clone()).expect("validated when parsed"),
+                    source,
+                    stopping,
+                    seed: spec.seed,
+                    max_trials: u64::from(spec.max_trials),
+                    max_concurrent: spec.max_concurrent_trials,
+                    max_epochs: spec.max_epochs,
+                    max_failures: spec.max_failures,
+                    metric,
+                    mode,
+                }
+            }
+        }
+    }
+
+    /// The job one trial runs.
+    pub fn job(&self, config: &BTreeMap<String, Value>) -> Result<JobSpec, String> {
+        match self {
+            Template::Job(job) => Ok(job.as_ref().clone()),
+            Template::Sweep(sweep) => sweep.trial_job(config).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Hyperband's bracket count: ⌊log_η(max/min)⌋ + 1.
+fn hyperband_brackets(eta: u32, min_epochs: u32, max_epochs: u32) -> u32 {
+    let mut brackets = 1;
+    let mut r = u64::from(min_epochs.max(1)) * u64::from(eta);
+    while r <= u64::from(max_epochs) {
+        brackets += 1;
+        r *= u64::from(eta);
+    }
+    brackets
+}
