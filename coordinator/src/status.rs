@@ -184,6 +184,7 @@ mod tests {
                 state: WorkerState::Idle as i32,
                 last_heartbeat_ms_ago: 1500,
                 registered_at_unix_ms: 0,
+                running: None,
             }],
         }
     }

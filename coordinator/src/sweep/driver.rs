@@ -501,3 +501,260 @@ pub fn best_trial<'a>(
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::Param;
+
+    fn config(source: Source, stopping: Option<Stopping>, max_trials: u64) -> DriverConfig {
+        let params = BTreeMap::from([(
+            "model.x1".to_string(),
+            Param::Uniform {
+                low: 0.0,
+                high: 1.0,
+            },
+        )]);
+        DriverConfig {
+            sweep: "sweep-1".into(),
+            space: Space::new(params).unwrap(),
+            source,
+            stopping,
+            seed: 7,
+            max_trials,
+            max_concurrent: None,
+            max_epochs: 9,
+            max_failures: 1,
+            metric: "objective".into(),
+            mode: Mode::Max,
+        }
+    }
+
+    /// Starts `work`, reports `value` at its stop epoch and finishes it.
+    fn run(driver: &mut Driver, work: &Work, value: f64) {
+        let attempt = driver.start(work, 1, vec!["w".into()], 0);
+        let metrics = BTreeMap::from([("objective".to_string(), value)]);
+        assert!(driver.epoch(
+            work.trial,
+            attempt.number,
+            work.stop_epoch,
+            metrics,
+            Some("ckpt".into())
+        ));
+        assert!(driver.finished(
+            work.trial,
+            attempt.number,
+            AttemptOutcome::Done,
+            work.stop_epoch,
+            None,
+            0
+        ));
+    }
+
+    #[test]
+    fn random_sweep_runs_every_trial_to_the_end_once() {
+        let mut driver = Driver::new(config(Source::Random, None, 5)).unwrap();
+        let mut seen = Vec::new();
+        while let Some(work) = driver.next_work() {
+            assert_eq!((work.start_epoch, work.stop_epoch), (0, 9));
+            seen.push(work.trial);
+            run(&mut driver, &work, work.trial as f64);
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        assert!(driver.is_done());
+        assert!(driver
+            .trials()
+            .values()
+            .all(|t| t.state == TrialState::Completed));
+        let configs: std::collections::BTreeSet<String> = driver
+            .trials()
+            .values()
+            .map(|t| t.config["model.x1"].to_string())
+            .collect();
+        assert_eq!(configs.len(), 5, "configurations differ");
+    }
+
+    #[test]
+    fn asha_promotes_the_top_third_and_stops_the_rest() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 1,
+        };
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 9)).unwrap();
+        // Trial n scores n at every rung: the higher, the better (max).
+        let mut segments = Vec::new();
+        while let Some(work) = driver.next_work() {
+            segments.push((work.trial, work.start_epoch, work.stop_epoch));
+            run(&mut driver, &work, work.trial as f64);
+        }
+        assert!(driver.is_done() || driver.next_work().is_none());
+        // Hand-worked: rung 0 results arrive in order 0,1,2 → quota 1 → 2
+        // promoted to rung 1 (epochs 1..3); then 3,4,5 → 5 is promoted;
+        // 6,7,8 → 8; rung 1 then holds 2, 5, 8 → 8 goes to 9 epochs.
+        let promotions: Vec<_> = segments
+            .iter()
+            .filter(|(_, s, _)| *s > 0)
+            .copied()
+            .collect();
+        assert!(promotions.contains(&(2, 1, 3)), "{segments:?}");
+        assert!(promotions.contains(&(5, 1, 3)), "{segments:?}");
+        assert!(promotions.contains(&(8, 1, 3)), "{segments:?}");
+        assert!(promotions.contains(&(8, 3, 9)), "{segments:?}");
+        while !driver.is_done() {
+            let work = driver.next_work().expect("promotion pending");
+            run(&mut driver, &work, work.trial as f64);
+        }
+        let stopped = driver.stop_paused();
+        assert!(!stopped.is_empty());
+        let state = |n: u64| driver.trial(n).unwrap().state;
+        assert_eq!(state(8), TrialState::Completed);
+        assert_eq!(state(0), TrialState::Stopped);
+        assert_eq!(driver.best().unwrap().number, 8);
+    }
+
+    #[test]
+    fn failed_attempts_are_retried_from_their_checkpoint_until_max_failures() {
+        let mut driver = Driver::new(config(Source::Random, None, 1)).unwrap();
+        let work = driver.next_work().unwrap();
+        let a1 = driver.start(&work, 1, vec!["w".into()], 0);
+        let metrics = BTreeMap::from([("objective".to_string(), 0.5)]);
+        driver.epoch(0, a1.number, 4, metrics, Some("epoch-4".into()));
+        assert!(driver.finished(
+            0,
+            a1.number,
+            AttemptOutcome::Failed,
+            0,
+            Some("boom".into()),
+            0
+        ));
+        assert_eq!(driver.trial(0).unwrap().state, TrialState::Pending);
+        let retry = driver.next_work().unwrap();
+        assert_eq!(
+            (retry.trial, retry.start_epoch, retry.stop_epoch),
+            (0, 4, 9)
+        );
+        let a2 = driver.start(&retry, 2, vec!["w".into()], 0);
+        // A report from the dead first attempt changes nothing.
+        assert!(!driver.finished(0, a1.number, AttemptOutcome::Done, 9, None, 0));
+        assert!(driver.finished(
+            0,
+            a2.number,
+            AttemptOutcome::Failed,
+            4,
+            Some("boom".into()),
+            0
+        ));
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Failed);
+        assert_eq!(t.failures, 2);
+        assert!(driver.is_done());
+    }
+
+    #[test]
+    fn abandoned_attempts_do_not_count_as_failures() {
+        let mut driver = Driver::new(config(Source::Random, None, 1)).unwrap();
+        let work = driver.next_work().unwrap();
+        for generation in 1..=3 {
+            let a = driver.start(&work, generation, vec!["w".into()], 0);
+            driver.finished(0, a.number, AttemptOutcome::Abandoned, 0, None, 0);
+        }
+        let t = driver.trial(0).unwrap();
+        assert_eq!(
+            (t.state, t.failures, t.attempts.len()),
+            (TrialState::Pending, 0, 3)
+        );
+    }
+
+    #[test]
+    fn concurrency_limit_holds_back_new_trials() {
+        let mut cfg = config(Source::Random, None, 10);
+        cfg.max_concurrent = Some(2);
+        let mut driver = Driver::new(cfg).unwrap();
+        let a = driver.next_work().unwrap();
+        driver.start(&a, 1, vec![], 0);
+        let b = driver.next_work().unwrap();
+        driver.start(&b, 2, vec![], 0);
+        assert_eq!(driver.next_work(), None);
+        assert_eq!(driver.running(), 2);
+    }
+
+    #[test]
+    fn restored_driver_continues_without_repeating_trials() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 1,
+        };
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 12)).unwrap();
+        for _ in 0..5 {
+            let work = driver.next_work().unwrap();
+            run(&mut driver, &work, work.trial as f64);
+        }
+        // One running when the leader dies.
+        let running = driver.next_work().unwrap();
+        driver.start(&running, 9, vec!["w".into()], 0);
+        let records: Vec<TrialRecord> = driver.trials().values().cloned().collect();
+        let mut restored =
+            Driver::restore(config(Source::Random, Some(stopping), 12), records).unwrap();
+        assert_eq!(restored.trials().len(), 6);
+        assert_eq!(restored.running(), 1);
+        // The running attempt ends (its workers re-attached and finished).
+        let attempt = restored
+            .trial(running.trial)
+            .unwrap()
+            .live_attempt()
+            .unwrap()
+            .number;
+        let metrics = BTreeMap::from([("objective".to_string(), 1.0)]);
+        restored.epoch(
+            running.trial,
+            attempt,
+            running.stop_epoch,
+            metrics,
+            Some("c".into()),
+        );
+        restored.finished(
+            running.trial,
+            attempt,
+            AttemptOutcome::Done,
+            running.stop_epoch,
+            None,
+            0,
+        );
+        while let Some(work) = restored.next_work() {
+            run(&mut restored, &work, work.trial as f64);
+        }
+        assert!(restored.is_done() || restored.next_work().is_none());
+        let numbers: Vec<u64> = restored.trials().keys().copied().collect();
+        assert_eq!(numbers, (0..12).collect::<Vec<_>>());
+        // The same configurations as an uninterrupted random search.
+        let mut fresh = Driver::new(config(Source::Random, None, 12)).unwrap();
+        for n in 0..12 {
+            let work = fresh.next_work().unwrap();
+            assert_eq!(
+                fresh.trial(work.trial).unwrap().config,
+                restored.trial(n).unwrap().config
+            );
+            fresh.start(&work, 1, vec![], 0);
+        }
+    }
+
+    #[test]
+    fn hyperband_brackets_start_at_growing_resources() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 3,
+        };
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 3)).unwrap();
+        let stops: Vec<u32> = (0..3)
+            .map(|_| {
+                let w = driver.next_work().unwrap();
+                driver.start(&w, 1, vec![], 0);
+                w.stop_epoch
+            })
+            .collect();
+        assert_eq!(stops, [1, 3, 9]);
+    }
+}
