@@ -34,6 +34,8 @@ pub struct JobSpec {
     /// Threads libtorch may use on each worker (0: libtorch's default).
     #[serde(default)]
     pub threads: u32,
+    /// Required except for synthetic models, which read no data.
+    #[serde(default)]
     pub dataset: DatasetSpec,
     pub model: ModelSpec,
     #[serde(default)]
@@ -91,7 +93,16 @@ impl JobSpec {
                 format!("expected auto, cpu, cuda or cuda:N, got `{device}`"),
             ));
         }
-        self.dataset.validate()?;
+        match (&self.model, self.dataset == DatasetSpec::default()) {
+            (ModelSpec::Synthetic { .. }, _) => {}
+            (_, true) => {
+                return Err(FieldError::new(
+                    &["dataset"],
+                    "required (only synthetic models read no data)",
+                ))
+            }
+            (_, false) => self.dataset.validate()?,
+        }
         self.model.validate()?;
         self.optimizer.validate()?;
         self.schedule.validate()?;
@@ -176,6 +187,23 @@ pub struct DatasetSpec {
     /// Shuffle the training set every epoch (permutation from seed, epoch).
     #[serde(default = "yes")]
     pub shuffle: bool,
+}
+
+/// No data: what a synthetic model's job may leave out.
+impl Default for DatasetSpec {
+    fn default() -> Self {
+        Self {
+            format: DatasetFormat::Csv,
+            train: SplitSpec::default(),
+            test: None,
+            classes: 0,
+            normalize: Normalize::None,
+            limit_train: 0,
+            limit_test: 0,
+            drop_last: yes(),
+            shuffle: yes(),
+        }
+    }
 }
 
 impl DatasetSpec {
@@ -774,9 +802,7 @@ momentum = 0.9
     #[test]
     fn synthetic_inputs_must_lie_in_the_function_domain() {
         let job = |model: &str| {
-            let text = format!(
-                "name = \"s\"\nepochs = 1\n[dataset]\nformat = \"csv\"\nclasses = 2\ntrain.files = [\"x\"]\n[model]\n{model}"
-            );
+            let text = format!("name = \"s\"\nepochs = 1\n[model]\n{model}");
             JobSpec::parse(&text, "s.toml")
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -784,14 +810,23 @@ momentum = 0.9
         job("kind = \"synthetic\"\nfunction = \"branin\"\nx1 = -5.0\nx2 = 15.0").unwrap();
         let err = job("kind = \"synthetic\"\nfunction = \"branin\"\nx2 = 16.0").unwrap_err();
         assert!(
-            err.starts_with("s.toml:10:1: model.x2: must lie in [0, 15]"),
+            err.starts_with("s.toml:6:1: model.x2: must lie in [0, 15]"),
             "{err}"
         );
         let err = job("kind = \"synthetic\"\nfunction = \"hartmann6\"\nx6 = -0.1").unwrap_err();
         assert!(
-            err.starts_with("s.toml:10:1: model.x6: must lie in [0, 1]"),
+            err.starts_with("s.toml:6:1: model.x6: must lie in [0, 1]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_synthetic_models_may_omit_the_dataset() {
+        let start = GOOD.find("[dataset]").unwrap();
+        let end = GOOD.find("[model]").unwrap();
+        let text = format!("{}{}", &GOOD[..start], &GOOD[end..]);
+        let err = JobSpec::parse(&text, "job.toml").unwrap_err().to_string();
+        assert!(err.starts_with("job.toml:1:1: dataset: required"), "{err}");
     }
 
     #[test]

@@ -20,3 +20,6 @@ pub use error::{Document, FieldError, FieldPath, Location, SpecError};
 pub use job::JobSpec;
 pub use overrides::{apply_overrides, with_overrides};
 pub use shard::{FileShards, ShardError, ShardPlan};
+/// The TOML crate whose tables [`with_overrides`] takes, so users need not
+/// depend on the same version themselves.
+pub use toml;

@@ -6,8 +6,10 @@
 //!   main ──▶ device (what to train on, what to report)
 //!        ──▶ peer server: gRPC health + the Collective service (rings)
 //!        ──▶ agent: register with the leader, heartbeat, follow failovers
+//!        ──▶ train: run a trial's segment, data-parallel over a ring
 //! ```
 
 pub mod agent;
 pub mod collective;
 pub mod device;
+pub mod train;

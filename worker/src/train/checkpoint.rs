@@ -1,0 +1,101 @@
+//! Checkpoints: `epoch-NNNNN.ot` (model and optimizer tensors, libtorch's
+//! `save_multi` format) and `epoch-NNNNN.json` (what the tensors do not
+//! say). Both are written atomically — temp file, fsync, rename — and the
+//! sidecar last, so a sidecar on disk means its tensors are complete.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::error::{unreadable, TrainError};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// Epochs done when it was written.
+    pub epoch: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The job's seed.
+    pub seed: u64,
+    /// The libtorch seed rank 0 starts the next epoch with.
+    pub rng_seed: u64,
+    pub world: usize,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+pub fn tensors_path(dir: &Path, epoch: u32) -> PathBuf {
+    dir.join(format!("epoch-{epoch:05}.ot"))
+}
+
+pub fn sidecar_path(dir: &Path, epoch: u32) -> PathBuf {
+    dir.join(format!("epoch-{epoch:05}.json"))
+}
+
+/// Writes the checkpoint of `sidecar.epoch`; without tensors only the
+/// sidecar. Returns the main file: the tensors, else the sidecar.
+pub fn save(
+    dir: &Path,
+    tensors: &[(String, &Tensor)],
+    sidecar: &Sidecar,
+) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(dir).map_err(unreadable(dir))?;
+    let tensors_file = tensors_path(dir, sidecar.epoch);
+    if !tensors.is_empty() {
+        write_atomic(&tensors_file, |tmp| Ok(Tensor::save_multi(tensors, tmp)?))?;
+    }
+    let sidecar_file = sidecar_path(dir, sidecar.epoch);
+    let json = serde_json::to_vec_pretty(sidecar).expect("a sidecar serialises");
+    write_atomic(&sidecar_file, |tmp| {
+        std::fs::write(tmp, &json).map_err(unreadable(tmp))
+    })?;
+    // The renames are durable once the directory entry is.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(unreadable(dir))?;
+    Ok(if tensors.is_empty() {
+        sidecar_file
+    } else {
+        tensors_file
+    })
+}
+
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    write(&tmp)?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(unreadable(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(unreadable(path))
+}
+
+/// The sidecar of the checkpoint after `epoch`.
+pub fn load_sidecar(dir: &Path, epoch: u32) -> Result<Sidecar, TrainError> {
+    let path = sidecar_path(dir, epoch);
+    let bytes = std::fs::read(&path).map_err(unreadable(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
+        path,
+        what: format!("bad sidecar: {e}"),
+    })
+}
+
+/// The named tensors of the checkpoint after `epoch`.
+pub fn load_tensors(dir: &Path, epoch: u32) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    let path = tensors_path(dir, epoch);
+    if !path.is_file() {
+        return Err(TrainError::Checkpoint {
+            path,
+            what: "missing".into(),
+        });
+    }
+    let tensors = Tensor::load_multi(&path).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        what: e.to_string(),
+    })?;
+    Ok(tensors.into_iter().collect())
+}

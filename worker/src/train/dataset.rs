@@ -1,0 +1,588 @@
+//! Datasets: each split is read whole into one `f32` features tensor (`N`
+//! first) and one `i64` labels tensor. The datasets Ringleader trains on fit
+//! in memory, and a preloaded tensor makes a batch one `index_select`.
+//!
+//! Any file may be gzip-compressed (recognised by its magic bytes 1f 8b).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ringleader_spec::job::{DatasetFormat, DatasetSpec, Normalize, SplitSpec};
+use tch::{Kind, Tensor};
+
+use super::error::{unreadable, Position, TrainError};
+
+/// One split, resident in memory.
+#[derive(Debug)]
+pub struct Split {
+    /// `[N, …]`, `f32`, normalised.
+    pub features: Tensor,
+    /// `[N]`, `i64`, each in `0..classes`.
+    pub labels: Tensor,
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `limit` examples (0: all).
+    fn limit(self, limit: u64) -> Self {
+        let n = self.len() as i64;
+        if limit == 0 || limit as i64 >= n {
+            return self;
+        }
+        Split {
+            features: self.features.narrow(0, 0, limit as i64),
+            labels: self.labels.narrow(0, 0, limit as i64),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub train: Split,
+    pub test: Option<Split>,
+}
+
+/// Reads both splits, applies the limits, then normalises with statistics
+/// of the (limited) training split.
+pub fn load(spec: &DatasetSpec) -> Result<Dataset, TrainError> {
+    let train = load_split(spec, &spec.train)?.limit(spec.limit_train);
+    let test = match &spec.test {
+        Some(split) => Some(load_split(spec, split)?.limit(spec.limit_test)),
+        None => None,
+    };
+    let mut dataset = Dataset { train, test };
+    normalize(&spec.normalize, &mut dataset)?;
+    Ok(dataset)
+}
+
+fn load_split(spec: &DatasetSpec, split: &SplitSpec) -> Result<Split, TrainError> {
+    let classes = spec.classes;
+    match spec.format {
+        DatasetFormat::Idx => {
+            let images = required(&split.images, "idx", "images")?;
+            let labels = required(&split.labels, "idx", "labels")?;
+            let features = idx_features(images)?;
+            let labels = idx_labels(labels, classes)?;
+            paired(images, features, labels)
+        }
+        DatasetFormat::Npy => {
+            let features_path = required(&split.features, "npy", "features")?;
+            let labels_path = required(&split.labels, "npy", "labels")?;
+            let bytes = read(features_path)?;
+            let features = npy(features_path, &bytes)?.features(features_path)?;
+            let bytes = read(labels_path)?;
+            let labels = npy(labels_path, &bytes)?.labels(labels_path, classes)?;
+            paired(features_path, features, labels)
+        }
+        DatasetFormat::Safetensors => concat(&split.files, "safetensors", |path| {
+            let bytes = read(path)?;
+            let file =
+                safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Array {
+                    path: path.to_path_buf(),
+                    what: format!("not a safetensors file: {e}"),
+                })?;
+            let features = safetensor(path, &file, &split.features_key)?.features(path)?;
+            let labels = safetensor(path, &file, &split.labels_key)?.labels(path, classes)?;
+            paired(path, features, labels)
+        }),
+        DatasetFormat::Csv => concat(&split.files, "csv", |path| csv(path, split, classes)),
+    }
+}
+
+fn required<'a>(
+    path: &'a Option<PathBuf>,
+    format: &str,
+    key: &str,
+) -> Result<&'a Path, TrainError> {
+    path.as_deref()
+        .ok_or_else(|| TrainError::DatasetSpec(format!("a split in {format} format needs `{key}`")))
+}
+
+/// Loads every file of a split and concatenates them in order.
+fn concat(
+    files: &[PathBuf],
+    format: &str,
+    load: impl Fn(&Path) -> Result<Split, TrainError>,
+) -> Result<Split, TrainError> {
+    if files.is_empty() {
+        return Err(TrainError::DatasetSpec(format!(
+            "a split in {format} format needs `files`"
+        )));
+    }
+    let parts = files
+        .iter()
+        .map(|path| load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one part"));
+    }
+    let features: Vec<&Tensor> = parts.iter().map(|p| &p.features).collect();
+    let labels: Vec<&Tensor> = parts.iter().map(|p| &p.labels).collect();
+    Ok(Split {
+        features: Tensor::f_cat(&features, 0)?,
+        labels: Tensor::f_cat(&labels, 0)?,
+    })
+}
+
+fn paired(path: &Path, features: Tensor, labels: Vec<i64>) -> Result<Split, TrainError> {
+    let n = features.size()[0] as usize;
+    if n != labels.len() {
+        return Err(TrainError::LengthMismatch {
+            path: path.to_path_buf(),
+            features: n,
+            labels: labels.len(),
+        });
+    }
+    Ok(Split {
+        features,
+        labels: Tensor::from_slice(&labels),
+    })
+}
+
+/// The file's bytes, gunzipped when they start with gzip's magic.
+fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
+    let bytes = std::fs::read(path).map_err(unreadable(path))?;
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes);
+    }
+    let mut plain = Vec::with_capacity(bytes.len() * 4);
+    flate2::read::MultiGzDecoder::new(bytes.as_slice())
+        .read_to_end(&mut plain)
+        .map_err(unreadable(path))?;
+    Ok(plain)
+}
+
+fn check_label(
+    path: &Path,
+    position: Position,
+    value: i64,
+    classes: u32,
+) -> Result<i64, TrainError> {
+    if (0..i64::from(classes)).contains(&value) {
+        Ok(value)
+    } else {
+        Err(TrainError::LabelOutOfRange {
+            path: path.to_path_buf(),
+            position,
+            value,
+            classes,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- arrays
+
+/// Element types of `.npy`, safetensors and IDX arrays we accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dtype {
+    U8,
+    I8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F32,
+    F64,
+}
+
+impl Dtype {
+    fn size(self) -> usize {
+        match self {
+            Dtype::U8 | Dtype::I8 => 1,
+            Dtype::I16 | Dtype::U16 => 2,
+            Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
+            Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
+        }
+    }
+}
+
+/// A little-endian, C-order array borrowed from a file's bytes.
+struct Array<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+impl<'a> Array<'a> {
+    fn new(
+        path: &Path,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: &'a [u8],
+    ) -> Result<Self, TrainError> {
+        let expected = shape.iter().product::<usize>() * dtype.size();
+        if data.len() != expected {
+            return Err(array_error(
+                path,
+                format!(
+                    "shape {shape:?} of {dtype:?} needs {expected} bytes, the file holds {}",
+                    data.len()
+                ),
+            ));
+        }
+        if shape.is_empty() {
+            return Err(array_error(path, "a scalar is not a dataset".into()));
+        }
+        Ok(Self { dtype, shape, data })
+    }
+
+    /// Features as `f32`; bytes are scaled to [0, 1].
+    fn features(&self, path: &Path) -> Result<Tensor, TrainError> {
+        let size: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        let kind = match self.dtype {
+            Dtype::U8 => Kind::Uint8,
+            Dtype::F32 => Kind::Float,
+            Dtype::F64 => Kind::Double,
+            other => {
+                return Err(array_error(
+                    path,
+                    format!("features must be f32, f64 or u8, not {other:?}"),
+                ))
+            }
+        };
+        let tensor = Tensor::f_from_data_size(self.data, &size, kind)?.f_to_kind(Kind::Float)?;
+        Ok(if kind == Kind::Uint8 {
+            tensor / 255.0
+        } else {
+            tensor
+        })
+    }
+
+    /// Labels as `i64`, each checked against `classes`.
+    fn labels(&self, path: &Path, classes: u32) -> Result<Vec<i64>, TrainError> {
+        if self.shape.len() != 1 {
+            return Err(array_error(
+                path,
+                format!(
+                    "labels must be one-dimensional, not of shape {:?}",
+                    self.shape
+                ),
+            ));
+        }
+        let decode: fn(&[u8]) -> i64 = match self.dtype {
+            Dtype::U8 => |b| i64::from(b[0]),
+            Dtype::I8 => |b| i64::from(b[0] as i8),
+            Dtype::I16 => |b| i64::from(i16::from_le_bytes([b[0], b[1]])),
+            Dtype::U16 => |b| i64::from(u16::from_le_bytes([b[0], b[1]])),
+            Dtype::I32 => |b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))),
+            Dtype::U32 => |b| i64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))),
+            Dtype::I64 => |b| i64::from_le_bytes(b.try_into().expect("8 bytes")),
+            // Beyond i64::MAX is out of range anyway; saturate so the error shows it.
+            Dtype::U64 => |b| {
+                i64::try_from(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .unwrap_or(i64::MAX)
+            },
+            other => {
+                return Err(array_error(
+                    path,
+                    format!("labels must be integers, not {other:?}"),
+                ))
+            }
+        };
+        self.data
+            .chunks_exact(self.dtype.size())
+            .enumerate()
+            .map(|(i, bytes)| check_label(path, Position::Example(i), decode(bytes), classes))
+            .collect()
+    }
+}
+
+fn array_error(path: &Path, what: String) -> TrainError {
+    TrainError::Array {
+        path: path.to_path_buf(),
+        what,
+    }
+}
+
+// ---------------------------------------------------------------- IDX
+
+/// An IDX file's dimensions and payload: magic `00 00 08 <ndims>` (unsigned
+/// bytes), then `ndims` big-endian u32 sizes, then the data.
+fn idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize), TrainError> {
+    let magic: [u8; 4] = match bytes.get(..4) {
+        Some(m) => m.try_into().expect("4 bytes"),
+        None => {
+            let mut m = [0; 4];
+            m[..bytes.len()].copy_from_slice(bytes);
+            m
+        }
+    };
+    if bytes.len() < 4 || magic[..3] != [0, 0, 0x08] || magic[3] == 0 {
+        return Err(TrainError::IdxMagic {
+            path: path.to_path_buf(),
+            magic,
+        });
+    }
+    let header = 4 + 4 * usize::from(magic[3]);
+    let truncated = |expected: usize| TrainError::IdxTruncated {
+        path: path.to_path_buf(),
+        expected: expected as u64,
+        actual: bytes.len() as u64,
+    };
+    let dims: Vec<usize> = bytes
+        .get(4..header)
+        .ok_or_else(|| truncated(header))?
+        .chunks_exact(4)
+        .map(|d| u32::from_be_bytes(d.try_into().expect("4 bytes")) as usize)
+        .collect();
+    let expected = header + dims.iter().product::<usize>();
+    if bytes.len() != expected {
+        return Err(truncated(expected));
+    }
+    Ok((dims, header))
+}
+
+/// Images as `[N, 1, H, W]` (a 3-D file) or `[N, …]`, scaled to [0, 1].
+fn idx_features(path: &Path) -> Result<Tensor, TrainError> {
+    let bytes = read(path)?;
+    let (mut dims, header) = idx(path, &bytes)?;
+    if dims.len() == 3 {
+        dims.insert(1, 1);
+    }
+    Array::new(path, Dtype::U8, dims, &bytes[header..])?.features(path)
+}
+
+fn idx_labels(path: &Path, classes: u32) -> Result<Vec<i64>, TrainError> {
+    let bytes = read(path)?;
+    let (dims, header) = idx(path, &bytes)?;
+    Array::new(path, Dtype::U8, dims, &bytes[header..])?.labels(path, classes)
+}
+
+// ---------------------------------------------------------------- npy
+
+/// Parses a `.npy` file (format versions 1–3): `\x93NUMPY`, version, header
+/// length, then a Python dict literal with `descr`, `fortran_order`, `shape`.
+fn npy<'a>(path: &Path, bytes: &'a [u8]) -> Result<Array<'a>, TrainError> {
+    let bad = |what: &str| array_error(path, format!("not a usable .npy file: {what}"));
+    if !bytes.starts_with(b"\x93NUMPY") || bytes.len() < 10 {
+        return Err(bad("no \\x93NUMPY magic"));
+    }
+    let (length, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown format version")),
+    };
+    let header = bytes
+        .get(start..start + length)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    let descr = header_value(header, "descr").ok_or_else(|| bad("no descr"))?;
+    if header_value(header, "fortran_order") != Some("False") {
+        return Err(bad(
+            "Fortran order is not supported (save with np.ascontiguousarray)",
+        ));
+    }
+    let shape = header_value(header, "shape")
+        .ok_or_else(|| bad("no shape"))?
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse::<usize>().map_err(|_| bad("bad shape")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dtype = match descr.trim_start_matches(['<', '|', '=']) {
+        "u1" => Dtype::U8,
+        "i1" => Dtype::I8,
+        "i2" => Dtype::I16,
+        "u2" => Dtype::U16,
+        "i4" => Dtype::I32,
+        "u4" => Dtype::U32,
+        "i8" => Dtype::I64,
+        "u8" => Dtype::U64,
+        "f4" => Dtype::F32,
+        "f8" => Dtype::F64,
+        _ => {
+            return Err(array_error(
+                path,
+                format!("unsupported dtype {descr:?} (use little-endian ints, f4 or f8)"),
+            ))
+        }
+    };
+    Array::new(path, dtype, shape, &bytes[start + length..])
+}
+
+/// The raw text of `key`'s value in a `.npy` header dict: a quoted string,
+/// a tuple, or a bare word.
+fn header_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
+    let rest = &header[header.find(&format!("'{key}'"))? + key.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = match rest.chars().next()? {
+        '\'' => return rest[1..].split('\'').next(),
+        '(' => rest.find(')')? + 1,
+        _ => rest.find([',', '}'])?,
+    };
+    Some(rest[..end].trim())
+}
+
+// ---------------------------------------------------------------- safetensors
+
+fn safetensor<'a>(
+    path: &Path,
+    file: &'a safetensors::SafeTensors<'a>,
+    key: &str,
+) -> Result<Array<'a>, TrainError> {
+    use safetensors::Dtype as S;
+    let view = file.tensor(key).map_err(|_| {
+        array_error(
+            path,
+            format!("no tensor named {key:?} (it holds {:?})", file.names()),
+        )
+    })?;
+    let dtype = match view.dtype() {
+        S::U8 => Dtype::U8,
+        S::I8 => Dtype::I8,
+        S::I16 => Dtype::I16,
+        S::U16 => Dtype::U16,
+        S::I32 => Dtype::I32,
+        S::U32 => Dtype::U32,
+        S::I64 => Dtype::I64,
+        S::U64 => Dtype::U64,
+        S::F32 => Dtype::F32,
+        S::F64 => Dtype::F64,
+        other => {
+            return Err(array_error(
+                path,
+                format!("tensor {key:?} has unsupported dtype {other:?}"),
+            ))
+        }
+    };
+    Array::new(path, dtype, view.shape().to_vec(), view.data())
+}
+
+// ---------------------------------------------------------------- CSV
+
+/// Numeric CSV: every column a feature except `label_column`. A header is
+/// recognised when the split says so or, unset, when the first line has a
+/// cell that is not a number.
+fn csv(path: &Path, split: &SplitSpec, classes: u32) -> Result<Split, TrainError> {
+    let bytes = read(path)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| array_error(path, format!("not UTF-8 text: {e}")))?;
+    let mut columns = None;
+    let mut features = Vec::new();
+    let mut labels = Vec::new();
+    let mut first = true;
+    for (index, line) in text.lines().enumerate() {
+        let line_no = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if std::mem::take(&mut first)
+            && split
+                .header
+                .unwrap_or_else(|| cells.iter().any(|c| c.parse::<f64>().is_err()))
+        {
+            continue;
+        }
+        let expected = *columns.get_or_insert(cells.len());
+        if cells.len() != expected {
+            return Err(TrainError::CsvColumns {
+                path: path.to_path_buf(),
+                line: line_no,
+                expected,
+                got: cells.len(),
+            });
+        }
+        let label_column = usize::try_from(if split.label_column < 0 {
+            expected as i64 + split.label_column
+        } else {
+            split.label_column
+        })
+        .ok()
+        .filter(|&c| c < expected)
+        .ok_or_else(|| {
+            TrainError::DatasetSpec(format!(
+                "label_column {} does not exist in {} ({expected} columns)",
+                split.label_column,
+                path.display()
+            ))
+        })?;
+        for (column, cell) in cells.iter().enumerate() {
+            let not_numeric = || TrainError::CsvNotNumeric {
+                path: path.to_path_buf(),
+                line: line_no,
+                column: column + 1,
+                value: cell.to_string(),
+            };
+            if column == label_column {
+                let value = cell.parse::<i64>().map_err(|_| not_numeric())?;
+                labels.push(check_label(path, Position::Line(line_no), value, classes)?);
+            } else {
+                features.push(cell.parse::<f32>().map_err(|_| not_numeric())?);
+            }
+        }
+    }
+    let width = columns.map_or(0, |c| c as i64 - 1);
+    let features = Tensor::from_slice(&features).view([labels.len() as i64, width]);
+    paired(path, features, labels)
+}
+
+// ---------------------------------------------------------------- normalisation
+
+/// `(x - shift) / scale`, with shift and scale from the spec or from the
+/// training split, applied to both splits.
+fn normalize(kind: &Normalize, dataset: &mut Dataset) -> Result<(), TrainError> {
+    let train = &dataset.train.features;
+    let (shift, scale) = match kind {
+        Normalize::None => return Ok(()),
+        Normalize::Fixed { mean, std } => (Tensor::from(*mean as f32), Tensor::from(*std as f32)),
+        Normalize::Standard => (
+            train.f_mean_dim(0, true, Kind::Float)?,
+            train.f_std_dim(0, false, true)?.f_clamp_min(1e-12)?,
+        ),
+        Normalize::MinMax => {
+            let min = train.f_amin(0, true)?;
+            let range = (train.f_amax(0, true)? - &min).f_clamp_min(1e-12)?;
+            (min, range)
+        }
+    };
+    for split in std::iter::once(&mut dataset.train).chain(dataset.test.as_mut()) {
+        split.features = (&split.features - &shift) / &scale;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_values_are_found() {
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }";
+        assert_eq!(header_value(header, "descr"), Some("<f4"));
+        assert_eq!(header_value(header, "fortran_order"), Some("False"));
+        assert_eq!(header_value(header, "shape"), Some("(3, 2)"));
+        assert_eq!(header_value(header, "nope"), None);
+    }
+
+    #[test]
+    fn a_short_idx_file_is_truncated_and_a_text_file_has_bad_magic() {
+        let path = Path::new("x.idx");
+        let bytes = [0, 0, 8, 1, 0, 0, 0, 5, 1, 2];
+        assert!(matches!(
+            idx(path, &bytes),
+            Err(TrainError::IdxTruncated {
+                expected: 13,
+                actual: 10,
+                ..
+            })
+        ));
+        assert!(matches!(
+            idx(path, b"hello"),
+            Err(TrainError::IdxMagic { .. })
+        ));
+    }
+}

@@ -1,0 +1,459 @@
+//! The data-parallel loop. Every rank holds a full replica; per step:
+//!
+//! ```text
+//!   zero_grad → forward(own shard of the batch) → backward
+//!     → copy grads into flat buckets → ring all-reduce (average) per bucket
+//!     → clip by global norm → optimizer step (reads the averaged buckets)
+//! ```
+//!
+//! Replicas start equal (rank 0's tensors are broadcast) and stay equal
+//! because every rank applies the same averaged gradient.
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ringleader_collective::{ReduceOp, Ring};
+use tch::{Device, Kind, Reduction, Tensor};
+use tokio::runtime::Handle;
+
+use super::checkpoint::{self, Sidecar};
+use super::dataset::{self, Dataset, Split};
+use super::model::Model;
+use super::optim::{learning_rate, Optimizer};
+use super::sampler::rank_indices;
+use super::{epoch_seed, Epochs, Segment, TrainError};
+use crate::collective;
+
+/// Largest fused gradient buffer, as PyTorch DDP's `bucket_cap_mb`.
+const BUCKET_BYTES: usize = 25 << 20;
+
+/// Tensors laid out back to back in a few contiguous buffers, so that a
+/// collective runs once per buffer rather than once per tensor.
+struct Buckets {
+    flats: Vec<Tensor>,
+    /// One view per member tensor, shaped like it, aliasing its flat buffer.
+    views: Vec<Tensor>,
+}
+
+impl Buckets {
+    fn new(like: &[Tensor], cap_bytes: usize) -> Self {
+        let mut flats = Vec::new();
+        let mut views = Vec::new();
+        let mut group: Vec<&Tensor> = Vec::new();
+        let mut bytes = 0;
+        let mut close = |group: &mut Vec<&Tensor>| {
+            let Some(first) = group.first() else { return };
+            let numel: i64 = group.iter().map(|t| t.numel() as i64).sum();
+            let flat = Tensor::zeros([numel], (first.kind(), first.device()));
+            let mut offset = 0;
+            for t in group.drain(..) {
+                let n = t.numel() as i64;
+                views.push(flat.narrow(0, offset, n).view(t.size().as_slice()));
+                offset += n;
+            }
+            flats.push(flat);
+        };
+        for t in like {
+            let size = t.numel() * t.kind().elt_size_in_bytes();
+            let kind_changes = group.first().is_some_and(|g| g.kind() != t.kind());
+            if kind_changes || (!group.is_empty() && bytes + size > cap_bytes) {
+                close(&mut group);
+                bytes = 0;
+            }
+            group.push(t);
+            bytes += size;
+        }
+        close(&mut group);
+        Self { flats, views }
+    }
+
+    /// Copies `tensors` in; an undefined tensor (a parameter that got no
+    /// gradient) counts as zeros.
+    fn fill<T: Borrow<Tensor>>(
+        &self,
+        tensors: impl IntoIterator<Item = T>,
+    ) -> Result<(), TrainError> {
+        tch::no_grad(|| {
+            for (view, t) in self.views.iter().zip(tensors) {
+                let (mut view, t) = (view.shallow_clone(), t.borrow());
+                if t.defined() {
+                    view.f_copy_(t)?;
+                } else {
+                    let _ = view.f_zero_()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Copies the buckets back out into `tensors`.
+    fn drain_into(&self, tensors: &[Tensor]) -> Result<(), TrainError> {
+        tch::no_grad(|| {
+            for (view, t) in self.views.iter().zip(tensors) {
+                t.shallow_clone().f_copy_(view)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn all_reduce(
+        &mut self,
+        ring: &mut Ring,
+        runtime: &Handle,
+        op: ReduceOp,
+    ) -> Result<(), TrainError> {
+        for flat in &mut self.flats {
+            runtime.block_on(collective::all_reduce(ring, flat, op))?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(
+        &mut self,
+        ring: &mut Ring,
+        runtime: &Handle,
+        root: usize,
+    ) -> Result<(), TrainError> {
+        for flat in &mut self.flats {
+            runtime.block_on(collective::broadcast(ring, flat, root))?;
+        }
+        Ok(())
+    }
+
+    /// Scales every bucket so that their global L2 norm is at most `max`
+    /// (as `torch.nn.utils.clip_grad_norm_`).
+    fn clip_norm(&mut self, max: f64) -> Result<(), TrainError> {
+        let mut squares = 0.0;
+        for flat in &self.flats {
+            squares += flat.f_norm()?.f_double_value(&[])?.powi(2);
+        }
+        let coef = max / (squares.sqrt() + 1e-6);
+        if coef < 1.0 {
+            for flat in &mut self.flats {
+                let _ = flat.f_mul_scalar_(coef)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Trainer<'a> {
+    segment: &'a Segment,
+    ring: &'a mut Ring,
+    runtime: &'a Handle,
+    data: Dataset,
+    model: Model,
+    params: Vec<Tensor>,
+    buffers: Vec<Tensor>,
+    optimizer: Optimizer,
+    grads: Buckets,
+    buffer_buckets: Buckets,
+    steps_per_epoch: u64,
+}
+
+impl<'a> Trainer<'a> {
+    /// Loads the data, builds the model, restores the checkpoint of
+    /// `start_epoch` (if any) and makes every replica equal to rank 0's.
+    pub(crate) fn new(
+        segment: &'a Segment,
+        ring: &'a mut Ring,
+        runtime: &'a Handle,
+    ) -> Result<Self, TrainError> {
+        let spec = &segment.spec;
+        let mut data = dataset::load(&spec.dataset)?;
+        if data.train.is_empty() {
+            return Err(TrainError::DatasetSpec(
+                "the training split is empty".into(),
+            ));
+        }
+        to_device(&mut data.train, segment.device)?;
+        if let Some(test) = &mut data.test {
+            to_device(test, segment.device)?;
+        }
+        let input = &data.train.features.size()[1..];
+        let model = Model::build(
+            &spec.model,
+            input,
+            spec.dataset.classes,
+            segment.device,
+            spec.seed,
+        )?;
+        let named_params = model.parameters();
+        let optimizer = Optimizer::new(&spec.optimizer, &named_params);
+        let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
+        let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
+        let per_rank = rank_indices(
+            data.train.len(),
+            segment.world,
+            segment.rank,
+            0,
+            0,
+            false,
+            spec.dataset.drop_last,
+        )
+        .len();
+        let mut trainer = Self {
+            grads: Buckets::new(&params, BUCKET_BYTES),
+            buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
+            steps_per_epoch: per_rank.div_ceil(spec.batch_size.max(1) as usize) as u64,
+            segment,
+            ring,
+            runtime,
+            data,
+            model,
+            params,
+            buffers,
+            optimizer,
+        };
+        if segment.start_epoch > 0 {
+            trainer.restore(segment.start_epoch)?;
+        }
+        trainer.broadcast_state()?;
+        Ok(trainer)
+    }
+
+    fn restore(&mut self, epoch: u32) -> Result<(), TrainError> {
+        let dir = &self.segment.checkpoint_dir;
+        let sidecar = checkpoint::load_sidecar(dir, epoch)?;
+        let mut saved = checkpoint::load_tensors(dir, epoch)?;
+        let path = checkpoint::tensors_path(dir, epoch);
+        let mut take = |name: String, target: &mut Tensor| -> Result<(), TrainError> {
+            let source = saved.remove(&name).ok_or_else(|| TrainError::Checkpoint {
+                path: path.clone(),
+                what: format!("no tensor {name} (was it written for another model?)"),
+            })?;
+            tch::no_grad(|| target.f_copy_(&source)).map_err(|e| TrainError::Checkpoint {
+                path: path.clone(),
+                what: format!("{name}: {e}"),
+            })
+        };
+        for (name, mut t) in self.model.vs.variables() {
+            take(format!("model.{name}"), &mut t)?;
+        }
+        let names: Vec<String> = self
+            .optimizer
+            .named_state()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for (name, t) in names.into_iter().zip(self.optimizer.state_mut()) {
+            take(format!("optim.{name}"), t)?;
+        }
+        self.optimizer.step = sidecar.step;
+        Ok(())
+    }
+
+    /// Rank 0's parameters and buffers to everyone.
+    fn broadcast_state(&mut self) -> Result<(), TrainError> {
+        let all: Vec<Tensor> = self
+            .params
+            .iter()
+            .chain(&self.buffers)
+            .map(Tensor::shallow_clone)
+            .collect();
+        let mut buckets = Buckets::new(&all, BUCKET_BYTES);
+        buckets.fill(&all)?;
+        buckets.broadcast(self.ring, self.runtime, 0)?;
+        buckets.drain_into(&all)
+    }
+
+    /// One pass over this rank's share of the training split; returns the
+    /// sum of step losses, the steps, the samples and the last rate.
+    fn train(&mut self, epoch: u32) -> Result<(f64, u64, u64, f64), TrainError> {
+        let segment = self.segment;
+        let spec = &segment.spec;
+        let train = &self.data.train;
+        let indices = rank_indices(
+            train.len(),
+            self.segment.world,
+            self.segment.rank,
+            spec.seed,
+            u64::from(epoch),
+            spec.dataset.shuffle,
+            spec.dataset.drop_last,
+        );
+        let order = Tensor::from_slice(&indices).f_to_device(self.segment.device)?;
+        let batch = i64::from(spec.batch_size.max(1));
+        let total = indices.len() as i64;
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.segment.device));
+        let mut step = u64::from(epoch - 1) * self.steps_per_epoch;
+        let mut lr = spec.optimizer.lr;
+        for begin in (0..total).step_by(batch as usize) {
+            let index = order.narrow(0, begin, batch.min(total - begin));
+            let xs = train.features.f_index_select(0, &index)?;
+            let ys = train.labels.f_index_select(0, &index)?;
+            for p in &mut self.params {
+                p.zero_grad();
+            }
+            let logits = self.model.forward(&xs, true)?;
+            let loss = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+                &ys,
+                None::<Tensor>,
+                Reduction::Mean,
+                -100,
+            )?;
+            loss.f_backward()?;
+            self.grads.fill(self.params.iter().map(Tensor::grad))?;
+            self.grads
+                .all_reduce(self.ring, self.runtime, ReduceOp::Avg)?;
+            if let Some(max) = spec.optimizer.grad_clip {
+                self.grads.clip_norm(max)?;
+            }
+            lr = learning_rate(
+                &spec.optimizer,
+                &spec.schedule,
+                step,
+                self.steps_per_epoch,
+                spec.epochs,
+            );
+            self.optimizer.step(&self.params, &self.grads.views, lr)?;
+            step += 1;
+            let _ = tch::no_grad(|| loss_sum.f_add_(&loss.f_to_kind(Kind::Double)?))?;
+        }
+        Ok((
+            loss_sum.f_double_value(&[])?,
+            self.steps_per_epoch,
+            total as u64,
+            lr,
+        ))
+    }
+
+    /// Loss sum, correct predictions and examples on this rank's contiguous
+    /// shard of the test split.
+    fn evaluate(&mut self) -> Result<[f64; 3], TrainError> {
+        let Some(test) = &self.data.test else {
+            return Ok([0.0; 3]);
+        };
+        let (world, rank) = (self.segment.world as i64, self.segment.rank as i64);
+        let n = test.len() as i64;
+        let (begin, end) = (n * rank / world, n * (rank + 1) / world);
+        let batch = i64::from(self.segment.spec.eval_batch_size.max(1));
+        let mut sums = [0.0; 3];
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for start in (begin..end).step_by(batch as usize) {
+                let len = batch.min(end - start);
+                let xs = test.features.narrow(0, start, len);
+                let ys = test.labels.narrow(0, start, len);
+                let logits = self.model.forward(&xs, false)?;
+                let loss = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
+                    &ys,
+                    None::<Tensor>,
+                    Reduction::Sum,
+                    -100,
+                )?;
+                let correct = logits
+                    .f_argmax(-1, false)?
+                    .f_eq_tensor(&ys)?
+                    .f_sum(Kind::Int64)?;
+                sums[0] += loss.f_double_value(&[])?;
+                sums[1] += correct.f_double_value(&[])?;
+                sums[2] += len as f64;
+            }
+            Ok(())
+        })?;
+        Ok(sums)
+    }
+
+    /// Element-wise reduction of a few numbers across ranks.
+    fn reduce(&mut self, values: &[f64], op: ReduceOp) -> Result<Vec<f64>, TrainError> {
+        let mut t = Tensor::from_slice(values);
+        self.runtime
+            .block_on(collective::all_reduce(self.ring, &mut t, op))?;
+        Ok(Vec::<f64>::try_from(&t)?)
+    }
+}
+
+fn to_device(split: &mut Split, device: Device) -> Result<(), TrainError> {
+    split.features = split.features.f_to_device(device)?;
+    split.labels = split.labels.f_to_device(device)?;
+    Ok(())
+}
+
+impl Epochs for Trainer<'_> {
+    fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
+        {
+            let _rng = super::model::TORCH_RNG
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            tch::manual_seed(epoch_seed(self.segment.spec.seed, epoch, self.segment.rank) as i64);
+        }
+        let started = Instant::now();
+        let (loss_sum, steps, samples, lr) = self.train(epoch)?;
+        let train_seconds = started.elapsed().as_secs_f64();
+        // Batch-norm statistics differ per rank (each saw its own shard):
+        // evaluate, and checkpoint, with their average.
+        if self.segment.world > 1 && !self.buffers.is_empty() {
+            self.buffer_buckets.fill(&self.buffers)?;
+            self.buffer_buckets
+                .all_reduce(self.ring, self.runtime, ReduceOp::Avg)?;
+            self.buffer_buckets.drain_into(&self.buffers)?;
+        }
+        let [test_loss, correct, count] = self.evaluate()?;
+        let epoch_seconds = started.elapsed().as_secs_f64();
+        let sums = self.reduce(
+            &[
+                loss_sum,
+                steps as f64,
+                samples as f64,
+                test_loss,
+                correct,
+                count,
+            ],
+            ReduceOp::Sum,
+        )?;
+        let times = self.reduce(&[train_seconds, epoch_seconds], ReduceOp::Max)?;
+        let mut metrics = BTreeMap::from([
+            ("train_loss".to_string(), sums[0] / sums[1]),
+            ("samples_per_sec".to_string(), sums[2] / times[0]),
+            ("epoch_seconds".to_string(), times[1]),
+            ("lr".to_string(), lr),
+        ]);
+        if self.data.test.is_some() && sums[5] > 0.0 {
+            metrics.insert("test_loss".into(), sums[3] / sums[5]);
+            metrics.insert("test_accuracy".into(), sums[4] / sums[5]);
+        }
+        Ok(metrics)
+    }
+
+    fn checkpoint(
+        &mut self,
+        epoch: u32,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<PathBuf, TrainError> {
+        let dir = &self.segment.checkpoint_dir;
+        let path = if self.segment.rank == 0 {
+            let vars = self.model.vs.variables();
+            let mut tensors: Vec<(String, &Tensor)> = vars
+                .iter()
+                .map(|(name, t)| (format!("model.{name}"), t))
+                .collect();
+            tensors.extend(
+                self.optimizer
+                    .named_state()
+                    .into_iter()
+                    .map(|(name, t)| (format!("optim.{name}"), t)),
+            );
+            let seed = self.segment.spec.seed;
+            let sidecar = Sidecar {
+                epoch,
+                step: self.optimizer.step,
+                seed,
+                rng_seed: epoch_seed(seed, epoch + 1, 0),
+                world: self.segment.world,
+                metrics: metrics.clone(),
+            };
+            checkpoint::save(dir, &tensors, &sidecar)?
+        } else {
+            checkpoint::tensors_path(dir, epoch)
+        };
+        // Nobody may go on (and perhaps resume elsewhere) before it exists.
+        self.runtime.block_on(self.ring.barrier())?;
+        Ok(path)
+    }
+
+    fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError> {
+        Ok(self.reduce(&[f64::from(u8::from(stop))], ReduceOp::Max)?[0] > 0.0)
+    }
+}

@@ -1,0 +1,258 @@
+//! Training: one run segment of a trial on this rank, data-parallel with
+//! the other ranks of its ring.
+//!
+//! ```text
+//!   run_segment ──▶ dataset::load (whole split in memory)
+//!               ──▶ Model::build (seeded) ──▶ restore checkpoint (resume)
+//!               ──▶ broadcast rank 0's tensors
+//!               ──▶ per epoch: train (ddp) → average BN stats → evaluate
+//!                   → checkpoint when due (rank 0 writes, barrier)
+//!                   → on_epoch → Continue | Stop (agreed by all ranks)
+//! ```
+//!
+//! A synthetic model skips all of it: it sleeps and reports its test
+//! function's value, so sweeps can be exercised without data.
+
+mod checkpoint;
+mod dataset;
+mod ddp;
+mod error;
+mod model;
+mod optim;
+mod sampler;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ringleader_collective::Ring;
+use ringleader_spec::job::{ModelSpec, SyntheticFunction};
+use ringleader_spec::{synthetic, JobSpec};
+
+pub use checkpoint::Sidecar;
+pub use error::{Position, TrainError};
+
+/// What one call of [`run_segment`] trains.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub spec: JobSpec,
+    pub rank: usize,
+    pub world: usize,
+    /// Epochs already done: 0 = start fresh, otherwise resume from the
+    /// checkpoint written after that epoch.
+    pub start_epoch: u32,
+    /// Train epochs start_epoch+1 ..= stop_epoch (stop_epoch <= spec.epochs).
+    pub stop_epoch: u32,
+    /// This trial's checkpoint directory (shared by all ranks; rank 0 writes).
+    pub checkpoint_dir: PathBuf,
+    pub device: tch::Device,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochReport {
+    pub epoch: u32,
+    pub metrics: BTreeMap<String, f64>,
+    /// The checkpoint written after this epoch, if one was due.
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegmentOutcome {
+    /// The last epoch trained (start_epoch when none was).
+    pub last_epoch: u32,
+    /// Its metrics (empty when no epoch was trained).
+    pub metrics: BTreeMap<String, f64>,
+    /// The newest checkpoint this segment wrote.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Trains `segment` on this rank. Blocking; call from a blocking thread.
+/// Ring operations run via `runtime.block_on`. `on_epoch` sees every
+/// epoch's metrics (the same on every rank); if any rank's callback returns
+/// [`Control::Stop`], every rank checkpoints and returns.
+pub fn run_segment(
+    segment: &Segment,
+    ring: &mut Ring,
+    runtime: &tokio::runtime::Handle,
+    on_epoch: &mut dyn FnMut(&EpochReport) -> Control,
+) -> Result<SegmentOutcome, TrainError> {
+    check(segment)?;
+    if let ModelSpec::Synthetic { .. } = segment.spec.model {
+        if segment.start_epoch > 0 {
+            // Nothing to restore, but resuming needs its checkpoint as a real model does.
+            checkpoint::load_sidecar(&segment.checkpoint_dir, segment.start_epoch)?;
+        }
+        return drive(segment, &mut Synthetic { segment }, on_epoch);
+    }
+    if ring.world() != segment.world || ring.rank() != segment.rank {
+        return Err(TrainError::InvalidSegment(format!(
+            "rank {} of {} on a ring where it is rank {} of {}",
+            segment.rank,
+            segment.world,
+            ring.rank(),
+            ring.world()
+        )));
+    }
+    if segment.spec.threads > 0 {
+        tch::set_num_threads(segment.spec.threads as i32);
+    }
+    let mut trainer = ddp::Trainer::new(segment, ring, runtime)?;
+    drive(segment, &mut trainer, on_epoch)
+}
+
+fn check(segment: &Segment) -> Result<(), TrainError> {
+    let (start, stop, epochs) = (segment.start_epoch, segment.stop_epoch, segment.spec.epochs);
+    if start > stop || stop > epochs {
+        return Err(TrainError::InvalidSegment(format!(
+            "epochs {start}..={stop} of a {epochs}-epoch job"
+        )));
+    }
+    if segment.rank >= segment.world {
+        return Err(TrainError::InvalidSegment(format!(
+            "rank {} in a world of {}",
+            segment.rank, segment.world
+        )));
+    }
+    Ok(())
+}
+
+/// What a segment does per epoch; [`drive`] owns the loop around it.
+trait Epochs {
+    fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError>;
+    /// Writes (rank 0) the checkpoint after `epoch`; returns once it exists.
+    fn checkpoint(
+        &mut self,
+        epoch: u32,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<PathBuf, TrainError>;
+    /// Whether any rank wants to stop.
+    fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError>;
+}
+
+fn drive(
+    segment: &Segment,
+    run: &mut dyn Epochs,
+    on_epoch: &mut dyn FnMut(&EpochReport) -> Control,
+) -> Result<SegmentOutcome, TrainError> {
+    let interval = segment.spec.checkpoint.interval_epochs;
+    let mut outcome = SegmentOutcome {
+        last_epoch: segment.start_epoch,
+        metrics: BTreeMap::new(),
+        checkpoint: None,
+    };
+    for epoch in segment.start_epoch + 1..=segment.stop_epoch {
+        let metrics = run.epoch(epoch)?;
+        let due = epoch == segment.stop_epoch || (interval > 0 && epoch % interval == 0);
+        let checkpoint = if due {
+            Some(run.checkpoint(epoch, &metrics)?)
+        } else {
+            None
+        };
+        let report = EpochReport {
+            epoch,
+            metrics,
+            checkpoint,
+        };
+        let stop = run.agree_to_stop(on_epoch(&report) == Control::Stop)?;
+        let checkpoint = match report.checkpoint {
+            None if stop => Some(run.checkpoint(epoch, &report.metrics)?),
+            written => written.or(outcome.checkpoint),
+        };
+        outcome = SegmentOutcome {
+            last_epoch: epoch,
+            metrics: report.metrics,
+            checkpoint,
+        };
+        if stop {
+            break;
+        }
+    }
+    Ok(outcome)
+}
+
+/// libtorch's seed for `rank` in `epoch`: dropout and the like replay
+/// exactly on resume. (SplitMix64 over the three inputs.)
+pub(crate) fn epoch_seed(seed: u64, epoch: u32, rank: usize) -> u64 {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let golden = 0x9e37_79b9_7f4a_7c15_u64;
+    mix(mix(mix(seed.wrapping_add(golden)) ^ u64::from(epoch)) ^ rank as u64) >> 1
+}
+
+/// The synthetic "model": each epoch takes `epoch_ms` and reports
+/// `objective = f(x) + (1 + |f(x)|)·2^−epoch`, which converges to f(x) from
+/// above. No data, no ring traffic; the checkpoint is the sidecar alone.
+struct Synthetic<'a> {
+    segment: &'a Segment,
+}
+
+impl Synthetic<'_> {
+    fn value(&self) -> f64 {
+        let ModelSpec::Synthetic {
+            function,
+            x1,
+            x2,
+            x3,
+            x4,
+            x5,
+            x6,
+            ..
+        } = self.segment.spec.model
+        else {
+            unreachable!("only built for synthetic models")
+        };
+        match function {
+            SyntheticFunction::Branin => synthetic::branin(x1, x2),
+            SyntheticFunction::Hartmann6 => synthetic::hartmann6(&[x1, x2, x3, x4, x5, x6]),
+        }
+    }
+}
+
+impl Epochs for Synthetic<'_> {
+    fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
+        let started = Instant::now();
+        if let ModelSpec::Synthetic { epoch_ms, .. } = self.segment.spec.model {
+            std::thread::sleep(Duration::from_millis(epoch_ms));
+        }
+        let value = self.value();
+        let objective = value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32);
+        Ok(BTreeMap::from([
+            ("objective".to_string(), objective),
+            ("epoch_seconds".to_string(), started.elapsed().as_secs_f64()),
+        ]))
+    }
+
+    fn checkpoint(
+        &mut self,
+        epoch: u32,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<PathBuf, TrainError> {
+        let dir = &self.segment.checkpoint_dir;
+        if self.segment.rank != 0 {
+            return Ok(checkpoint::sidecar_path(dir, epoch));
+        }
+        let seed = self.segment.spec.seed;
+        let sidecar = Sidecar {
+            epoch,
+            step: u64::from(epoch),
+            seed,
+            rng_seed: epoch_seed(seed, epoch + 1, 0),
+            world: self.segment.world,
+            metrics: metrics.clone(),
+        };
+        checkpoint::save(dir, &[], &sidecar)
+    }
+
+    fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError> {
+        Ok(stop)
+    }
+}
