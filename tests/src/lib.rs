@@ -128,6 +128,11 @@ impl TestCluster {
         Self { cluster, dir }
     }
 
+    /// The test's private directory (logs, etcd data, checkpoints).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn etcd_endpoints(&self) -> Vec<String> {
         self.cluster.etcd_endpoints().to_vec()
     }

@@ -1,11 +1,17 @@
-//! The worker's link to the leader: register, heartbeat, re-register.
+//! The worker's link to the leader: register, heartbeat, take assignments,
+//! report, re-register.
 //!
 //! ```text
 //!   find leader (any coordinator names it) ──▶ Attach stream: Register
-//!        ▲                                          │ Registered
-//!        │ backoff (capped) on failure              ▼
-//!        └──── stream ends / errors / acks stop ◀── heartbeats every interval
+//!        ▲                                     (running attempt, last report)
+//!        │ backoff (capped) on failure              │ Registered
+//!        │                                          ▼
+//!        └──── stream ends / errors / acks stop ◀── heartbeats every interval,
+//!                                                   assignments ▼ reports ▲
 //! ```
+//!
+//! Attempts outlive sessions: a failover does not stop training; the next
+//! Register tells the new leader what runs here.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +19,8 @@ use ringleader_coordinator::client;
 use ringleader_proto::coordinator::{
     coordinator_message, worker_message, Heartbeat, Register, WorkerMessage,
 };
+
+use crate::trial::Trials;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -44,11 +52,17 @@ pub enum AgentError {
     SessionLost { leader: String, reason: String },
 }
 
-/// Keeps the worker registered with whoever leads until `shutdown`.
-pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
+/// Keeps the worker registered with whoever leads until `shutdown`,
+/// running what it is assigned and forwarding `reports` from its attempts.
+pub async fn run(
+    options: AgentOptions,
+    trials: Trials,
+    mut reports: mpsc::UnboundedReceiver<WorkerMessage>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = options.min_backoff;
     while !shutdown.is_cancelled() {
-        let error = match attach_once(&options, &shutdown).await {
+        let error = match attach_once(&options, &trials, &mut reports, &shutdown).await {
             Ok(()) => return,
             Err(error) => error,
         };
@@ -85,13 +99,20 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
 /// shutdown.
 async fn attach_once(
     options: &AgentOptions,
+    trials: &Trials,
+    reports: &mut mpsc::UnboundedReceiver<WorkerMessage>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let (leader, mut client) =
         client::find_leader(&options.coordinators, options.rpc_timeout).await?;
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = mpsc::channel(64);
+    let registration = Register {
+        running: trials.current(),
+        last_finished: trials.last_finished(),
+        ..options.registration.clone()
+    };
     let register = WorkerMessage {
-        kind: Some(worker_message::Kind::Register(options.registration.clone())),
+        kind: Some(worker_message::Kind::Register(registration)),
     };
     // The channel is empty and ours: this cannot fail.
     let _ = tx.send(register).await;
@@ -128,7 +149,13 @@ async fn attach_once(
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                // Deliver what the attempts reported before we go.
+                while let Ok(report) = reports.try_recv() {
+                    let _ = tx.send(report).await;
+                }
+                return Ok(());
+            }
             _ = tick.tick() => {
                 if last_heard.elapsed() > silence_limit {
                     return Err(lost(format!("no answer for {silence_limit:?}")));
@@ -141,8 +168,25 @@ async fn attach_once(
                     return Err(lost("stream closed".into()));
                 }
             }
+            Some(report) = reports.recv() => {
+                if tx.send(report).await.is_err() {
+                    return Err(lost("stream closed".into()));
+                }
+            }
             message = inbound.message() => match message {
-                Ok(Some(_)) => last_heard = Instant::now(),
+                Ok(Some(message)) => {
+                    last_heard = Instant::now();
+                    match message.kind {
+                        Some(coordinator_message::Kind::Assign(assignment)) => trials.start(assignment),
+                        Some(coordinator_message::Kind::Stop(stop)) => {
+                            if let Some(attempt) = &stop.attempt {
+                                info!(sweep = %attempt.sweep_id, trial = attempt.trial, reason = %stop.reason, "told to stop");
+                                trials.stop(attempt);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 Ok(None) => return Err(lost("stream closed".into())),
                 Err(status) => return Err(lost(status.message().to_string())),
             }

@@ -13,9 +13,11 @@ use ringleader_coordinator::{client, runtime};
 use ringleader_proto::coordinator::Register;
 use ringleader_worker::agent::{self, AgentOptions};
 use ringleader_worker::device::{self, DeviceRequest};
+use ringleader_worker::trial::{TrialContext, Trials};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 /// Ring chunks are large, short-lived buffers: glibc serves them with fresh
 /// mmaps (page faults, zeroing) every time; mimalloc reuses them.
@@ -70,6 +72,11 @@ struct Args {
     collective_timeout: Duration,
 
     /// Log as JSON lines.
+    /// On SIGTERM, how long the running attempt may take to checkpoint and
+    /// stop before the worker exits anyway.
+    #[arg(long, env = "RINGLEADER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
 }
@@ -116,11 +123,14 @@ async fn run(args: Args) -> Result<()> {
     };
     // Rings built from coordinator plans register here.
     let collectives = CollectiveService::new(ring_options.timeout);
-    let server_shutdown = shutdown.clone();
+    // The peer server outlives the signal: ring partners still need it
+    // while the running attempt winds down.
+    let server_stop = CancellationToken::new();
+    let server_shutdown = server_stop.clone();
     let peer_server = tokio::spawn(
         ring::server_builder(&ring_options)
             .add_service(health_service)
-            .add_service(ring::collective_server(collectives))
+            .add_service(ring::collective_server(collectives.clone()))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 server_shutdown.cancelled_owned(),
@@ -134,13 +144,38 @@ async fn run(args: Args) -> Result<()> {
             host,
             peer_address: advertise,
             resources: Some(resources),
+            running: None,
+            last_finished: None,
         },
         rpc_timeout: args.timeout,
         min_backoff: Duration::from_millis(100),
         max_backoff: args.max_backoff,
     };
-    agent::run(options, shutdown.clone()).await;
-    shutdown.cancel();
+    let (trials, reports) = Trials::new(TrialContext {
+        collectives: collectives.clone(),
+        ring_options: ring_options.clone(),
+        device,
+    });
+    let agent_stop = CancellationToken::new();
+    let agent = tokio::spawn(agent::run(
+        options,
+        trials.clone(),
+        reports,
+        agent_stop.clone(),
+    ));
+    shutdown.cancelled().await;
+    // Graceful: the running attempt checkpoints at the end of its epoch and
+    // is reported abandoned (not failed), so the leader moves it elsewhere.
+    trials.stop_all();
+    if tokio::time::timeout(args.drain_timeout, trials.until_idle())
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?args.drain_timeout, "the running attempt did not stop in time");
+    }
+    agent_stop.cancel();
+    let _ = agent.await;
+    server_stop.cancel();
     peer_server.await?.context("peer server")?;
     Ok(())
 }

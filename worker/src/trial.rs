@@ -1,0 +1,257 @@
+//! Running the leader's assignments: one attempt at a time, as one rank of
+//! a gang. Builds the ring for the attempt's generation, trains on a
+//! blocking thread, reports each epoch (rank 0) and the end (every rank).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ringleader_collective::{CollectiveService, Ring, RingOptions, RingPlan};
+use ringleader_proto::coordinator::{
+    worker_message, Assignment, AttemptOutcome, AttemptRef, EpochReport as EpochMessage,
+    TrialFinished, WorkerMessage,
+};
+use ringleader_spec::JobSpec;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::device::DeviceRequest;
+use crate::train::{self, Control, Segment};
+
+/// What every attempt on this worker shares.
+#[derive(Clone)]
+pub struct TrialContext {
+    pub collectives: CollectiveService,
+    pub ring_options: RingOptions,
+    /// The device this worker trains on unless a job asks for the CPU.
+    pub device: tch::Device,
+}
+
+struct Running {
+    attempt: AttemptRef,
+    stop: CancellationToken,
+}
+
+/// The worker's attempts: at most one running, plus the last one finished
+/// (repeated to a new leader until it assigns something else).
+#[derive(Clone)]
+pub struct Trials {
+    context: TrialContext,
+    running: Arc<Mutex<Option<Running>>>,
+    last_finished: Arc<Mutex<Option<TrialFinished>>>,
+    /// Reports for the leader; the agent forwards them on whichever
+    /// session is up.
+    reports: mpsc::UnboundedSender<WorkerMessage>,
+    /// True while nothing runs.
+    idle: Arc<watch::Sender<bool>>,
+}
+
+impl Trials {
+    pub fn new(context: TrialContext) -> (Self, mpsc::UnboundedReceiver<WorkerMessage>) {
+        let (reports, rx) = mpsc::unbounded_channel();
+        let trials = Self {
+            context,
+            running: Arc::default(),
+            last_finished: Arc::default(),
+            reports,
+            idle: Arc::new(watch::channel(true).0),
+        };
+        (trials, rx)
+    }
+
+    fn running(&self) -> MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn last(&self) -> MutexGuard<'_, Option<TrialFinished>> {
+        self.last_finished.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The attempt running now, for a re-registration.
+    pub fn current(&self) -> Option<AttemptRef> {
+        self.running().as_ref().map(|r| r.attempt.clone())
+    }
+
+    pub fn last_finished(&self) -> Option<TrialFinished> {
+        self.last().clone()
+    }
+
+    /// Starts an assignment. A worker runs one attempt at a time: a second
+    /// one while busy is refused with a failure report naming the first.
+    pub fn start(&self, assignment: Assignment) {
+        let Some(attempt) = assignment.attempt.clone() else {
+            warn!("assignment without an attempt; ignored");
+            return;
+        };
+        let stop = CancellationToken::new();
+        {
+            let mut running = self.running();
+            if let Some(busy) = running.as_ref() {
+                let error = format!(
+                    "worker is busy with {} trial {} attempt {}",
+                    busy.attempt.sweep_id, busy.attempt.trial, busy.attempt.attempt
+                );
+                self.report(worker_message::Kind::Finished(finished(
+                    &attempt,
+                    AttemptOutcome::Failed,
+                    0,
+                    None,
+                    error,
+                )));
+                return;
+            }
+            *running = Some(Running {
+                attempt: attempt.clone(),
+                stop: stop.clone(),
+            });
+        }
+        *self.last() = None;
+        self.idle.send_replace(false);
+        let trials = self.clone();
+        tokio::spawn(async move {
+            let report = run_attempt(&trials, &assignment, &attempt, stop).await;
+            info!(sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, outcome = ?report.outcome(), error = %report.error, "attempt finished");
+            *trials.last() = Some(report.clone());
+            *trials.running() = None;
+            trials.report(worker_message::Kind::Finished(report));
+            trials.idle.send_replace(true);
+        });
+    }
+
+    /// Asks `attempt` to stop (it checkpoints at the end of its epoch).
+    pub fn stop(&self, attempt: &AttemptRef) {
+        if let Some(running) = self.running().as_ref().filter(|r| &r.attempt == attempt) {
+            running.stop.cancel();
+        }
+    }
+
+    /// Stops whatever runs (graceful shutdown).
+    pub fn stop_all(&self) {
+        if let Some(running) = self.running().as_ref() {
+            running.stop.cancel();
+        }
+    }
+
+    /// Waits until no attempt runs (its final report is queued by then).
+    pub async fn until_idle(&self) {
+        let mut idle = self.idle.subscribe();
+        let _ = idle.wait_for(|idle| *idle).await;
+    }
+
+    fn report(&self, message: worker_message::Kind) {
+        let _ = self.reports.send(WorkerMessage {
+            kind: Some(message),
+        });
+    }
+}
+
+fn finished(
+    attempt: &AttemptRef,
+    outcome: AttemptOutcome,
+    epochs_done: u32,
+    checkpoint: Option<PathBuf>,
+    error: String,
+) -> TrialFinished {
+    TrialFinished {
+        attempt: Some(attempt.clone()),
+        outcome: outcome as i32,
+        epochs_done,
+        checkpoint: checkpoint
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        error,
+    }
+}
+
+/// Runs one attempt to its end; the report says how it ended.
+async fn run_attempt(
+    trials: &Trials,
+    assignment: &Assignment,
+    attempt: &AttemptRef,
+    stop: CancellationToken,
+) -> TrialFinished {
+    let start = assignment.start_epoch;
+    let fail = |error: String| finished(attempt, AttemptOutcome::Failed, start, None, error);
+    let spec: JobSpec = match serde_json::from_str(&assignment.job_json) {
+        Ok(spec) => spec,
+        Err(error) => return fail(format!("the assignment's job does not parse: {error}")),
+    };
+    let device = match spec.device.parse::<DeviceRequest>() {
+        Ok(DeviceRequest::Cpu) => tch::Device::Cpu,
+        Ok(_) => trials.context.device,
+        Err(error) => return fail(format!("job device: {error}")),
+    };
+    let plan = RingPlan {
+        generation: assignment.generation,
+        rank: assignment.rank as usize,
+        peers: assignment.peers.clone(),
+    };
+    let mut ring = match Ring::connect(
+        &trials.context.collectives,
+        plan,
+        trials.context.ring_options.clone(),
+    )
+    .await
+    {
+        Ok(ring) => ring,
+        Err(error) => return fail(format!("forming the ring: {error}")),
+    };
+    let segment = Segment {
+        spec,
+        rank: assignment.rank as usize,
+        world: assignment.peers.len(),
+        start_epoch: start,
+        stop_epoch: assignment.stop_epoch,
+        checkpoint_dir: PathBuf::from(&assignment.checkpoint_dir),
+        device,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let reports = trials.clone();
+    let reference = attempt.clone();
+    let stopping = stop.clone();
+    let trained = tokio::task::spawn_blocking(move || {
+        let result = train::run_segment(&segment, &mut ring, &runtime, &mut |epoch| {
+            if segment.rank == 0 {
+                reports.report(worker_message::Kind::Epoch(EpochMessage {
+                    attempt: Some(reference.clone()),
+                    epoch: epoch.epoch,
+                    metrics: epoch.metrics.clone().into_iter().collect(),
+                    checkpoint: epoch
+                        .checkpoint
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                }));
+            }
+            if stopping.is_cancelled() {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        });
+        let _ = runtime.block_on(ring.close());
+        result
+    })
+    .await;
+    let (outcome, epochs, checkpoint, error) = match trained {
+        Ok(Ok(done)) => {
+            let outcome = if done.last_epoch >= assignment.stop_epoch {
+                AttemptOutcome::Done
+            } else {
+                AttemptOutcome::Abandoned
+            };
+            (outcome, done.last_epoch, done.checkpoint, String::new())
+        }
+        Ok(Err(error)) if stop.is_cancelled() => {
+            (AttemptOutcome::Abandoned, start, None, error.to_string())
+        }
+        Ok(Err(error)) => (AttemptOutcome::Failed, start, None, error.to_string()),
+        Err(panic) => (
+            AttemptOutcome::Failed,
+            start,
+            None,
+            format!("training panicked: {panic}"),
+        ),
+    };
+    finished(attempt, outcome, epochs, checkpoint, error)
+}
