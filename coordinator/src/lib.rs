@@ -36,5 +36,6 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod sweep_spec;
 
 pub use error::{Error, Result};
