@@ -34,7 +34,7 @@ use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::search::{Asha, AshaError, Mode, Param, TpeOptions};
+use crate::search::{Asha, AshaError, Grid, Mode, Param, Space, TpeOptions};
 
 /// A checked sweep.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,28 +117,25 @@ impl SweepSpec {
         let sweep = file.sweep;
         let at = |path: &[&str], message: String| doc.error(FieldError::new(path, message));
 
-        // Sweep-level settings replace these job fields in every trial; a
-        // job error in one of them points at the sweep setting.
-        let mut fixed = BTreeMap::new();
-        let mut fixed_at = Vec::new();
-        if let Some(epochs) = sweep.max_epochs {
-            fixed.insert("epochs".to_string(), Value::from(epochs));
-            fixed_at.push(("epochs", "max_epochs"));
-        }
-        if let Some(workers) = sweep.workers_per_trial {
-            fixed.insert("workers".to_string(), Value::from(workers));
-            fixed_at.push(("workers", "workers_per_trial"));
-        }
-        let place_job_error = |e: FieldError| {
-            let sweep_key = fixed_at
+        // The sweep's own settings replace these job fields in every trial;
+        // a job error in one of them points at the sweep setting.
+        let fixed: BTreeMap<String, Value> = [
+            ("epochs", sweep.max_epochs),
+            ("workers", sweep.workers_per_trial),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), Value::from(value?))))
+        .collect();
+        let base = apply_overrides(&file.job, &fixed).map_err(|e| {
+            let job_key = e.path.0.first().map(String::as_str).unwrap_or_default();
+            match SET_BY_SWEEP
                 .iter()
-                .find(|(job_key, _)| e.path.0.first().map(String::as_str) == Some(job_key));
-            match sweep_key {
-                Some((_, key)) => at(&["sweep", key], e.message),
+                .find(|(key, _)| fixed.contains_key(*key) && *key == job_key)
+            {
+                Some((_, sweep_key)) => at(&["sweep", sweep_key], e.message),
                 None => doc.error(e.under(&FieldPath(vec!["job".into()]))),
             }
-        };
-        let base = apply_overrides(&file.job, &fixed).map_err(place_job_error)?;
+        })?;
 
         if sweep.max_trials == Some(0) {
             return Err(at(&["sweep", "max_trials"], "must be at least 1".into()));
@@ -147,23 +144,18 @@ impl SweepSpec {
         let searcher = sweep.searcher(&at)?;
         let stopper = match sweep.stopper {
             Stopper::None => None,
-            Stopper::Asha if matches!(searcher, SearcherSpec::Asha { .. } | SearcherSpec::Hyperband { .. }) => {
-                return Err(at(
-                    &["sweep", "stopper"],
-                    "asha and hyperband stop trials themselves; a stopper applies to grid, random and tpe".into(),
-                ))
+            Stopper::Asha if searcher.stops_trials() => {
+                let message = "asha and hyperband stop trials themselves; \
+                               a stopper applies to grid, random and tpe";
+                return Err(at(&["sweep", "stopper"], message.into()));
             }
             Stopper::Asha => Some(AshaStopper {
                 eta: sweep.eta,
                 min_epochs: sweep.min_epochs,
             }),
         };
-        if stopper.is_some()
-            || matches!(
-                searcher,
-                SearcherSpec::Asha { .. } | SearcherSpec::Hyperband { .. }
-            )
-        {
+        if stopper.is_some() || searcher.stops_trials() {
+            // The rungs ASHA would build must exist.
             Asha::new(sweep.eta, sweep.min_epochs, base.epochs, mode).map_err(|e| match e {
                 AshaError::BadEta(_) => at(&["sweep", "eta"], e.to_string()),
                 _ => at(
@@ -175,24 +167,8 @@ impl SweepSpec {
                 ),
             })?;
         }
-
-        let metrics = base.model.metrics();
-        let metric = &sweep.objective.metric;
-        if !metrics.contains(&metric.as_str()) {
-            return Err(at(
-                &["sweep", "objective", "metric"],
-                format!(
-                    "the job's model does not report `{metric}`; it reports {}",
-                    metrics.join(", ")
-                ),
-            ));
-        }
-        if metric.starts_with("test_") && base.dataset.test.is_none() {
-            return Err(at(
-                &["sweep", "objective", "metric"],
-                format!("`{metric}` needs a test split ([job.dataset.test])"),
-            ));
-        }
+        check_metric(&sweep.objective.metric, &base)
+            .map_err(|e| at(&["sweep", "objective", "metric"], e))?;
 
         if sweep.params.is_empty() {
             return Err(at(
@@ -202,48 +178,25 @@ impl SweepSpec {
         }
         let mut params = BTreeMap::new();
         for (name, spec) in sweep.params {
-            let param_at = |message: String| at(&["sweep", "params", &name], message);
-            if fixed.contains_key(&name) {
-                return Err(param_at(format!("{name} is set by the sweep itself")));
-            }
-            let param = Param::from(spec);
-            param.validate(&name).map_err(|e| {
-                // The field already names the parameter.
-                let message = e.to_string();
-                let prefix = format!("parameter {name}: ");
-                param_at(message.strip_prefix(&prefix).unwrap_or(&message).into())
-            })?;
-            // A path or value the job rejects fails here, not in a trial.
-            for value in representatives(&param) {
-                let mut overrides = fixed.clone();
-                overrides.insert(name.clone(), value.clone());
-                apply_overrides(&file.job, &overrides).map_err(|e| {
-                    let message = if e.path == FieldPath::parse_dotted(&name) {
-                        e.message
-                    } else {
-                        format!("{}: {}", e.path, e.message)
-                    };
-                    param_at(format!("value {value}: {message}"))
-                })?;
-            }
+            let param = check_param(&name, spec.into(), &file.job, &fixed)
+                .map_err(|e| at(&["sweep", "params", &name], e))?;
             params.insert(name, param);
         }
 
         let max_trials = match (sweep.max_trials, &searcher) {
             (Some(n), _) => n,
             (None, SearcherSpec::Grid { points }) => {
-                let space = crate::search::Space::new(params.clone())
+                // Every parameter was checked above, so the space is valid.
+                let space = Space::new(params.clone())
                     .map_err(|e| at(&["sweep", "params"], e.to_string()))?;
-                crate::search::Grid::new(&space, *points as usize)
+                Grid::new(&space, *points as usize)
                     .len()
                     .try_into()
                     .unwrap_or(u32::MAX)
             }
             (None, _) => {
-                return Err(at(
-                    &["sweep", "max_trials"],
-                    "required (only grid sweeps default to the whole grid)".into(),
-                ))
+                let message = "required (only grid sweeps default to the whole grid)";
+                return Err(at(&["sweep", "max_trials"], message.into()));
             }
         };
 
@@ -276,6 +229,73 @@ impl SweepSpec {
         overrides.insert("epochs".into(), Value::from(self.max_epochs));
         with_overrides(&self.job, &overrides, &format!("{}: trial", self.origin))
     }
+}
+
+/// Job fields a sweep setting replaces in every trial, so no parameter
+/// may set them: (job key, sweep key).
+const SET_BY_SWEEP: [(&str, &str); 2] =
+    [("epochs", "max_epochs"), ("workers", "workers_per_trial")];
+
+impl SearcherSpec {
+    /// Whether the searcher stops poor trials itself (no stopper needed).
+    fn stops_trials(&self) -> bool {
+        matches!(
+            self,
+            SearcherSpec::Asha { .. } | SearcherSpec::Hyperband { .. }
+        )
+    }
+}
+
+/// `metric` must be one the base job's trials report.
+fn check_metric(metric: &str, base: &JobSpec) -> Result<(), String> {
+    let metrics = base.model.metrics();
+    if !metrics.contains(&metric) {
+        return Err(format!(
+            "the job's model does not report `{metric}`; it reports {}",
+            metrics.join(", ")
+        ));
+    }
+    if metric.starts_with("test_") && base.dataset.test.is_none() {
+        return Err(format!(
+            "`{metric}` needs a test split ([job.dataset.test])"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one parameter's domain, and that the job accepts its path with
+/// each of its [`representatives`], so a bad path or value fails at submit
+/// time and not in a trial. The error does not repeat the parameter name
+/// (the caller places it at the parameter).
+fn check_param(
+    name: &str,
+    param: Param,
+    job: &toml::Table,
+    fixed: &BTreeMap<String, Value>,
+) -> Result<Param, String> {
+    if let Some((_, sweep_key)) = SET_BY_SWEEP.iter().find(|(key, _)| *key == name) {
+        return Err(format!("{name} is set by sweep.{sweep_key}"));
+    }
+    param.validate(name).map_err(|e| {
+        let message = e.to_string();
+        let prefix = format!("parameter {name}: ");
+        message
+            .strip_prefix(&prefix)
+            .unwrap_or(&message)
+            .to_string()
+    })?;
+    for value in representatives(&param) {
+        let mut overrides = fixed.clone();
+        overrides.insert(name.into(), value.clone());
+        apply_overrides(job, &overrides).map_err(|e| {
+            if e.path == FieldPath::parse_dotted(name) {
+                format!("value {value}: {}", e.message)
+            } else {
+                format!("value {value}: {}: {}", e.path, e.message)
+            }
+        })?;
+    }
+    Ok(param)
 }
 
 /// Values that stand for a domain when checking it against the job: both
@@ -683,6 +703,11 @@ kind = "cnn"
             r#""model.hidden" = { kind = "int", low = 64, high = 256, step = 64 }"#,
             r#""model.hidden" = { kind = "int", low = 0, high = 256, step = 64, log = true }"#,
             "sweep.toml:13:1: sweep.params.\"model.hidden\": log scale needs bounds above 0",
+        );
+        assert_error(
+            r#""batch_size" = { kind = "choice", values = [32, 64, 128] }"#,
+            r#""epochs" = { kind = "choice", values = [1, 2] }"#,
+            "sweep.toml:12:1: sweep.params.epochs: epochs is set by sweep.max_epochs",
         );
         assert_error(
             r#""batch_size" = { kind = "choice", values = [32, 64, 128] }"#,
