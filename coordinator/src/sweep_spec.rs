@@ -14,6 +14,12 @@
 //! [job]                      # the base job, as in a job file
 //! ```
 //!
+//! Defaults: `seed` 0; `max_concurrent_trials` 0 (as many as workers
+//! allow); `workers_per_trial` and `max_epochs` the job's `workers` and
+//! `epochs`; `max_failures` 2; `eta` 3, `min_epochs` 1; `stopper` "none";
+//! `grid_points` 3; `tpe` as [`TpeOptions::default`]. `max_trials` is
+//! required except for grid sweeps, which default to the whole grid.
+//!
 //! [`SweepSpec::parse`] checks everything a trial could trip over before
 //! anything is stored: the base job, every parameter's domain, and that
 //! each parameter path, set to the ends of its domain (every value of a

@@ -2,7 +2,7 @@
 //!
 //! Field names are the TOML keys users write (see `examples/`); every table
 //! rejects unknown keys so a typo is an error, not a silently ignored
-//! setting. A sweep's `[search.params]` keys are dotted paths into this
+//! setting. A sweep's `[sweep.params]` keys are dotted paths into this
 //! structure (`optimizer.lr`, `model.channels`, `batch_size`).
 
 use std::path::{Path, PathBuf};
