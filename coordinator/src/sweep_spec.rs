@@ -1,51 +1,853 @@
-//! Placeholder until the sweep spec parser lands (same API).
+//! The sweep spec: the TOML a user submits with `ringleader sweep submit`.
+//!
+//! ```toml
+//! [sweep]
+//! name = "fashion-mnist-asha"
+//! searcher = "asha"          # grid | random | asha | hyperband | tpe
+//! max_trials = 24
+//! max_epochs = 9             # replaces job.epochs
+//! objective = { metric = "test_accuracy", mode = "max" }
+//!
+//! [sweep.params]             # dotted paths into the job
+//! "optimizer.lr" = { kind = "log_uniform", low = 0.001, high = 0.3 }
+//!
+//! [job]                      # the base job, as in a job file
+//! ```
+//!
+//! Defaults: `seed` 0; `max_concurrent_trials` 0 (as many as workers
+//! allow); `workers_per_trial` and `max_epochs` the job's `workers` and
+//! `epochs`; `max_failures` 2; `eta` 3, `min_epochs` 1; `stopper` "none";
+//! `grid_points` 3; `tpe` as [`TpeOptions::default`]. `max_trials` is
+//! required except for grid sweeps, which default to the whole grid.
+//!
+//! [`SweepSpec::parse`] checks everything a trial could trip over before
+//! anything is stored: the base job, every parameter's domain, and that
+//! each parameter path, set to the ends of its domain (every value of a
+//! choice), still gives a valid job. Every error names the file, the line
+//! and the field. Parsing is pure, so a rejected spec never writes anything.
+//!
+//! The search space types ([`Param`], [`Mode`], [`TpeOptions`]) have no
+//! serde form, so a `SweepSpec` serialises as its origin and TOML source
+//! and deserialises by parsing that again: what etcd holds is exactly what
+//! the user wrote, and a stored sweep is checked by the same code as a new
+//! one.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use ringleader_spec::JobSpec;
+use ringleader_spec::error::{Document, FieldError, FieldPath, SpecError};
+use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::search::{Mode, Param, TpeOptions};
+use crate::search::{Asha, AshaError, Grid, Mode, Param, Space, TpeOptions};
 
-pub enum SearcherSpec {
-    Grid { points: usize },
-    Random,
-    Asha { eta: u32, min_epochs: u32 },
-    Hyperband { eta: u32, min_epochs: u32 },
-    Tpe { options: TpeOptions },
+/// A checked sweep.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(into = "StoredSweep", try_from = "StoredSweep")]
+pub struct SweepSpec {
+    pub name: String,
+    pub searcher: SearcherSpec,
+    /// Early stopping for searchers that do not stop trials themselves.
+    pub stopper: Option<AshaStopper>,
+    pub seed: u64,
+    pub max_trials: u32,
+    /// Trials running at once; `None`: as many as workers allow.
+    pub max_concurrent_trials: Option<u32>,
+    /// Workers each trial trains on (replaces the job's `workers`).
+    pub workers_per_trial: u32,
+    /// Epochs of a trial that runs to the end (replaces the job's `epochs`).
+    pub max_epochs: u32,
+    /// Failed attempts a trial may have before it counts as failed.
+    pub max_failures: u32,
+    pub objective: Objective,
+    /// Dotted job paths (`optimizer.lr`) and their domains.
+    pub params: BTreeMap<String, Param>,
+    /// The base job, before any trial's overrides.
+    pub job: toml::Table,
+    /// Where the spec came from (file name), for errors.
+    pub origin: String,
+    /// The TOML text the spec was parsed from.
+    pub source: String,
 }
 
+#[derive(Clone, Debug)]
+pub enum SearcherSpec {
+    /// Every combination; continuous parameters get `points` values.
+    Grid {
+        points: u32,
+    },
+    Random,
+    Asha {
+        eta: u32,
+        min_epochs: u32,
+    },
+    Hyperband {
+        eta: u32,
+        min_epochs: u32,
+    },
+    Tpe {
+        options: TpeOptions,
+    },
+}
+
+/// ASHA used only to stop trials early (rungs at `min_epochs·eta^k`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AshaStopper {
     pub eta: u32,
     pub min_epochs: u32,
 }
 
+/// The metric trials are ranked by, and which way is better.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Objective {
     pub metric: String,
     pub mode: Mode,
 }
 
-pub struct SweepSpec {
-    pub name: String,
-    pub searcher: SearcherSpec,
-    pub stopper: Option<AshaStopper>,
-    pub seed: u64,
-    pub max_trials: u32,
-    pub max_concurrent_trials: Option<u32>,
-    pub workers_per_trial: u32,
-    pub max_epochs: u32,
-    pub max_failures: u32,
-    pub objective: Objective,
-    pub params: BTreeMap<String, Param>,
-    pub job: toml::Table,
-}
-
 impl SweepSpec {
-    pub fn parse(_text: &str, _origin: &str) -> Result<Self, String> {
-        Err("sweeps are not parsed yet".into())
+    /// Reads and checks a sweep file.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
     }
 
-    pub fn trial_job(&self, _config: &BTreeMap<String, Value>) -> Result<JobSpec, String> {
-        Err("sweeps are not parsed yet".into())
+    /// Parses and checks a sweep written in TOML; `origin` names it in
+    /// errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, SpecError> {
+        let doc = Document::parse(text, origin)?;
+        let file: SweepFile = doc.deserialize()?;
+        let sweep = file.sweep;
+        let at = |path: &[&str], message: String| doc.error(FieldError::new(path, message));
+
+        // The sweep's own settings replace these job fields in every trial;
+        // a job error in one of them points at the sweep setting.
+        let fixed: BTreeMap<String, Value> = [
+            ("epochs", sweep.max_epochs),
+            ("workers", sweep.workers_per_trial),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), Value::from(value?))))
+        .collect();
+        let base = apply_overrides(&file.job, &fixed).map_err(|e| {
+            let job_key = e.path.0.first().map(String::as_str).unwrap_or_default();
+            match SET_BY_SWEEP
+                .iter()
+                .find(|(key, _)| fixed.contains_key(*key) && *key == job_key)
+            {
+                Some((_, sweep_key)) => at(&["sweep", sweep_key], e.message),
+                None => doc.error(e.under(&FieldPath(vec!["job".into()]))),
+            }
+        })?;
+
+        if sweep.max_trials == Some(0) {
+            return Err(at(&["sweep", "max_trials"], "must be at least 1".into()));
+        }
+        let mode = sweep.objective.mode.into();
+        let searcher = sweep.searcher(&at)?;
+        let stopper = match sweep.stopper {
+            Stopper::None => None,
+            Stopper::Asha if searcher.stops_trials() => {
+                let message = "asha and hyperband stop trials themselves; \
+                               a stopper applies to grid, random and tpe";
+                return Err(at(&["sweep", "stopper"], message.into()));
+            }
+            Stopper::Asha => Some(AshaStopper {
+                eta: sweep.eta,
+                min_epochs: sweep.min_epochs,
+            }),
+        };
+        if stopper.is_some() || searcher.stops_trials() {
+            // The rungs ASHA would build must exist.
+            Asha::new(sweep.eta, sweep.min_epochs, base.epochs, mode).map_err(|e| match e {
+                AshaError::BadEta(_) => at(&["sweep", "eta"], e.to_string()),
+                _ => at(
+                    &["sweep", "min_epochs"],
+                    format!(
+                        "must lie in [1, max_epochs = {}], got {}",
+                        base.epochs, sweep.min_epochs
+                    ),
+                ),
+            })?;
+        }
+        check_metric(&sweep.objective.metric, &base)
+            .map_err(|e| at(&["sweep", "objective", "metric"], e))?;
+
+        if sweep.params.is_empty() {
+            return Err(at(
+                &["sweep", "params"],
+                "a sweep needs at least one parameter".into(),
+            ));
+        }
+        let mut params = BTreeMap::new();
+        for (name, spec) in sweep.params {
+            let param = check_param(&name, spec.into(), &file.job, &fixed)
+                .map_err(|e| at(&["sweep", "params", &name], e))?;
+            params.insert(name, param);
+        }
+
+        let max_trials = match (sweep.max_trials, &searcher) {
+            (Some(n), _) => n,
+            (None, SearcherSpec::Grid { points }) => {
+                // Every parameter was checked above, so the space is valid.
+                let space = Space::new(params.clone())
+                    .map_err(|e| at(&["sweep", "params"], e.to_string()))?;
+                Grid::new(&space, *points as usize)
+                    .len()
+                    .try_into()
+                    .unwrap_or(u32::MAX)
+            }
+            (None, _) => {
+                let message = "required (only grid sweeps default to the whole grid)";
+                return Err(at(&["sweep", "max_trials"], message.into()));
+            }
+        };
+
+        Ok(Self {
+            name: sweep.name,
+            searcher,
+            stopper,
+            seed: sweep.seed,
+            max_trials,
+            max_concurrent_trials: Some(sweep.max_concurrent_trials).filter(|&n| n > 0),
+            workers_per_trial: base.workers,
+            max_epochs: base.epochs,
+            max_failures: sweep.max_failures,
+            objective: Objective {
+                metric: sweep.objective.metric,
+                mode,
+            },
+            params,
+            job: file.job,
+            origin: origin.into(),
+            source: text.into(),
+        })
+    }
+
+    /// The job one trial runs: the base job with `workers_per_trial`,
+    /// `max_epochs` and the trial's configuration applied.
+    pub fn trial_job(&self, config: &BTreeMap<String, Value>) -> Result<JobSpec, SpecError> {
+        let mut overrides = config.clone();
+        overrides.insert("workers".into(), Value::from(self.workers_per_trial));
+        overrides.insert("epochs".into(), Value::from(self.max_epochs));
+        with_overrides(&self.job, &overrides, &format!("{}: trial", self.origin))
+    }
+}
+
+/// Job fields a sweep setting replaces in every trial, so no parameter
+/// may set them: (job key, sweep key).
+const SET_BY_SWEEP: [(&str, &str); 2] =
+    [("epochs", "max_epochs"), ("workers", "workers_per_trial")];
+
+impl SearcherSpec {
+    /// Whether the searcher stops poor trials itself (no stopper needed).
+    fn stops_trials(&self) -> bool {
+        matches!(
+            self,
+            SearcherSpec::Asha { .. } | SearcherSpec::Hyperband { .. }
+        )
+    }
+}
+
+/// `metric` must be one the base job's trials report.
+fn check_metric(metric: &str, base: &JobSpec) -> Result<(), String> {
+    let metrics = base.model.metrics();
+    if !metrics.contains(&metric) {
+        return Err(format!(
+            "the job's model does not report `{metric}`; it reports {}",
+            metrics.join(", ")
+        ));
+    }
+    if metric.starts_with("test_") && base.dataset.test.is_none() {
+        return Err(format!(
+            "`{metric}` needs a test split ([job.dataset.test])"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one parameter's domain, and that the job accepts its path with
+/// each of its [`representatives`], so a bad path or value fails at submit
+/// time and not in a trial. The error does not repeat the parameter name
+/// (the caller places it at the parameter).
+fn check_param(
+    name: &str,
+    param: Param,
+    job: &toml::Table,
+    fixed: &BTreeMap<String, Value>,
+) -> Result<Param, String> {
+    if let Some((_, sweep_key)) = SET_BY_SWEEP.iter().find(|(key, _)| *key == name) {
+        return Err(format!("{name} is set by sweep.{sweep_key}"));
+    }
+    param.validate(name).map_err(|e| {
+        let message = e.to_string();
+        let prefix = format!("parameter {name}: ");
+        message
+            .strip_prefix(&prefix)
+            .unwrap_or(&message)
+            .to_string()
+    })?;
+    for value in representatives(&param) {
+        let mut overrides = fixed.clone();
+        overrides.insert(name.into(), value.clone());
+        apply_overrides(job, &overrides).map_err(|e| {
+            if e.path == FieldPath::parse_dotted(name) {
+                format!("value {value}: {}", e.message)
+            } else {
+                format!("value {value}: {}: {}", e.path, e.message)
+            }
+        })?;
+    }
+    Ok(param)
+}
+
+/// Values that stand for a domain when checking it against the job: both
+/// ends of a range, every choice.
+fn representatives(param: &Param) -> Vec<Value> {
+    match param {
+        Param::Uniform { low, high } | Param::LogUniform { low, high } => {
+            vec![Value::from(*low), Value::from(*high)]
+        }
+        Param::Int {
+            low, high, step, ..
+        } => {
+            vec![
+                Value::from(*low),
+                Value::from(low + (high - low) / step * step),
+            ]
+        }
+        Param::Choice(values) => values.clone(),
+    }
+}
+
+/// The serialised form: the source, parsed again on the way back.
+#[derive(Serialize, Deserialize)]
+struct StoredSweep {
+    origin: String,
+    toml: String,
+}
+
+impl From<SweepSpec> for StoredSweep {
+    fn from(spec: SweepSpec) -> Self {
+        Self {
+            origin: spec.origin,
+            toml: spec.source,
+        }
+    }
+}
+
+impl TryFrom<StoredSweep> for SweepSpec {
+    type Error = SpecError;
+
+    fn try_from(stored: StoredSweep) -> Result<Self, SpecError> {
+        Self::parse(&stored.toml, &stored.origin)
+    }
+}
+
+// What the file says, before checking; defaults are the documented ones.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SweepFile {
+    sweep: RawSweep,
+    job: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSweep {
+    name: String,
+    searcher: SearcherKind,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    max_trials: Option<u32>,
+    #[serde(default)]
+    max_concurrent_trials: u32,
+    #[serde(default)]
+    workers_per_trial: Option<u32>,
+    #[serde(default)]
+    max_epochs: Option<u32>,
+    #[serde(default = "default_max_failures")]
+    max_failures: u32,
+    objective: RawObjective,
+    #[serde(default = "default_eta")]
+    eta: u32,
+    #[serde(default = "default_min_epochs")]
+    min_epochs: u32,
+    #[serde(default)]
+    stopper: Stopper,
+    #[serde(default = "default_grid_points")]
+    grid_points: u32,
+    #[serde(default)]
+    tpe: RawTpe,
+    #[serde(default)]
+    params: BTreeMap<String, ParamSpec>,
+}
+
+impl RawSweep {
+    fn searcher(
+        &self,
+        at: &impl Fn(&[&str], String) -> SpecError,
+    ) -> Result<SearcherSpec, SpecError> {
+        Ok(match self.searcher {
+            SearcherKind::Grid if self.grid_points < 2 => {
+                return Err(at(
+                    &["sweep", "grid_points"],
+                    format!("must be at least 2, got {}", self.grid_points),
+                ))
+            }
+            SearcherKind::Grid => SearcherSpec::Grid {
+                points: self.grid_points,
+            },
+            SearcherKind::Random => SearcherSpec::Random,
+            SearcherKind::Asha => SearcherSpec::Asha {
+                eta: self.eta,
+                min_epochs: self.min_epochs,
+            },
+            SearcherKind::Hyperband => SearcherSpec::Hyperband {
+                eta: self.eta,
+                min_epochs: self.min_epochs,
+            },
+            SearcherKind::Tpe => {
+                let tpe = &self.tpe;
+                if !(tpe.gamma > 0.0 && tpe.gamma < 1.0) {
+                    return Err(at(
+                        &["sweep", "tpe", "gamma"],
+                        format!("must lie in (0, 1), got {}", tpe.gamma),
+                    ));
+                }
+                if tpe.candidates == 0 {
+                    return Err(at(
+                        &["sweep", "tpe", "candidates"],
+                        "must be at least 1".into(),
+                    ));
+                }
+                SearcherSpec::Tpe {
+                    options: TpeOptions {
+                        startup_trials: tpe.startup_trials,
+                        gamma: tpe.gamma,
+                        candidates: tpe.candidates,
+                    },
+                }
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SearcherKind {
+    Grid,
+    Random,
+    Asha,
+    Hyperband,
+    Tpe,
+}
+
+#[derive(Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Stopper {
+    #[default]
+    None,
+    Asha,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjective {
+    metric: String,
+    mode: RawMode,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Max,
+    Min,
+}
+
+impl From<RawMode> for Mode {
+    fn from(mode: RawMode) -> Self {
+        match mode {
+            RawMode::Max => Mode::Max,
+            RawMode::Min => Mode::Min,
+        }
+    }
+}
+
+/// [`TpeOptions`] as written; omitted keys take its defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTpe {
+    startup_trials: usize,
+    candidates: usize,
+    gamma: f64,
+}
+
+impl Default for RawTpe {
+    fn default() -> Self {
+        let TpeOptions {
+            startup_trials,
+            gamma,
+            candidates,
+        } = TpeOptions::default();
+        Self {
+            startup_trials,
+            candidates,
+            gamma,
+        }
+    }
+}
+
+/// A [`Param`] as written.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum ParamSpec {
+    Uniform {
+        low: f64,
+        high: f64,
+    },
+    LogUniform {
+        low: f64,
+        high: f64,
+    },
+    Int {
+        low: i64,
+        high: i64,
+        #[serde(default = "default_step")]
+        step: i64,
+        #[serde(default)]
+        log: bool,
+    },
+    Choice {
+        values: Vec<Value>,
+    },
+}
+
+impl From<ParamSpec> for Param {
+    fn from(spec: ParamSpec) -> Self {
+        match spec {
+            ParamSpec::Uniform { low, high } => Param::Uniform { low, high },
+            ParamSpec::LogUniform { low, high } => Param::LogUniform { low, high },
+            ParamSpec::Int {
+                low,
+                high,
+                step,
+                log,
+            } => Param::Int {
+                low,
+                high,
+                step,
+                log,
+            },
+            ParamSpec::Choice { values } => Param::Choice(values),
+        }
+    }
+}
+
+fn default_max_failures() -> u32 {
+    2
+}
+fn default_eta() -> u32 {
+    3
+}
+fn default_min_epochs() -> u32 {
+    1
+}
+fn default_grid_points() -> u32 {
+    3
+}
+fn default_step() -> i64 {
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"[sweep]
+name = "fmnist"
+searcher = "asha"
+max_trials = 12
+workers_per_trial = 1
+max_epochs = 9
+objective = { metric = "test_accuracy", mode = "max" }
+
+[sweep.params]
+"optimizer.lr" = { kind = "log_uniform", low = 0.001, high = 0.3 }
+"optimizer.momentum" = { kind = "uniform", low = 0.5, high = 0.99 }
+"batch_size" = { kind = "choice", values = [32, 64, 128] }
+"model.hidden" = { kind = "int", low = 64, high = 256, step = 64 }
+
+[job]
+name = "base"
+workers = 4
+epochs = 1
+
+[job.dataset]
+format = "idx"
+classes = 10
+train = { images = "i.gz", labels = "l.gz" }
+test = { images = "ti.gz", labels = "tl.gz" }
+
+[job.model]
+kind = "cnn"
+"#;
+
+    /// The error for GOOD with `from` replaced by `to`.
+    fn error(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "{from}");
+        SweepSpec::parse(&GOOD.replacen(from, to, 1), "sweep.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn assert_error(from: &str, to: &str, expected: &str) {
+        let message = error(from, to);
+        assert!(
+            message.starts_with(expected),
+            "{message}\nexpected {expected}"
+        );
+    }
+
+    #[test]
+    fn a_good_sweep_parses_and_makes_trial_jobs() {
+        let spec = SweepSpec::parse(GOOD, "sweep.toml").unwrap();
+        assert!(matches!(
+            spec.searcher,
+            SearcherSpec::Asha {
+                eta: 3,
+                min_epochs: 1
+            }
+        ));
+        assert_eq!(spec.objective.mode, Mode::Max);
+        assert_eq!((spec.workers_per_trial, spec.max_epochs), (1, 9));
+        assert_eq!(spec.max_concurrent_trials, None);
+        assert_eq!(spec.params.len(), 4);
+        let config = BTreeMap::from([
+            ("optimizer.lr".to_string(), Value::from(0.02)),
+            ("batch_size".to_string(), Value::from(32)),
+        ]);
+        let job = spec.trial_job(&config).unwrap();
+        assert_eq!((job.workers, job.epochs, job.batch_size), (1, 9, 32));
+        assert_eq!(job.optimizer.lr, 0.02);
+        let bad = BTreeMap::from([("optimizer.lr".to_string(), Value::from(-1.0))]);
+        let err = spec.trial_job(&bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("sweep.toml: trial: optimizer.lr: must be above 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sweeps_round_trip_through_json_as_their_source() {
+        let spec = SweepSpec::parse(GOOD, "sweep.toml").unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        let back: SweepSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.source, GOOD);
+        assert_eq!(back.params, spec.params);
+        let tampered = json.replace("max_trials = 12", "max_trials = 0");
+        let err = serde_json::from_str::<SweepSpec>(&tampered).unwrap_err();
+        assert!(err.to_string().contains("sweep.max_trials"), "{err}");
+    }
+
+    #[test]
+    fn malformed_toml_is_placed() {
+        assert_error("max_trials = 12", "max_trials = ", "sweep.toml:4:14: ");
+    }
+
+    #[test]
+    fn bad_parameter_domains_point_at_the_parameter() {
+        let lr = r#""optimizer.lr" = { kind = "log_uniform", low = 0.001, high = 0.3 }"#;
+        let field = "sweep.toml:10:1: sweep.params.\"optimizer.lr\": ";
+        for (to, expected) in [
+            (
+                r#""optimizer.lr" = { kind = "gaussian", low = 0.001 }"#,
+                "sweep.toml:10:27: sweep.params.\"optimizer.lr\".kind: unknown variant `gaussian`",
+            ),
+            (
+                r#""optimizer.lr" = { kind = "uniform", low = 0.3, high = 0.3 }"#,
+                "empty range",
+            ),
+            (
+                r#""optimizer.lr" = { kind = "log_uniform", low = 0.0, high = 0.3 }"#,
+                "log scale needs bounds above 0",
+            ),
+            (
+                r#""optimizer.lr" = { kind = "choice", values = [] }"#,
+                "choice needs at least one value",
+            ),
+            (
+                r#""optimizer.lrr" = { kind = "uniform", low = 0.1, high = 0.3 }"#,
+                "value 0.1: override path `optimizer.lrr` does not exist in the job",
+            ),
+            (
+                r#""optimizer.lr" = { kind = "choice", values = [0.1, -0.1] }"#,
+                "value -0.1: must be above 0",
+            ),
+        ] {
+            let expected = if expected.starts_with("sweep.toml") {
+                expected.to_string()
+            } else {
+                format!("{field}{}", expected)
+            }
+            .replace(
+                "\"optimizer.lr\"",
+                if to.contains("lrr") {
+                    "\"optimizer.lrr\""
+                } else {
+                    "\"optimizer.lr\""
+                },
+            );
+            assert_error(lr, to, &expected);
+        }
+        assert_error(
+            r#""model.hidden" = { kind = "int", low = 64, high = 256, step = 64 }"#,
+            r#""model.hidden" = { kind = "int", low = 0, high = 256, step = 64, log = true }"#,
+            "sweep.toml:13:1: sweep.params.\"model.hidden\": log scale needs bounds above 0",
+        );
+        assert_error(
+            r#""batch_size" = { kind = "choice", values = [32, 64, 128] }"#,
+            r#""epochs" = { kind = "choice", values = [1, 2] }"#,
+            "sweep.toml:12:1: sweep.params.epochs: epochs is set by sweep.max_epochs",
+        );
+        assert_error(
+            r#""batch_size" = { kind = "choice", values = [32, 64, 128] }"#,
+            r#""model.channels" = { kind = "choice", values = [[16, 32], [8]] }"#,
+            "sweep.toml:12:1: sweep.params.\"model.channels\": value [8]: model: invalid length 1",
+        );
+    }
+
+    #[test]
+    fn bad_sweep_settings_point_at_the_setting() {
+        assert_error(
+            "searcher = \"asha\"",
+            "searcher = \"bayes\"",
+            "sweep.toml:3:12: sweep.searcher: unknown variant `bayes`",
+        );
+        assert_error(
+            "mode = \"max\"",
+            "mode = \"best\"",
+            "sweep.toml:7:48: sweep.objective.mode: unknown variant `best`",
+        );
+        assert_error(
+            "metric = \"test_accuracy\"",
+            "metric = \"objective\"",
+            "sweep.toml:7:15: sweep.objective.metric: the job's model does not report `objective`",
+        );
+        assert_error(
+            "test = { images = \"ti.gz\", labels = \"tl.gz\" }\n",
+            "",
+            "sweep.toml:7:15: sweep.objective.metric: `test_accuracy` needs a test split",
+        );
+        assert_error(
+            "max_trials = 12",
+            "max_trials = 0",
+            "sweep.toml:4:1: sweep.max_trials: must be at least 1",
+        );
+        assert_error(
+            "max_trials = 12\n",
+            "",
+            "sweep.toml:1:2: sweep.max_trials: required",
+        );
+        assert_error(
+            "max_epochs = 9",
+            "max_epochs = 9\nmin_epochs = 10",
+            "sweep.toml:7:1: sweep.min_epochs: must lie in [1, max_epochs = 9], got 10",
+        );
+        assert_error(
+            "max_epochs = 9",
+            "max_epochs = 9\neta = 1",
+            "sweep.toml:7:1: sweep.eta: reduction factor eta must be at least 2",
+        );
+        assert_error(
+            "max_epochs = 9",
+            "max_epochs = 9\nstopper = \"asha\"",
+            "sweep.toml:7:1: sweep.stopper: asha and hyperband stop trials themselves",
+        );
+        assert_error(
+            "max_epochs = 9",
+            "max_epochs = 0",
+            "sweep.toml:6:1: sweep.max_epochs: must be at least 1",
+        );
+        assert_error(
+            "name = \"fmnist\"",
+            "name = \"fmnist\"\nbogus = 1",
+            "sweep.toml:3:1: sweep.bogus: unknown field `bogus`",
+        );
+    }
+
+    #[test]
+    fn base_job_errors_point_into_the_job_table() {
+        assert_error(
+            "classes = 10",
+            "classes = 1",
+            "sweep.toml:22:1: job.dataset.classes: must be at least 2",
+        );
+        assert_error(
+            "kind = \"cnn\"",
+            "kind = \"rnn\"",
+            "sweep.toml:27:1: job.model.kind: unknown variant `rnn`",
+        );
+        assert_error(
+            "[job.model]\nkind = \"cnn\"\n",
+            "",
+            "sweep.toml:15:2: job.model: missing field `model`",
+        );
+        // The sweep supplies epochs, so the base job may leave them out.
+        let without_epochs = GOOD.replace("epochs = 1\n", "");
+        assert_eq!(
+            SweepSpec::parse(&without_epochs, "s").unwrap().max_epochs,
+            9
+        );
+    }
+
+    #[test]
+    fn grid_sweeps_default_to_the_whole_grid() {
+        let grid = GOOD
+            .replace(
+                "searcher = \"asha\"",
+                "searcher = \"grid\"\ngrid_points = 2",
+            )
+            .replace("max_trials = 12\n", "");
+        let spec = SweepSpec::parse(&grid, "s").unwrap();
+        // lr 2 × momentum 2 × batch 3 × hidden 4.
+        assert_eq!(spec.max_trials, 48);
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = SweepSpec::load(Path::new("/nonexistent/sweep.toml")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/nonexistent/sweep.toml: "),
+            "{err}"
+        );
+    }
+
+    /// Every file in examples/ parses: sweeps (with a `[sweep]` table) as
+    /// sweeps, the rest as jobs.
+    #[test]
+    fn every_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+            if table.contains_key("sweep") {
+                let spec = SweepSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(spec.max_trials > 0);
+            } else {
+                JobSpec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} examples in {}", dir.display());
     }
 }

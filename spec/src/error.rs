@@ -185,10 +185,6 @@ impl<'a> Document<'a> {
         Ok(Self { origin, text, root })
     }
 
-    pub fn origin(&self) -> &str {
-        self.origin
-    }
-
     /// Deserialises the whole document; a failure names the field whose
     /// value (or key) the error's span points at, and its position.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, SpecError> {
@@ -226,15 +222,23 @@ impl<'a> Document<'a> {
         })
     }
 
-    /// Whether the document writes `path` (a key or a table).
-    pub fn contains(&self, path: &FieldPath) -> bool {
-        self.walk(path).1 == path.0.len()
-    }
-
     /// Where `path` is written: its key, or, when the document leaves it
-    /// out, the nearest enclosing table or key that is written.
+    /// out, the nearest enclosing table or key that is written (the top of
+    /// the file when none is).
     pub fn locate(&self, path: &FieldPath) -> Location {
-        Location::of(self.text, self.walk(path).0.map_or(0, |s| s.start))
+        let mut table = self.root.get_ref();
+        let mut offset = 0;
+        for key in &path.0 {
+            let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+                break;
+            };
+            offset = k.span().start;
+            match v.get_ref() {
+                DeValue::Table(inner) => table = inner,
+                _ => break,
+            }
+        }
+        Location::of(self.text, offset)
     }
 
     /// Places a field error in this file.
@@ -245,24 +249,6 @@ impl<'a> Document<'a> {
             field: error.path,
             message: error.message,
         }
-    }
-
-    /// The span of the deepest written key on `path`, and how many keys of
-    /// `path` were found.
-    fn walk(&self, path: &FieldPath) -> (Option<Range<usize>>, usize) {
-        let mut table = self.root.get_ref();
-        let mut span = None;
-        for (depth, key) in path.0.iter().enumerate() {
-            let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
-                return (span, depth);
-            };
-            span = Some(k.span());
-            match v.get_ref() {
-                DeValue::Table(inner) => table = inner,
-                _ => return (span, depth + 1),
-            }
-        }
-        (span, path.0.len())
     }
 
     /// The field a serde error at `span` is about: the innermost key or

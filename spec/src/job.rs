@@ -2,7 +2,7 @@
 //!
 //! Field names are the TOML keys users write (see `examples/`); every table
 //! rejects unknown keys so a typo is an error, not a silently ignored
-//! setting. A sweep's `[search.params]` keys are dotted paths into this
+//! setting. A sweep's `[sweep.params]` keys are dotted paths into this
 //! structure (`optimizer.lr`, `model.channels`, `batch_size`).
 
 use std::path::{Path, PathBuf};
@@ -625,6 +625,7 @@ fn default_gamma() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Location;
 
     const GOOD: &str = r#"name = "fmnist"
 workers = 2
@@ -694,6 +695,18 @@ momentum = 0.9
             let message = error(from, to);
             assert!(message.starts_with(expected), "{message}\nexpected {expected}");
         }
+    }
+
+    #[test]
+    fn errors_expose_their_location() {
+        let err = JobSpec::parse(&GOOD.replace("lr = 0.05", "lr = 0.0"), "job.toml").unwrap_err();
+        assert_eq!(
+            err.location(),
+            Some(Location {
+                line: 19,
+                column: 1
+            })
+        );
     }
 
     #[test]
@@ -833,6 +846,7 @@ momentum = 0.9
     fn a_missing_file_is_named() {
         let err = JobSpec::load(Path::new("/nonexistent/job.toml")).unwrap_err();
         assert!(matches!(err, SpecError::Read { .. }));
+        assert_eq!(err.location(), None);
         assert!(
             err.to_string().starts_with("/nonexistent/job.toml: "),
             "{err}"

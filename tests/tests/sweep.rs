@@ -24,7 +24,12 @@ fn write_spec(cluster: &TestCluster, name: &str, text: &str) -> PathBuf {
 }
 
 /// A random-search sweep over Branin with simulated epochs.
-fn branin_sweep(max_trials: u32, workers_per_trial: u32, max_concurrent: u32, epoch_ms: u32) -> String {
+fn branin_sweep(
+    max_trials: u32,
+    workers_per_trial: u32,
+    max_concurrent: u32,
+    epoch_ms: u32,
+) -> String {
     format!(
         r#"
 [sweep]
@@ -56,7 +61,11 @@ async fn finished(args: &ClientArgs, id: &str, timeout: Duration) -> SweepView {
     wait_until(&format!("{id} to finish"), timeout, || async {
         match sweeps::get(args, id).await {
             Ok(view) if view.record.state.is_terminal() => Ok(view),
-            Ok(view) => Err(format!("{} trials, state {:?}", view.trials.len(), view.record.state)),
+            Ok(view) => Err(format!(
+                "{} trials, state {:?}",
+                view.trials.len(),
+                view.record.state
+            )),
             Err(error) => Err(error.to_string()),
         }
     })
@@ -107,23 +116,38 @@ async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
     cluster.must_form(Duration::from_secs(60)).await;
     let args = client(&cluster);
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(20, 1, 2, 5));
-    let id = sweeps::submit(&args, SweepKind::Sweep, &spec).await.unwrap();
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
     let view = finished(&args, &id, Duration::from_secs(120)).await;
 
     assert_eq!(view.record.state, SweepState::Completed);
     let numbers: Vec<u64> = view.trials.iter().map(|t| t.number).collect();
     assert_eq!(numbers, (0..20).collect::<Vec<_>>(), "exactly 20 trials");
     for t in &view.trials {
-        assert_eq!(t.state, TrialState::Completed, "trial {}: {:?}", t.number, t.error);
+        assert_eq!(
+            t.state,
+            TrialState::Completed,
+            "trial {}: {:?}",
+            t.number,
+            t.error
+        );
         assert_eq!(t.epochs_done, 3);
         assert_eq!(t.metrics.len(), 3, "one metrics entry per epoch");
         assert_eq!(t.attempts.len(), 1);
     }
-    assert!(peak_concurrency(&view) <= 2, "max_concurrent_trials = 2 exceeded");
+    assert!(
+        peak_concurrency(&view) <= 2,
+        "max_concurrent_trials = 2 exceeded"
+    );
     assert_attempts_disjoint(&view);
     // The best trial is the minimum of the reported objectives.
     let best = view.best().unwrap();
-    let min = view.trials.iter().filter_map(|t| t.objective).fold(f64::INFINITY, f64::min);
+    let min = view
+        .trials
+        .iter()
+        .filter_map(|t| t.objective)
+        .fold(f64::INFINITY, f64::min);
     assert_eq!(best.objective, Some(min));
 }
 
@@ -133,15 +157,30 @@ async fn gangs_of_two_workers_run_together_on_distinct_workers() {
     cluster.must_form(Duration::from_secs(60)).await;
     let args = client(&cluster);
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(6, 2, 4, 5));
-    let id = sweeps::submit(&args, SweepKind::Sweep, &spec).await.unwrap();
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
     let view = finished(&args, &id, Duration::from_secs(120)).await;
     assert_eq!(view.record.state, SweepState::Completed);
     assert_eq!(view.trials.len(), 6);
     for t in &view.trials {
-        assert_eq!(t.state, TrialState::Completed, "trial {}: {:?}", t.number, t.error);
+        assert_eq!(
+            t.state,
+            TrialState::Completed,
+            "trial {}: {:?}",
+            t.number,
+            t.error
+        );
         for a in &t.attempts {
             let distinct: BTreeSet<&String> = a.workers.iter().collect();
-            assert_eq!(distinct.len(), 2, "trial {} attempt {}: {:?}", t.number, a.number, a.workers);
+            assert_eq!(
+                distinct.len(),
+                2,
+                "trial {} attempt {}: {:?}",
+                t.number,
+                a.number,
+                a.workers
+            );
         }
     }
     // Three workers hold one gang of two at a time.
@@ -154,20 +193,41 @@ async fn asha_sweep_stops_some_trials_early() {
     cluster.must_form(Duration::from_secs(60)).await;
     let args = client(&cluster);
     let spec = branin_sweep(12, 1, 3, 5)
-        .replace("searcher = \"random\"", "searcher = \"asha\"\neta = 3\nmin_epochs = 1")
+        .replace(
+            "searcher = \"random\"",
+            "searcher = \"asha\"\neta = 3\nmin_epochs = 1",
+        )
         .replace("max_epochs = 3", "max_epochs = 9");
     let spec = write_spec(&cluster, "asha.toml", &spec);
-    let id = sweeps::submit(&args, SweepKind::Sweep, &spec).await.unwrap();
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
     let view = finished(&args, &id, Duration::from_secs(120)).await;
     assert_eq!(view.record.state, SweepState::Completed);
     assert_eq!(view.trials.len(), 12);
-    let stopped = view.trials.iter().filter(|t| t.state == TrialState::Stopped).count();
-    let completed = view.trials.iter().filter(|t| t.state == TrialState::Completed).count();
+    let stopped = view
+        .trials
+        .iter()
+        .filter(|t| t.state == TrialState::Stopped)
+        .count();
+    let completed = view
+        .trials
+        .iter()
+        .filter(|t| t.state == TrialState::Completed)
+        .count();
     assert_eq!(stopped + completed, 12);
     assert!(stopped > 0, "ASHA stopped no trial");
     assert!(completed > 0, "no trial reached the top rung");
-    for t in view.trials.iter().filter(|t| t.state == TrialState::Stopped) {
-        assert!(t.epochs_done < 9, "trial {} stopped after all epochs", t.number);
+    for t in view
+        .trials
+        .iter()
+        .filter(|t| t.state == TrialState::Stopped)
+    {
+        assert!(
+            t.epochs_done < 9,
+            "trial {} stopped after all epochs",
+            t.number
+        );
     }
 }
 
@@ -178,29 +238,52 @@ async fn sweep_survives_the_leader_being_killed() {
     let args = client(&cluster);
     // Long enough that trials are running when the leader dies.
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(12, 1, 3, 150));
-    let id = sweeps::submit(&args, SweepKind::Sweep, &spec).await.unwrap();
-    wait_until("some trials to complete", Duration::from_secs(60), || async {
-        let view = sweeps::get(&args, &id).await.map_err(|e| e.to_string())?;
-        let done = view.trials.iter().filter(|t| t.state == TrialState::Completed).count();
-        let running = view.trials.iter().filter(|t| t.state == TrialState::Running).count();
-        if done >= 3 && running > 0 {
-            Ok(())
-        } else {
-            Err(format!("{done} completed, {running} running"))
-        }
-    })
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
+    wait_until(
+        "some trials to complete",
+        Duration::from_secs(60),
+        || async {
+            let view = sweeps::get(&args, &id).await.map_err(|e| e.to_string())?;
+            let done = view
+                .trials
+                .iter()
+                .filter(|t| t.state == TrialState::Completed)
+                .count();
+            let running = view
+                .trials
+                .iter()
+                .filter(|t| t.state == TrialState::Running)
+                .count();
+            if done >= 3 && running > 0 {
+                Ok(())
+            } else {
+                Err(format!("{done} completed, {running} running"))
+            }
+        },
+    )
     .await;
     let old = cluster.kill_leader().await;
     let view = finished(&args, &id, Duration::from_secs(120)).await;
     assert_ne!(
-        cluster.must_form(Duration::from_secs(30)).await.leader_address,
+        cluster
+            .must_form(Duration::from_secs(30))
+            .await
+            .leader_address,
         old
     );
     assert_eq!(view.record.state, SweepState::Completed);
     let numbers: Vec<u64> = view.trials.iter().map(|t| t.number).collect();
     assert_eq!(numbers, (0..12).collect::<Vec<_>>(), "exactly 12 trials");
     for t in &view.trials {
-        assert_eq!(t.state, TrialState::Completed, "trial {}: {:?}", t.number, t.error);
+        assert_eq!(
+            t.state,
+            TrialState::Completed,
+            "trial {}: {:?}",
+            t.number,
+            t.error
+        );
     }
     assert_attempts_disjoint(&view);
 }
@@ -212,12 +295,42 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
     let coordinators = cluster.cluster.coordinator_addresses().join(",");
     let good = branin_sweep(2, 1, 1, 1);
     let cases = [
-        ("malformed", good.replace("max_trials = 2", "max_trials = = 2"), "line"),
-        ("unknown kind", good.replace("kind = \"uniform\", low = -5.0", "kind = \"gaussian\", low = -5.0"), "gaussian"),
-        ("empty range", good.replace("high = 10.0", "high = -5.0"), "model.x1"),
-        ("log bound", good.replace("kind = \"uniform\", low = -5.0", "kind = \"log_uniform\", low = -5.0"), "model.x1"),
-        ("bad path", good.replace("\"model.x1\"", "\"model.x9\""), "model.x9"),
-        ("unknown searcher", good.replace("searcher = \"random\"", "searcher = \"bayes\""), "bayes"),
+        (
+            "malformed",
+            good.replace("max_trials = 2", "max_trials = = 2"),
+            "line",
+        ),
+        (
+            "unknown kind",
+            good.replace(
+                "kind = \"uniform\", low = -5.0",
+                "kind = \"gaussian\", low = -5.0",
+            ),
+            "gaussian",
+        ),
+        (
+            "empty range",
+            good.replace("high = 10.0", "high = -5.0"),
+            "model.x1",
+        ),
+        (
+            "log bound",
+            good.replace(
+                "kind = \"uniform\", low = -5.0",
+                "kind = \"log_uniform\", low = -5.0",
+            ),
+            "model.x1",
+        ),
+        (
+            "bad path",
+            good.replace("\"model.x1\"", "\"model.x9\""),
+            "model.x9",
+        ),
+        (
+            "unknown searcher",
+            good.replace("searcher = \"random\"", "searcher = \"bayes\""),
+            "bayes",
+        ),
     ];
     for (what, text, needle) in cases {
         let spec = write_spec(&cluster, "bad.toml", &text);
@@ -229,12 +342,25 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{what}: accepted");
-        assert!(stderr.contains("bad.toml:"), "{what}: no file:line in {stderr}");
-        assert!(stderr.contains(needle), "{what}: {needle:?} not in {stderr}");
+        assert!(
+            stderr.contains("bad.toml:"),
+            "{what}: no file:line in {stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{what}: {needle:?} not in {stderr}"
+        );
     }
-    let stored = etcdctl(&cluster.etcd_endpoints(), &["get", "--prefix", "--keys-only", "/ringleader/sweeps/"]);
+    let stored = etcdctl(
+        &cluster.etcd_endpoints(),
+        &["get", "--prefix", "--keys-only", "/ringleader/sweeps/"],
+    );
     assert!(stored.status.success());
-    assert!(stored.stdout.is_empty(), "a rejected spec was stored: {}", String::from_utf8_lossy(&stored.stdout));
+    assert!(
+        stored.stdout.is_empty(),
+        "a rejected spec was stored: {}",
+        String::from_utf8_lossy(&stored.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +380,11 @@ async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for epoch in 1..=4 {
         assert!(stdout.contains(&format!("epoch {epoch}/4")), "{stdout}");
     }

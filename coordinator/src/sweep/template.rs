@@ -80,7 +80,12 @@ impl Template {
             },
             Template::Sweep(spec) => {
                 let (source, stopping) = match &spec.searcher {
-                    SearcherSpec::Grid { points } => (Source::Grid { points: *points }, None),
+                    SearcherSpec::Grid { points } => (
+                        Source::Grid {
+                            points: *points as usize,
+                        },
+                        None,
+                    ),
                     SearcherSpec::Random => (Source::Random, None),
                     SearcherSpec::Tpe { options } => (Source::Tpe(options.clone()), None),
                     SearcherSpec::Asha { eta, min_epochs } => (
