@@ -72,6 +72,10 @@ pub struct SubmitArgs {
     /// Follow progress until it finishes (exit status 1 if it fails).
     #[arg(long)]
     pub watch: bool,
+
+    /// Only validate the spec (no cluster needed) and describe it.
+    #[arg(long, conflicts_with = "watch")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_coordinator::cli::{
     Cli, ClientArgs, Command, JobCommand, LocalArgs, ResultsFormat, ServeArgs, StatusArgs,
-    SweepCommand,
+    SubmitArgs, SweepCommand,
 };
 use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
 use ringleader_coordinator::server::{self, ServeOptions};
@@ -76,18 +76,14 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 async fn job(command: JobCommand) -> Result<ExitCode> {
     match command {
-        JobCommand::Submit(args) => {
-            submit(&args.client, SweepKind::Job, &args.file, args.watch).await
-        }
+        JobCommand::Submit(args) => submit(&args, SweepKind::Job).await,
         JobCommand::Status(args) => show(&args.client, &args.id, args.json).await,
     }
 }
 
 async fn sweep(command: SweepCommand) -> Result<ExitCode> {
     match command {
-        SweepCommand::Submit(args) => {
-            submit(&args.client, SweepKind::Sweep, &args.file, args.watch).await
-        }
+        SweepCommand::Submit(args) => submit(&args, SweepKind::Sweep).await,
         SweepCommand::List(args) => {
             let sweeps = sweeps::list(&args.client).await?;
             if args.json {
@@ -121,18 +117,18 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
     }
 }
 
-async fn submit(
-    client: &ClientArgs,
-    kind: SweepKind,
-    file: &std::path::Path,
-    watch: bool,
-) -> Result<ExitCode> {
-    let id = sweeps::submit(client, kind, file).await?;
-    println!("submitted {id}");
-    if !watch {
+async fn submit(args: &SubmitArgs, kind: SweepKind) -> Result<ExitCode> {
+    if args.dry_run {
+        let (_, template) = sweeps::check(kind, &args.file)?;
+        println!("valid: {}", sweeps::summary(&template));
         return Ok(ExitCode::SUCCESS);
     }
-    let view = sweeps::watch(client, &id, WATCH_EVERY).await?;
+    let id = sweeps::submit(&args.client, kind, &args.file).await?;
+    println!("submitted {id}");
+    if !args.watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = sweeps::watch(&args.client, &id, WATCH_EVERY).await?;
     print_outcome(&view);
     Ok(exit_code(&view))
 }

@@ -69,13 +69,40 @@ fn status_error(what: &str, status: tonic::Status) -> Error {
     }
 }
 
+/// Reads and fully validates a spec file, without any cluster; returns its
+/// text and what it parsed to.
+pub fn check(kind: SweepKind, file: &Path) -> Result<(String, Template)> {
+    let spec = std::fs::read_to_string(file)
+        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?;
+    let template = Template::parse(kind, &spec, &file.display().to_string())
+        .map_err(Error::InvalidArgument)?;
+    Ok((spec, template))
+}
+
+/// A one-line description of a valid spec, for `submit --dry-run`.
+pub fn summary(template: &Template) -> String {
+    let (metric, mode) = template.objective();
+    let mode = if mode == Mode::Max { "max" } else { "min" };
+    let config = template.driver_config("dry-run");
+    let params = config.space.params();
+    let params = if params.is_empty() {
+        "none".to_string()
+    } else {
+        params.keys().cloned().collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "{}: {} trial(s), up to {} epoch(s) each, objective {metric} ({mode}), parameters: {params}",
+        template.name(),
+        template.max_trials(),
+        config.max_epochs,
+    )
+}
+
 /// Reads and validates a spec file locally (so a bad spec never reaches
 /// the cluster), then submits it. Returns the new id.
 pub async fn submit(args: &ClientArgs, kind: SweepKind, file: &Path) -> Result<String> {
-    let spec = std::fs::read_to_string(file)
-        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?;
+    let (spec, _) = check(kind, file)?;
     let origin = file.display().to_string();
-    Template::parse(kind, &spec, &origin).map_err(Error::InvalidArgument)?;
     let request = SubmitRequest {
         kind: match kind {
             SweepKind::Job => SubmitKind::Job,
