@@ -261,7 +261,8 @@ impl LocalCluster {
             ))
             .arg(format!("--listen={address}"))
             .arg(format!("--advertise={address}"))
-            .arg(format!("--device={}", self.options.device));
+            .arg(format!("--device={}", self.options.device))
+            .arg(format!("--threads={}", self.threads_per_worker()));
         let log = self.options.dir.join(format!("{id}.log"));
         let process = ManagedChild::spawn(id.clone(), command, &log)?;
         self.workers.push(Member {
@@ -270,6 +271,13 @@ impl LocalCluster {
             process,
         });
         Ok(self.workers.last_mut().expect("just pushed"))
+    }
+
+    /// The machine's cores split between the workers (at least one each),
+    /// so local workers do not oversubscribe the CPU.
+    fn threads_per_worker(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.options.workers.max(1)).max(1)
     }
 
     pub fn coordinator_addresses(&self) -> Vec<String> {

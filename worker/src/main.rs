@@ -72,6 +72,12 @@ struct Args {
     collective_timeout: Duration,
 
     /// Log as JSON lines.
+    /// libtorch threads per attempt when the job does not set `threads`
+    /// (0: libtorch's default, one per core). Workers sharing a machine
+    /// should split its cores (`ringleader local` does).
+    #[arg(long, env = "RINGLEADER_THREADS", default_value_t = 0)]
+    threads: u32,
+
     /// On SIGTERM, how long the running attempt may take to checkpoint and
     /// stop before the worker exits anyway.
     #[arg(long, env = "RINGLEADER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
@@ -155,6 +161,7 @@ async fn run(args: Args) -> Result<()> {
         collectives: collectives.clone(),
         ring_options: ring_options.clone(),
         device,
+        threads: args.threads,
     });
     let agent_stop = CancellationToken::new();
     let agent = tokio::spawn(agent::run(

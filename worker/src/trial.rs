@@ -25,6 +25,8 @@ pub struct TrialContext {
     pub ring_options: RingOptions,
     /// The device this worker trains on unless a job asks for the CPU.
     pub device: tch::Device,
+    /// Threads for jobs that leave `threads` at 0 (0: libtorch's default).
+    pub threads: u32,
 }
 
 struct Running {
@@ -172,10 +174,13 @@ async fn run_attempt(
 ) -> TrialFinished {
     let start = assignment.start_epoch;
     let fail = |error: String| finished(attempt, AttemptOutcome::Failed, start, None, error);
-    let spec: JobSpec = match serde_json::from_str(&assignment.job_json) {
+    let mut spec: JobSpec = match serde_json::from_str(&assignment.job_json) {
         Ok(spec) => spec,
         Err(error) => return fail(format!("the assignment's job does not parse: {error}")),
     };
+    if spec.threads == 0 {
+        spec.threads = trials.context.threads;
+    }
     let device = match spec.device.parse::<DeviceRequest>() {
         Ok(DeviceRequest::Cpu) => tch::Device::Cpu,
         Ok(_) => trials.context.device,
