@@ -302,8 +302,10 @@ class Net(torch.nn.Module):
 torch.manual_seed(0)
 torch.jit.script(Net()).save(sys.argv[1])
 "#;
+    // torch.jit.script reads the class's source, so it must live in a file.
+    let exporter = write(dir.path(), "export.py", script.as_bytes());
     let status = std::process::Command::new("python")
-        .args(["-c", script])
+        .arg(&exporter)
         .arg(&module)
         .status()
         .expect("python runs (scripts/env.sh puts the venv with torch on PATH)");
