@@ -32,7 +32,11 @@ fn dynamic_section() -> String {
         .arg(&worker)
         .output()
         .expect("readelf runs (binutils)");
-    assert!(out.status.success(), "readelf -d {} failed", worker.display());
+    assert!(
+        out.status.success(),
+        "readelf -d {} failed",
+        worker.display()
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

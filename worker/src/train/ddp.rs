@@ -22,7 +22,7 @@ use super::checkpoint::{self, Sidecar};
 use super::dataset::{self, Dataset, Split};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
-use super::sampler::rank_indices;
+use super::sampler::{rank_indices, rank_len};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
 
@@ -184,16 +184,7 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(&spec.optimizer, &named_params);
         let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
         let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
-        let per_rank = rank_indices(
-            data.train.len(),
-            segment.world,
-            segment.rank,
-            0,
-            0,
-            false,
-            spec.dataset.drop_last,
-        )
-        .len();
+        let per_rank = rank_len(data.train.len(), segment.world, spec.dataset.drop_last);
         let mut trainer = Self {
             grads: Buckets::new(&params, BUCKET_BYTES),
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
@@ -278,9 +269,9 @@ impl<'a> Trainer<'a> {
         let batch = i64::from(spec.batch_size.max(1));
         let total = indices.len() as i64;
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.segment.device));
-        let mut step = u64::from(epoch - 1) * self.steps_per_epoch;
+        let first_step = u64::from(epoch - 1) * self.steps_per_epoch;
         let mut lr = spec.optimizer.lr;
-        for begin in (0..total).step_by(batch as usize) {
+        for (step, begin) in (first_step..).zip((0..total).step_by(batch as usize)) {
             let index = order.narrow(0, begin, batch.min(total - begin));
             let xs = train.features.f_index_select(0, &index)?;
             let ys = train.labels.f_index_select(0, &index)?;
@@ -309,7 +300,6 @@ impl<'a> Trainer<'a> {
                 spec.epochs,
             );
             self.optimizer.step(&self.params, &self.grads.views, lr)?;
-            step += 1;
             let _ = tch::no_grad(|| loss_sum.f_add_(&loss.f_to_kind(Kind::Double)?))?;
         }
         Ok((
@@ -373,6 +363,8 @@ fn to_device(split: &mut Split, device: Device) -> Result<(), TrainError> {
 
 impl Epochs for Trainer<'_> {
     fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
+        // Under the lock so that it cannot land in the middle of a model
+        // being built (and seeded) on another thread of this process.
         {
             let _rng = super::model::TORCH_RNG
                 .lock()
