@@ -497,3 +497,115 @@ fn a_synthetic_objective_converges_from_above_and_resumes() {
         .unwrap_err();
     assert!(error.to_string().contains("epoch-00003.json"), "{error}");
 }
+
+/// A `.npy` file (version 1) holding `data`, C order.
+fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: String = shape.iter().map(|d| format!("{d},")).collect();
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    // numpy pads the header with spaces to a multiple of 64 bytes, then '\n'.
+    header.push_str(&" ".repeat(63 - (10 + header.len()) % 64));
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    bytes
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The same examples as CSV (two files), gzipped `.npy` and safetensors
+/// (f64 features, u8 labels) train to the same parameters.
+#[test]
+fn csv_npy_and_safetensors_hold_the_same_examples() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let rows = 48;
+    // Multiples of 1/16 survive every format exactly.
+    let features: Vec<f32> = (0..rows * 3)
+        .map(|i| ((i * 7) % 33) as f32 / 16.0 - 1.0)
+        .collect();
+    let labels: Vec<u8> = (0..rows).map(|i| (i % 3) as u8).collect();
+
+    let csv_lines: Vec<String> = (0..rows)
+        .map(|r| {
+            let x = &features[r * 3..r * 3 + 3];
+            format!("{},{},{},{}\n", labels[r], x[0], x[1], x[2])
+        })
+        .collect();
+    let first = write(
+        dir,
+        "a.csv",
+        format!("label,x,y,z\n{}", csv_lines[..20].concat()).as_bytes(),
+    );
+    let second = write(dir, "b.csv", csv_lines[20..].concat().as_bytes());
+
+    let f32_bytes: Vec<u8> = features.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let i64_bytes: Vec<u8> = labels
+        .iter()
+        .flat_map(|&l| i64::from(l).to_le_bytes())
+        .collect();
+    let npy_features = write(dir, "x.npy.gz", &gzip(&npy("<f4", &[rows, 3], &f32_bytes)));
+    let npy_labels = write(dir, "y.npy", &npy("<i8", &[rows], &i64_bytes));
+
+    let f64_bytes: Vec<u8> = features
+        .iter()
+        .flat_map(|&x| f64::from(x).to_le_bytes())
+        .collect();
+    let view = |dtype, shape: Vec<usize>, data| {
+        safetensors::tensor::TensorView::new(dtype, shape, data).unwrap()
+    };
+    let tensors = [
+        (
+            "x",
+            view(safetensors::Dtype::F64, vec![rows, 3], &f64_bytes[..]),
+        ),
+        ("y", view(safetensors::Dtype::U8, vec![rows], &labels[..])),
+    ];
+    let safetensors_file = write(
+        dir,
+        "data.safetensors",
+        &safetensors::serialize(tensors, None).unwrap(),
+    );
+
+    let datasets = [
+        ("csv", json!({"files": [first, second], "label_column": 0})),
+        (
+            "npy",
+            json!({"features": npy_features, "labels": npy_labels}),
+        ),
+        (
+            "safetensors",
+            json!({"files": [safetensors_file], "features_key": "x", "labels_key": "y"}),
+        ),
+    ];
+    let checkpoints: Vec<PathBuf> = datasets
+        .into_iter()
+        .map(|(format, train)| {
+            let job = spec(json!({
+                "name": format, "epochs": 1, "batch_size": 8, "seed": 2, "threads": 1,
+                "dataset": {"format": format, "train": train, "classes": 3, "shuffle": false,
+                            "normalize": {"kind": "minmax"}},
+                "model": {"kind": "mlp", "hidden": [8]},
+                "optimizer": {"kind": "adam", "lr": 0.01},
+            }));
+            must_train(&job, 1, 0, 1, &dir.join(format), None)
+                .outcome
+                .checkpoint
+                .unwrap()
+        })
+        .collect();
+    for other in &checkpoints[1..] {
+        assert_eq!(
+            max_abs_diff(&checkpoints[0], other, "model."),
+            0.0,
+            "{}",
+            other.display()
+        );
+    }
+}
