@@ -215,6 +215,17 @@ impl<'a> Trainer<'a> {
                 path: path.clone(),
                 what: format!("no tensor {name} (was it written for another model?)"),
             })?;
+            // copy_ would broadcast a mismatched shape silently.
+            if source.size() != target.size() {
+                return Err(TrainError::Checkpoint {
+                    path: path.clone(),
+                    what: format!(
+                        "{name} has shape {:?}, the model's is {:?}",
+                        source.size(),
+                        target.size()
+                    ),
+                });
+            }
             tch::no_grad(|| target.f_copy_(&source)).map_err(|e| TrainError::Checkpoint {
                 path: path.clone(),
                 what: format!("{name}: {e}"),
@@ -223,13 +234,7 @@ impl<'a> Trainer<'a> {
         for (name, mut t) in self.model.vs.variables() {
             take(format!("model.{name}"), &mut t)?;
         }
-        let names: Vec<String> = self
-            .optimizer
-            .named_state()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        for (name, t) in names.into_iter().zip(self.optimizer.state_mut()) {
+        for (name, t) in self.optimizer.named_state_mut() {
             take(format!("optim.{name}"), t)?;
         }
         self.optimizer.step = sidecar.step;
@@ -424,7 +429,6 @@ impl Epochs for Trainer<'_> {
             tensors.extend(
                 self.optimizer
                     .named_state()
-                    .into_iter()
                     .map(|(name, t)| (format!("optim.{name}"), t)),
             );
             let seed = self.segment.spec.seed;
