@@ -426,6 +426,17 @@ fn bad_datasets_are_errors_that_name_the_file_and_the_place() {
         message.contains("label.csv: line 3: label 7 is outside 0..3"),
         "{message}"
     );
+
+    let narrow = write(dir, "narrow.csv", b"1,0\n");
+    let wide = write(dir, "wide.csv", b"1,2,0\n");
+    let message = dataset_error(
+        dir,
+        json!({"format": "csv", "classes": 3, "train": {"files": [wide]}, "test": {"files": [narrow]}}),
+    );
+    assert!(
+        message.contains("test examples have shape [1], training examples [2]"),
+        "{message}"
+    );
 }
 
 #[test]
