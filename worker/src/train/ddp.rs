@@ -453,3 +453,30 @@ impl Epochs for Trainer<'_> {
         Ok(self.reduce(&[f64::from(u8::from(stop))], ReduceOp::Max)?[0] > 0.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_split_at_the_cap_and_round_trip_their_tensors() {
+        let tensors = [
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]),
+            Tensor::from_slice(&[5.0f32, 6.0]),
+            Tensor::from_slice(&[7.0f64]),
+        ];
+        // 16 + 8 bytes of f32 exceed a 20-byte cap; the f64 needs its own.
+        let buckets = Buckets::new(&tensors, 20);
+        let sizes: Vec<i64> = buckets.flats.iter().map(|f| f.numel() as i64).collect();
+        assert_eq!(sizes, [4, 2, 1]);
+        buckets.fill(&tensors).unwrap();
+        assert_eq!(buckets.views[0].size(), [2, 2]);
+        let copies: Vec<Tensor> = tensors.iter().map(Tensor::zeros_like).collect();
+        buckets.drain_into(&copies).unwrap();
+        for (a, b) in tensors.iter().zip(&copies) {
+            assert!(a.equal(b));
+        }
+        let together = Buckets::new(&tensors[..2], BUCKET_BYTES);
+        assert_eq!(together.flats.len(), 1);
+    }
+}
