@@ -57,6 +57,14 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, TrainError> {
         Some(split) => Some(load_split(spec, split)?.limit(spec.limit_test)),
         None => None,
     };
+    if let Some(test) = &test {
+        let (a, b) = (&train.features.size()[1..], &test.features.size()[1..]);
+        if a != b {
+            return Err(TrainError::DatasetSpec(format!(
+                "test examples have shape {b:?}, training examples {a:?}"
+            )));
+        }
+    }
     let mut dataset = Dataset { train, test };
     normalize(&spec.normalize, &mut dataset)?;
     Ok(dataset)

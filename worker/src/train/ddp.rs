@@ -22,7 +22,7 @@ use super::checkpoint::{self, Sidecar};
 use super::dataset::{self, Dataset, Split};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
-use super::sampler::rank_indices;
+use super::sampler::{rank_indices, rank_len};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
 
@@ -184,16 +184,7 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(&spec.optimizer, &named_params);
         let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
         let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
-        let per_rank = rank_indices(
-            data.train.len(),
-            segment.world,
-            segment.rank,
-            0,
-            0,
-            false,
-            spec.dataset.drop_last,
-        )
-        .len();
+        let per_rank = rank_len(data.train.len(), segment.world, spec.dataset.drop_last);
         let mut trainer = Self {
             grads: Buckets::new(&params, BUCKET_BYTES),
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
@@ -224,6 +215,17 @@ impl<'a> Trainer<'a> {
                 path: path.clone(),
                 what: format!("no tensor {name} (was it written for another model?)"),
             })?;
+            // copy_ would broadcast a mismatched shape silently.
+            if source.size() != target.size() {
+                return Err(TrainError::Checkpoint {
+                    path: path.clone(),
+                    what: format!(
+                        "{name} has shape {:?}, the model's is {:?}",
+                        source.size(),
+                        target.size()
+                    ),
+                });
+            }
             tch::no_grad(|| target.f_copy_(&source)).map_err(|e| TrainError::Checkpoint {
                 path: path.clone(),
                 what: format!("{name}: {e}"),
@@ -232,13 +234,7 @@ impl<'a> Trainer<'a> {
         for (name, mut t) in self.model.vs.variables() {
             take(format!("model.{name}"), &mut t)?;
         }
-        let names: Vec<String> = self
-            .optimizer
-            .named_state()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        for (name, t) in names.into_iter().zip(self.optimizer.state_mut()) {
+        for (name, t) in self.optimizer.named_state_mut() {
             take(format!("optim.{name}"), t)?;
         }
         self.optimizer.step = sidecar.step;
@@ -278,9 +274,9 @@ impl<'a> Trainer<'a> {
         let batch = i64::from(spec.batch_size.max(1));
         let total = indices.len() as i64;
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.segment.device));
-        let mut step = u64::from(epoch - 1) * self.steps_per_epoch;
+        let first_step = u64::from(epoch - 1) * self.steps_per_epoch;
         let mut lr = spec.optimizer.lr;
-        for begin in (0..total).step_by(batch as usize) {
+        for (step, begin) in (first_step..).zip((0..total).step_by(batch as usize)) {
             let index = order.narrow(0, begin, batch.min(total - begin));
             let xs = train.features.f_index_select(0, &index)?;
             let ys = train.labels.f_index_select(0, &index)?;
@@ -309,7 +305,6 @@ impl<'a> Trainer<'a> {
                 spec.epochs,
             );
             self.optimizer.step(&self.params, &self.grads.views, lr)?;
-            step += 1;
             let _ = tch::no_grad(|| loss_sum.f_add_(&loss.f_to_kind(Kind::Double)?))?;
         }
         Ok((
@@ -373,6 +368,8 @@ fn to_device(split: &mut Split, device: Device) -> Result<(), TrainError> {
 
 impl Epochs for Trainer<'_> {
     fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
+        // Under the lock so that it cannot land in the middle of a model
+        // being built (and seeded) on another thread of this process.
         {
             let _rng = super::model::TORCH_RNG
                 .lock()
@@ -432,7 +429,6 @@ impl Epochs for Trainer<'_> {
             tensors.extend(
                 self.optimizer
                     .named_state()
-                    .into_iter()
                     .map(|(name, t)| (format!("optim.{name}"), t)),
             );
             let seed = self.segment.spec.seed;
@@ -455,5 +451,32 @@ impl Epochs for Trainer<'_> {
 
     fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError> {
         Ok(self.reduce(&[f64::from(u8::from(stop))], ReduceOp::Max)?[0] > 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_split_at_the_cap_and_round_trip_their_tensors() {
+        let tensors = [
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]),
+            Tensor::from_slice(&[5.0f32, 6.0]),
+            Tensor::from_slice(&[7.0f64]),
+        ];
+        // 16 + 8 bytes of f32 exceed a 20-byte cap; the f64 needs its own.
+        let buckets = Buckets::new(&tensors, 20);
+        let sizes: Vec<i64> = buckets.flats.iter().map(|f| f.numel() as i64).collect();
+        assert_eq!(sizes, [4, 2, 1]);
+        buckets.fill(&tensors).unwrap();
+        assert_eq!(buckets.views[0].size(), [2, 2]);
+        let copies: Vec<Tensor> = tensors.iter().map(Tensor::zeros_like).collect();
+        buckets.drain_into(&copies).unwrap();
+        for (a, b) in tensors.iter().zip(&copies) {
+            assert!(a.equal(b));
+        }
+        let together = Buckets::new(&tensors[..2], BUCKET_BYTES);
+        assert_eq!(together.flats.len(), 1);
     }
 }

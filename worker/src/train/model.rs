@@ -12,7 +12,10 @@ use super::error::TrainError;
 
 /// libtorch's default generator is process-wide: hold this while seeding
 /// and drawing from it, so ranks built on threads of one process (tests)
-/// get the same parameters a process of their own would.
+/// get the same parameters a process of their own would. (Dropout's draws
+/// during training are not covered: ranks that share a process share the
+/// generator, so only one rank per process — the worker's way — replays
+/// dropout exactly.)
 pub(crate) static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 pub struct Model {

@@ -93,24 +93,25 @@ impl Optimizer {
     }
 
     /// State tensors named `<parameter>.<state>` for a checkpoint.
-    pub fn named_state(&self) -> Vec<(String, &Tensor)> {
+    pub fn named_state(&self) -> impl Iterator<Item = (String, &Tensor)> {
         let names = state_names(&self.spec);
-        self.state
-            .iter()
-            .flat_map(|(param, tensors)| {
-                names
-                    .iter()
-                    .zip(tensors)
-                    .map(move |(state, t)| (format!("{param}.{state}"), t))
-            })
-            .collect()
+        self.state.iter().flat_map(move |(param, tensors)| {
+            names
+                .iter()
+                .zip(tensors)
+                .map(move |(state, t)| (format!("{param}.{state}"), t))
+        })
     }
 
-    /// Every state tensor, mutable, in the order of [`Self::named_state`].
-    pub fn state_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
-        self.state
-            .iter_mut()
-            .flat_map(|(_, tensors)| tensors.iter_mut())
+    /// As [`Self::named_state`], to restore them.
+    pub fn named_state_mut(&mut self) -> impl Iterator<Item = (String, &mut Tensor)> {
+        let names = state_names(&self.spec);
+        self.state.iter_mut().flat_map(move |(param, tensors)| {
+            names
+                .iter()
+                .zip(tensors)
+                .map(move |(state, t)| (format!("{param}.{state}"), t))
+        })
     }
 }
 

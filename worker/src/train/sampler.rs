@@ -29,12 +29,17 @@ pub(crate) fn rank_indices(
         rng.set_stream(epoch);
         order.shuffle(&mut rng);
     }
-    let total = if drop_last {
-        n / world * world
-    } else {
-        n.div_ceil(world) * world
-    };
+    let total = rank_len(n, world, drop_last) * world;
     (rank..total).step_by(world).map(|p| order[p % n]).collect()
+}
+
+/// How many examples each rank gets per epoch.
+pub(crate) fn rank_len(n: usize, world: usize, drop_last: bool) -> usize {
+    if drop_last {
+        n / world
+    } else {
+        n.div_ceil(world)
+    }
 }
 
 #[cfg(test)]
