@@ -22,9 +22,9 @@ use super::checkpoint::{self, Sidecar};
 use super::dataset::{self, Dataset, Split};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
-use super::sampler::{rank_indices, rank_len};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
+use ringleader_spec::shard::ShardPlan;
 
 /// Largest fused gradient buffer, as PyTorch DDP's `bucket_cap_mb`.
 const BUCKET_BYTES: usize = 25 << 20;
@@ -184,7 +184,11 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(&spec.optimizer, &named_params);
         let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
         let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
-        let per_rank = rank_len(data.train.len(), segment.world, spec.dataset.drop_last);
+        let per_rank = ShardPlan::per_rank(
+            data.train.len() as u64,
+            segment.world as u32,
+            spec.dataset.drop_last,
+        ) as usize;
         let mut trainer = Self {
             grads: Buckets::new(&params, BUCKET_BYTES),
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
@@ -261,15 +265,19 @@ impl<'a> Trainer<'a> {
         let segment = self.segment;
         let spec = &segment.spec;
         let train = &self.data.train;
-        let indices = rank_indices(
-            train.len(),
-            self.segment.world,
-            self.segment.rank,
-            spec.seed,
-            u64::from(epoch),
-            spec.dataset.shuffle,
-            spec.dataset.drop_last,
-        );
+        let plan = ShardPlan {
+            examples: train.len() as u64,
+            world: self.segment.world as u32,
+            rank: self.segment.rank as u32,
+            seed: spec.seed,
+            shuffle: spec.dataset.shuffle,
+            drop_last: spec.dataset.drop_last,
+        };
+        let indices: Vec<i64> = plan
+            .indices(u64::from(epoch))
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
         let order = Tensor::from_slice(&indices).f_to_device(self.segment.device)?;
         let batch = i64::from(spec.batch_size.max(1));
         let total = indices.len() as i64;

@@ -19,7 +19,6 @@ mod ddp;
 mod error;
 mod model;
 mod optim;
-mod sampler;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
