@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Worker image: `ringleader-worker` linked against CUDA libtorch 2.11.0.
+# Worker image: `ringleader-worker` linked against CUDA libtorch 2.11.0, with
+# the Fashion-MNIST data set at /usr/share/datasets/fashion-mnist.
 #
 #   docker build -f deploy/worker.Dockerfile -t ghcr.io/ringleader/ringleader-worker:0.1.0 .
 #
@@ -31,6 +32,15 @@ COPY . .
 RUN cargo build --release --locked -p ringleader-worker \
     && install -m 0755 target/release/ringleader-worker /usr/local/bin/ringleader-worker
 
+# Fashion-MNIST for the example specs (k8s/base/specs): Debian's
+# dataset-fashion-mnist installs the four IDX files under
+# /usr/share/datasets/fashion-mnist, where the specs read them. The package
+# is a frozen snapshot (one version in bookworm), so it is pinned exactly.
+FROM debian:12.11-slim AS dataset
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dataset-fashion-mnist=0.0~git20200523.55506a9-1 \
+    && rm -rf /var/lib/apt/lists/*
+
 # CUDA 13.0 user-space libraries come from torch's nvidia-* wheels (cu13), so
 # the small `base` flavour is enough: it brings the NVIDIA container toolkit
 # settings (NVIDIA_VISIBLE_DEVICES, driver capabilities, CUDA requirement).
@@ -47,6 +57,9 @@ RUN groupadd --gid 65532 ringleader \
 COPY --from=builder /opt/ringleader/venv/lib/python3.11/site-packages/torch/lib /opt/ringleader/venv/lib/python3.11/site-packages/torch/lib
 COPY --from=builder /opt/ringleader/venv/lib/python3.11/site-packages/nvidia /opt/ringleader/venv/lib/python3.11/site-packages/nvidia
 COPY --from=builder /usr/local/bin/ringleader-worker /usr/local/bin/ringleader-worker
+# The dataset (~30 MiB) and its licence (MIT, Zalando Research).
+COPY --from=dataset /usr/share/datasets/fashion-mnist /usr/share/datasets/fashion-mnist
+COPY --from=dataset /usr/share/doc/dataset-fashion-mnist/copyright /usr/share/doc/dataset-fashion-mnist/copyright
 # Fails the build if libtorch does not resolve through the rpath.
 RUN ["/usr/local/bin/ringleader-worker", "--version"]
 USER 65532:65532

@@ -22,12 +22,26 @@
 //!   requests and limits one GPU), and workers get `--device=cpu` or
 //!   `--device=cuda` to match.
 //!
-//! `checks_catch_broken_manifests` breaks a rendering in several ways and
-//! makes sure each break is reported.
+//! The example specs and the checkpoint volume (`spec_problems`):
+//!
+//! * every entry of the `ringleader-specs` ConfigMap is accepted by the real
+//!   binary (`ringleader sweep submit --dry-run` for files with a `[sweep]`
+//!   table, `ringleader job submit --dry-run` for the others), and every
+//!   dataset path a spec reads lies in a directory the worker image copies;
+//! * the ConfigMap is mounted read-only in the coordinator pods at
+//!   `/etc/ringleader/specs`, and every `/etc/ringleader/specs/FILE` that
+//!   docs/KUBERNETES.md and the README mention is one of its entries;
+//! * the coordinators' `RINGLEADER_CHECKPOINT_DIR` is where every worker
+//!   container mounts the `ringleader-checkpoints` claim, which is rendered
+//!   and ReadWriteMany (a spec that names `checkpoint.dir` must point into
+//!   that volume too).
+//!
+//! `checks_catch_broken_manifests` and `spec_checks_catch_broken_specs_and_mounts`
+//! break a rendering in several ways and make sure each break is reported.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,6 +55,14 @@ const OUR_IMAGES: &[(&str, &str)] = &[
     ("ghcr.io/ringleader/ringleader-coordinator", "ringleader"),
     ("ghcr.io/ringleader/ringleader-worker", "ringleader-worker"),
 ];
+/// The spec ConfigMap (generated: its rendered name has a hash suffix) and
+/// where the coordinator pods mount it.
+const SPECS_CONFIG_MAP: &str = "ringleader-specs";
+const SPECS_DIR: &str = "/etc/ringleader/specs";
+/// The shared checkpoint claim every worker pod mounts.
+const CHECKPOINT_CLAIM: &str = "ringleader-checkpoints";
+/// Documents that tell users to run `/etc/ringleader/specs/FILE`.
+const DOCS: &[&str] = &["docs/KUBERNETES.md", "README.md"];
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -807,4 +829,423 @@ fn usage_errors_of_the_binaries_are_detected() {
     let argv = ["serve".to_string(), "--etcd=http://127.0.0.1:1".to_string()];
     assert!(usage_error("ringleader", &argv, &env).is_some());
     assert!(usage_error("ringleader", &argv, &BTreeMap::new()).is_none());
+}
+
+/// A generated ConfigMap's base name: `ringleader-specs-g4gt7kktf7` →
+/// `ringleader-specs` (kustomize appends a 10-character content hash).
+fn generated_base(name: &str) -> &str {
+    match name.rsplit_once('-') {
+        Some((base, hash))
+            if hash.len() == 10 && hash.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            base
+        }
+        _ => name,
+    }
+}
+
+fn find_doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| str_of(&d["kind"]) == kind && str_of(&d["metadata"]["name"]) == name)
+}
+
+/// The first container of a workload's pod template and the pod spec.
+fn first_container(doc: &Value) -> (&Value, &Value) {
+    let pod_spec = &pod_template(doc).expect("a workload")["spec"];
+    (&pod_spec["containers"][0], pod_spec)
+}
+
+/// (mountPath, readOnly, volume) of each volume mount of `container`.
+fn mounts<'a>(container: &'a Value, pod_spec: &'a Value) -> Vec<(&'a str, bool, &'a Value)> {
+    seq(&container["volumeMounts"])
+        .iter()
+        .filter_map(|m| {
+            let volume = seq(&pod_spec["volumes"])
+                .iter()
+                .find(|v| str_of(&v["name"]) == str_of(&m["name"]))?;
+            Some((
+                str_of(&m["mountPath"]),
+                m["readOnly"].as_bool() == Some(true),
+                volume,
+            ))
+        })
+        .collect()
+}
+
+/// Whether a spec file is a sweep: it has a `[sweep]` table (sweep options
+/// may also come as `[sweep.params]` etc., but a sweep always has both).
+fn is_sweep(text: &str) -> bool {
+    text.lines().any(|line| {
+        let line = line.split('#').next().unwrap_or("").trim();
+        line == "[sweep]" || line.starts_with("[sweep.")
+    })
+}
+
+/// Quoted absolute paths in a spec (`"/usr/share/…"`) under `prefix`.
+fn quoted_paths<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|p| p.starts_with(prefix))
+        .collect()
+}
+
+/// `ringleader {sweep|job} submit --dry-run FILE`: None if accepted, else
+/// what it printed. No cluster is needed (nor reachable: the coordinator
+/// address points nowhere).
+fn dry_run(kind: &str, file: &Path) -> Option<String> {
+    let output = command("ringleader")
+        .args([kind, "submit", "--dry-run"])
+        .arg(file)
+        .env("RINGLEADER_COORDINATOR", "127.0.0.1:1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ringleader {kind} submit --dry-run`: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if output.status.success() && stdout.starts_with("valid: ") {
+        return None;
+    }
+    Some(format!(
+        "exit {:?}: {}{}",
+        output.status.code(),
+        stdout.trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+/// Directories the worker image copies from its dataset stage
+/// (`COPY --from=dataset SRC DST` with SRC = DST).
+fn worker_image_datasets() -> Vec<String> {
+    let path = repo_root().join("deploy/worker.Dockerfile");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["COPY", "--from=dataset", src, dst]
+                    if src == dst && dst.starts_with("/usr/share/datasets/") =>
+                {
+                    Some(dst.trim_end_matches('/').to_string())
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// `/etc/ringleader/specs/FILE` names in the user documentation.
+fn documented_specs() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for doc in DOCS {
+        let path = repo_root().join(doc);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let prefix = format!("{SPECS_DIR}/");
+        for (at, _) in text.match_indices(&prefix) {
+            let name: String = text[at + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                .collect();
+            if !name.is_empty() {
+                names.insert(name.trim_end_matches('.').to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Every problem with the example specs, their mount and the checkpoint
+/// volume in one overlay's rendering. `documented` are the spec files the
+/// docs tell users to submit.
+fn spec_problems(docs: &[Value], documented: &BTreeSet<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let config_map = |base: &str| {
+        docs.iter().find(|d| {
+            str_of(&d["kind"]) == "ConfigMap"
+                && generated_base(str_of(&d["metadata"]["name"])) == base
+        })
+    };
+
+    // The specs: each entry is a valid sweep or job, reading only data the
+    // worker image carries.
+    let specs = match config_map(SPECS_CONFIG_MAP) {
+        Some(doc) => string_map(&doc["data"]),
+        None => {
+            problems.push(format!("no ConfigMap {SPECS_CONFIG_MAP} is rendered"));
+            BTreeMap::new()
+        }
+    };
+    if config_map(SPECS_CONFIG_MAP).is_some() && specs.is_empty() {
+        problems.push(format!("ConfigMap {SPECS_CONFIG_MAP} holds no specs"));
+    }
+    let datasets = worker_image_datasets();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    for (key, text) in &specs {
+        let file = dir.path().join(key);
+        std::fs::write(&file, text).expect("write a spec to the temp dir");
+        let kind = if is_sweep(text) { "sweep" } else { "job" };
+        if let Some(error) = dry_run(kind, &file) {
+            problems.push(format!(
+                "{SPECS_CONFIG_MAP} entry {key}: `ringleader {kind} submit --dry-run` rejects it: {error}"
+            ));
+        }
+        for path in quoted_paths(text, "/usr/share/datasets/") {
+            if !datasets.iter().any(|d| path.starts_with(&format!("{d}/"))) {
+                problems.push(format!(
+                    "{SPECS_CONFIG_MAP} entry {key} reads {path}, which deploy/worker.Dockerfile \
+                     does not copy into the worker image (it copies {datasets:?})"
+                ));
+            }
+        }
+    }
+    for name in documented {
+        if !specs.contains_key(name) {
+            problems.push(format!(
+                "the docs submit {SPECS_DIR}/{name}, but {SPECS_CONFIG_MAP} has no entry {name} \
+                 (it has {:?})",
+                specs.keys().collect::<Vec<_>>()
+            ));
+        }
+    }
+
+    // Mounted read-only where the docs say, in the coordinator pods.
+    match find_doc(docs, "Deployment", "ringleader-coordinator") {
+        Some(doc) => {
+            let (c, pod_spec) = first_container(doc);
+            let mounted = mounts(c, pod_spec).into_iter().find(|(_, _, v)| {
+                generated_base(str_of(&v["configMap"]["name"])) == SPECS_CONFIG_MAP
+            });
+            match mounted {
+                Some((path, read_only, _)) => {
+                    if path != SPECS_DIR {
+                        problems.push(format!(
+                            "coordinators mount {SPECS_CONFIG_MAP} at {path}; the docs say {SPECS_DIR}"
+                        ));
+                    }
+                    if !read_only {
+                        problems.push(format!("coordinators mount {SPECS_CONFIG_MAP} writable"));
+                    }
+                }
+                None => problems.push(format!(
+                    "the coordinator container does not mount ConfigMap {SPECS_CONFIG_MAP}"
+                )),
+            }
+        }
+        None => problems.push("no Deployment/ringleader-coordinator is rendered".into()),
+    }
+
+    // RINGLEADER_CHECKPOINT_DIR is the shared volume in every worker.
+    let checkpoint_dir = config_map("ringleader-coordinator")
+        .map(|doc| string_map(&doc["data"]))
+        .and_then(|data| data.get("RINGLEADER_CHECKPOINT_DIR").cloned());
+    let Some(checkpoint_dir) = checkpoint_dir else {
+        problems.push("ConfigMap ringleader-coordinator sets no RINGLEADER_CHECKPOINT_DIR".into());
+        return problems;
+    };
+    match find_doc(docs, "StatefulSet", "ringleader-worker") {
+        Some(doc) => {
+            let (c, pod_spec) = first_container(doc);
+            let mounted = mounts(c, pod_spec).into_iter().find(|(_, _, v)| {
+                str_of(&v["persistentVolumeClaim"]["claimName"]) == CHECKPOINT_CLAIM
+            });
+            match mounted {
+                Some((path, read_only, _)) => {
+                    if path.trim_end_matches('/') != checkpoint_dir.trim_end_matches('/') {
+                        problems.push(format!(
+                            "workers mount {CHECKPOINT_CLAIM} at {path}, but \
+                             RINGLEADER_CHECKPOINT_DIR is {checkpoint_dir}"
+                        ));
+                    }
+                    if read_only {
+                        problems.push(format!("workers mount {CHECKPOINT_CLAIM} read-only"));
+                    }
+                }
+                None => problems.push(format!(
+                    "the worker container does not mount the claim {CHECKPOINT_CLAIM} \
+                     (RINGLEADER_CHECKPOINT_DIR is {checkpoint_dir})"
+                )),
+            }
+        }
+        None => problems.push("no StatefulSet/ringleader-worker is rendered".into()),
+    }
+    match find_doc(docs, "PersistentVolumeClaim", CHECKPOINT_CLAIM) {
+        Some(claim) => {
+            let modes: Vec<&str> = seq(&claim["spec"]["accessModes"])
+                .iter()
+                .map(str_of)
+                .collect();
+            if !modes.contains(&"ReadWriteMany") {
+                problems.push(format!(
+                    "PersistentVolumeClaim/{CHECKPOINT_CLAIM} has access modes {modes:?}; \
+                     workers on different nodes share it, so it needs ReadWriteMany"
+                ));
+            }
+        }
+        None => problems.push(format!(
+            "no PersistentVolumeClaim/{CHECKPOINT_CLAIM} is rendered"
+        )),
+    }
+    // A spec that names its own checkpoint dir must stay on the volume.
+    for (key, text) in &specs {
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            let Some(value) = line.strip_prefix("dir").map(str::trim_start) else {
+                continue;
+            };
+            let Some(value) = value.strip_prefix('=') else {
+                continue;
+            };
+            let dir = value.trim().trim_matches('"');
+            if !Path::new(dir).starts_with(&checkpoint_dir) {
+                problems.push(format!(
+                    "{SPECS_CONFIG_MAP} entry {key} checkpoints to {dir}, outside the shared \
+                     volume at {checkpoint_dir}"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn specs_mounts_and_checkpoints_are_consistent() {
+    let documented = documented_specs();
+    assert!(
+        !documented.is_empty(),
+        "{DOCS:?} mention no {SPECS_DIR}/FILE; the walkthrough submits the example specs"
+    );
+    for overlay in overlays() {
+        let problems = spec_problems(&render(&overlay), &documented);
+        assert_clean(&overlay, &problems);
+    }
+}
+
+/// Applies `edit` to the cpu rendering and returns the spec problems.
+fn spec_problems_after(edit: impl FnOnce(&mut Vec<Value>)) -> Vec<String> {
+    let mut docs = render("cpu");
+    edit(&mut docs);
+    spec_problems(&docs, &documented_specs())
+}
+
+fn doc_mut<'a>(docs: &'a mut [Value], kind: &str, base: &str) -> &'a mut Value {
+    docs.iter_mut()
+        .find(|d| {
+            str_of(&d["kind"]) == kind && generated_base(str_of(&d["metadata"]["name"])) == base
+        })
+        .unwrap_or_else(|| panic!("cpu overlay renders no {kind}/{base}"))
+}
+
+fn spec_entry_mut<'a>(docs: &'a mut [Value], needle: &str) -> (String, &'a mut Value) {
+    let data = doc_mut(docs, "ConfigMap", SPECS_CONFIG_MAP)["data"]
+        .as_mapping_mut()
+        .expect("spec data");
+    let (key, value) = data
+        .iter_mut()
+        .find(|(_, v)| str_of(v).contains(needle))
+        .unwrap_or_else(|| panic!("no spec contains {needle:?}"));
+    (str_of(key).to_string(), value)
+}
+
+#[test]
+fn spec_checks_catch_broken_specs_and_mounts() {
+    assert_clean("cpu", &spec_problems(&render("cpu"), &documented_specs()));
+
+    // A sweep the binary rejects (eta must be at least 2).
+    let problems = spec_problems_after(|docs| {
+        let (_, text) = spec_entry_mut(docs, "searcher = \"asha\"");
+        *text = Value::from(str_of(text).replace("eta = 3", "eta = 1"));
+    });
+    assert_reported(
+        "an invalid sweep",
+        &problems,
+        "sweep submit --dry-run` rejects it",
+    );
+
+    // A job the binary rejects.
+    let problems = spec_problems_after(|docs| {
+        let (_, text) = spec_entry_mut(docs, "workers = 2");
+        *text = Value::from(str_of(text).replace("device = \"auto\"", "device = \"gpu\""));
+    });
+    assert_reported(
+        "an invalid job",
+        &problems,
+        "job submit --dry-run` rejects it",
+    );
+
+    // Data the worker image does not carry.
+    let problems = spec_problems_after(|docs| {
+        let (_, text) = spec_entry_mut(docs, "fashion-mnist/t10k");
+        *text = Value::from(str_of(text).replace("fashion-mnist/t10k", "mnist/t10k"));
+    });
+    assert_reported(
+        "data outside the image",
+        &problems,
+        "does not copy into the worker image",
+    );
+
+    // A spec the docs submit that the ConfigMap lacks.
+    let problems = spec_problems_after(|docs| {
+        let (key, _) = spec_entry_mut(docs, "hartmann6");
+        let data = doc_mut(docs, "ConfigMap", SPECS_CONFIG_MAP)["data"]
+            .as_mapping_mut()
+            .unwrap();
+        data.remove(key.as_str());
+    });
+    assert_reported("a documented spec missing", &problems, "has no entry");
+
+    // The specs mounted elsewhere.
+    let problems = spec_problems_after(|docs| {
+        let doc = doc_mut(docs, "Deployment", "ringleader-coordinator");
+        let c = container_mut(doc, &["spec", "template"]);
+        c["volumeMounts"][0]["mountPath"] = Value::from("/specs");
+    });
+    assert_reported("specs mounted elsewhere", &problems, "at /specs");
+
+    // The checkpoint volume away from RINGLEADER_CHECKPOINT_DIR.
+    let problems = spec_problems_after(|docs| {
+        let doc = doc_mut(docs, "StatefulSet", "ringleader-worker");
+        let c = container_mut(doc, &["spec", "template"]);
+        for m in c["volumeMounts"].as_sequence_mut().unwrap() {
+            if str_of(&m["name"]) == "checkpoints" {
+                m["mountPath"] = Value::from("/checkpoints");
+            }
+        }
+    });
+    assert_reported(
+        "checkpoints mounted elsewhere",
+        &problems,
+        "RINGLEADER_CHECKPOINT_DIR is",
+    );
+
+    // A claim one node at a time.
+    let problems = spec_problems_after(|docs| {
+        let claim = doc_mut(docs, "PersistentVolumeClaim", CHECKPOINT_CLAIM);
+        claim["spec"]["accessModes"] = Value::from(vec![Value::from("ReadWriteOnce")]);
+    });
+    assert_reported("a ReadWriteOnce claim", &problems, "needs ReadWriteMany");
+
+    // No claim at all.
+    let problems = spec_problems_after(|docs| {
+        docs.retain(|d| str_of(&d["kind"]) != "PersistentVolumeClaim");
+    });
+    assert_reported(
+        "a missing claim",
+        &problems,
+        "no PersistentVolumeClaim/ringleader-checkpoints",
+    );
+
+    // A spec that checkpoints off the shared volume.
+    let problems = spec_problems_after(|docs| {
+        let (_, text) = spec_entry_mut(docs, "workers = 2");
+        *text = Value::from(format!(
+            "{}\n[checkpoint]\ndir = \"/tmp/ckpt\"\n",
+            str_of(text)
+        ));
+    });
+    assert_reported(
+        "a checkpoint dir off the volume",
+        &problems,
+        "outside the shared volume",
+    );
 }
