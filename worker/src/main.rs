@@ -71,7 +71,6 @@ struct Args {
     #[arg(long, env = "RINGLEADER_COLLECTIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     collective_timeout: Duration,
 
-    /// Log as JSON lines.
     /// libtorch threads per attempt when the job does not set `threads`
     /// (0: libtorch's default, one per core). Workers sharing a machine
     /// should split its cores (`ringleader local` does).
@@ -83,6 +82,7 @@ struct Args {
     #[arg(long, env = "RINGLEADER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     drain_timeout: Duration,
 
+    /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
 }
