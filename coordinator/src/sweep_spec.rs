@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ringleader_spec::error::{Document, FieldError, FieldPath, SpecError};
+use ringleader_spec::job::read_spec;
 use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -108,11 +109,7 @@ pub struct Objective {
 impl SweepSpec {
     /// Reads and checks a sweep file.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&read_spec(path)?, &path.display().to_string())
     }
 
     /// Parses and checks a sweep written in TOML; `origin` names it in

@@ -46,14 +46,18 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
 }
 
+/// A spec file's text; an unreadable file is an error naming it.
+pub fn read_spec(path: &Path) -> Result<String, SpecError> {
+    std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
 impl JobSpec {
     /// Reads and checks a job file; errors name the file, line and field.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&read_spec(path)?, &path.display().to_string())
     }
 
     /// Parses and checks a job written in TOML; `origin` names it in errors.
@@ -413,6 +417,29 @@ impl ModelSpec {
                     within(*x2, 0.0, 15.0, &["model", "x2"])
                 }
             },
+        }
+    }
+
+    /// The synthetic objective's value at this model's inputs (`None` for
+    /// models that train).
+    pub fn synthetic_value(&self) -> Option<f64> {
+        match *self {
+            ModelSpec::Synthetic {
+                function,
+                x1,
+                x2,
+                x3,
+                x4,
+                x5,
+                x6,
+                ..
+            } => Some(match function {
+                SyntheticFunction::Branin => crate::synthetic::branin(x1, x2),
+                SyntheticFunction::Hartmann6 => {
+                    crate::synthetic::hartmann6(&[x1, x2, x3, x4, x5, x6])
+                }
+            }),
+            _ => None,
         }
     }
 

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ringleader_collective::Ring;
-use ringleader_spec::job::{ModelSpec, SyntheticFunction};
-use ringleader_spec::{synthetic, JobSpec};
+use ringleader_spec::job::ModelSpec;
+use ringleader_spec::JobSpec;
 
 pub use checkpoint::Sidecar;
 pub use error::{Position, TrainError};
@@ -196,23 +196,11 @@ struct Synthetic<'a> {
 
 impl Synthetic<'_> {
     fn value(&self) -> f64 {
-        let ModelSpec::Synthetic {
-            function,
-            x1,
-            x2,
-            x3,
-            x4,
-            x5,
-            x6,
-            ..
-        } = self.segment.spec.model
-        else {
-            unreachable!("only built for synthetic models")
-        };
-        match function {
-            SyntheticFunction::Branin => synthetic::branin(x1, x2),
-            SyntheticFunction::Hartmann6 => synthetic::hartmann6(&[x1, x2, x3, x4, x5, x6]),
-        }
+        self.segment
+            .spec
+            .model
+            .synthetic_value()
+            .expect("only built for synthetic models")
     }
 }
 
