@@ -44,6 +44,8 @@ pub struct Trials {
     reports: mpsc::UnboundedSender<WorkerMessage>,
     /// True while nothing runs.
     idle: Arc<watch::Sender<bool>>,
+    /// Set on graceful shutdown: new assignments are handed back.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Trials {
@@ -55,6 +57,7 @@ impl Trials {
             last_finished: Arc::default(),
             reports,
             idle: Arc::new(watch::channel(true).0),
+            draining: Arc::default(),
         };
         (trials, rx)
     }
@@ -86,6 +89,19 @@ impl Trials {
         let stop = CancellationToken::new();
         {
             let mut running = self.running();
+            // Checked under the lock `drain` takes: nothing starts after it.
+            if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                // Not the trial's fault: abandoned, so it moves elsewhere
+                // without counting as a failure.
+                self.report(worker_message::Kind::Finished(finished(
+                    &attempt,
+                    AttemptOutcome::Abandoned,
+                    assignment.start_epoch,
+                    None,
+                    "the worker is shutting down".into(),
+                )));
+                return;
+            }
             if let Some(busy) = running.as_ref() {
                 let error = format!(
                     "worker is busy with {} trial {} attempt {}",
@@ -125,9 +141,13 @@ impl Trials {
         }
     }
 
-    /// Stops whatever runs (graceful shutdown).
-    pub fn stop_all(&self) {
-        if let Some(running) = self.running().as_ref() {
+    /// Graceful shutdown: stops whatever runs (it checkpoints at the end of
+    /// its epoch) and hands back any later assignment unstarted.
+    pub fn drain(&self) {
+        let running = self.running();
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(running) = running.as_ref() {
             running.stop.cancel();
         }
     }
