@@ -44,6 +44,11 @@ pub struct Trials {
     reports: mpsc::UnboundedSender<WorkerMessage>,
     /// True while nothing runs.
     idle: Arc<watch::Sender<bool>>,
+    /// Every report since the latest assignment started (its epochs, its
+    /// end, refusals), replayed to each new leader: one that took over
+    /// mid-attempt may never have stored the epochs sent to its
+    /// predecessor.
+    history: Arc<Mutex<Vec<WorkerMessage>>>,
     /// Set on graceful shutdown: new assignments are handed back.
     draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -58,6 +63,7 @@ impl Trials {
             reports,
             idle: Arc::new(watch::channel(true).0),
             draining: Arc::default(),
+            history: Arc::default(),
         };
         (trials, rx)
     }
@@ -122,6 +128,9 @@ impl Trials {
             });
         }
         *self.last() = None;
+        // The leader assigns work only once it has heard how the previous
+        // attempt ended, so its reports need no replay any more.
+        self.history().clear();
         self.idle.send_replace(false);
         let trials = self.clone();
         tokio::spawn(async move {
@@ -158,10 +167,26 @@ impl Trials {
         let _ = idle.wait_for(|idle| *idle).await;
     }
 
+    fn history(&self) -> MutexGuard<'_, Vec<WorkerMessage>> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn report(&self, message: worker_message::Kind) {
-        let _ = self.reports.send(WorkerMessage {
+        let message = WorkerMessage {
             kind: Some(message),
-        });
+        };
+        let mut history = self.history();
+        history.push(message.clone());
+        let _ = self.reports.send(message);
+    }
+
+    /// For a new session: the reports to send after `Register`, in order.
+    /// Reports still queued for the old session are dropped from `queue`
+    /// (the replay holds them), so none arrives twice out of order.
+    pub fn replay(&self, queue: &mut mpsc::UnboundedReceiver<WorkerMessage>) -> Vec<WorkerMessage> {
+        let history = self.history();
+        while queue.try_recv().is_ok() {}
+        history.clone()
     }
 }
 
