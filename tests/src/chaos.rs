@@ -30,7 +30,10 @@ use rand_chacha::ChaCha8Rng;
 use ringleader_coordinator::sweep::client as sweeps;
 use ringleader_proto::coordinator::{AttemptRef, WorkerState};
 
-use crate::sweeps::{client, must_finish_sweep, must_submit, overlapping_attempts, sweep_problems, worker_state, BraninSweep};
+use crate::sweeps::{
+    client, must_finish_sweep, must_submit, overlapping_attempts, sweep_problems, worker_state,
+    BraninSweep,
+};
 use crate::{TestCluster, LEASE_TTL};
 
 #[derive(Clone, Debug)]
@@ -126,13 +129,18 @@ impl ChaosReport {
             entry.0 += 1;
             entry.1.extend(f.recovery);
         }
-        let _ = writeln!(out, "| fault | injected | recovered from | median recovery | max recovery |");
+        let _ = writeln!(
+            out,
+            "| fault | injected | recovered from | median recovery | max recovery |"
+        );
         let _ = writeln!(out, "|---|---|---|---|---|");
         for (kind, (count, mut times)) in by_kind {
             times.sort();
             let median = times.get(times.len() / 2).copied();
             let max = times.last().copied();
-            let secs = |d: Option<Duration>| d.map_or("–".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+            let secs = |d: Option<Duration>| {
+                d.map_or("–".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+            };
             let _ = writeln!(
                 out,
                 "| {} | {count} | {} | {} | {} |",
@@ -162,7 +170,10 @@ struct Downtime {
 
 /// Runs the schedule; see the module docs.
 pub async fn run(options: ChaosOptions) -> ChaosReport {
-    println!("chaos seed {} (replay: RINGLEADER_CHAOS_SEED={})", options.seed, options.seed);
+    println!(
+        "chaos seed {} (replay: RINGLEADER_CHAOS_SEED={})",
+        options.seed, options.seed
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let mut cluster = TestCluster::start(options.coordinators, options.workers).await;
     cluster.must_form(Duration::from_secs(60)).await;
@@ -220,10 +231,13 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
             .filter(|t| t.state == ringleader_coordinator::sweep::TrialState::Completed)
             .count();
         report.trials_completed += completed;
-        report.trials_lost += options.sweep.max_trials as usize - completed.min(options.sweep.max_trials as usize);
-        report
-            .problems
-            .extend(sweep_problems(&view, &spec).into_iter().map(|p| format!("{id}: {p}")));
+        report.trials_lost +=
+            options.sweep.max_trials as usize - completed.min(options.sweep.max_trials as usize);
+        report.problems.extend(
+            sweep_problems(&view, &spec)
+                .into_iter()
+                .map(|p| format!("{id}: {p}")),
+        );
     }
     report.faults = faults;
     report.elapsed = started.elapsed();
@@ -232,9 +246,13 @@ pub async fn run(options: ChaosOptions) -> ChaosReport {
 
 async fn try_submit(cluster: &TestCluster, name: &str, spec: &str) -> Result<String, String> {
     let path = crate::sweeps::write_spec(cluster, name, spec);
-    sweeps::submit(&client(cluster), ringleader_coordinator::sweep::SweepKind::Sweep, &path)
-        .await
-        .map_err(|e| e.to_string())
+    sweeps::submit(
+        &client(cluster),
+        ringleader_coordinator::sweep::SweepKind::Sweep,
+        &path,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Restarts members whose downtime is over (all of them with `now`).
@@ -287,7 +305,12 @@ fn bring_back(cluster: &mut TestCluster, down: &mut Downtime, all: bool) {
 
 /// A fault that the cluster can take now: enough workers stay up for a
 /// gang, and a coordinator stays up.
-fn pick(rng: &mut ChaCha8Rng, cluster: &mut TestCluster, down: &Downtime, options: &ChaosOptions) -> FaultKind {
+fn pick(
+    rng: &mut ChaCha8Rng,
+    cluster: &mut TestCluster,
+    down: &Downtime,
+    options: &ChaosOptions,
+) -> FaultKind {
     let workers_up = cluster
         .cluster
         .workers()
@@ -362,7 +385,10 @@ async fn inject(
                 .expect("a coordinator of ours");
             let hit = Instant::now();
             cluster.cluster.coordinators()[index].process.kill();
-            down.coordinators.insert(index, hit + Duration::from_millis(rng.random_range(500..3000)));
+            down.coordinators.insert(
+                index,
+                hit + Duration::from_millis(rng.random_range(500..3000)),
+            );
             let recovery = served(&args, sweep, hit).await;
             (format!("coordinator {index} ({leader})"), recovery)
         }
@@ -399,7 +425,8 @@ async fn choose_worker(
             up.push(w.id.clone());
         }
     }
-    let busy: Vec<(String, AttemptRef)> = match cluster.cluster.status(Duration::from_secs(2)).await {
+    let busy: Vec<(String, AttemptRef)> = match cluster.cluster.status(Duration::from_secs(2)).await
+    {
         Ok(status) => status
             .workers
             .into_iter()
@@ -443,7 +470,11 @@ async fn runs_again(
 }
 
 /// Time from `since` until a leader serves `sweep` (its state loaded).
-async fn served(args: &ringleader_coordinator::cli::ClientArgs, sweep: &str, since: Instant) -> Option<Duration> {
+async fn served(
+    args: &ringleader_coordinator::cli::ClientArgs,
+    sweep: &str,
+    since: Instant,
+) -> Option<Duration> {
     let deadline = since + Duration::from_secs(60);
     let args = ringleader_coordinator::cli::ClientArgs {
         coordinator: args.coordinator.clone(),

@@ -150,7 +150,10 @@ impl TestCluster {
 
     /// The private etcd (to freeze, kill or restart).
     pub fn etcd(&mut self) -> &mut EtcdServer {
-        self.cluster.etcd.as_mut().expect("test clusters run a private etcd")
+        self.cluster
+            .etcd
+            .as_mut()
+            .expect("test clusters run a private etcd")
     }
 
     /// Restarts etcd from its data directory and waits until it answers.
@@ -188,8 +191,8 @@ impl TestCluster {
             else {
                 continue;
             };
-            let answer = tokio::time::timeout(deadline, client.who_is_leader(WhoIsLeaderRequest {}))
-                .await;
+            let answer =
+                tokio::time::timeout(deadline, client.who_is_leader(WhoIsLeaderRequest {})).await;
             if let Ok(Ok(response)) = answer {
                 if response.into_inner().is_leader {
                     leaders.push(address);

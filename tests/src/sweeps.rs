@@ -136,7 +136,11 @@ epoch_ms = {epoch_ms}
 
 /// The synthetic model's objective after `epoch` epochs of `job`: the
 /// worker reports f(x) + (1 + |f(x)|)·2^−epoch.
-pub fn synthetic_objective(template: &Template, config: &BTreeMap<String, Value>, epoch: u32) -> f64 {
+pub fn synthetic_objective(
+    template: &Template,
+    config: &BTreeMap<String, Value>,
+    epoch: u32,
+) -> f64 {
     let job = template.job(config).expect("trial job builds");
     let ModelSpec::Synthetic {
         function,
@@ -280,7 +284,9 @@ pub fn sweep_problems(view: &SweepView, spec: &str) -> Vec<String> {
         let done: Vec<_> = t
             .attempts
             .iter()
-            .filter(|a| a.outcome == Some(AttemptOutcome::Done) && a.stop_epoch == config.max_epochs)
+            .filter(|a| {
+                a.outcome == Some(AttemptOutcome::Done) && a.stop_epoch == config.max_epochs
+            })
             .collect();
         if done.len() != 1 {
             problems.push(format!("{name}: completed by {} attempts", done.len()));
@@ -295,7 +301,10 @@ pub fn sweep_problems(view: &SweepView, spec: &str) -> Vec<String> {
         match expected.get(&t.number) {
             Some((want_config, want)) => {
                 if &t.config != want_config {
-                    problems.push(format!("{name}: config {:?}, expected {want_config:?}", t.config));
+                    problems.push(format!(
+                        "{name}: config {:?}, expected {want_config:?}",
+                        t.config
+                    ));
                 }
                 match t.objective {
                     Some(got) if (got - want).abs() <= 1e-9 * want.abs().max(1.0) => {}
@@ -307,7 +316,10 @@ pub fn sweep_problems(view: &SweepView, spec: &str) -> Vec<String> {
     }
     problems.extend(overlapping_attempts(view));
     let best = view.best().and_then(|t| t.objective);
-    let want_best = expected.values().map(|(_, o)| *o).fold(f64::INFINITY, f64::min);
+    let want_best = expected
+        .values()
+        .map(|(_, o)| *o)
+        .fold(f64::INFINITY, f64::min);
     if best.is_none_or(|b| (b - want_best).abs() > 1e-9 * want_best.abs().max(1.0)) {
         problems.push(format!("best {best:?}, fault-free best {want_best}"));
     }

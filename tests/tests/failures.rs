@@ -102,12 +102,21 @@ async fn lost_worker_fails_its_attempt_and_the_trial_resumes_from_its_checkpoint
     // The worker comes back under the same id and is given work again.
     let restarted_at = unix_ms();
     cluster.restart_worker(&victim);
-    wait_for_sweep(&args, &id, "the restarted worker to get work", FINISH, |view| {
-        let busy = view.trials.iter().flat_map(|t| &t.attempts).any(|a| {
-            a.started_unix_ms >= restarted_at && a.workers.contains(&victim)
-        });
-        busy.then_some(()).ok_or_else(|| format!("{victim} not in a new attempt"))
-    })
+    wait_for_sweep(
+        &args,
+        &id,
+        "the restarted worker to get work",
+        FINISH,
+        |view| {
+            let busy = view
+                .trials
+                .iter()
+                .flat_map(|t| &t.attempts)
+                .any(|a| a.started_unix_ms >= restarted_at && a.workers.contains(&victim));
+            busy.then_some(())
+                .ok_or_else(|| format!("{victim} not in a new attempt"))
+        },
+    )
     .await;
 
     let view = must_finish_sweep(&args, &id, FINISH).await;
@@ -158,8 +167,14 @@ async fn repeated_leader_failover_reattaches_running_trials_without_restarting_t
             reattached.insert(trial, attempt);
         }
         // The standby takes over and serves the sweep from etcd.
-        wait_for_sweep(&args, &id, "the new leader to serve the sweep", FINISH, |_| Ok(()))
-            .await;
+        wait_for_sweep(
+            &args,
+            &id,
+            "the new leader to serve the sweep",
+            FINISH,
+            |_| Ok(()),
+        )
+        .await;
         let leaders = cluster.claimed_leaders().await;
         assert_eq!(leaders.len(), 1, "round {round}: leaders {leaders:?}");
         assert_ne!(leaders[0], old);
@@ -178,7 +193,10 @@ async fn repeated_leader_failover_reattaches_running_trials_without_restarting_t
             "trial {trial} was restarted after the failover: {:?}",
             t.attempts
         );
-        assert_eq!(t.attempts.last().unwrap().outcome, Some(AttemptOutcome::Done));
+        assert_eq!(
+            t.attempts.last().unwrap().outcome,
+            Some(AttemptOutcome::Done)
+        );
     }
 }
 
@@ -225,7 +243,14 @@ async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
     }
     cluster.etcd().process().signal(libc::SIGCONT);
 
-    wait_for_sweep(&args, &id, "a leader to serve the sweep", FINISH, |_| Ok(())).await;
+    wait_for_sweep(
+        &args,
+        &id,
+        "a leader to serve the sweep",
+        FINISH,
+        |_| Ok(()),
+    )
+    .await;
     let leaders = cluster.claimed_leaders().await;
     assert_eq!(leaders.len(), 1, "leaders {leaders:?}");
     let elected = etcdctl_observe_leader(&cluster.etcd_endpoints(), "ringleader/leader");
@@ -237,7 +262,12 @@ async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
     // freeze were re-attached, not restarted.
     for (trial, (attempt, _, _)) in running {
         let t = &view.trials[trial as usize];
-        assert_eq!(t.attempts.len() as u32, attempt, "trial {trial}: {:?}", t.attempts);
+        assert_eq!(
+            t.attempts.len() as u32,
+            attempt,
+            "trial {trial}: {:?}",
+            t.attempts
+        );
     }
     assert_eq!(cluster.claimed_leaders().await.len(), 1);
     println!("stepped down {:?} after the freeze", stepped_down);
@@ -273,7 +303,12 @@ async fn etcd_restarted_from_its_data_dir_loses_nothing() {
     assert_no_problems(&view, &spec);
     let stored = etcdctl(
         &cluster.etcd_endpoints(),
-        &["get", "--prefix", "--keys-only", &format!("/ringleader/trials/{id}/")],
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("/ringleader/trials/{id}/"),
+        ],
     );
     let keys = String::from_utf8_lossy(&stored.stdout);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 4, "{keys}");
@@ -306,11 +341,17 @@ async fn sigterm_abandons_the_attempt_which_moves_on_without_a_failure() {
         .await;
     let victim = workers[0].clone();
     let index = cluster.worker_index(&victim);
-    cluster.cluster.workers()[index].process.signal(libc::SIGTERM);
-    wait_until("the worker to drain and exit", Duration::from_secs(30), || {
-        let status = cluster.cluster.workers()[index].process.exit_status();
-        async move { status.ok_or_else(|| "still running".to_string()) }
-    })
+    cluster.cluster.workers()[index]
+        .process
+        .signal(libc::SIGTERM);
+    wait_until(
+        "the worker to drain and exit",
+        Duration::from_secs(30),
+        || {
+            let status = cluster.cluster.workers()[index].process.exit_status();
+            async move { status.ok_or_else(|| "still running".to_string()) }
+        },
+    )
     .await;
     let exit = cluster.cluster.workers()[index].process.exit_status();
     assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
