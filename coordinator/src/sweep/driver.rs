@@ -67,7 +67,7 @@ pub struct Work {
 enum Configs {
     Fixed,
     Grid(Grid),
-    Random(Random),
+    Random(Box<Random>),
     Tpe(Box<Tpe>),
 }
 
@@ -88,7 +88,9 @@ impl Driver {
         let configs = match &config.source {
             Source::Fixed => Configs::Fixed,
             Source::Grid { points } => Configs::Grid(Grid::new(&config.space, *points)),
-            Source::Random => Configs::Random(Random::new(config.space.clone(), config.seed)),
+            Source::Random => {
+                Configs::Random(Box::new(Random::new(config.space.clone(), config.seed)))
+            }
             Source::Tpe(options) => Configs::Tpe(Box::new(Tpe::new(
                 config.space.clone(),
                 config.mode,
