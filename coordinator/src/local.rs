@@ -252,6 +252,28 @@ impl LocalCluster {
         let index = self.workers.len();
         let id = format!("worker-{index}");
         let address = free_loopback_address()?;
+        let process = self.spawn_worker(&id, &address)?;
+        self.workers.push(Member {
+            id,
+            address,
+            process,
+        });
+        Ok(self.workers.last_mut().expect("just pushed"))
+    }
+
+    /// Starts worker `index` again with its old id and peer address (after
+    /// a kill or a shutdown), as a machine coming back would.
+    pub fn restart_worker(&mut self, index: usize) -> Result<()> {
+        let (id, address) = (
+            self.workers[index].id.clone(),
+            self.workers[index].address.clone(),
+        );
+        self.workers[index].process.kill();
+        self.workers[index].process = self.spawn_worker(&id, &address)?;
+        Ok(())
+    }
+
+    fn spawn_worker(&self, id: &str, address: &str) -> Result<ManagedChild> {
         let mut command = Command::new(&self.worker_bin);
         command
             .arg(format!("--id={id}"))
@@ -264,13 +286,7 @@ impl LocalCluster {
             .arg(format!("--device={}", self.options.device))
             .arg(format!("--threads={}", self.threads_per_worker()));
         let log = self.options.dir.join(format!("{id}.log"));
-        let process = ManagedChild::spawn(id.clone(), command, &log)?;
-        self.workers.push(Member {
-            id,
-            address,
-            process,
-        });
-        Ok(self.workers.last_mut().expect("just pushed"))
+        ManagedChild::spawn(id.to_string(), command, &log)
     }
 
     /// The machine's cores split between the workers (at least one each),

@@ -29,6 +29,8 @@ struct Entry {
     outbound: Option<Outbound>,
     /// The attempt the worker runs for us.
     running: Option<AttemptRef>,
+    /// The worker is shutting down: it gets no new work.
+    draining: bool,
 }
 
 /// Workers known to this leader.
@@ -63,6 +65,7 @@ impl WorkerRegistry {
                 registered_at: SystemTime::now(),
                 outbound: None,
                 running: None,
+                draining: false,
             },
         );
         connection
@@ -85,7 +88,10 @@ impl WorkerRegistry {
         self.workers
             .iter()
             .filter(|(_, e)| {
-                e.state == WorkerState::Idle && e.running.is_none() && e.outbound.is_some()
+                e.state == WorkerState::Idle
+                    && e.running.is_none()
+                    && e.outbound.is_some()
+                    && !e.draining
             })
             .map(|(id, e)| {
                 let device = e.registration.resources.as_ref().map(|r| r.device.clone());
@@ -105,6 +111,14 @@ impl WorkerRegistry {
     pub fn assign(&mut self, worker_id: &str, attempt: AttemptRef) {
         if let Some(entry) = self.workers.get_mut(worker_id) {
             entry.running = Some(attempt);
+        }
+    }
+
+    /// The worker is leaving (graceful shutdown): no new work until it
+    /// registers again.
+    pub fn drain(&mut self, worker_id: &str) {
+        if let Some(entry) = self.workers.get_mut(worker_id) {
+            entry.draining = true;
         }
     }
 

@@ -246,7 +246,10 @@ impl Coordinator for CoordinatorService {
         let (tx, rx) = mpsc::channel(64);
         let connection = {
             let mut scheduler = self.state.scheduler();
-            if scheduler.owner() != term.create_revision {
+            // Until the term's sweeps are loaded, a re-registering worker's
+            // running attempt would look unknown and be stopped: it must
+            // wait, so that it is re-attached instead.
+            if scheduler.owner() != term.create_revision || !self.state.is_loaded() {
                 return Err(Status::unavailable(
                     "the leader is starting its term; retry",
                 ));

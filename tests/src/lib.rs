@@ -10,8 +10,11 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
-use ringleader_proto::coordinator::{ClusterStatusResponse, WorkerState};
+use ringleader_coordinator::local::{EtcdServer, LocalCluster, LocalClusterOptions};
+use ringleader_proto::coordinator::{ClusterStatusResponse, WhoIsLeaderRequest, WorkerState};
+
+pub mod chaos;
+pub mod sweeps;
 
 /// Default election lease for test clusters (the product default).
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -143,6 +146,60 @@ impl TestCluster {
             Ok(status) => status,
             Err(error) => panic!("cluster did not form: {error}"),
         }
+    }
+
+    /// The private etcd (to freeze, kill or restart).
+    pub fn etcd(&mut self) -> &mut EtcdServer {
+        self.cluster
+            .etcd
+            .as_mut()
+            .expect("test clusters run a private etcd")
+    }
+
+    /// Restarts etcd from its data directory and waits until it answers.
+    pub async fn must_restart_etcd(&mut self) {
+        let etcd = self.etcd();
+        etcd.restart().expect("etcd restarts");
+        etcd.wait_ready(Duration::from_secs(20))
+            .await
+            .expect("etcd answers after a restart");
+    }
+
+    /// Index of worker `id` among the cluster's workers.
+    pub fn worker_index(&mut self, id: &str) -> usize {
+        self.cluster
+            .workers()
+            .iter()
+            .position(|w| w.id == id)
+            .unwrap_or_else(|| panic!("no worker {id}"))
+    }
+
+    /// Starts worker `id` again with the same id and peer address.
+    pub fn restart_worker(&mut self, id: &str) {
+        let index = self.worker_index(id);
+        self.cluster.restart_worker(index).expect("worker restarts");
+    }
+
+    /// Which coordinators claim to lead right now: each is asked
+    /// `WhoIsLeader` with a short deadline (a leader answers from memory at
+    /// once; one that does not answer in time is not leading).
+    pub async fn claimed_leaders(&self) -> Vec<String> {
+        let mut leaders = Vec::new();
+        for address in self.cluster.coordinator_addresses() {
+            let deadline = Duration::from_millis(500);
+            let Ok(mut client) = ringleader_coordinator::client::connect(&address, deadline).await
+            else {
+                continue;
+            };
+            let answer =
+                tokio::time::timeout(deadline, client.who_is_leader(WhoIsLeaderRequest {})).await;
+            if let Ok(Ok(response)) = answer {
+                if response.into_inner().is_leader {
+                    leaders.push(address);
+                }
+            }
+        }
+        leaders
     }
 
     /// SIGKILLs the current leader; returns its address.

@@ -2,26 +2,14 @@
 //! processes), with the synthetic objective so no training time is spent.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use ringleader_coordinator::cli::ClientArgs;
-use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
+use ringleader_coordinator::sweep::client as sweeps;
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
+use ringleader_tests::sweeps::{
+    assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec,
+};
 use ringleader_tests::{command, etcdctl, wait_until, TestCluster};
-
-fn client(cluster: &TestCluster) -> ClientArgs {
-    ClientArgs {
-        coordinator: cluster.cluster.coordinator_addresses(),
-        timeout: Duration::from_secs(5),
-    }
-}
-
-fn write_spec(cluster: &TestCluster, name: &str, text: &str) -> PathBuf {
-    let path = cluster.dir().join(name);
-    std::fs::write(&path, text).expect("write spec");
-    path
-}
 
 /// A random-search sweep over Branin with simulated epochs.
 fn branin_sweep(
@@ -57,59 +45,6 @@ epoch_ms = {epoch_ms}
     )
 }
 
-async fn finished(args: &ClientArgs, id: &str, timeout: Duration) -> SweepView {
-    wait_until(&format!("{id} to finish"), timeout, || async {
-        match sweeps::get(args, id).await {
-            Ok(view) if view.record.state.is_terminal() => Ok(view),
-            Ok(view) => Err(format!(
-                "{} trials, state {:?}",
-                view.trials.len(),
-                view.record.state
-            )),
-            Err(error) => Err(error.to_string()),
-        }
-    })
-    .await
-}
-
-/// Most attempts live at one moment, from their recorded start/end times.
-fn peak_concurrency(view: &SweepView) -> usize {
-    let mut events = Vec::new();
-    for t in &view.trials {
-        for a in &t.attempts {
-            let end = a.ended_unix_ms.expect("every attempt ended");
-            events.push((a.started_unix_ms, 1i64));
-            events.push((end, -1));
-        }
-    }
-    // Ends before starts at the same millisecond: a worker freed by one
-    // report is reused for the next start.
-    events.sort();
-    let (mut live, mut peak) = (0i64, 0i64);
-    for (_, delta) in events {
-        live += delta;
-        peak = peak.max(live);
-    }
-    peak as usize
-}
-
-/// No trial ever had two attempts live at once: each attempt of a trial
-/// starts after the previous one ended.
-fn assert_attempts_disjoint(view: &SweepView) {
-    for t in &view.trials {
-        for pair in t.attempts.windows(2) {
-            let ended = pair[0].ended_unix_ms.expect("earlier attempt ended");
-            assert!(
-                pair[1].started_unix_ms >= ended,
-                "trial {} attempt {} started before attempt {} ended",
-                t.number,
-                pair[1].number,
-                pair[0].number
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
     let mut cluster = TestCluster::start(1, 3).await;
@@ -119,7 +54,7 @@ async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
         .await
         .unwrap();
-    let view = finished(&args, &id, Duration::from_secs(120)).await;
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(120)).await;
 
     assert_eq!(view.record.state, SweepState::Completed);
     let numbers: Vec<u64> = view.trials.iter().map(|t| t.number).collect();
@@ -160,7 +95,7 @@ async fn gangs_of_two_workers_run_together_on_distinct_workers() {
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
         .await
         .unwrap();
-    let view = finished(&args, &id, Duration::from_secs(120)).await;
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(120)).await;
     assert_eq!(view.record.state, SweepState::Completed);
     assert_eq!(view.trials.len(), 6);
     for t in &view.trials {
@@ -203,7 +138,7 @@ async fn asha_sweep_stops_some_trials_early() {
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
         .await
         .unwrap();
-    let view = finished(&args, &id, Duration::from_secs(120)).await;
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(120)).await;
     assert_eq!(view.record.state, SweepState::Completed);
     assert_eq!(view.trials.len(), 12);
     let stopped = view
@@ -266,7 +201,7 @@ async fn sweep_survives_the_leader_being_killed() {
     )
     .await;
     let old = cluster.kill_leader().await;
-    let view = finished(&args, &id, Duration::from_secs(120)).await;
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(120)).await;
     assert_ne!(
         cluster
             .must_form(Duration::from_secs(30))

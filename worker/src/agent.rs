@@ -105,17 +105,21 @@ async fn attach_once(
 ) -> Result<(), AgentError> {
     let (leader, mut client) =
         client::find_leader(&options.coordinators, options.rpc_timeout).await?;
-    let (tx, rx) = mpsc::channel(64);
+    // How the last attempt ended goes in the replay below, after its
+    // epochs, rather than in `last_finished`: the leader would otherwise
+    // end the attempt before hearing the epochs it may have missed.
     let registration = Register {
         running: trials.current(),
-        last_finished: trials.last_finished(),
+        last_finished: None,
         ..options.registration.clone()
     };
     let register = WorkerMessage {
         kind: Some(worker_message::Kind::Register(registration)),
     };
+    let (tx, rx) = mpsc::channel(64);
     // The channel is empty and ours: this cannot fail.
     let _ = tx.send(register).await;
+    let replay = trials.replay(reports);
     let refused = |status: tonic::Status| AgentError::Refused {
         leader: leader.clone(),
         status,
@@ -137,6 +141,14 @@ async fn attach_once(
         _ => return Err(refused(tonic::Status::internal("expected Registered"))),
     };
     info!(%leader, worker = %options.registration.worker_id, "registered");
+    for report in replay {
+        if tx.send(report).await.is_err() {
+            return Err(AgentError::SessionLost {
+                leader: leader.clone(),
+                reason: "stream closed".into(),
+            });
+        }
+    }
 
     let lost = |reason: String| AgentError::SessionLost {
         leader: leader.clone(),
@@ -154,6 +166,14 @@ async fn attach_once(
                 while let Ok(report) = reports.try_recv() {
                     let _ = tx.send(report).await;
                 }
+                // Close our side and wait for the leader to close its own:
+                // it has then handled every report (an abandoned attempt
+                // must not look like a lost worker's failure).
+                drop(tx);
+                let _ = tokio::time::timeout(options.rpc_timeout, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
                 return Ok(());
             }
             _ = tick.tick() => {

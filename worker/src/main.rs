@@ -173,7 +173,7 @@ async fn run(args: Args) -> Result<()> {
     shutdown.cancelled().await;
     // Graceful: the running attempt checkpoints at the end of its epoch and
     // is reported abandoned (not failed), so the leader moves it elsewhere.
-    trials.stop_all();
+    trials.drain();
     if tokio::time::timeout(args.drain_timeout, trials.until_idle())
         .await
         .is_err()

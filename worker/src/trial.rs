@@ -46,6 +46,13 @@ pub struct Trials {
     reports: mpsc::UnboundedSender<WorkerMessage>,
     /// True while nothing runs.
     idle: Arc<watch::Sender<bool>>,
+    /// Every report since the latest assignment started (its epochs, its
+    /// end, refusals), replayed to each new leader: one that took over
+    /// mid-attempt may never have stored the epochs sent to its
+    /// predecessor.
+    history: Arc<Mutex<Vec<WorkerMessage>>>,
+    /// Set on graceful shutdown: new assignments are handed back.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Trials {
@@ -57,6 +64,8 @@ impl Trials {
             last_finished: Arc::default(),
             reports,
             idle: Arc::new(watch::channel(true).0),
+            draining: Arc::default(),
+            history: Arc::default(),
         };
         (trials, rx)
     }
@@ -88,6 +97,19 @@ impl Trials {
         let stop = CancellationToken::new();
         {
             let mut running = self.running();
+            // Checked under the lock `drain` takes: nothing starts after it.
+            if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                // Not the trial's fault: abandoned, so it moves elsewhere
+                // without counting as a failure.
+                self.report(worker_message::Kind::Finished(finished(
+                    &attempt,
+                    AttemptOutcome::Abandoned,
+                    assignment.start_epoch,
+                    None,
+                    "the worker is shutting down".into(),
+                )));
+                return;
+            }
             if let Some(busy) = running.as_ref() {
                 let error = format!(
                     "worker is busy with {} trial {} attempt {}",
@@ -108,6 +130,9 @@ impl Trials {
             });
         }
         *self.last() = None;
+        // The leader assigns work only once it has heard how the previous
+        // attempt ended, so its reports need no replay any more.
+        self.history().clear();
         self.idle.send_replace(false);
         let trials = self.clone();
         tokio::spawn(async move {
@@ -127,9 +152,13 @@ impl Trials {
         }
     }
 
-    /// Stops whatever runs (graceful shutdown).
-    pub fn stop_all(&self) {
-        if let Some(running) = self.running().as_ref() {
+    /// Graceful shutdown: stops whatever runs (it checkpoints at the end of
+    /// its epoch) and hands back any later assignment unstarted.
+    pub fn drain(&self) {
+        let running = self.running();
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(running) = running.as_ref() {
             running.stop.cancel();
         }
     }
@@ -140,10 +169,26 @@ impl Trials {
         let _ = idle.wait_for(|idle| *idle).await;
     }
 
+    fn history(&self) -> MutexGuard<'_, Vec<WorkerMessage>> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn report(&self, message: worker_message::Kind) {
-        let _ = self.reports.send(WorkerMessage {
+        let message = WorkerMessage {
             kind: Some(message),
-        });
+        };
+        let mut history = self.history();
+        history.push(message.clone());
+        let _ = self.reports.send(message);
+    }
+
+    /// For a new session: the reports to send after `Register`, in order.
+    /// Reports still queued for the old session are dropped from `queue`
+    /// (the replay holds them), so none arrives twice out of order.
+    pub fn replay(&self, queue: &mut mpsc::UnboundedReceiver<WorkerMessage>) -> Vec<WorkerMessage> {
+        let history = self.history();
+        while queue.try_recv().is_ok() {}
+        history.clone()
     }
 }
 

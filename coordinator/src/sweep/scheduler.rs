@@ -209,6 +209,9 @@ impl Scheduler {
                 info!(worker, sweep = %running.sweep_id, trial = running.trial, attempt = running.attempt, "re-attached a running attempt");
                 self.registry.assign(worker, running.clone());
             } else {
+                // Busy until it reports that attempt finished: an
+                // assignment meanwhile would be refused as a failure.
+                self.registry.assign(worker, running.clone());
                 effects.send(
                     self.registry.outbound(worker),
                     coordinator_message::Kind::Stop(StopAttempt {
@@ -274,13 +277,22 @@ impl Scheduler {
             ringleader_proto::coordinator::AttemptOutcome::Abandoned => AttemptOutcome::Abandoned,
             _ => AttemptOutcome::Failed,
         };
+        // We only stop attempts after ending them, so a live attempt that
+        // comes back abandoned was stopped by its worker: it is shutting
+        // down (SIGTERM) and must not be given the trial, or anything, again.
+        if outcome == AttemptOutcome::Abandoned {
+            self.registry.drain(worker);
+        }
         // Rank 0 speaks for a finished gang; any rank's failure ends it.
         let rank0 = live.workers.first().map(String::as_str) == Some(worker);
         if outcome == AttemptOutcome::Done && !rank0 {
             return effects;
         }
+        // Only rank 0 writes checkpoints: another rank's epoch count may be
+        // ahead of what exists on disk, and resuming from it would fail.
+        let epochs_done = if rank0 { report.epochs_done } else { 0 };
         let error = (!report.error.is_empty()).then(|| format!("{worker}: {}", report.error));
-        self.end_attempt(&attempt, outcome, report.epochs_done, error, &mut effects);
+        self.end_attempt(&attempt, outcome, epochs_done, error, &mut effects);
         effects
     }
 
@@ -321,6 +333,9 @@ impl Scheduler {
             info!(sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, ?outcome, state = ?t.state, error = error.as_deref().unwrap_or(""), "attempt ended");
             effects.write_trial(t);
         }
+        // The rest of the gang stays busy until each rank reports the
+        // attempt finished (or is lost): it still trains until the end of
+        // its epoch, and would refuse a new assignment as a failure.
         for worker in workers {
             if self.registry.running(&worker) == Some(attempt) {
                 effects.send(
@@ -330,7 +345,6 @@ impl Scheduler {
                         reason: "another rank of the gang stopped".into(),
                     }),
                 );
-                self.registry.release(&worker, attempt);
             }
         }
     }
@@ -391,7 +405,7 @@ impl Scheduler {
                         reason: "the sweep was cancelled".into(),
                     }),
                 );
-                self.registry.release(worker, &reference);
+                // Busy until it reports the attempt finished (see end_attempt).
             }
         }
         for t in run.driver.trials().values() {
