@@ -561,8 +561,14 @@ async fn handle_worker_message(
             });
         }
         worker_message::Kind::Finished(report) => {
-            let _ = state.apply(|s| (s.finished_report(worker_id, &report), ()));
-            state.schedule();
+            // The end of one attempt and the start of the next, in one
+            // commit: the freed worker's next assignment waits for a single
+            // etcd round trip.
+            let _ = state.apply(|s| {
+                let mut effects = s.finished_report(worker_id, &report);
+                effects.extend(s.schedule(Instant::now()));
+                (effects, ())
+            });
         }
         worker_message::Kind::Register(_) => {
             return Err(Status::invalid_argument(

@@ -571,7 +571,7 @@ impl Scheduler {
 }
 
 impl Effects {
-    fn extend(&mut self, other: Effects) {
+    pub fn extend(&mut self, other: Effects) {
         self.writes.extend(other.writes);
         self.messages.extend(other.messages);
     }
