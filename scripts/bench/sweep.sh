@@ -114,7 +114,7 @@ PATH="$BIN:$PATH" "$BIN/ringleader" local --workers 4 --coordinators 1 --dir "$T
   tail -n 30 "$TMP/local.out" >&2
   exit 1
 }
-tail -n 12 "$TMP/submit.out"
+grep -E "^(sweep-|best)" "$TMP/submit.out" | tail -n 2
 python - "$TMP" >"$TMP/results.jsonl" <<'EOF'
 import json, sys
 tmp = sys.argv[1]
@@ -154,8 +154,9 @@ echo "==> TPE quality: $TPE_TRIALS trials, seeds 1..$TPE_SEEDS"
 # ---- summary ---------------------------------------------------------------
 python - "$TMP/results.jsonl" "$TMP/tpe.jsonl" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-tpe = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+# Only the JSON lines: Ray Tune prints its banner on stdout too.
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+tpe = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 ref = next((r["rate"] for r in rows if r["system"] == "optuna-journal"), None)
 print("\nSweep throughput (Hartmann-6, random search, 4 at a time, durable state)\n")
 print("| system | trials | seconds | trials/s | vs Optuna journal |")

@@ -85,15 +85,21 @@ def run_optuna(storage, trials, seed=1):
 def run_ray(trials, workdir):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import shutil
+    import tempfile
+
     import ray
     from ray import tune
 
+    # Ray's session dir holds AF_UNIX sockets (paths of at most 107 bytes), so
+    # it gets a short path of its own rather than one under `workdir`.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(
         num_cpus=WORKERS,
         include_dashboard=False,
         log_to_driver=False,
         logging_level="ERROR",
-        _temp_dir=os.path.join(workdir, "ray-tmp"),
+        _temp_dir=ray_tmp,
     )
 
     def trainable(config):
@@ -120,6 +126,7 @@ def run_ray(trials, workdir):
     done = sum(1 for r in results if r.error is None and r.metrics)
     best = results.get_best_result().metrics["objective"]
     ray.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     return done, seconds, best
 
 
