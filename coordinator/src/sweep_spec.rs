@@ -428,6 +428,7 @@ impl RawSweep {
                         startup_trials: tpe.startup_trials,
                         gamma: tpe.gamma,
                         candidates: tpe.candidates,
+                        ..TpeOptions::default()
                     },
                 }
             }
@@ -491,6 +492,7 @@ impl Default for RawTpe {
             startup_trials,
             gamma,
             candidates,
+            ..
         } = TpeOptions::default();
         Self {
             startup_trials,

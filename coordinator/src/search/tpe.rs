@@ -22,12 +22,15 @@ use serde_json::Value;
 use super::asha::Mode;
 use super::space::{Param, Space};
 
-/// TPE settings (defaults as in hyperopt/Optuna).
+/// TPE settings (defaults as Optuna's: the best 10% count as good, at most
+/// 25 of them).
 #[derive(Clone, Debug)]
 pub struct TpeOptions {
     pub startup_trials: usize,
     /// Fraction of observations counted as good.
     pub gamma: f64,
+    /// At most this many observations count as good.
+    pub max_good: usize,
     /// Candidates drawn from l(x) per parameter.
     pub candidates: usize,
 }
@@ -36,7 +39,8 @@ impl Default for TpeOptions {
     fn default() -> Self {
         Self {
             startup_trials: 10,
-            gamma: 0.25,
+            gamma: 0.1,
+            max_good: 25,
             candidates: 24,
         }
     }
@@ -93,8 +97,9 @@ impl Tpe {
                 order
             }
         });
-        let good_count =
-            ((self.options.gamma * ranked.len() as f64).ceil() as usize).clamp(1, ranked.len() - 1);
+        let good_count = ((self.options.gamma * ranked.len() as f64).ceil() as usize)
+            .min(self.options.max_good)
+            .clamp(1, ranked.len() - 1);
         let (good, bad) = ranked.split_at(good_count);
         let mut config = BTreeMap::new();
         for (name, param) in &params {
