@@ -81,6 +81,9 @@ pub struct Driver {
     promoted: Vec<(u64, u32)>,
     /// The source has no more configurations (grid done, job started).
     exhausted: bool,
+    /// Trials pending or running, by number: what every event asks about,
+    /// without walking a sweep of thousands of trials.
+    active: BTreeMap<u64, TrialState>,
 }
 
 impl Driver {
@@ -120,6 +123,7 @@ impl Driver {
             brackets,
             promoted: Vec::new(),
             exhausted: false,
+            active: BTreeMap::new(),
         })
     }
 
@@ -145,7 +149,9 @@ impl Driver {
                     asha.mark_promoted(record.number, reached - 1);
                 }
             }
-            driver.trials.insert(record.number, record);
+            let number = record.number;
+            driver.trials.insert(number, record);
+            driver.index(number);
         }
         Ok(driver)
     }
@@ -159,11 +165,30 @@ impl Driver {
     }
 
     pub fn running(&self) -> usize {
-        self.count(TrialState::Running)
+        self.active
+            .values()
+            .filter(|s| **s == TrialState::Running)
+            .count()
     }
 
-    fn count(&self, state: TrialState) -> usize {
-        self.trials.values().filter(|t| t.state == state).count()
+    /// The running trials.
+    pub fn running_trials(&self) -> impl Iterator<Item = &TrialRecord> {
+        self.active
+            .iter()
+            .filter(|(_, s)| **s == TrialState::Running)
+            .filter_map(|(n, _)| self.trials.get(n))
+    }
+
+    /// Keeps [`Driver::active`] in step with trial `number`'s state.
+    fn index(&mut self, number: u64) {
+        match self.trials.get(&number).map(|t| t.state) {
+            Some(state @ (TrialState::Pending | TrialState::Running)) => {
+                self.active.insert(number, state);
+            }
+            _ => {
+                self.active.remove(&number);
+            }
+        }
     }
 
     /// May another trial start now (concurrency limit)?
@@ -181,11 +206,12 @@ impl Driver {
         if !self.has_capacity() {
             return None;
         }
-        if let Some(t) = self
-            .trials
-            .values()
-            .find(|t| t.state == TrialState::Pending)
-        {
+        let pending = self
+            .active
+            .iter()
+            .find(|(_, s)| **s == TrialState::Pending)
+            .and_then(|(n, _)| self.trials.get(n));
+        if let Some(t) = pending {
             return Some(Work {
                 trial: t.number,
                 start_epoch: t.epochs_done,
@@ -238,6 +264,7 @@ impl Driver {
         };
         let stop_epoch = self.target_epoch(&record);
         self.trials.insert(number, record);
+        self.index(number);
         Some(Work {
             trial: number,
             start_epoch: 0,
@@ -283,6 +310,7 @@ impl Driver {
         };
         trial.state = TrialState::Running;
         trial.attempts.push(attempt.clone());
+        self.index(work.trial);
         attempt
     }
 
@@ -321,6 +349,20 @@ impl Driver {
     /// Ends the live `attempt` of `trial`. Returns whether anything changed
     /// (false for a stale or repeated report).
     pub fn finished(
+        &mut self,
+        trial: u64,
+        attempt: u32,
+        outcome: AttemptOutcome,
+        epochs_done: u32,
+        error: Option<String>,
+        now_ms: u64,
+    ) -> bool {
+        let changed = self.end_attempt(trial, attempt, outcome, epochs_done, error, now_ms);
+        self.index(trial);
+        changed
+    }
+
+    fn end_attempt(
         &mut self,
         trial: u64,
         attempt: u32,
@@ -399,6 +441,7 @@ impl Driver {
             t.state = TrialState::Failed;
             t.error = Some(error);
         }
+        self.index(trial);
     }
 
     /// Cancels every trial not yet finished; returns the live attempts to
@@ -415,18 +458,14 @@ impl Driver {
         }
         self.promoted.clear();
         self.exhausted = true;
+        self.active.clear();
         live
     }
 
     /// True once nothing runs or waits and nothing new can start. Paused
     /// trials left then are stopped by [`Driver::stop_paused`].
     pub fn is_done(&mut self) -> bool {
-        if self
-            .trials
-            .values()
-            .any(|t| matches!(t.state, TrialState::Pending | TrialState::Running))
-            || !self.promoted.is_empty()
-        {
+        if !self.active.is_empty() || !self.promoted.is_empty() {
             return false;
         }
         if !self.exhausted && (self.trials.len() as u64) < self.config.max_trials {

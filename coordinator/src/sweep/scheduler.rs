@@ -436,8 +436,8 @@ impl Scheduler {
     fn requeue_orphans(&mut self, effects: &mut Effects) {
         let mut orphans = Vec::new();
         for run in self.sweeps.values() {
-            for t in run.driver.trials().values() {
-                let Some(a) = t.live_attempt().filter(|_| t.state == TrialState::Running) else {
+            for t in run.driver.running_trials() {
+                let Some(a) = t.live_attempt() else {
                     continue;
                 };
                 let reference = AttemptRef {
