@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Data-parallel training benchmark, in one run: samples/s of the reference
+# CNN on Fashion-MNIST for world 1 and 2, Ringleader (a job on a local
+# cluster: private etcd, 1 coordinator, W workers, the real gRPC ring)
+# against PyTorch DDP with Gloo (scripts/bench/train_ddp.py) on the same
+# model, batch size (64 per rank), optimiser and threads per process (1),
+# interleaved round by round; medians, the ratio, scaling efficiency and
+# the test accuracy after the timed epochs.
+#
+# Usage: scripts/bench/train.sh [--rounds 3] [--epochs 1] [--limit 0]
+#   --limit N trains on the first N examples only (0: all 60,000).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+. "$ROOT/scripts/env.sh"
+cd "$ROOT"
+
+ROUNDS=3
+EPOCHS=1
+LIMIT=0
+while (($#)); do
+  case "$1" in
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    --limit) LIMIT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --workspace --locked --quiet
+BIN="$ROOT/target/release"
+TMP="$(mktemp -d -t ringleader-bench-train.XXXXXX)"
+trap 'rm -rf "$TMP"' EXIT
+RESULTS="$TMP/results.jsonl"
+
+# The example job with this run's world, epochs, data limit and 1 thread.
+job_spec() {
+  local world="$1" out="$TMP/job-$1.toml"
+  sed -e "s/^workers = .*/workers = $world/" \
+      -e "s/^epochs = .*/epochs = $EPOCHS/" \
+      -e "s/^seed = \(.*\)/seed = \1\nthreads = 1/" \
+      -e "s/^classes = \(.*\)/classes = \1\nlimit_train = $LIMIT/" \
+      examples/fashion-mnist-cnn.toml > "$out"
+  echo "$out"
+}
+
+# Runs the job on a fresh local cluster; appends the last epoch's metrics.
+ours() {
+  local world="$1" spec
+  spec="$(job_spec "$world")"
+  cat > "$TMP/inside.sh" <<INSIDE
+set -euo pipefail
+id=\$(ringleader job submit "$spec" --watch | sed -n 's/^submitted //p')
+ringleader job status "\$id" --json > "$TMP/status.json"
+INSIDE
+  "$BIN/ringleader" local --workers "$world" --coordinators 1 --dir "$TMP/cluster-$world" \
+    -- bash "$TMP/inside.sh" > "$TMP/local.out" 2>&1
+  python3 - "$TMP/status.json" "$world" >> "$RESULTS" <<'PY'
+import json, sys
+status = json.load(open(sys.argv[1]))
+trial = status["trials"][0]
+assert trial["state"] == "completed", trial.get("error")
+m = trial["metrics"][-1]["metrics"]
+print(json.dumps({"system": "ringleader", "world": int(sys.argv[2]),
+                  "samples_per_sec": m["samples_per_sec"], "test_accuracy": m["test_accuracy"]}))
+PY
+}
+
+torch_ddp() {
+  local world="$1"
+  python3 scripts/bench/train_ddp.py --world "$world" --epochs "$EPOCHS" --limit "$LIMIT" \
+    | tail -n 1 | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+print(json.dumps({"system": "pytorch-ddp", "world": r["world"],
+                  "samples_per_sec": r["samples_per_sec"], "test_accuracy": r["test_accuracy"]}))' \
+    >> "$RESULTS"
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for world in 1 2; do
+    echo "round $round/$ROUNDS, world $world: ringleader" >&2
+    ours "$world"
+    echo "round $round/$ROUNDS, world $world: pytorch ddp" >&2
+    torch_ddp "$world"
+  done
+done
+
+python3 - "$RESULTS" "$ROUNDS" "$EPOCHS" "$LIMIT" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(system, world, key):
+    return statistics.median(r[key] for r in rows if r["system"] == system and r["world"] == world)
+print(f"reference CNN, Fashion-MNIST, batch 64/rank, 1 thread/process, "
+      f"{sys.argv[3]} epoch(s), limit {sys.argv[4] or 'none'}, median of {sys.argv[2]} rounds")
+print(f"{'world':>5}  {'ringleader sps':>15}  {'pytorch ddp sps':>16}  {'ratio':>6}  {'acc ours':>8}  {'acc ddp':>8}")
+for world in (1, 2):
+    ours, ddp = med("ringleader", world, "samples_per_sec"), med("pytorch-ddp", world, "samples_per_sec")
+    print(f"{world:>5}  {ours:>15.0f}  {ddp:>16.0f}  {ours / ddp:>5.2f}x  "
+          f"{med('ringleader', world, 'test_accuracy'):>8.4f}  {med('pytorch-ddp', world, 'test_accuracy'):>8.4f}")
+for system in ("ringleader", "pytorch-ddp"):
+    eff = med(system, 2, "samples_per_sec") / (2 * med(system, 1, "samples_per_sec"))
+    print(f"scaling efficiency world 1 -> 2, {system}: {eff:.2f}")
+PY
