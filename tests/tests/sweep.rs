@@ -7,42 +7,27 @@ use std::time::Duration;
 use ringleader_coordinator::sweep::client as sweeps;
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
 use ringleader_tests::sweeps::{
-    assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec,
+    assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec, BraninSweep,
 };
 use ringleader_tests::{command, etcdctl, wait_until, TestCluster};
 
-/// A random-search sweep over Branin with simulated epochs.
+/// A random-search sweep over Branin with three simulated epochs.
 fn branin_sweep(
     max_trials: u32,
     workers_per_trial: u32,
     max_concurrent: u32,
     epoch_ms: u32,
 ) -> String {
-    format!(
-        r#"
-[sweep]
-name = "branin-random"
-searcher = "random"
-seed = 3
-max_trials = {max_trials}
-max_concurrent_trials = {max_concurrent}
-workers_per_trial = {workers_per_trial}
-max_epochs = 3
-objective = {{ metric = "objective", mode = "min" }}
-
-[sweep.params]
-"model.x1" = {{ kind = "uniform", low = -5.0, high = 10.0 }}
-"model.x2" = {{ kind = "uniform", low = 0.0, high = 15.0 }}
-
-[job]
-name = "branin"
-
-[job.model]
-kind = "synthetic"
-function = "branin"
-epoch_ms = {epoch_ms}
-"#
-    )
+    BraninSweep {
+        searcher: "random",
+        max_trials,
+        workers_per_trial,
+        max_concurrent,
+        max_epochs: 3,
+        max_failures: 2,
+        epoch_ms,
+    }
+    .spec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
