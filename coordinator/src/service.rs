@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use ringleader_proto::coordinator::coordinator_server::Coordinator;
 use std::path::PathBuf;
 
@@ -482,6 +482,9 @@ pub async fn load_prefix<T: serde::de::DeserializeOwned>(
 
 /// Feeds one worker's messages into the scheduler until the stream ends or
 /// this term does; on the latter the worker is told to find the new leader.
+/// Messages that have already arrived are handled together, so an
+/// attempt's last epoch report, its end and the worker's next assignment
+/// share one etcd commit.
 async fn serve_worker_stream(
     state: Arc<CoordinatorState>,
     term: LeaderTerm,
@@ -491,26 +494,40 @@ async fn serve_worker_stream(
     outbound: mpsc::Sender<Result<CoordinatorMessage, Status>>,
 ) {
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             _ = term.token.cancelled() => {
                 // Best effort: the worker also notices the stream ending.
                 let _ = outbound.send(Err(ringleader_proto::not_leader_status(None))).await;
                 return;
             }
-            message = inbound.message() => match message {
-                Ok(Some(WorkerMessage { kind: Some(kind) })) => {
-                    if let Err(status) = handle_worker_message(&state, &worker_id, connection, kind, &outbound).await {
-                        let _ = outbound.send(Err(status)).await;
-                        break;
-                    }
-                }
+            message = inbound.message() => message,
+        };
+        let mut batch = Vec::new();
+        let mut ended = false;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Ok(Some(WorkerMessage { kind: Some(kind) })) => batch.push(kind),
                 Ok(Some(WorkerMessage { kind: None })) => {}
-                Ok(None) => break,
+                Ok(None) => ended = true,
                 Err(status) => {
                     warn!(worker = %worker_id, %status, "worker stream failed");
-                    break;
+                    ended = true;
                 }
             }
+            if !ended && batch.len() < MAX_BATCH {
+                next = inbound.message().now_or_never();
+            }
+        }
+        // What arrived before the stream ended still counts.
+        if let Err(status) =
+            handle_worker_messages(&state, &worker_id, connection, batch, &outbound).await
+        {
+            let _ = outbound.send(Err(status)).await;
+            break;
+        }
+        if ended {
+            break;
         }
     }
     let lost = state
@@ -524,57 +541,75 @@ async fn serve_worker_stream(
     }
 }
 
-async fn handle_worker_message(
+/// Worker messages handled in one scheduler step at most.
+const MAX_BATCH: usize = 64;
+
+/// Heartbeats are acknowledged; trial reports go to the scheduler in one
+/// step, followed by placement when an attempt ended.
+async fn handle_worker_messages(
     state: &CoordinatorState,
     worker_id: &str,
     connection: ConnectionId,
-    kind: worker_message::Kind,
+    batch: Vec<worker_message::Kind>,
     outbound: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
 ) -> Result<(), Status> {
-    match kind {
-        worker_message::Kind::Heartbeat(hb) => {
-            state
-                .scheduler()
-                .registry
-                .heartbeat(worker_id, connection, Instant::now());
-            let ack = CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
-                    sequence: hb.sequence,
-                })),
-            };
-            outbound
-                .send(Ok(ack))
-                .await
-                .map_err(|_| Status::cancelled("worker went away"))?;
-        }
-        worker_message::Kind::Epoch(report) => {
-            let Some(attempt) = report.attempt else {
+    let mut reports = Vec::new();
+    for kind in batch {
+        match kind {
+            worker_message::Kind::Heartbeat(hb) => {
+                state
+                    .scheduler()
+                    .registry
+                    .heartbeat(worker_id, connection, Instant::now());
+                let ack = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
+                        sequence: hb.sequence,
+                    })),
+                };
+                outbound
+                    .send(Ok(ack))
+                    .await
+                    .map_err(|_| Status::cancelled("worker went away"))?;
+            }
+            worker_message::Kind::Epoch(report) if report.attempt.is_none() => {
                 return Err(Status::invalid_argument("epoch report without an attempt"));
-            };
-            let metrics = report.metrics.into_iter().collect();
-            let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
-            let _ = state.apply(|s| {
-                (
-                    s.epoch_report(&attempt, report.epoch, metrics, checkpoint),
-                    (),
-                )
-            });
-        }
-        worker_message::Kind::Finished(report) => {
-            // The end of one attempt and the start of the next, in one
-            // commit: the freed worker's next assignment waits for a single
-            // etcd round trip.
-            let _ = state.apply(|s| {
-                let mut effects = s.finished_report(worker_id, &report);
-                effects.extend(s.schedule(Instant::now()));
-                (effects, ())
-            });
-        }
-        worker_message::Kind::Register(_) => {
-            return Err(Status::invalid_argument(
-                "Register may only be the first message",
-            ));
+            }
+            worker_message::Kind::Register(_) => {
+                return Err(Status::invalid_argument(
+                    "Register may only be the first message",
+                ));
+            }
+            report => reports.push(report),
         }
     }
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let _ = state.apply(|s| {
+        let mut effects = Effects::default();
+        let mut ended = false;
+        for report in reports {
+            match report {
+                worker_message::Kind::Epoch(report) => {
+                    let attempt = report.attempt.expect("checked above");
+                    let metrics = report.metrics.into_iter().collect();
+                    let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
+                    effects.extend(s.epoch_report(&attempt, report.epoch, metrics, checkpoint));
+                }
+                worker_message::Kind::Finished(report) => {
+                    effects.extend(s.finished_report(worker_id, &report));
+                    ended = true;
+                }
+                _ => unreachable!("only reports are collected"),
+            }
+        }
+        // The end of one attempt and the start of the next, in one commit:
+        // the freed worker's next assignment waits for a single etcd round
+        // trip.
+        if ended {
+            effects.extend(s.schedule(Instant::now()));
+        }
+        (effects, ())
+    });
     Ok(())
 }

@@ -34,27 +34,43 @@ pub fn sidecar_path(dir: &Path, epoch: u32) -> PathBuf {
     dir.join(format!("epoch-{epoch:05}.json"))
 }
 
+/// How hard a checkpoint holds on to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync'ed: survives the machine crashing (trained models).
+    Synced,
+    /// Renamed into place but left in the page cache: survives any process
+    /// dying, not the machine. For synthetic trials, whose simulated
+    /// epochs cost nothing to redo and which run hundreds per second.
+    Cached,
+}
+
 /// Writes the checkpoint of `sidecar.epoch`; without tensors only the
 /// sidecar. Returns the main file: the tensors, else the sidecar.
 pub fn save(
     dir: &Path,
     tensors: &[(String, &Tensor)],
     sidecar: &Sidecar,
+    durability: Durability,
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(dir).map_err(unreadable(dir))?;
     let tensors_file = tensors_path(dir, sidecar.epoch);
     if !tensors.is_empty() {
-        write_atomic(&tensors_file, |tmp| Ok(Tensor::save_multi(tensors, tmp)?))?;
+        write_atomic(&tensors_file, durability, |tmp| {
+            Ok(Tensor::save_multi(tensors, tmp)?)
+        })?;
     }
     let sidecar_file = sidecar_path(dir, sidecar.epoch);
     let json = serde_json::to_vec_pretty(sidecar).expect("a sidecar serialises");
-    write_atomic(&sidecar_file, |tmp| {
+    write_atomic(&sidecar_file, durability, |tmp| {
         std::fs::write(tmp, &json).map_err(unreadable(tmp))
     })?;
-    // The renames are durable once the directory entry is.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(unreadable(dir))?;
+    if durability == Durability::Synced {
+        // The renames are durable once the directory entry is.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(unreadable(dir))?;
+    }
     Ok(if tensors.is_empty() {
         sidecar_file
     } else {
@@ -64,13 +80,16 @@ pub fn save(
 
 fn write_atomic(
     path: &Path,
+    durability: Durability,
     write: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     write(&tmp)?;
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(unreadable(&tmp))?;
+    if durability == Durability::Synced {
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(unreadable(&tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(unreadable(path))
 }
 

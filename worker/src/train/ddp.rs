@@ -18,7 +18,7 @@ use ringleader_collective::{ReduceOp, Ring};
 use tch::{Device, Kind, Reduction, Tensor};
 use tokio::runtime::Handle;
 
-use super::checkpoint::{self, Sidecar};
+use super::checkpoint::{self, Durability, Sidecar};
 use super::dataset::{self, Dataset, Split};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
@@ -448,7 +448,7 @@ impl Epochs for Trainer<'_> {
                 world: self.segment.world,
                 metrics: metrics.clone(),
             };
-            checkpoint::save(dir, &tensors, &sidecar)?
+            checkpoint::save(dir, &tensors, &sidecar, Durability::Synced)?
         } else {
             checkpoint::tensors_path(dir, epoch)
         };

@@ -28,6 +28,7 @@ use ringleader_collective::Ring;
 use ringleader_spec::job::ModelSpec;
 use ringleader_spec::JobSpec;
 
+use checkpoint::Durability;
 pub use checkpoint::Sidecar;
 pub use error::{Position, TrainError};
 
@@ -236,7 +237,7 @@ impl Epochs for Synthetic<'_> {
             world: self.segment.world,
             metrics: metrics.clone(),
         };
-        checkpoint::save(dir, &[], &sidecar)
+        checkpoint::save(dir, &[], &sidecar, Durability::Cached)
     }
 
     fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError> {
