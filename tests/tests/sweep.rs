@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ringleader_coordinator::sweep::client as sweeps;
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
+use ringleader_proto::coordinator::WorkerState;
 use ringleader_tests::sweeps::{
     assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec, BraninSweep,
 };
@@ -327,4 +328,59 @@ async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
     // Converges from above to Hartmann-6 at these inputs (≈ -3.32 near the optimum).
     let objective = trial["objective"].as_f64().unwrap();
     assert!(objective < -3.0, "objective {objective}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_sweep_stops_its_trials_and_frees_the_workers() {
+    let mut cluster = TestCluster::start(1, 2).await;
+    cluster.must_form(Duration::from_secs(60)).await;
+    let args = client(&cluster);
+    // Long trials (3 epochs of 2 s), two at a time.
+    let long = write_spec(&cluster, "long.toml", &branin_sweep(6, 1, 2, 2000));
+    let id = sweeps::submit(&args, SweepKind::Sweep, &long)
+        .await
+        .unwrap();
+    wait_until("two trials running", Duration::from_secs(30), || async {
+        let view = sweeps::get(&args, &id).await.map_err(|e| e.to_string())?;
+        let running = view
+            .trials
+            .iter()
+            .filter(|t| t.state == TrialState::Running)
+            .count();
+        (running == 2)
+            .then_some(())
+            .ok_or(format!("{running} running"))
+    })
+    .await;
+    assert_eq!(sweeps::cancel(&args, &id).await.unwrap(), 2);
+    let view = sweeps::get(&args, &id).await.unwrap();
+    assert_eq!(view.record.state, SweepState::Cancelled);
+    assert!(view.trials.iter().all(|t| t.state == TrialState::Cancelled));
+    assert!(sweeps::cancel(&args, &id).await.is_err(), "cancelled twice");
+    // Both workers are freed once their epoch ends, and a second sweep runs
+    // to the end on them.
+    wait_until("both workers idle", Duration::from_secs(30), || async {
+        let status = ringleader_coordinator::status::fetch(&args)
+            .await
+            .map_err(|e| e.to_string())?;
+        let idle = status
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Idle as i32)
+            .count();
+        (idle == 2).then_some(()).ok_or(format!("{idle} idle"))
+    })
+    .await;
+    let quick = write_spec(&cluster, "quick.toml", &branin_sweep(4, 1, 2, 1));
+    let next = sweeps::submit(&args, SweepKind::Sweep, &quick)
+        .await
+        .unwrap();
+    let done = must_finish_sweep(&args, &next, Duration::from_secs(60)).await;
+    assert_eq!(done.record.state, SweepState::Completed);
+    let workers: BTreeSet<&String> = done
+        .trials
+        .iter()
+        .flat_map(|t| t.attempts.iter().flat_map(|a| a.workers.iter()))
+        .collect();
+    assert_eq!(workers.len(), 2, "both workers took new work: {workers:?}");
 }

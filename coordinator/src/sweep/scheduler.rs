@@ -333,16 +333,16 @@ impl Scheduler {
             info!(sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, ?outcome, state = ?t.state, error = error.as_deref().unwrap_or(""), "attempt ended");
             effects.write_trial(t);
         }
-        // The rest of the gang stays busy until each rank reports the
-        // attempt finished (or is lost): it still trains until the end of
-        // its epoch, and would refuse a new assignment as a failure.
+        // The gang stays busy until each rank reports the attempt finished
+        // (or re-registers): it still trains until the end of its epoch,
+        // and would refuse a new assignment as a failure.
         for worker in workers {
             if self.registry.running(&worker) == Some(attempt) {
                 effects.send(
                     self.registry.outbound(&worker),
                     coordinator_message::Kind::Stop(StopAttempt {
                         attempt: Some(attempt.clone()),
-                        reason: "another rank of the gang stopped".into(),
+                        reason: format!("the attempt ended ({outcome:?})"),
                     }),
                 );
             }
@@ -353,8 +353,11 @@ impl Scheduler {
     pub fn workers_lost(&mut self, workers: &[String]) -> Effects {
         let mut effects = Effects::default();
         for worker in workers {
+            // The lost worker stays booked to its attempt and is told to
+            // stop it: one that was only frozen (SIGSTOP, a long pause) and
+            // comes back must not go on training a trial that now runs
+            // elsewhere, nor take new work before it has reported.
             if let Some(attempt) = self.registry.running(worker).cloned() {
-                self.registry.release(worker, &attempt);
                 let epochs = self.epochs_done(&attempt);
                 self.end_attempt(
                     &attempt,
