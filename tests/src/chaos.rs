@@ -288,6 +288,16 @@ fn bring_back(cluster: &mut TestCluster, down: &mut Downtime, all: bool) {
         down.workers.remove(&id);
         cluster.restart_worker(&id);
     }
+    // A coordinator started while etcd was frozen or restarting exits at
+    // once (it fails fast when etcd does not answer); like a Deployment's
+    // restart policy, start it again.
+    let coordinators = cluster.cluster.coordinators().len();
+    for index in 0..coordinators {
+        let exited = !cluster.cluster.coordinators()[index].process.is_running();
+        if exited && !down.coordinators.contains_key(&index) {
+            down.coordinators.insert(index, now);
+        }
+    }
     let due: Vec<usize> = down
         .coordinators
         .iter()
