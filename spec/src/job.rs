@@ -443,6 +443,13 @@ impl ModelSpec {
         }
     }
 
+    /// What a synthetic model reports after `epoch` simulated epochs:
+    /// f(x) + (1 + |f(x)|)·2^−epoch, converging to f(x) from above.
+    pub fn synthetic_objective(&self, epoch: u32) -> Option<f64> {
+        self.synthetic_value()
+            .map(|value| value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32))
+    }
+
     /// The metrics a trial of this model reports, by name.
     pub fn metrics(&self) -> &'static [&'static str] {
         match self {

@@ -12,8 +12,6 @@ use ringleader_coordinator::sweep::driver::Driver;
 use ringleader_coordinator::sweep::records::AttemptOutcome;
 use ringleader_coordinator::sweep::{SweepKind, SweepState, Template, TrialState};
 use ringleader_proto::coordinator::{WorkerInfo, WorkerState};
-use ringleader_spec::job::{ModelSpec, SyntheticFunction};
-use ringleader_spec::synthetic;
 use serde_json::Value;
 
 use crate::{wait_until, TestCluster};
@@ -134,32 +132,16 @@ epoch_ms = {epoch_ms}
     }
 }
 
-/// The synthetic model's objective after `epoch` epochs of `job`: the
-/// worker reports f(x) + (1 + |f(x)|)·2^−epoch.
+/// The synthetic model's objective after `epoch` epochs of the trial's job.
 pub fn synthetic_objective(
     template: &Template,
     config: &BTreeMap<String, Value>,
     epoch: u32,
 ) -> f64 {
     let job = template.job(config).expect("trial job builds");
-    let ModelSpec::Synthetic {
-        function,
-        x1,
-        x2,
-        x3,
-        x4,
-        x5,
-        x6,
-        ..
-    } = job.model
-    else {
-        panic!("not a synthetic job");
-    };
-    let value = match function {
-        SyntheticFunction::Branin => synthetic::branin(x1, x2),
-        SyntheticFunction::Hartmann6 => synthetic::hartmann6(&[x1, x2, x3, x4, x5, x6]),
-    };
-    value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32)
+    job.model
+        .synthetic_objective(epoch)
+        .expect("a synthetic job")
 }
 
 /// What a fault-free run of a synthetic sweep gives: each trial's config

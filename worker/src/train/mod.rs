@@ -195,24 +195,18 @@ struct Synthetic<'a> {
     segment: &'a Segment,
 }
 
-impl Synthetic<'_> {
-    fn value(&self) -> f64 {
-        self.segment
-            .spec
-            .model
-            .synthetic_value()
-            .expect("only built for synthetic models")
-    }
-}
-
 impl Epochs for Synthetic<'_> {
     fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
         let started = Instant::now();
         if let ModelSpec::Synthetic { epoch_ms, .. } = self.segment.spec.model {
             std::thread::sleep(Duration::from_millis(epoch_ms));
         }
-        let value = self.value();
-        let objective = value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32);
+        let objective = self
+            .segment
+            .spec
+            .model
+            .synthetic_objective(epoch)
+            .expect("only built for synthetic models");
         Ok(BTreeMap::from([
             ("objective".to_string(), objective),
             ("epoch_seconds".to_string(), started.elapsed().as_secs_f64()),
