@@ -1,9 +1,12 @@
 //! The data-parallel loop. Every rank holds a full replica; per step:
 //!
 //! ```text
-//!   zero_grad → forward(own shard of the batch) → backward
-//!     → copy grads into flat buckets → ring all-reduce (average) per bucket
-//!     → clip by global norm → optimizer step (reads the averaged buckets)
+//!   forward(own shard of the batch), keeping each stage's output
+//!     → backward of the last stage → its grads into its flat buckets
+//!        → all-reduce (average) them on the communication thread, while
+//!     → backward of the stage below → … (each stage's buckets in turn)
+//!     → wait for the reductions → clip by global norm
+//!     → optimizer step (reads the averaged buckets)
 //! ```
 //!
 //! Replicas start equal (rank 0's tensors are broadcast) and stay equal
@@ -11,7 +14,9 @@
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use ringleader_collective::{ReduceOp, Ring};
@@ -30,20 +35,30 @@ use ringleader_spec::shard::ShardPlan;
 const BUCKET_BYTES: usize = 25 << 20;
 
 /// Tensors laid out back to back in a few contiguous buffers, so that a
-/// collective runs once per buffer rather than once per tensor.
+/// collective runs once per buffer rather than once per tensor. Members
+/// come in consecutive groups (a model's stages) and no buffer spans two
+/// groups, so a group's buffers can be reduced as soon as it is filled.
 struct Buckets {
     flats: Vec<Tensor>,
     /// One view per member tensor, shaped like it, aliasing its flat buffer.
     views: Vec<Tensor>,
+    /// Per group, the range of its members in `views` and of its buffers
+    /// in `flats`.
+    groups: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Buckets {
+    /// One group of all of `like`.
     fn new(like: &[Tensor], cap_bytes: usize) -> Self {
+        Self::grouped(like, &[like.len()], cap_bytes)
+    }
+
+    /// Groups of `group_sizes` consecutive members of `like`.
+    fn grouped(like: &[Tensor], group_sizes: &[usize], cap_bytes: usize) -> Self {
         let mut flats = Vec::new();
         let mut views = Vec::new();
-        let mut group: Vec<&Tensor> = Vec::new();
-        let mut bytes = 0;
-        let mut close = |group: &mut Vec<&Tensor>| {
+        let mut groups = Vec::new();
+        let close = |group: &mut Vec<&Tensor>, flats: &mut Vec<Tensor>, views: &mut Vec<Tensor>| {
             let Some(first) = group.first() else { return };
             let numel: i64 = group.iter().map(|t| t.numel() as i64).sum();
             let flat = Tensor::zeros([numel], (first.kind(), first.device()));
@@ -55,18 +70,29 @@ impl Buckets {
             }
             flats.push(flat);
         };
-        for t in like {
-            let size = t.numel() * t.kind().elt_size_in_bytes();
-            let kind_changes = group.first().is_some_and(|g| g.kind() != t.kind());
-            if kind_changes || (!group.is_empty() && bytes + size > cap_bytes) {
-                close(&mut group);
-                bytes = 0;
+        let mut members = like.iter();
+        for &size in group_sizes {
+            let (first_view, first_flat) = (views.len(), flats.len());
+            let mut group: Vec<&Tensor> = Vec::new();
+            let mut bytes = 0;
+            for t in members.by_ref().take(size) {
+                let size = t.numel() * t.kind().elt_size_in_bytes();
+                let kind_changes = group.first().is_some_and(|g| g.kind() != t.kind());
+                if kind_changes || (!group.is_empty() && bytes + size > cap_bytes) {
+                    close(&mut group, &mut flats, &mut views);
+                    bytes = 0;
+                }
+                group.push(t);
+                bytes += size;
             }
-            group.push(t);
-            bytes += size;
+            close(&mut group, &mut flats, &mut views);
+            groups.push((first_view..views.len(), first_flat..flats.len()));
         }
-        close(&mut group);
-        Self { flats, views }
+        Self {
+            flats,
+            views,
+            groups,
+        }
     }
 
     /// Copies `tensors` in; an undefined tensor (a parameter that got no
@@ -75,8 +101,15 @@ impl Buckets {
         &self,
         tensors: impl IntoIterator<Item = T>,
     ) -> Result<(), TrainError> {
+        Self::fill_views(&self.views, tensors)
+    }
+
+    fn fill_views<T: Borrow<Tensor>>(
+        views: &[Tensor],
+        tensors: impl IntoIterator<Item = T>,
+    ) -> Result<(), TrainError> {
         tch::no_grad(|| {
-            for (view, t) in self.views.iter().zip(tensors) {
+            for (view, t) in views.iter().zip(tensors) {
                 let (mut view, t) = (view.shallow_clone(), t.borrow());
                 if t.defined() {
                     view.f_copy_(t)?;
@@ -190,7 +223,7 @@ impl<'a> Trainer<'a> {
             spec.dataset.drop_last,
         ) as usize;
         let mut trainer = Self {
-            grads: Buckets::new(&params, BUCKET_BYTES),
+            grads: Buckets::grouped(&params, &model.stage_sizes(), BUCKET_BYTES),
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
             steps_per_epoch: per_rank.div_ceil(spec.batch_size.max(1) as usize) as u64,
             segment,
@@ -288,20 +321,22 @@ impl<'a> Trainer<'a> {
             let index = order.narrow(0, begin, batch.min(total - begin));
             let xs = train.features.f_index_select(0, &index)?;
             let ys = train.labels.f_index_select(0, &index)?;
-            for p in &mut self.params {
-                p.zero_grad();
-            }
-            let logits = self.model.forward(&xs, true)?;
+            let outputs = self.model.forward_stages(&xs, true)?;
+            let logits = outputs.last().expect("a model has at least one stage");
             let loss = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
                 &ys,
                 None::<Tensor>,
                 Reduction::Mean,
                 -100,
             )?;
-            loss.f_backward()?;
-            self.grads.fill(self.params.iter().map(Tensor::grad))?;
-            self.grads
-                .all_reduce(self.ring, self.runtime, ReduceOp::Avg)?;
+            backward_and_average(
+                &self.grads,
+                &self.params,
+                self.ring,
+                self.runtime,
+                &loss,
+                &outputs,
+            )?;
             if let Some(max) = spec.optimizer.grad_clip {
                 self.grads.clip_norm(max)?;
             }
@@ -366,6 +401,78 @@ impl<'a> Trainer<'a> {
             .block_on(collective::all_reduce(self.ring, &mut t, op))?;
         Ok(Vec::<f64>::try_from(&t)?)
     }
+}
+
+/// Back-propagates one stage at a time, from the last, and hands each
+/// stage's gradient buffers to a communication thread that averages
+/// them over the ring while the stages below are still being
+/// differentiated: PyTorch DDP's overlap of all-reduce with backward,
+/// done without the autograd hooks tch does not expose. A stage's
+/// gradient flows to the one below through its input: the gradient of
+/// `sum(output · upstream)` with respect to the stage below is exactly
+/// the chain rule's.
+fn backward_and_average(
+    grads: &Buckets,
+    params: &[Tensor],
+    ring: &mut Ring,
+    runtime: &Handle,
+    loss: &Tensor,
+    outputs: &[Tensor],
+) -> Result<(), TrainError> {
+    std::thread::scope(|scope| {
+        let (ready, queue) = mpsc::channel::<Tensor>();
+        let communication = scope.spawn(move || -> Result<(), TrainError> {
+            for mut flat in queue {
+                runtime.block_on(collective::all_reduce(ring, &mut flat, ReduceOp::Avg))?;
+            }
+            Ok(())
+        });
+        // A failed send means the communication thread failed; its error
+        // is the one to report.
+        let differentiated = backward_by_stage(grads, params, loss, outputs, |flats| {
+            flats
+                .iter()
+                .all(|flat| ready.send(flat.shallow_clone()).is_ok())
+        });
+        drop(ready);
+        let communicated = communication
+            .join()
+            .expect("the communication thread does not panic");
+        communicated.and(differentiated)
+    })
+}
+
+/// Back-propagates `loss` one stage at a time, from the last, into `grads`
+/// (grouped by stage, as `params`), calling `stage_done` with a stage's
+/// buffers once they hold its gradients; it returns whether to go on.
+fn backward_by_stage(
+    grads: &Buckets,
+    params: &[Tensor],
+    loss: &Tensor,
+    outputs: &[Tensor],
+    mut stage_done: impl FnMut(&[Tensor]) -> bool,
+) -> Result<(), TrainError> {
+    let mut upstream: Option<Tensor> = None;
+    for (stage, (members, flats)) in grads.groups.iter().enumerate().rev() {
+        let objective = match &upstream {
+            None => loss.shallow_clone(),
+            Some(gradient) => outputs[stage]
+                .f_mul(gradient)?
+                .f_sum(outputs[stage].kind())?,
+        };
+        let below = stage
+            .checked_sub(1)
+            .map(|s| &outputs[s])
+            .filter(|t| t.requires_grad());
+        let inputs: Vec<&Tensor> = params[members.clone()].iter().chain(below).collect();
+        let mut gradients = Tensor::f_run_backward(&[&objective], &inputs, false, false)?;
+        upstream = below.and_then(|_| gradients.pop());
+        Buckets::fill_views(&grads.views[members.clone()], &gradients)?;
+        if !stage_done(&grads.flats[flats.clone()]) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn to_device(split: &mut Split, device: Device) -> Result<(), TrainError> {
@@ -486,5 +593,50 @@ mod tests {
         }
         let together = Buckets::new(&tensors[..2], BUCKET_BYTES);
         assert_eq!(together.flats.len(), 1);
+        let apart = Buckets::grouped(&tensors[..2], &[1, 1], BUCKET_BYTES);
+        assert_eq!(apart.flats.len(), 2, "no buffer spans two groups");
+        assert_eq!(apart.groups, [(0..1, 0..1), (1..2, 1..2)]);
+    }
+
+    #[test]
+    fn stage_by_stage_gradients_equal_one_backward_pass() {
+        use ringleader_spec::job::ModelSpec;
+        let spec = ModelSpec::Cnn {
+            channels: [4, 8],
+            hidden: 16,
+            kernel: 3,
+            dropout: 0.0,
+        };
+        let mut model = Model::build(&spec, &[1, 12, 12], 10, Device::Cpu, 3).unwrap();
+        let params: Vec<Tensor> = model.parameters().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            model.stage_sizes(),
+            [8, 4],
+            "conv and BN, then the classifier"
+        );
+        let xs = Tensor::randn([6, 1, 12, 12], (Kind::Float, Device::Cpu));
+        let ys = Tensor::from_slice(&[0i64, 3, 9, 1, 1, 7]);
+        let loss = |outputs: &[Tensor]| {
+            outputs
+                .last()
+                .unwrap()
+                .log_softmax(-1, Kind::Float)
+                .nll_loss(&ys)
+        };
+        let outputs = model.forward_stages(&xs, true).unwrap();
+        let whole = Tensor::run_backward(&[loss(&outputs)], &params, false, false);
+
+        let grads = Buckets::grouped(&params, &model.stage_sizes(), BUCKET_BYTES);
+        let outputs = model.forward_stages(&xs, true).unwrap();
+        let mut finished = Vec::new();
+        backward_by_stage(&grads, &params, &loss(&outputs), &outputs, |flats| {
+            finished.push(flats.len());
+            true
+        })
+        .unwrap();
+        assert_eq!(finished, [1, 1], "the classifier first, then the blocks");
+        for (staged, whole) in grads.views.iter().zip(&whole) {
+            assert!(staged.equal(whole), "stage by stage is bit-equal");
+        }
     }
 }

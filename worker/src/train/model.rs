@@ -1,7 +1,14 @@
 //! The networks a job can train: the built-in MLP and CNN, and a user's
 //! TorchScript module. All of them map a batch `[N, …]` to logits
 //! `[N, classes]` and keep their tensors in one [`nn::VarStore`].
+//!
+//! A built-in network is a chain of *stages* (the CNN: its convolutional
+//! blocks, then its classifier; the MLP: one per linear layer), so that the
+//! data-parallel step can back-propagate one stage at a time and average a
+//! stage's gradients while the stages below it are still being
+//! differentiated. A TorchScript module is a single stage.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use ringleader_spec::job::ModelSpec;
@@ -21,10 +28,13 @@ pub(crate) static TORCH_RNG: Mutex<()> = Mutex::new(());
 pub struct Model {
     pub vs: nn::VarStore,
     net: Net,
+    /// Per stage, in forward order, the names of its trainable parameters,
+    /// sorted.
+    stage_parameters: Vec<Vec<String>>,
 }
 
 enum Net {
-    Builtin(nn::SequentialT),
+    Builtin(Vec<nn::SequentialT>),
     /// The module's train/eval mode is state, switched only when it changes.
     Script {
         module: TrainableCModule,
@@ -47,38 +57,74 @@ impl Model {
         let classes = i64::from(classes);
         let _rng = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(seed as i64);
+        let mut stages = Stages::new(&vs);
         let net = match spec {
             ModelSpec::Mlp { hidden, dropout } => {
-                Net::Builtin(mlp(&root, input, hidden, *dropout, classes))
+                mlp(&mut stages, input, hidden, *dropout, classes);
+                Net::Builtin(stages.built)
             }
             ModelSpec::Cnn {
                 channels,
                 hidden,
                 kernel,
                 dropout,
-            } => Net::Builtin(cnn(
-                &root, input, *channels, *hidden, *kernel, *dropout, classes,
-            )?),
-            ModelSpec::Torchscript { path } => Net::Script {
-                module: TrainableCModule::load(path, root).map_err(|source| {
+            } => {
+                cnn(
+                    &mut stages,
+                    input,
+                    *channels,
+                    *hidden,
+                    *kernel,
+                    *dropout,
+                    classes,
+                )?;
+                Net::Builtin(stages.built)
+            }
+            ModelSpec::Torchscript { path } => {
+                let module = TrainableCModule::load(path, root).map_err(|source| {
                     TrainError::TorchScript {
                         path: path.clone(),
                         source,
                     }
-                })?,
-                training: true,
-            },
+                })?;
+                stages.close();
+                Net::Script {
+                    module,
+                    training: true,
+                }
+            }
             ModelSpec::Synthetic { .. } => {
                 return Err(TrainError::Model("a synthetic model has no network".into()))
             }
         };
-        Ok(Self { vs, net })
+        let stage_parameters = stages.parameters;
+        Ok(Self {
+            vs,
+            net,
+            stage_parameters,
+        })
     }
 
     /// Logits for `xs`; `train` selects batch statistics and dropout.
     pub fn forward(&mut self, xs: &Tensor, train: bool) -> Result<Tensor, TrainError> {
+        Ok(self
+            .forward_stages(xs, train)?
+            .pop()
+            .expect("a model has at least one stage"))
+    }
+
+    /// The output of every stage for `xs`, in forward order; the last is
+    /// the logits.
+    pub fn forward_stages(&mut self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>, TrainError> {
         match &mut self.net {
-            Net::Builtin(seq) => Ok(seq.forward_t(xs, train)),
+            Net::Builtin(stages) => {
+                let mut outputs: Vec<Tensor> = Vec::with_capacity(stages.len());
+                for stage in stages.iter() {
+                    let input = outputs.last().unwrap_or(xs);
+                    outputs.push(stage.forward_t(input, train));
+                }
+                Ok(outputs)
+            }
             Net::Script { module, training } => {
                 if *training != train {
                     if train {
@@ -88,14 +134,27 @@ impl Model {
                     }
                     *training = train;
                 }
-                Ok(module.forward_ts(&[xs])?)
+                Ok(vec![module.forward_ts(&[xs])?])
             }
         }
     }
 
-    /// Trainable parameters, sorted by name (the order every rank agrees on).
+    /// Trainable parameters, stage by stage in forward order and sorted by
+    /// name within a stage (the order every rank agrees on).
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.named(true)
+        let mut by_name: std::collections::BTreeMap<String, Tensor> =
+            self.named(true).into_iter().collect();
+        self.stage_parameters
+            .iter()
+            .flatten()
+            .filter_map(|name| by_name.remove_entry(name))
+            .collect()
+    }
+
+    /// How many of [`Model::parameters`] belong to each stage, in forward
+    /// order.
+    pub fn stage_sizes(&self) -> Vec<usize> {
+        self.stage_parameters.iter().map(Vec::len).collect()
     }
 
     /// Non-trainable state (batch-norm running statistics), sorted by name.
@@ -115,52 +174,97 @@ impl Model {
     }
 }
 
+/// Collects a network's stages as they are built; each stage owns the
+/// trainable variables created since the previous one closed.
+struct Stages<'a> {
+    vs: &'a nn::VarStore,
+    root: nn::Path<'a>,
+    built: Vec<nn::SequentialT>,
+    parameters: Vec<Vec<String>>,
+    seen: BTreeSet<String>,
+}
+
+impl<'a> Stages<'a> {
+    fn new(vs: &'a nn::VarStore) -> Self {
+        Self {
+            vs,
+            root: vs.root(),
+            built: Vec::new(),
+            parameters: Vec::new(),
+            seen: BTreeSet::new(),
+        }
+    }
+
+    fn push(&mut self, stage: nn::SequentialT) {
+        self.built.push(stage);
+        self.close();
+    }
+
+    /// Ends a stage: the trainable variables not yet in one are its own.
+    fn close(&mut self) {
+        let mut new: Vec<String> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| t.requires_grad() && !self.seen.contains(name))
+            .map(|(name, _)| name)
+            .collect();
+        new.sort();
+        self.seen.extend(new.iter().cloned());
+        self.parameters.push(new);
+    }
+}
+
 /// Flatten, then `Linear → ReLU (→ Dropout)` per hidden size, then the
-/// classifier.
-fn mlp(
-    root: &nn::Path,
-    input: &[i64],
-    hidden: &[u32],
-    dropout: f64,
-    classes: i64,
-) -> nn::SequentialT {
-    let mut net = nn::seq_t().add_fn(|xs| xs.flatten(1, -1));
+/// classifier; one stage per linear layer.
+fn mlp(stages: &mut Stages, input: &[i64], hidden: &[u32], dropout: f64, classes: i64) {
     let mut width = input.iter().product::<i64>();
     for (i, &h) in hidden.iter().enumerate() {
         let h = i64::from(h);
-        net = net
+        let mut stage = nn::seq_t();
+        if i == 0 {
+            stage = stage.add_fn(|xs| xs.flatten(1, -1));
+        }
+        stage = stage
             .add(nn::linear(
-                root / format!("fc{i}"),
+                &stages.root / format!("fc{i}"),
                 width,
                 h,
                 Default::default(),
             ))
             .add_fn(|xs| xs.relu());
         if dropout > 0.0 {
-            net = net.add_fn_t(move |xs, train| xs.dropout(dropout, train));
+            stage = stage.add_fn_t(move |xs, train| xs.dropout(dropout, train));
         }
+        stages.push(stage);
         width = h;
     }
-    net.add(nn::linear(
-        root / format!("fc{}", hidden.len()),
+    let mut classifier = nn::seq_t();
+    if hidden.is_empty() {
+        classifier = classifier.add_fn(|xs| xs.flatten(1, -1));
+    }
+    let classifier = classifier.add(nn::linear(
+        &stages.root / format!("fc{}", hidden.len()),
         width,
         classes,
         Default::default(),
-    ))
+    ));
+    stages.push(classifier);
 }
 
 /// The reference CNN: two `conv k → BN → ReLU → max-pool 2` blocks, then
 /// `Linear → ReLU (→ Dropout) → Linear`. The flattened width follows from
-/// the input size (1600 = 64·5·5 for 28×28 and k = 3).
+/// the input size (1600 = 64·5·5 for 28×28 and k = 3). Two stages: the
+/// blocks, then the classifier (which holds most of the parameters).
 fn cnn(
-    root: &nn::Path,
+    stages: &mut Stages,
     input: &[i64],
     [c1, c2]: [u32; 2],
     hidden: u32,
     kernel: u32,
     dropout: f64,
     classes: i64,
-) -> Result<nn::SequentialT, TrainError> {
+) -> Result<(), TrainError> {
     let &[channels, height, width] = input else {
         return Err(TrainError::Model(format!(
             "cnn needs image examples [C, H, W], the dataset has {input:?}"
@@ -175,7 +279,8 @@ fn cnn(
         )));
     }
     let flat = c2 * h * w;
-    let mut net = nn::seq_t()
+    let root = &stages.root;
+    let blocks = nn::seq_t()
         .add(nn::conv2d(
             root / "conv1",
             channels,
@@ -187,7 +292,10 @@ fn cnn(
         .add_fn(|xs| xs.relu().max_pool2d_default(2))
         .add(nn::conv2d(root / "conv2", c1, c2, k, Default::default()))
         .add(nn::batch_norm2d(root / "bn2", c2, Default::default()))
-        .add_fn(|xs| xs.relu().max_pool2d_default(2).flatten(1, -1))
+        .add_fn(|xs| xs.relu().max_pool2d_default(2).flatten(1, -1));
+    stages.push(blocks);
+    let root = &stages.root;
+    let mut classifier = nn::seq_t()
         .add(nn::linear(
             root / "fc1",
             flat,
@@ -196,14 +304,16 @@ fn cnn(
         ))
         .add_fn(|xs| xs.relu());
     if dropout > 0.0 {
-        net = net.add_fn_t(move |xs, train| xs.dropout(dropout, train));
+        classifier = classifier.add_fn_t(move |xs, train| xs.dropout(dropout, train));
     }
-    Ok(net.add(nn::linear(
+    let classifier = classifier.add(nn::linear(
         root / "fc2",
         i64::from(hidden),
         classes,
         Default::default(),
-    )))
+    ));
+    stages.push(classifier);
+    Ok(())
 }
 
 #[cfg(test)]
