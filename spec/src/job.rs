@@ -105,7 +105,7 @@ impl JobSpec {
                     "required (only synthetic models read no data)",
                 ))
             }
-            (_, false) => self.dataset.validate()?,
+            (_, false) => self.dataset.validate(self.workers)?,
         }
         self.model.validate()?;
         self.optimizer.validate()?;
@@ -191,6 +191,24 @@ pub struct DatasetSpec {
     /// Shuffle the training set every epoch (permutation from seed, epoch).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// How the training split is divided among the workers.
+    #[serde(default)]
+    pub sharding: Sharding,
+}
+
+/// How the ranks of a job divide a split (see `ringleader_spec::shard`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// `files` when the training split lists at least one file per worker
+    /// (and there is more than one worker), else `examples`.
+    #[default]
+    Auto,
+    /// Every rank reads every file and takes its interleaved share of one
+    /// permutation of all examples (PyTorch's DistributedSampler).
+    Examples,
+    /// The files are dealt to the ranks; each opens only its own.
+    Files,
 }
 
 /// No data: what a synthetic model's job may leave out.
@@ -206,12 +224,23 @@ impl Default for DatasetSpec {
             limit_test: 0,
             drop_last: yes(),
             shuffle: yes(),
+            sharding: Sharding::Auto,
         }
     }
 }
 
 impl DatasetSpec {
-    fn validate(&self) -> Result<(), FieldError> {
+    /// Whether `workers` ranks deal the files of the splits among them
+    /// rather than each reading every file.
+    pub fn file_sharded(&self, workers: u32) -> bool {
+        match self.sharding {
+            Sharding::Examples => false,
+            Sharding::Files => true,
+            Sharding::Auto => workers > 1 && self.train.files.len() >= workers as usize,
+        }
+    }
+
+    fn validate(&self, workers: u32) -> Result<(), FieldError> {
         if self.classes < 2 {
             return Err(FieldError::new(
                 &["dataset", "classes"],
@@ -230,6 +259,30 @@ impl DatasetSpec {
                 ));
             }
             positive(std, &["dataset", "normalize", "std"])?;
+        }
+        if self.sharding == Sharding::Files && self.train.files.len() < workers as usize {
+            return Err(FieldError::new(
+                &["dataset", "sharding"],
+                format!(
+                    "`files` needs at least one training file per worker: dataset.train.files \
+                     lists {} for {workers} workers",
+                    self.train.files.len()
+                ),
+            ));
+        }
+        if self.file_sharded(workers) {
+            for (key, limit) in [
+                ("limit_train", self.limit_train),
+                ("limit_test", self.limit_test),
+            ] {
+                if limit > 0 {
+                    return Err(FieldError::new(
+                        &["dataset", key],
+                        "cannot be used when the files are sharded (the first N examples \
+                         would need every file); set dataset.sharding = \"examples\"",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -844,6 +897,46 @@ momentum = 0.9
                 "{message}\nexpected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn file_sharding_needs_a_file_per_worker_and_no_limits() {
+        let job = |dataset: &str| {
+            JobSpec::parse(
+                &format!(
+                    "name = \"x\"\nworkers = 2\nepochs = 1\n[dataset]\nformat = \"csv\"\n\
+                     classes = 3\n{dataset}\n[model]\nkind = \"mlp\"\n\
+                     [optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+                ),
+                "job.toml",
+            )
+        };
+        let two = "train = { files = [\"a.csv\", \"b.csv\"] }";
+        let auto = job(two).unwrap().dataset;
+        assert!(auto.file_sharded(2), "auto: a file per worker");
+        assert!(!auto.file_sharded(3), "auto: too few files");
+        assert!(!auto.file_sharded(1), "auto: one worker reads everything");
+        let examples = job(&format!("sharding = \"examples\"\n{two}")).unwrap();
+        assert!(!examples.dataset.file_sharded(2));
+        let err = job("sharding = \"files\"\ntrain = { files = [\"a.csv\"] }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "job.toml:7:1: dataset.sharding: `files` needs at least one training file per worker"
+            ),
+            "{err}"
+        );
+        let err = job(&format!("limit_train = 10\n{two}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "job.toml:7:1: dataset.limit_train: cannot be used when the files are sharded"
+            ),
+            "{err}"
+        );
+        job(&format!("limit_train = 10\nsharding = \"examples\"\n{two}")).unwrap();
     }
 
     #[test]

@@ -12,17 +12,17 @@
 //! ```
 //!
 //! Every rank computes the whole permutation (8 bytes an example) and keeps
-//! its share. [`FileShards`] maps those global indices onto a dataset split
-//! over several files, so a worker opens only [`FileShards::files_needed`].
+//! its share; every rank reads every file of the split.
 //!
-//! **File level** ([`ShardPlan::file_level`]), for datasets of many files
-//! (at least one per rank): each epoch the file order is permuted and files
-//! are dealt to ranks round-robin, so a rank reads only about files/world
-//! files. Ranks then get the same number of examples: cut to the smallest
-//! share (drop_last) or padded to the largest by wrapping around their own
-//! list.
-
-use std::ops::Range;
+//! **File level** ([`FileDeal`] and [`ShardPlan::own_indices`]), for a split
+//! of many files (at least one per rank): the files are dealt to ranks once
+//! for the whole job, from the seed, so a rank opens only its own files
+//! (about files/world of them) and keeps them for every epoch. Each epoch a
+//! rank trains on a permutation of its own examples, from (seed, epoch,
+//! rank), cut to the smallest rank's count (drop_last) or padded to the
+//! largest by wrapping around: every rank takes the same number of steps.
+//! Together the ranks' batches still form one global batch per step drawn
+//! from the whole dataset.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -42,7 +42,9 @@ pub struct ShardPlan {
 /// Why a file-level plan cannot be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShardError {
-    #[error("file-level sharding needs at least one non-empty file per rank: {files} files for {world} ranks")]
+    #[error(
+        "file-level sharding needs at least one file per rank: {files} files for {world} ranks"
+    )]
     TooFewFiles { files: usize, world: u32 },
 }
 
@@ -71,40 +73,63 @@ impl ShardPlan {
             .collect()
     }
 
-    /// This rank's example indices for `epoch` when whole files are dealt
-    /// to ranks (see the module docs). Empty files are not dealt.
-    pub fn file_level(&self, files: &FileShards, epoch: u64) -> Result<Vec<u64>, ShardError> {
-        let world = self.world.max(1) as usize;
-        let mut order: Vec<usize> = (0..files.files())
-            .filter(|&f| !files.range(f).is_empty())
-            .collect();
-        if order.len() < world {
-            return Err(ShardError::TooFewFiles {
-                files: order.len(),
-                world: self.world,
-            });
-        }
+    /// File level: the order in `epoch` of this rank's own examples
+    /// (`examples` counts only those), cut or padded by wrapping around to
+    /// `equal`, the count every rank trains on: the smallest rank's own
+    /// count with drop_last, else the largest.
+    pub fn own_indices(&self, epoch: u64, equal: u64) -> Vec<u64> {
+        let mut own: Vec<u64> = (0..self.examples).collect();
         if self.shuffle {
-            order.shuffle(&mut rng(self.seed, epoch, 0));
+            // A stream per rank: ranks shuffle different example sets.
+            own.shuffle(&mut rng(self.seed, epoch, 1 + u64::from(self.rank)));
         }
-        let share = |rank: usize| order.iter().skip(rank).step_by(world);
-        let count = |rank: usize| share(rank).map(|&f| files.range(f).end - files.range(f).start);
-        let counts = (0..world).map(|r| count(r).sum::<u64>());
-        let target = if self.drop_last {
-            counts.min()
-        } else {
-            counts.max()
+        if own.is_empty() {
+            return own;
         }
-        .unwrap_or(0);
-        let mut mine: Vec<u64> = share(self.rank as usize)
-            .flat_map(|&f| files.range(f))
+        (0..equal)
+            .map(|i| own[(i % self.examples) as usize])
+            .collect()
+    }
+}
+
+/// File level: which of a split's files each rank reads, for the whole job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileDeal {
+    /// `order[i]` goes to rank `i % world`.
+    order: Vec<usize>,
+    world: usize,
+}
+
+impl FileDeal {
+    /// Deals `files` files to `world` ranks round-robin, after a seeded
+    /// shuffle of the file order (unless `shuffle` is off).
+    pub fn new(files: usize, world: u32, seed: u64, shuffle: bool) -> Result<Self, ShardError> {
+        let world = world.max(1);
+        if files < world as usize {
+            return Err(ShardError::TooFewFiles { files, world });
+        }
+        let mut order: Vec<usize> = (0..files).collect();
+        if shuffle {
+            // Not keyed on an epoch: the deal holds for every epoch.
+            order.shuffle(&mut rng(seed, u64::MAX, 0));
+        }
+        Ok(Self {
+            order,
+            world: world as usize,
+        })
+    }
+
+    /// The files `rank` reads, ascending.
+    pub fn files_of(&self, rank: u32) -> Vec<usize> {
+        let mut mine: Vec<usize> = self
+            .order
+            .iter()
+            .skip(rank as usize)
+            .step_by(self.world)
+            .copied()
             .collect();
-        if self.shuffle {
-            // Every rank shuffles only its own share; the stream is per rank.
-            mine.shuffle(&mut rng(self.seed, epoch, 1 + u64::from(self.rank)));
-        }
-        let own = mine.len() as u64;
-        Ok((0..target).map(|i| mine[(i % own) as usize]).collect())
+        mine.sort_unstable();
+        mine
     }
 }
 
@@ -116,65 +141,6 @@ fn rng(seed: u64, epoch: u64, stream: u64) -> ChaCha8Rng {
         chunk.copy_from_slice(&word.to_le_bytes());
     }
     ChaCha8Rng::from_seed(key)
-}
-
-/// A dataset stored as consecutive files: global index `i` lives in the
-/// file whose range holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileShards {
-    /// `starts[f]` is the global index of file f's first example; the last
-    /// entry is the total.
-    starts: Vec<u64>,
-}
-
-impl FileShards {
-    pub fn new(file_lengths: Vec<u64>) -> Self {
-        let mut starts = Vec::with_capacity(file_lengths.len() + 1);
-        let mut total = 0;
-        starts.push(0);
-        for len in file_lengths {
-            total += len;
-            starts.push(total);
-        }
-        Self { starts }
-    }
-
-    pub fn files(&self) -> usize {
-        self.starts.len() - 1
-    }
-
-    /// Examples in all files.
-    pub fn examples(&self) -> u64 {
-        self.starts[self.files()]
-    }
-
-    /// Global indices of file `file`'s examples.
-    pub fn range(&self, file: usize) -> Range<u64> {
-        self.starts[file]..self.starts[file + 1]
-    }
-
-    /// (file, index within that file) of global index `index`, or `None`
-    /// past the end.
-    pub fn locate(&self, index: u64) -> Option<(usize, u64)> {
-        if index >= self.examples() {
-            return None;
-        }
-        // The last start at or below `index`; empty files share a start, and
-        // partition_point skips past them.
-        let file = self.starts.partition_point(|&s| s <= index) - 1;
-        Some((file, index - self.starts[file]))
-    }
-
-    /// The files holding `indices`, ascending: the only ones a worker opens.
-    pub fn files_needed(&self, indices: &[u64]) -> Vec<usize> {
-        let mut needed: Vec<usize> = indices
-            .iter()
-            .filter_map(|&i| self.locate(i).map(|(file, _)| file))
-            .collect();
-        needed.sort_unstable();
-        needed.dedup();
-        needed
-    }
 }
 
 #[cfg(test)]
@@ -256,48 +222,46 @@ mod tests {
     }
 
     #[test]
-    fn file_shards_map_global_indices_to_files() {
-        let files = FileShards::new(vec![3, 0, 4, 2]);
-        assert_eq!(files.examples(), 9);
-        assert_eq!(files.locate(0), Some((0, 0)));
+    fn files_are_dealt_once_disjointly_and_evenly() {
+        let deal = FileDeal::new(7, 3, 42, true).unwrap();
+        let ranks: Vec<Vec<usize>> = (0..3).map(|r| deal.files_of(r)).collect();
+        let sizes: Vec<usize> = ranks.iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 7);
+        assert!(sizes.iter().all(|&n| n == 2 || n == 3), "{sizes:?}");
+        let all: BTreeSet<usize> = ranks.iter().flatten().copied().collect();
+        assert_eq!(all, (0..7).collect(), "every file, each read by one rank");
+        assert_eq!(deal, FileDeal::new(7, 3, 42, true).unwrap(), "seeded");
+        assert_ne!(deal, FileDeal::new(7, 3, 43, true).unwrap());
+        let plain = FileDeal::new(4, 2, 42, false).unwrap();
         assert_eq!(
-            files.locate(3),
-            Some((2, 0)),
-            "the empty file holds nothing"
+            (plain.files_of(0), plain.files_of(1)),
+            (vec![0, 2], vec![1, 3])
         );
-        assert_eq!(files.locate(8), Some((3, 1)));
-        assert_eq!(files.locate(9), None);
-        assert_eq!(files.files_needed(&[8, 1, 4, 7]), [0, 2, 3]);
+        assert_eq!(
+            FileDeal::new(2, 3, 0, true),
+            Err(ShardError::TooFewFiles { files: 2, world: 3 })
+        );
     }
 
     #[test]
-    fn file_level_deals_whole_files_in_equal_counts() {
-        let lengths = vec![10, 12, 9, 11, 10, 8, 0];
-        let files = FileShards::new(lengths);
-        for drop_last in [true, false] {
-            let ranks: Vec<Vec<u64>> = (0..3)
-                .map(|r| plan(60, 3, r, drop_last).file_level(&files, 1).unwrap())
-                .collect();
-            let len = ranks[0].len();
-            assert!(ranks.iter().all(|r| r.len() == len), "equal counts");
-            for rank in &ranks {
-                // Two files each: 6 non-empty files, 3 ranks.
-                assert_eq!(files.files_needed(rank).len(), 2);
-            }
-            let needed: Vec<usize> = ranks.iter().flat_map(|r| files.files_needed(r)).collect();
-            let distinct: BTreeSet<usize> = needed.iter().copied().collect();
-            assert_eq!(distinct.len(), needed.len(), "no file is read by two ranks");
-            if drop_last {
-                let seen: BTreeSet<u64> = ranks.iter().flatten().copied().collect();
-                assert_eq!(seen.len(), 3 * len, "disjoint");
-            }
-        }
-        let again = plan(60, 3, 1, true).file_level(&files, 1).unwrap();
-        assert_eq!(again, plan(60, 3, 1, true).file_level(&files, 1).unwrap());
-        assert_ne!(again, plan(60, 3, 1, true).file_level(&files, 2).unwrap());
-        assert_eq!(
-            plan(60, 7, 0, true).file_level(&files, 0),
-            Err(ShardError::TooFewFiles { files: 6, world: 7 })
+    fn own_indices_permute_a_ranks_examples_to_the_agreed_count() {
+        let rank = |r, examples| ShardPlan {
+            examples,
+            ..plan(0, 2, r, true)
+        };
+        let cut = rank(0, 10).own_indices(1, 8);
+        assert_eq!(cut.len(), 8);
+        assert_eq!(cut.iter().collect::<BTreeSet<_>>().len(), 8, "no repeats");
+        assert!(cut.iter().all(|&i| i < 10));
+        let padded = rank(1, 6).own_indices(1, 10);
+        assert_eq!(padded[6..], padded[..4], "wraps around its own order");
+        assert_eq!(padded[..6].iter().collect::<BTreeSet<_>>().len(), 6);
+        assert_eq!(cut, rank(0, 10).own_indices(1, 8), "replays");
+        assert_ne!(cut, rank(0, 10).own_indices(2, 8), "a new order per epoch");
+        assert_ne!(
+            rank(0, 10).own_indices(1, 10),
+            rank(1, 10).own_indices(1, 10)
         );
+        assert!(rank(0, 0).own_indices(1, 4).is_empty());
     }
 }

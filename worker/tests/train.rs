@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ringleader_collective::{ring, CollectiveService, Ring, RingOptions, RingPlan};
-use ringleader_spec::JobSpec;
+use ringleader_spec::{FileDeal, JobSpec};
 use ringleader_worker::train::{
     run_segment, Control, EpochReport, Segment, SegmentOutcome, TrainError,
 };
@@ -166,10 +166,15 @@ fn max_abs_diff(a: &Path, b: &Path, prefix: &str) -> f64 {
 /// A small learnable CSV: 4 features, label = which of three linear scores
 /// is largest; a header line (auto-detected).
 fn write_csv(dir: &Path, rows: usize) -> PathBuf {
-    let path = dir.join("train.csv");
+    write_csv_file(&dir.join("train.csv"), rows, 0x2545_f491_4f6c_dd1d)
+}
+
+/// As [`write_csv`], at `path`, the rows drawn from `seed`.
+fn write_csv_file(path: &Path, rows: usize, seed: u64) -> PathBuf {
+    let path = path.to_path_buf();
     let mut file = std::fs::File::create(&path).unwrap();
     writeln!(file, "a,b,c,d,label").unwrap();
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut state = seed;
     let mut next = || {
         state ^= state << 13;
         state ^= state >> 7;
@@ -220,6 +225,71 @@ fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
     assert!(diff <= 1e-5, "parameters differ by {diff}");
     let loss = |run: &Run| run.outcome.metrics["train_loss"];
     assert!((loss(&single) - loss(&pair)).abs() < 1e-5);
+}
+
+/// A job on CSV files `train-K.csv` (`rows[K]` rows each) and two test
+/// files, whose files are dealt to its two workers.
+fn file_sharded_job(dir: &Path, rows: &[usize]) -> (JobSpec, Vec<PathBuf>) {
+    let file = |name: String, rows: usize, seed: u64| write_csv_file(&dir.join(name), rows, seed);
+    let train: Vec<PathBuf> = rows
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| file(format!("train-{k}.csv"), n, 11 + k as u64))
+        .collect();
+    let test: Vec<PathBuf> = (0..2)
+        .map(|k| file(format!("test-{k}.csv"), 100, 101 + k))
+        .collect();
+    let job = spec(json!({
+        "name": "sharded", "workers": 2, "epochs": 4, "batch_size": 16, "seed": 5, "threads": 1,
+        "dataset": {"format": "csv", "classes": 3, "normalize": {"kind": "standard"},
+                    "drop_last": false, "train": {"files": train}, "test": {"files": test}},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "optimizer": {"kind": "adam", "lr": 0.01},
+    }));
+    assert!(job.dataset.file_sharded(2));
+    (job, train)
+}
+
+#[test]
+fn file_sharded_workers_open_only_their_own_files_and_train_in_step() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Unequal files: the ranks hold different counts and must still take
+    // the same number of steps, or their rings would fall out of step.
+    let (job, files) = file_sharded_job(dir.path(), &[150, 90, 120, 100]);
+    let deal = FileDeal::new(files.len(), 2, job.seed, true).unwrap();
+    let (mine, theirs) = (deal.files_of(0), deal.files_of(1));
+    assert_eq!((mine.len(), theirs.len()), (2, 2));
+
+    // Without one of rank 1's files, rank 1 fails naming it; rank 0 never
+    // opens it, so it fails only because its peer did.
+    let missing = &files[theirs[0]];
+    let saved = std::fs::read(missing).unwrap();
+    std::fs::remove_file(missing).unwrap();
+    let runs = train(&[job.clone(), job.clone()], 0, 1, dir.path(), None);
+    let errors: Vec<String> = runs
+        .iter()
+        .map(|run| run.as_ref().expect_err("a file is missing").to_string())
+        .collect();
+    eprintln!("with a file of rank 1 missing: {errors:#?}");
+    let name = missing.display().to_string();
+    assert!(errors[1].contains(&name), "rank 1: {}", errors[1]);
+    assert!(
+        !errors[0].contains(&name),
+        "rank 0 opened it: {}",
+        errors[0]
+    );
+
+    std::fs::write(missing, saved).unwrap();
+    let run = must_train(&job, 2, 0, 4, &dir.path().join("run"), None);
+    let first = &run.reports[0].metrics;
+    let last = &run.outcome.metrics;
+    eprintln!("file-sharded MLP: first epoch {first:?}, last {last:?}");
+    assert!(
+        last["train_loss"] < first["train_loss"],
+        "{first:?} → {last:?}"
+    );
+    assert!(last["test_accuracy"] >= 0.8, "{last:?}");
 }
 
 /// The reference CNN on two workers (SGD 0.05, momentum 0.9, 64 per

@@ -1,12 +1,16 @@
-//! Datasets: each split is read whole into one `f32` features tensor (`N`
+//! Datasets: each split is read into one `f32` features tensor (`N`
 //! first) and one `i64` labels tensor. The datasets Ringleader trains on fit
 //! in memory, and a preloaded tensor makes a batch one `index_select`.
+//! Under file sharding a rank reads only the files dealt to it
+//! ([`Files::Only`]); normalisation statistics are then combined across the
+//! ranks ([`statistics`], [`normalize`]).
 //!
 //! Any file may be gzip-compressed (recognised by its magic bytes 1f 8b).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use ringleader_collective::ReduceOp;
 use ringleader_spec::job::{DatasetFormat, DatasetSpec, Normalize, SplitSpec};
 use tch::{Kind, Tensor};
 
@@ -49,12 +53,24 @@ pub struct Dataset {
     pub test: Option<Split>,
 }
 
-/// Reads both splits, applies the limits, then normalises with statistics
-/// of the (limited) training split.
-pub fn load(spec: &DatasetSpec) -> Result<Dataset, TrainError> {
-    let train = load_split(spec, &spec.train)?.limit(spec.limit_train);
+/// Which of a split's `files` a rank reads.
+#[derive(Clone, Copy, Debug)]
+pub enum Files<'a> {
+    All,
+    /// Only these indices into the split's `files` (file sharding).
+    Only(&'a [usize]),
+}
+
+/// Reads the training split and the test split, each whole or only the
+/// files given, and applies the limits. Not normalised: see [`normalize`].
+pub fn load(
+    spec: &DatasetSpec,
+    train_files: Files,
+    test_files: Files,
+) -> Result<Dataset, TrainError> {
+    let train = load_split(spec, &spec.train, train_files)?.limit(spec.limit_train);
     let test = match &spec.test {
-        Some(split) => Some(load_split(spec, split)?.limit(spec.limit_test)),
+        Some(split) => Some(load_split(spec, split, test_files)?.limit(spec.limit_test)),
         None => None,
     };
     if let Some(test) = &test {
@@ -65,15 +81,20 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset, TrainError> {
             )));
         }
     }
-    let mut dataset = Dataset { train, test };
-    normalize(&spec.normalize, &mut dataset)?;
-    Ok(dataset)
+    Ok(Dataset { train, test })
 }
 
-fn load_split(spec: &DatasetSpec, split: &SplitSpec) -> Result<Split, TrainError> {
+fn load_split(spec: &DatasetSpec, split: &SplitSpec, files: Files) -> Result<Split, TrainError> {
     let classes = spec.classes;
+    let single_file = |format: &str| match files {
+        Files::All => Ok(()),
+        Files::Only(_) => Err(TrainError::DatasetSpec(format!(
+            "file sharding needs a split given as `files` (csv or safetensors), not {format}"
+        ))),
+    };
     match spec.format {
         DatasetFormat::Idx => {
+            single_file("idx")?;
             let images = required(&split.images, "idx", "images")?;
             let labels = required(&split.labels, "idx", "labels")?;
             let features = idx_features(images)?;
@@ -81,6 +102,7 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec) -> Result<Split, TrainError
             paired(images, features, labels)
         }
         DatasetFormat::Npy => {
+            single_file("npy")?;
             let features_path = required(&split.features, "npy", "features")?;
             let labels_path = required(&split.labels, "npy", "labels")?;
             let bytes = read(features_path)?;
@@ -89,7 +111,7 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec) -> Result<Split, TrainError
             let labels = npy(labels_path, &bytes)?.labels(labels_path, classes)?;
             paired(features_path, features, labels)
         }
-        DatasetFormat::Safetensors => concat(&split.files, "safetensors", |path| {
+        DatasetFormat::Safetensors => concat(&split.files, files, "safetensors", |path| {
             let bytes = read(path)?;
             let file =
                 safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Array {
@@ -100,7 +122,7 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec) -> Result<Split, TrainError
             let labels = safetensor(path, &file, &split.labels_key)?.labels(path, classes)?;
             paired(path, features, labels)
         }),
-        DatasetFormat::Csv => concat(&split.files, "csv", |path| csv(path, split, classes)),
+        DatasetFormat::Csv => concat(&split.files, files, "csv", |path| csv(path, split, classes)),
     }
 }
 
@@ -113,9 +135,10 @@ fn required<'a>(
         .ok_or_else(|| TrainError::DatasetSpec(format!("a split in {format} format needs `{key}`")))
 }
 
-/// Loads every file of a split and concatenates them in order.
+/// Loads the chosen files of a split and concatenates them in order.
 fn concat(
     files: &[PathBuf],
+    chosen: Files,
     format: &str,
     load: impl Fn(&Path) -> Result<Split, TrainError>,
 ) -> Result<Split, TrainError> {
@@ -124,8 +147,17 @@ fn concat(
             "a split in {format} format needs `files`"
         )));
     }
-    let parts = files
-        .iter()
+    let paths: Vec<&PathBuf> = match chosen {
+        Files::All => files.iter().collect(),
+        Files::Only(indices) => indices.iter().filter_map(|&i| files.get(i)).collect(),
+    };
+    if paths.is_empty() {
+        return Err(TrainError::DatasetSpec(format!(
+            "no {format} file was chosen to read"
+        )));
+    }
+    let parts = paths
+        .into_iter()
         .map(|path| load(path))
         .collect::<Result<Vec<_>, _>>()?;
     if parts.len() == 1 {
@@ -540,21 +572,68 @@ fn csv(path: &Path, split: &SplitSpec, classes: u32) -> Result<Split, TrainError
 
 // ---------------------------------------------------------------- normalisation
 
-/// `(x - shift) / scale`, with shift and scale from the spec or from the
-/// training split, applied to both splits.
-fn normalize(kind: &Normalize, dataset: &mut Dataset) -> Result<(), TrainError> {
-    let train = &dataset.train.features;
+/// What `standard` or `minmax` normalisation needs from the training split,
+/// per feature, as one `f64` tensor: ranks that hold different parts of the
+/// split combine theirs with one all-reduce of the returned op. `None` when
+/// the normalisation needs no statistics.
+///
+/// standard: `[Σx, Σx², n]` (summed); minmax: `[max, −min]` (maximum).
+pub fn statistics(
+    kind: &Normalize,
+    train: &Split,
+) -> Result<Option<(Tensor, ReduceOp)>, TrainError> {
+    let x = train.features.f_flatten(1, -1)?.f_to_kind(Kind::Double)?;
+    Ok(match kind {
+        Normalize::None | Normalize::Fixed { .. } => None,
+        Normalize::Standard => {
+            let count = Tensor::from_slice(&[train.len() as f64]);
+            let sums = [
+                x.f_sum_dim_intlist(0, false, Kind::Double)?,
+                x.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,
+                count,
+            ];
+            Some((Tensor::f_cat(&sums, 0)?, ReduceOp::Sum))
+        }
+        Normalize::MinMax => {
+            let extremes = [x.f_amax(0, false)?, x.f_amin(0, false)?.f_neg()?];
+            Some((Tensor::f_cat(&extremes, 0)?, ReduceOp::Max))
+        }
+    })
+}
+
+/// `(x - shift) / scale` on both splits, with shift and scale from the spec
+/// or from the training split's `statistics` (see [`statistics`]).
+pub fn normalize(
+    kind: &Normalize,
+    statistics: Option<&Tensor>,
+    dataset: &mut Dataset,
+) -> Result<(), TrainError> {
+    let example = &dataset.train.features.size()[1..];
+    let features: i64 = example.iter().product();
+    let per_feature = |t: Tensor| -> Result<Tensor, TrainError> {
+        let mut shape = vec![1];
+        shape.extend_from_slice(example);
+        Ok(t.f_to_kind(Kind::Float)?.f_view(shape.as_slice())?)
+    };
+    let needed = || TrainError::DatasetSpec("normalisation statistics are missing".into());
     let (shift, scale) = match kind {
         Normalize::None => return Ok(()),
         Normalize::Fixed { mean, std } => (Tensor::from(*mean as f32), Tensor::from(*std as f32)),
-        Normalize::Standard => (
-            train.f_mean_dim(0, true, Kind::Float)?,
-            train.f_std_dim(0, false, true)?.f_clamp_min(1e-12)?,
-        ),
+        Normalize::Standard => {
+            let stats = statistics.ok_or_else(needed)?;
+            let count = stats.f_narrow(0, 2 * features, 1)?;
+            let mean = stats.f_narrow(0, 0, features)? / &count;
+            let variance = (stats.f_narrow(0, features, features)? / &count - mean.f_square()?)
+                .f_clamp_min(0.0)?;
+            let std = variance.f_sqrt()?.f_clamp_min(1e-12)?;
+            (per_feature(mean)?, per_feature(std)?)
+        }
         Normalize::MinMax => {
-            let min = train.f_amin(0, true)?;
-            let range = (train.f_amax(0, true)? - &min).f_clamp_min(1e-12)?;
-            (min, range)
+            let stats = statistics.ok_or_else(needed)?;
+            let max = stats.f_narrow(0, 0, features)?;
+            let min = stats.f_narrow(0, features, features)?.f_neg()?;
+            let range = (max - &min).f_clamp_min(1e-12)?;
+            (per_feature(min)?, per_feature(range)?)
         }
     };
     for split in std::iter::once(&mut dataset.train).chain(dataset.test.as_mut()) {
@@ -566,6 +645,44 @@ fn normalize(kind: &Normalize, dataset: &mut Dataset) -> Result<(), TrainError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statistics_of_parts_combine_into_those_of_the_whole() {
+        let features = Tensor::randn([40, 2, 3], (Kind::Float, tch::Device::Cpu)) * 3.0 + 1.0;
+        let part = |start: i64, len: i64| Split {
+            features: features.narrow(0, start, len),
+            labels: Tensor::zeros([len], (Kind::Int64, tch::Device::Cpu)),
+        };
+        for kind in [Normalize::Standard, Normalize::MinMax] {
+            let (whole, op) = statistics(&kind, &part(0, 40)).unwrap().unwrap();
+            let (a, _) = statistics(&kind, &part(0, 25)).unwrap().unwrap();
+            let (b, _) = statistics(&kind, &part(25, 15)).unwrap().unwrap();
+            let combined = match op {
+                ReduceOp::Sum => &a + &b,
+                ReduceOp::Max => a.maximum(&b),
+                other => panic!("{other:?}"),
+            };
+            assert!(combined.allclose(&whole, 1e-9, 1e-9, false), "{kind:?}");
+            let mut dataset = Dataset {
+                train: part(0, 40),
+                test: None,
+            };
+            normalize(&kind, Some(&combined), &mut dataset).unwrap();
+            let x = &dataset.train.features;
+            let (low, high) = (x.amin(0, false), x.amax(0, false));
+            match kind {
+                Normalize::Standard => {
+                    let (std, mean) = x.std_mean_dim(0, false, false);
+                    assert!(mean.abs().max().double_value(&[]) < 1e-5);
+                    assert!((std - 1.0).abs().max().double_value(&[]) < 1e-4);
+                }
+                _ => {
+                    assert!(low.abs().max().double_value(&[]) < 1e-6);
+                    assert!((high - 1.0).abs().max().double_value(&[]) < 1e-6);
+                }
+            }
+        }
+    }
 
     #[test]
     fn npy_header_values_are_found() {

@@ -24,12 +24,13 @@ use tch::{Device, Kind, Reduction, Tensor};
 use tokio::runtime::Handle;
 
 use super::checkpoint::{self, Durability, Sidecar};
-use super::dataset::{self, Dataset, Split};
+use super::dataset::{self, Dataset, Files, Split};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
-use ringleader_spec::shard::ShardPlan;
+use ringleader_spec::job::SplitSpec;
+use ringleader_spec::shard::{FileDeal, ShardPlan};
 
 /// Largest fused gradient buffer, as PyTorch DDP's `bucket_cap_mb`.
 const BUCKET_BYTES: usize = 25 << 20;
@@ -183,7 +184,19 @@ pub(crate) struct Trainer<'a> {
     optimizer: Optimizer,
     grads: Buckets,
     buffer_buckets: Buckets,
+    share: Share,
     steps_per_epoch: u64,
+}
+
+/// How this rank's part of the data relates to the whole.
+struct Share {
+    /// Training examples every rank trains on per epoch.
+    per_rank: u64,
+    /// The training files were dealt: this rank holds only its own examples.
+    train_dealt: bool,
+    /// The test files were dealt: this rank evaluates all it holds (else it
+    /// holds the whole test split and evaluates its contiguous slice).
+    test_dealt: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -195,12 +208,7 @@ impl<'a> Trainer<'a> {
         runtime: &'a Handle,
     ) -> Result<Self, TrainError> {
         let spec = &segment.spec;
-        let mut data = dataset::load(&spec.dataset)?;
-        if data.train.is_empty() {
-            return Err(TrainError::DatasetSpec(
-                "the training split is empty".into(),
-            ));
-        }
+        let (mut data, share) = load_share(segment, ring, runtime)?;
         to_device(&mut data.train, segment.device)?;
         if let Some(test) = &mut data.test {
             to_device(test, segment.device)?;
@@ -217,15 +225,11 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(&spec.optimizer, &named_params);
         let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
         let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
-        let per_rank = ShardPlan::per_rank(
-            data.train.len() as u64,
-            segment.world as u32,
-            spec.dataset.drop_last,
-        ) as usize;
         let mut trainer = Self {
             grads: Buckets::grouped(&params, &model.stage_sizes(), BUCKET_BYTES),
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
-            steps_per_epoch: per_rank.div_ceil(spec.batch_size.max(1) as usize) as u64,
+            steps_per_epoch: share.per_rank.div_ceil(u64::from(spec.batch_size.max(1))),
+            share,
             segment,
             ring,
             runtime,
@@ -306,11 +310,12 @@ impl<'a> Trainer<'a> {
             shuffle: spec.dataset.shuffle,
             drop_last: spec.dataset.drop_last,
         };
-        let indices: Vec<i64> = plan
-            .indices(u64::from(epoch))
-            .into_iter()
-            .map(|i| i as i64)
-            .collect();
+        let indices = if self.share.train_dealt {
+            plan.own_indices(u64::from(epoch), self.share.per_rank)
+        } else {
+            plan.indices(u64::from(epoch))
+        };
+        let indices: Vec<i64> = indices.into_iter().map(|i| i as i64).collect();
         let order = Tensor::from_slice(&indices).f_to_device(self.segment.device)?;
         let batch = i64::from(spec.batch_size.max(1));
         let total = indices.len() as i64;
@@ -366,7 +371,11 @@ impl<'a> Trainer<'a> {
         };
         let (world, rank) = (self.segment.world as i64, self.segment.rank as i64);
         let n = test.len() as i64;
-        let (begin, end) = (n * rank / world, n * (rank + 1) / world);
+        let (begin, end) = if self.share.test_dealt {
+            (0, n)
+        } else {
+            (n * rank / world, n * (rank + 1) / world)
+        };
         let batch = i64::from(self.segment.spec.eval_batch_size.max(1));
         let mut sums = [0.0; 3];
         tch::no_grad(|| -> Result<(), TrainError> {
@@ -394,13 +403,100 @@ impl<'a> Trainer<'a> {
         Ok(sums)
     }
 
-    /// Element-wise reduction of a few numbers across ranks.
     fn reduce(&mut self, values: &[f64], op: ReduceOp) -> Result<Vec<f64>, TrainError> {
-        let mut t = Tensor::from_slice(values);
-        self.runtime
-            .block_on(collective::all_reduce(self.ring, &mut t, op))?;
-        Ok(Vec::<f64>::try_from(&t)?)
+        reduce(self.ring, self.runtime, values, op)
     }
+}
+
+/// Element-wise reduction of a few numbers across ranks.
+fn reduce(
+    ring: &mut Ring,
+    runtime: &Handle,
+    values: &[f64],
+    op: ReduceOp,
+) -> Result<Vec<f64>, TrainError> {
+    let mut t = Tensor::from_slice(values);
+    runtime.block_on(collective::all_reduce(ring, &mut t, op))?;
+    Ok(Vec::<f64>::try_from(&t)?)
+}
+
+/// Reads this rank's data — every file, or under file sharding only the
+/// files dealt to it — agrees with the other ranks on how many examples
+/// each trains on per epoch, and normalises with statistics of the whole
+/// training split.
+fn load_share(
+    segment: &Segment,
+    ring: &mut Ring,
+    runtime: &Handle,
+) -> Result<(Dataset, Share), TrainError> {
+    let spec = &segment.spec;
+    let (world, rank) = (segment.world as u32, segment.rank as u32);
+    let sharded = spec.dataset.file_sharded(world);
+    // The training files are always dealt under file sharding; the test
+    // files only when there are enough of them.
+    let deal = |split: &SplitSpec, always: bool| -> Result<Option<Vec<usize>>, TrainError> {
+        if !sharded || (!always && split.files.len() < world as usize) {
+            return Ok(None);
+        }
+        let deal = FileDeal::new(split.files.len(), world, spec.seed, spec.dataset.shuffle)
+            .map_err(|e| TrainError::DatasetSpec(e.to_string()))?;
+        Ok(Some(deal.files_of(rank)))
+    };
+    let train_files = deal(&spec.dataset.train, true)?;
+    let test_files = match &spec.dataset.test {
+        Some(test) => deal(test, false)?,
+        None => None,
+    };
+    fn chosen(files: &Option<Vec<usize>>) -> Files<'_> {
+        files.as_deref().map_or(Files::All, Files::Only)
+    }
+    if let Some(files) = &train_files {
+        tracing::info!(
+            rank,
+            ?files,
+            "file sharding: this rank reads {} of {} training files",
+            files.len(),
+            spec.dataset.train.files.len()
+        );
+    }
+    let mut data = dataset::load(&spec.dataset, chosen(&train_files), chosen(&test_files))?;
+    let own = data.train.len() as f64;
+    let per_rank = if sharded {
+        let extremes = reduce(ring, runtime, &[own, -own], ReduceOp::Max)?;
+        let (largest, smallest) = (extremes[0] as u64, -extremes[1] as u64);
+        if smallest == 0 {
+            return Err(TrainError::DatasetSpec(format!(
+                "with the training files dealt to {world} ranks, a rank got no examples"
+            )));
+        }
+        if spec.dataset.drop_last {
+            smallest
+        } else {
+            largest
+        }
+    } else {
+        if data.train.is_empty() {
+            return Err(TrainError::DatasetSpec(
+                "the training split is empty".into(),
+            ));
+        }
+        ShardPlan::per_rank(own as u64, world, spec.dataset.drop_last)
+    };
+    let mut statistics = dataset::statistics(&spec.dataset.normalize, &data.train)?;
+    if let (true, Some((stats, op))) = (sharded, &mut statistics) {
+        runtime.block_on(collective::all_reduce(ring, stats, *op))?;
+    }
+    dataset::normalize(
+        &spec.dataset.normalize,
+        statistics.as_ref().map(|(s, _)| s),
+        &mut data,
+    )?;
+    let share = Share {
+        per_rank,
+        train_dealt: sharded,
+        test_dealt: test_files.is_some(),
+    };
+    Ok((data, share))
 }
 
 /// Back-propagates one stage at a time, from the last, and hands each

@@ -2,7 +2,7 @@
 //! the other ranks of its ring.
 //!
 //! ```text
-//!   run_segment ──▶ dataset::load (whole split in memory)
+//!   run_segment ──▶ dataset::load (this rank's files, in memory; normalise)
 //!               ──▶ Model::build (seeded) ──▶ restore checkpoint (resume)
 //!               ──▶ broadcast rank 0's tensors
 //!               ──▶ per epoch: train (ddp) → average BN stats → evaluate
