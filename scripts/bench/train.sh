@@ -7,8 +7,10 @@
 # interleaved round by round; medians, the ratio, scaling efficiency and
 # the test accuracy after the timed epochs.
 #
-# Usage: scripts/bench/train.sh [--rounds 3] [--epochs 1] [--limit 0]
+# Usage: scripts/bench/train.sh [--rounds 3] [--epochs 1] [--limit 0] [--before DIR]
 #   --limit N trains on the first N examples only (0: all 60,000).
+#   --before DIR also runs the binaries in DIR (another build, e.g. of an
+#     earlier commit) in the same rounds, for a before/after comparison.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 . "$ROOT/scripts/env.sh"
@@ -17,12 +19,14 @@ cd "$ROOT"
 ROUNDS=3
 EPOCHS=1
 LIMIT=0
+BEFORE=""
 while (($#)); do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --limit) LIMIT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --before) BEFORE="$(cd "$2" && pwd)"; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,24 +48,26 @@ job_spec() {
   echo "$out"
 }
 
-# Runs the job on a fresh local cluster; appends the last epoch's metrics.
+# Runs the job on a fresh local cluster of the binaries in BIN_DIR (default
+# this build), labelled SYSTEM; appends the last epoch's metrics.
 ours() {
-  local world="$1" spec
+  local world="$1" bin="${2:-$BIN}" system="${3:-ringleader}" spec
   spec="$(job_spec "$world")"
   cat > "$TMP/inside.sh" <<INSIDE
 set -euo pipefail
 id=\$(ringleader job submit "$spec" --watch | sed -n 's/^submitted //p')
 ringleader job status "\$id" --json > "$TMP/status.json"
 INSIDE
-  "$BIN/ringleader" local --workers "$world" --coordinators 1 --dir "$TMP/cluster-$world" \
+  rm -rf "$TMP/cluster-$world"
+  "$bin/ringleader" local --workers "$world" --coordinators 1 --dir "$TMP/cluster-$world" \
     -- bash "$TMP/inside.sh" > "$TMP/local.out" 2>&1
-  python3 - "$TMP/status.json" "$world" >> "$RESULTS" <<'PY'
+  python3 - "$TMP/status.json" "$world" "$system" >> "$RESULTS" <<'PY'
 import json, sys
 status = json.load(open(sys.argv[1]))
 trial = status["trials"][0]
 assert trial["state"] == "completed", trial.get("error")
 m = trial["metrics"][-1]["metrics"]
-print(json.dumps({"system": "ringleader", "world": int(sys.argv[2]),
+print(json.dumps({"system": sys.argv[3], "world": int(sys.argv[2]),
                   "samples_per_sec": m["samples_per_sec"], "test_accuracy": m["test_accuracy"]}))
 PY
 }
@@ -81,6 +87,10 @@ for round in $(seq 1 "$ROUNDS"); do
   for world in 1 2; do
     echo "round $round/$ROUNDS, world $world: ringleader" >&2
     ours "$world"
+    if [[ -n "$BEFORE" ]]; then
+      echo "round $round/$ROUNDS, world $world: ringleader before ($BEFORE)" >&2
+      ours "$world" "$BEFORE" "ringleader-before"
+    fi
     echo "round $round/$ROUNDS, world $world: pytorch ddp" >&2
     torch_ddp "$world"
   done
@@ -89,6 +99,12 @@ done
 python3 - "$RESULTS" "$ROUNDS" "$EPOCHS" "$LIMIT" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+systems = list(dict.fromkeys(r["system"] for r in rows))
+print("every run, samples/s in round order:")
+for system in systems:
+    for world in (1, 2):
+        runs = [round(r["samples_per_sec"]) for r in rows if r["system"] == system and r["world"] == world]
+        print(f"  {system:>18} world {world}: {runs}")
 def med(system, world, key):
     return statistics.median(r[key] for r in rows if r["system"] == system and r["world"] == world)
 print(f"reference CNN, Fashion-MNIST, batch 64/rank, 1 thread/process, "
@@ -98,7 +114,11 @@ for world in (1, 2):
     ours, ddp = med("ringleader", world, "samples_per_sec"), med("pytorch-ddp", world, "samples_per_sec")
     print(f"{world:>5}  {ours:>15.0f}  {ddp:>16.0f}  {ours / ddp:>5.2f}x  "
           f"{med('ringleader', world, 'test_accuracy'):>8.4f}  {med('pytorch-ddp', world, 'test_accuracy'):>8.4f}")
-for system in ("ringleader", "pytorch-ddp"):
+if "ringleader-before" in systems:
+    for world in (1, 2):
+        now, before = med("ringleader", world, "samples_per_sec"), med("ringleader-before", world, "samples_per_sec")
+        print(f"world {world}: this build {now:.0f} vs before {before:.0f} samples/s: {now / before:.2f}x")
+for system in systems:
     eff = med(system, 2, "samples_per_sec") / (2 * med(system, 1, "samples_per_sec"))
     print(f"scaling efficiency world 1 -> 2, {system}: {eff:.2f}")
 PY
