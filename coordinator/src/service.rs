@@ -142,6 +142,19 @@ impl CoordinatorState {
         (value, done_rx)
     }
 
+    /// Waits until every state change made so far is durable in etcd, so
+    /// that a read from etcd sees them.
+    async fn changes_durable(&self) -> Result<(), Status> {
+        let flushed = match self.writer().as_ref() {
+            Some(writer) => writer.flushed(),
+            None => return Err(Status::unavailable("this coordinator is not leading")),
+        };
+        flushed
+            .await
+            .unwrap_or_else(|_| Err("the state writer stopped".into()))
+            .map_err(Status::unavailable)
+    }
+
     /// Places work after an event.
     pub fn schedule(&self) {
         if self.writer().is_some() {
@@ -403,8 +416,12 @@ impl Coordinator for CoordinatorService {
         };
         let trials = match trials {
             Some(trials) => trials,
-            // Finished sweeps are not kept in memory: read their trials.
-            None => load_trials(&self.state.etcd, &id).await?,
+            // Finished sweeps are not kept in memory: read their trials,
+            // once the writes that finished the sweep are durable.
+            None => {
+                self.state.changes_durable().await?;
+                load_trials(&self.state.etcd, &id).await?
+            }
         };
         Ok(Response::new(GetSweepResponse {
             sweep_json: to_json(&record),

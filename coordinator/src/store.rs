@@ -155,6 +155,12 @@ impl StateWriter {
         }
         answer
     }
+
+    /// Answers once every write queued before this call is durable (writes
+    /// commit in queue order).
+    pub fn flushed(&self) -> oneshot::Receiver<Result<(), String>> {
+        self.enqueue(Vec::new())
+    }
 }
 
 async fn commit_loop(
