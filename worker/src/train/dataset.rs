@@ -582,24 +582,42 @@ pub fn statistics(
     kind: &Normalize,
     train: &Split,
 ) -> Result<Option<(Tensor, ReduceOp)>, TrainError> {
-    let x = train.features.f_flatten(1, -1)?.f_to_kind(Kind::Double)?;
+    let x = train.features.f_flatten(1, -1)?;
+    let double = |t: Tensor| t.f_to_kind(Kind::Double);
     Ok(match kind {
         Normalize::None | Normalize::Fixed { .. } => None,
         Normalize::Standard => {
-            let count = Tensor::from_slice(&[train.len() as f64]);
-            let sums = [
-                x.f_sum_dim_intlist(0, false, Kind::Double)?,
-                x.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,
-                count,
-            ];
-            Some((Tensor::f_cat(&sums, 0)?, ReduceOp::Sum))
+            // In f64, a block of rows at a time: no f64 copy of the split.
+            let features = x.size()[1];
+            let mut sum = Tensor::zeros([features], (Kind::Double, x.device()));
+            let mut sum_of_squares = sum.zeros_like();
+            for block in x.f_split(STATISTICS_BLOCK_ROWS, 0)? {
+                let block = double(block)?;
+                let _ = sum.f_add_(&block.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+                let _ = sum_of_squares.f_add_(&block.f_square()?.f_sum_dim_intlist(
+                    0,
+                    false,
+                    Kind::Double,
+                )?)?;
+            }
+            let count = Tensor::from_slice(&[train.len() as f64]).f_to_device(x.device())?;
+            Some((
+                Tensor::f_cat(&[sum, sum_of_squares, count], 0)?,
+                ReduceOp::Sum,
+            ))
         }
         Normalize::MinMax => {
-            let extremes = [x.f_amax(0, false)?, x.f_amin(0, false)?.f_neg()?];
+            let extremes = [
+                double(x.f_amax(0, false)?)?,
+                double(x.f_amin(0, false)?.f_neg()?)?,
+            ];
             Some((Tensor::f_cat(&extremes, 0)?, ReduceOp::Max))
         }
     })
 }
+
+/// Rows per block when summing the training split in f64.
+const STATISTICS_BLOCK_ROWS: i64 = 4096;
 
 /// `(x - shift) / scale` on both splits, with shift and scale from the spec
 /// or from the training split's `statistics` (see [`statistics`]).
