@@ -448,34 +448,36 @@ impl ModelSpec {
                 Err(FieldError::new(&["model", "path"], "must not be empty"))
             }
             ModelSpec::Torchscript { .. } => Ok(()),
-            ModelSpec::Synthetic {
-                function,
-                x1,
-                x2,
-                x3,
-                x4,
-                x5,
-                x6,
-                ..
-            } => match function {
-                SyntheticFunction::Hartmann6 => {
-                    let xs = [x1, x2, x3, x4, x5, x6];
-                    let keys = ["x1", "x2", "x3", "x4", "x5", "x6"];
-                    xs.iter()
-                        .zip(keys)
-                        .try_for_each(|(x, key)| within(**x, 0.0, 1.0, &["model", key]))
+            ModelSpec::Synthetic { .. } => {
+                let (function, [x1, x2, x3, x4, x5, x6]) =
+                    self.synthetic_inputs().expect("a synthetic model");
+                match function {
+                    SyntheticFunction::Hartmann6 => [x1, x2, x3, x4, x5, x6]
+                        .into_iter()
+                        .zip(["x1", "x2", "x3", "x4", "x5", "x6"])
+                        .try_for_each(|(x, key)| within(x, 0.0, 1.0, &["model", key])),
+                    SyntheticFunction::Branin => {
+                        within(x1, -5.0, 10.0, &["model", "x1"])?;
+                        within(x2, 0.0, 15.0, &["model", "x2"])
+                    }
                 }
-                SyntheticFunction::Branin => {
-                    within(*x1, -5.0, 10.0, &["model", "x1"])?;
-                    within(*x2, 0.0, 15.0, &["model", "x2"])
-                }
-            },
+            }
         }
     }
 
     /// The synthetic objective's value at this model's inputs (`None` for
     /// models that train).
     pub fn synthetic_value(&self) -> Option<f64> {
+        let (function, xs) = self.synthetic_inputs()?;
+        Some(match function {
+            SyntheticFunction::Branin => crate::synthetic::branin(xs[0], xs[1]),
+            SyntheticFunction::Hartmann6 => crate::synthetic::hartmann6(&xs),
+        })
+    }
+
+    /// A synthetic model's function and inputs x1…x6 (`None` for models
+    /// that train).
+    fn synthetic_inputs(&self) -> Option<(SyntheticFunction, [f64; 6])> {
         match *self {
             ModelSpec::Synthetic {
                 function,
@@ -486,12 +488,7 @@ impl ModelSpec {
                 x5,
                 x6,
                 ..
-            } => Some(match function {
-                SyntheticFunction::Branin => crate::synthetic::branin(x1, x2),
-                SyntheticFunction::Hartmann6 => {
-                    crate::synthetic::hartmann6(&[x1, x2, x3, x4, x5, x6])
-                }
-            }),
+            } => Some((function, [x1, x2, x3, x4, x5, x6])),
             _ => None,
         }
     }

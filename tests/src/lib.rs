@@ -140,6 +140,13 @@ impl TestCluster {
         self.cluster.etcd_endpoints().to_vec()
     }
 
+    /// [`TestCluster::start`], then waits (up to a minute) for it to form.
+    pub async fn must_start_formed(coordinators: usize, workers: usize) -> Self {
+        let mut cluster = Self::start(coordinators, workers).await;
+        cluster.must_form(Duration::from_secs(60)).await;
+        cluster
+    }
+
     /// Waits for a leader with every live worker registered and idle.
     pub async fn must_form(&mut self, timeout: Duration) -> ClusterStatusResponse {
         match self.cluster.wait_ready(timeout).await {
@@ -233,11 +240,7 @@ impl TestCluster {
                     .status(Duration::from_millis(500))
                     .await
                     .map_err(|e| e.to_string())?;
-                let idle = status
-                    .workers
-                    .iter()
-                    .filter(|w| w.state == WorkerState::Idle as i32)
-                    .count();
+                let idle = idle_workers(&status);
                 if status.leader_address != old && idle == workers {
                     Ok(status)
                 } else {
@@ -250,6 +253,15 @@ impl TestCluster {
         )
         .await
     }
+}
+
+/// How many of the cluster's workers are registered and idle.
+pub fn idle_workers(status: &ClusterStatusResponse) -> usize {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Idle as i32)
+        .count()
 }
 
 impl Drop for TestCluster {

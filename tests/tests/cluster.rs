@@ -63,8 +63,7 @@ async fn cluster_of_two_coordinators_and_three_workers_forms_with_one_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_leader_is_replaced_and_workers_reregister_within_two_ttls() {
-    let mut cluster = TestCluster::start(2, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(2, 3).await;
     let old = cluster.kill_leader().await;
     let killed_at = Instant::now();
     let bound = LEASE_TTL * 2 + Duration::from_secs(1);
@@ -269,8 +268,7 @@ fn local_runs_a_command_against_the_cluster_and_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_dies_is_reported() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(1, 2).await;
     assert!(cluster.cluster.first_dead_member().is_none());
     // Killed behind the launcher's back (not through ManagedChild::kill).
     let worker = &mut cluster.cluster.workers()[1];

@@ -40,8 +40,7 @@ fn running_with(view: &ringleader_coordinator::sweep::client::SweepView, epochs:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_worker_fails_its_attempt_and_the_trial_resumes_from_its_checkpoint() {
-    let mut cluster = TestCluster::start(1, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
     let sweep = BraninSweep {
         searcher: "random",
@@ -127,8 +126,7 @@ async fn lost_worker_fails_its_attempt_and_the_trial_resumes_from_its_checkpoint
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_leader_failover_reattaches_running_trials_without_restarting_them() {
-    let mut cluster = TestCluster::start(2, 4).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(2, 4).await;
     let args = client(&cluster);
     let sweep = BraninSweep {
         searcher: "random",
@@ -202,8 +200,7 @@ async fn repeated_leader_failover_reattaches_running_trials_without_restarting_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
-    let mut cluster = TestCluster::start(2, 4).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(2, 4).await;
     let args = client(&cluster);
     let sweep = BraninSweep {
         searcher: "random",
@@ -275,8 +272,7 @@ async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restarted_from_its_data_dir_loses_nothing() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(1, 2).await;
     let args = client(&cluster);
     let sweep = BraninSweep {
         searcher: "random",
@@ -316,8 +312,7 @@ async fn etcd_restarted_from_its_data_dir_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_abandons_the_attempt_which_moves_on_without_a_failure() {
-    let mut cluster = TestCluster::start(1, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
     let sweep = BraninSweep {
         searcher: "random",

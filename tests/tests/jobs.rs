@@ -68,8 +68,7 @@ async fn run_job(cluster: &TestCluster, text: &str, timeout: Duration) -> SweepV
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_cnn_trains_on_two_workers_through_the_cluster() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 2).await;
     let images = format!("{FASHION}/train-images-idx3-ubyte.gz");
     let view = run_job(&cluster, &job(2, &images), Duration::from_secs(300)).await;
     assert_eq!(
@@ -106,8 +105,7 @@ async fn reference_cnn_trains_on_two_workers_through_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_data_is_missing_fails_naming_the_file() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 2).await;
     let missing = cluster.dir().join("no-such-images.gz");
     let view = run_job(
         &cluster,

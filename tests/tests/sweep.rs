@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use ringleader_coordinator::sweep::client as sweeps;
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
-use ringleader_proto::coordinator::WorkerState;
 use ringleader_tests::sweeps::{
     assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec, BraninSweep,
 };
-use ringleader_tests::{command, etcdctl, wait_until, TestCluster};
+use ringleader_tests::{command, etcdctl, idle_workers, wait_until, TestCluster};
 
 /// A random-search sweep over Branin with three simulated epochs.
 fn branin_sweep(
@@ -33,8 +32,7 @@ fn branin_sweep(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
-    let mut cluster = TestCluster::start(1, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(20, 1, 2, 5));
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
@@ -74,8 +72,7 @@ async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gangs_of_two_workers_run_together_on_distinct_workers() {
-    let mut cluster = TestCluster::start(1, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(6, 2, 4, 5));
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
@@ -111,8 +108,7 @@ async fn gangs_of_two_workers_run_together_on_distinct_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asha_sweep_stops_some_trials_early() {
-    let mut cluster = TestCluster::start(1, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
     let spec = branin_sweep(12, 1, 3, 5)
         .replace(
@@ -155,8 +151,7 @@ async fn asha_sweep_stops_some_trials_early() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_survives_the_leader_being_killed() {
-    let mut cluster = TestCluster::start(2, 3).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let mut cluster = TestCluster::must_start_formed(2, 3).await;
     let args = client(&cluster);
     // Long enough that trials are running when the leader dies.
     let spec = write_spec(&cluster, "sweep.toml", &branin_sweep(12, 1, 3, 150));
@@ -212,8 +207,7 @@ async fn sweep_survives_the_leader_being_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_specs_name_field_and_line_and_store_nothing() {
-    let mut cluster = TestCluster::start(1, 1).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 1).await;
     let coordinators = cluster.cluster.coordinator_addresses().join(",");
     let good = branin_sweep(2, 1, 1, 1);
     let cases = [
@@ -287,8 +281,7 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 2).await;
     let coordinators = cluster.cluster.coordinator_addresses().join(",");
     let job = write_spec(
         &cluster,
@@ -332,8 +325,7 @@ async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_sweep_stops_its_trials_and_frees_the_workers() {
-    let mut cluster = TestCluster::start(1, 2).await;
-    cluster.must_form(Duration::from_secs(60)).await;
+    let cluster = TestCluster::must_start_formed(1, 2).await;
     let args = client(&cluster);
     // Long trials (3 epochs of 2 s), two at a time.
     let long = write_spec(&cluster, "long.toml", &branin_sweep(6, 1, 2, 2000));
@@ -363,11 +355,7 @@ async fn cancelling_a_sweep_stops_its_trials_and_frees_the_workers() {
         let status = ringleader_coordinator::status::fetch(&args)
             .await
             .map_err(|e| e.to_string())?;
-        let idle = status
-            .workers
-            .iter()
-            .filter(|w| w.state == WorkerState::Idle as i32)
-            .count();
+        let idle = idle_workers(&status);
         (idle == 2).then_some(()).ok_or(format!("{idle} idle"))
     })
     .await;
