@@ -7,6 +7,7 @@
 //!
 //! Any file may be gzip-compressed (recognised by its magic bytes 1f 8b).
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -97,8 +98,8 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec, files: Files) -> Result<Spl
             single_file("idx")?;
             let images = required(&split.images, "idx", "images")?;
             let labels = required(&split.labels, "idx", "labels")?;
-            let features = idx_features(images)?;
-            let labels = idx_labels(labels, classes)?;
+            let features = idx_features(images, &read(images)?)?;
+            let labels = idx_labels(labels, &read(labels)?, classes)?;
             paired(images, features, labels)
         }
         DatasetFormat::Npy => {
@@ -112,17 +113,11 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec, files: Files) -> Result<Spl
             paired(features_path, features, labels)
         }
         DatasetFormat::Safetensors => concat(&split.files, files, "safetensors", |path| {
-            let bytes = read(path)?;
-            let file =
-                safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Array {
-                    path: path.to_path_buf(),
-                    what: format!("not a safetensors file: {e}"),
-                })?;
-            let features = safetensor(path, &file, &split.features_key)?.features(path)?;
-            let labels = safetensor(path, &file, &split.labels_key)?.labels(path, classes)?;
-            paired(path, features, labels)
+            safetensors_split(path, &read(path)?, split, classes)
         }),
-        DatasetFormat::Csv => concat(&split.files, files, "csv", |path| csv(path, split, classes)),
+        DatasetFormat::Csv => concat(&split.files, files, "csv", |path| {
+            csv(path, &read(path)?, split, classes)
+        }),
     }
 }
 
@@ -189,14 +184,53 @@ fn paired(path: &Path, features: Tensor, labels: Vec<i64>) -> Result<Split, Trai
 /// The file's bytes, gunzipped when they start with gzip's magic.
 fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
     let bytes = std::fs::read(path).map_err(unreadable(path))?;
+    Ok(gunzip(path, Cow::Owned(bytes))?.into_owned())
+}
+
+/// `bytes`, gunzipped when they start with gzip's magic.
+fn gunzip<'a>(path: &Path, bytes: Cow<'a, [u8]>) -> Result<Cow<'a, [u8]>, TrainError> {
     if !bytes.starts_with(&[0x1f, 0x8b]) {
         return Ok(bytes);
     }
-    let mut plain = Vec::with_capacity(bytes.len() * 4);
-    flate2::read::MultiGzDecoder::new(bytes.as_slice())
+    let mut plain = Vec::with_capacity(bytes.len().saturating_mul(4));
+    flate2::read::MultiGzDecoder::new(&*bytes)
         .read_to_end(&mut plain)
         .map_err(unreadable(path))?;
-    Ok(plain)
+    Ok(Cow::Owned(plain))
+}
+
+/// What [`decode`] calls its input in errors.
+const DECODE_ORIGIN: &str = "<input>";
+
+/// Runs the reader for `format` on in-memory `bytes` (gzip or not) and
+/// returns how many values it decoded: examples for CSV and safetensors
+/// (tensors `features` and `labels`), elements for IDX and `.npy` (one
+/// array: integer arrays are read as labels, the rest as features). CSV
+/// uses the default split: every column a feature but the last, the
+/// label; labels may be any non-negative `u32`. Never panics; for fuzzing
+/// the readers.
+pub fn decode(format: DatasetFormat, bytes: &[u8]) -> Result<usize, TrainError> {
+    let path = Path::new(DECODE_ORIGIN);
+    let bytes = gunzip(path, Cow::Borrowed(bytes))?;
+    let classes = u32::MAX;
+    let split = SplitSpec {
+        label_column: -1,
+        features_key: "features".into(),
+        labels_key: "labels".into(),
+        ..SplitSpec::default()
+    };
+    match format {
+        DatasetFormat::Idx => Ok(idx_features(path, &bytes)?.numel()),
+        DatasetFormat::Npy => {
+            let array = npy(path, &bytes)?;
+            match array.dtype {
+                Dtype::U8 | Dtype::F32 | Dtype::F64 => Ok(array.features(path)?.numel()),
+                _ => Ok(array.labels(path, classes)?.len()),
+            }
+        }
+        DatasetFormat::Safetensors => Ok(safetensors_split(path, &bytes, &split, classes)?.len()),
+        DatasetFormat::Csv => Ok(csv(path, &bytes, &split, classes)?.len()),
+    }
 }
 
 fn check_label(
@@ -259,12 +293,15 @@ impl<'a> Array<'a> {
         shape: Vec<usize>,
         data: &'a [u8],
     ) -> Result<Self, TrainError> {
-        let expected = shape.iter().product::<usize>() * dtype.size();
-        if data.len() != expected {
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size(), |bytes, &d| bytes.checked_mul(d));
+        if expected != Some(data.len()) {
             return Err(array_error(
                 path,
                 format!(
-                    "shape {shape:?} of {dtype:?} needs {expected} bytes, the file holds {}",
+                    "shape {shape:?} of {dtype:?} needs {} bytes, the file holds {}",
+                    expected.map_or("more than 2^64".to_string(), |e| e.to_string()),
                     data.len()
                 ),
             ));
@@ -374,7 +411,11 @@ fn idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize), TrainError> {
         .chunks_exact(4)
         .map(|d| u32::from_be_bytes(d.try_into().expect("4 bytes")) as usize)
         .collect();
-    let expected = header + dims.iter().product::<usize>();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|n| n.checked_add(header))
+        .unwrap_or(usize::MAX);
     if bytes.len() != expected {
         return Err(truncated(expected));
     }
@@ -382,18 +423,16 @@ fn idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize), TrainError> {
 }
 
 /// Images as `[N, 1, H, W]` (a 3-D file) or `[N, …]`, scaled to [0, 1].
-fn idx_features(path: &Path) -> Result<Tensor, TrainError> {
-    let bytes = read(path)?;
-    let (mut dims, header) = idx(path, &bytes)?;
+fn idx_features(path: &Path, bytes: &[u8]) -> Result<Tensor, TrainError> {
+    let (mut dims, header) = idx(path, bytes)?;
     if dims.len() == 3 {
         dims.insert(1, 1);
     }
     Array::new(path, Dtype::U8, dims, &bytes[header..])?.features(path)
 }
 
-fn idx_labels(path: &Path, classes: u32) -> Result<Vec<i64>, TrainError> {
-    let bytes = read(path)?;
-    let (dims, header) = idx(path, &bytes)?;
+fn idx_labels(path: &Path, bytes: &[u8], classes: u32) -> Result<Vec<i64>, TrainError> {
+    let (dims, header) = idx(path, bytes)?;
     Array::new(path, Dtype::U8, dims, &bytes[header..])?.labels(path, classes)
 }
 
@@ -468,6 +507,21 @@ fn header_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
 
 // ---------------------------------------------------------------- safetensors
 
+fn safetensors_split(
+    path: &Path,
+    bytes: &[u8],
+    split: &SplitSpec,
+    classes: u32,
+) -> Result<Split, TrainError> {
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| TrainError::Array {
+        path: path.to_path_buf(),
+        what: format!("not a safetensors file: {e}"),
+    })?;
+    let features = safetensor(path, &file, &split.features_key)?.features(path)?;
+    let labels = safetensor(path, &file, &split.labels_key)?.labels(path, classes)?;
+    paired(path, features, labels)
+}
+
 fn safetensor<'a>(
     path: &Path,
     file: &'a safetensors::SafeTensors<'a>,
@@ -506,9 +560,8 @@ fn safetensor<'a>(
 /// Numeric CSV: every column a feature except `label_column`. A header is
 /// recognised when the split says so or, unset, when the first line has a
 /// cell that is not a number.
-fn csv(path: &Path, split: &SplitSpec, classes: u32) -> Result<Split, TrainError> {
-    let bytes = read(path)?;
-    let text = std::str::from_utf8(&bytes)
+fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Split, TrainError> {
+    let text = std::str::from_utf8(bytes)
         .map_err(|e| array_error(path, format!("not UTF-8 text: {e}")))?;
     let mut columns = None;
     let mut features = Vec::new();
@@ -566,7 +619,7 @@ fn csv(path: &Path, split: &SplitSpec, classes: u32) -> Result<Split, TrainError
         }
     }
     let width = columns.map_or(0, |c| c as i64 - 1);
-    let features = Tensor::from_slice(&features).view([labels.len() as i64, width]);
+    let features = Tensor::from_slice(&features).f_view([labels.len() as i64, width])?;
     paired(path, features, labels)
 }
 

@@ -14,7 +14,7 @@
 //! function's value, so sweeps can be exercised without data.
 
 mod checkpoint;
-mod dataset;
+pub mod dataset;
 mod ddp;
 mod error;
 mod model;
