@@ -35,6 +35,12 @@ pub enum CollectiveError {
     #[error("ring generation {generation} failed earlier; build a new ring")]
     Poisoned { generation: u64 },
 
+    /// A frame that cannot belong to the operation under way: undecodable,
+    /// a (step, chunk) the schedule does not have, or a payload whose
+    /// length does not match its dtype and element range.
+    #[error("invalid frame from rank {rank}: {reason}")]
+    BadFrame { rank: usize, reason: String },
+
     #[error("invalid ring plan: {0}")]
     InvalidPlan(String),
 
@@ -55,9 +61,9 @@ impl From<CollectiveError> for tonic::Status {
             CollectiveError::StaleGeneration { .. } | CollectiveError::Poisoned { .. } => {
                 tonic::Status::failed_precondition(text)
             }
-            CollectiveError::Mismatch { .. } | CollectiveError::InvalidPlan(_) => {
-                tonic::Status::invalid_argument(text)
-            }
+            CollectiveError::Mismatch { .. }
+            | CollectiveError::BadFrame { .. }
+            | CollectiveError::InvalidPlan(_) => tonic::Status::invalid_argument(text),
             CollectiveError::Timeout { .. } => tonic::Status::deadline_exceeded(text),
             CollectiveError::PeerLost { .. } | CollectiveError::Connect { .. } => {
                 tonic::Status::unavailable(text)

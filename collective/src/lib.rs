@@ -15,12 +15,14 @@
 
 pub mod element;
 pub mod error;
+pub mod frame;
 pub mod plan;
 pub mod ring;
 pub mod service;
 
 pub use element::Element;
 pub use error::{CollectiveError, Result};
+pub use frame::{validate_frame_bytes, validate_frame_bytes_against, FrameCheck, OpHeader};
 pub use ring::{Ring, RingOptions, RingPlan};
 pub use ringleader_proto::collective::ReduceOp;
 pub use service::CollectiveService;

@@ -40,6 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::element::{copy_into, reduce_into, Element};
 use crate::error::{CollectiveError, Result};
+use crate::frame::{chunk_elements, FrameCheck, OpHeader};
 use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
 use crate::service::{CollectiveService, Inbound};
 
@@ -101,35 +102,6 @@ impl Default for RingOptions {
     }
 }
 
-/// The shape of one operation, stamped on each of its frames.
-#[derive(Clone, Copy, Debug)]
-struct Header {
-    generation: u64,
-    sequence: u64,
-    kind: OpKind,
-    dtype: DType,
-    reduce: ReduceOp,
-    elements: u64,
-    root: u32,
-}
-
-impl Header {
-    fn frame(&self, step: usize, chunk: usize, payload: Bytes) -> RingFrame {
-        RingFrame {
-            generation: self.generation,
-            sequence: self.sequence,
-            step: step as u32,
-            chunk: chunk as u32,
-            kind: self.kind as i32,
-            dtype: self.dtype as i32,
-            reduce: self.reduce as i32,
-            elements: self.elements,
-            root: self.root,
-            payload,
-        }
-    }
-}
-
 /// Where this rank sits in the ring, plus the options: what every
 /// operation's driver needs.
 #[derive(Clone, Copy)]
@@ -153,7 +125,18 @@ impl<'a> Place<'a> {
     }
 
     fn chunk_elements<T>(&self) -> usize {
-        (self.options.chunk_bytes / std::mem::size_of::<T>()).max(1)
+        chunk_elements(self.options.chunk_bytes, std::mem::size_of::<T>())
+    }
+
+    /// What this rank expects of the frames of operation `header`.
+    fn check(&self, header: &OpHeader) -> FrameCheck {
+        FrameCheck {
+            header: *header,
+            rank: self.rank,
+            world: self.world,
+            chunk_bytes: self.options.chunk_bytes,
+            max_gather_bytes: self.options.chunk_bytes,
+        }
     }
 }
 
@@ -293,9 +276,16 @@ impl Ring {
         self.finish(result)
     }
 
-    /// Every rank's `payload`, indexed by rank. For small payloads (each
-    /// travels as one frame).
+    /// Every rank's `payload`, indexed by rank. For small payloads: each
+    /// travels as one frame, so at most [`RingOptions::chunk_bytes`] each.
     pub async fn all_gather(&mut self, payload: Bytes) -> Result<Vec<Bytes>> {
+        if payload.len() > self.options.chunk_bytes {
+            return Err(CollectiveError::InvalidPlan(format!(
+                "all-gather payload of {} bytes is over the ring's chunk size of {} bytes",
+                payload.len(),
+                self.options.chunk_bytes
+            )));
+        }
         let header = self.begin(OpKind::AllGather, DType::Bytes, ReduceOp::Unspecified, 0, 0)?;
         let place = Place::new(self.rank, self.world, &self.options);
         let Some(links) = self.links.as_mut() else {
@@ -317,14 +307,14 @@ impl Ring {
         reduce: ReduceOp,
         elements: u64,
         root: u32,
-    ) -> Result<Header> {
+    ) -> Result<OpHeader> {
         if self.failed {
             return Err(CollectiveError::Poisoned {
                 generation: self.generation,
             });
         }
         self.sequence += 1;
-        Ok(Header {
+        Ok(OpHeader {
             generation: self.generation,
             sequence: self.sequence,
             kind,
@@ -472,16 +462,17 @@ async fn send_all(
     Ok(())
 }
 
-/// Waits for the next frame and checks it is the one expected.
+/// Waits for the next frame and checks it is the one expected (see
+/// [`FrameCheck::validate`]) before anyone reads its payload.
 async fn receive(
     inbound: &mut Inbound,
-    expected: &Header,
+    expected: &OpHeader,
+    place: &Place<'_>,
     step: usize,
     chunk: usize,
-    payload_bytes: Option<usize>,
-    predecessor: usize,
-    timeout: Duration,
 ) -> Result<RingFrame> {
+    let predecessor = place.predecessor;
+    let timeout = place.options.timeout;
     let frame = match tokio::time::timeout(timeout, inbound.recv()).await {
         Err(_) => {
             return Err(CollectiveError::Timeout {
@@ -505,91 +496,9 @@ async fn receive(
         }
         Ok(Some(Ok(frame))) => frame,
     };
-    let mismatch = |field: &'static str, ours: String, theirs: String| CollectiveError::Mismatch {
-        rank: predecessor,
-        field,
-        ours,
-        theirs,
-    };
-    if frame.generation != expected.generation {
-        return Err(CollectiveError::StaleGeneration {
-            got: frame.generation,
-            current: expected.generation,
-        });
-    }
-    let name = |kind: i32| {
-        OpKind::try_from(kind)
-            .map(|k| k.as_str_name().to_string())
-            .unwrap_or_else(|_| kind.to_string())
-    };
-    let dname = |d: i32| {
-        DType::try_from(d)
-            .map(|k| k.as_str_name().to_string())
-            .unwrap_or_else(|_| d.to_string())
-    };
-    let rname = |d: i32| {
-        ReduceOp::try_from(d)
-            .map(|k| k.as_str_name().to_string())
-            .unwrap_or_else(|_| d.to_string())
-    };
-    if frame.kind != expected.kind as i32 {
-        return Err(mismatch(
-            "operation",
-            name(expected.kind as i32),
-            name(frame.kind),
-        ));
-    }
-    if frame.dtype != expected.dtype as i32 {
-        return Err(mismatch(
-            "dtype",
-            dname(expected.dtype as i32),
-            dname(frame.dtype),
-        ));
-    }
-    if frame.reduce != expected.reduce as i32 {
-        return Err(mismatch(
-            "reduce op",
-            rname(expected.reduce as i32),
-            rname(frame.reduce),
-        ));
-    }
-    if frame.elements != expected.elements {
-        return Err(mismatch(
-            "length (elements)",
-            expected.elements.to_string(),
-            frame.elements.to_string(),
-        ));
-    }
-    if frame.root != expected.root {
-        return Err(mismatch(
-            "root",
-            expected.root.to_string(),
-            frame.root.to_string(),
-        ));
-    }
-    if frame.sequence != expected.sequence {
-        return Err(mismatch(
-            "operation sequence",
-            expected.sequence.to_string(),
-            frame.sequence.to_string(),
-        ));
-    }
-    if (frame.step as usize, frame.chunk as usize) != (step, chunk) {
-        return Err(mismatch(
-            "step/chunk",
-            format!("{step}/{chunk}"),
-            format!("{}/{}", frame.step, frame.chunk),
-        ));
-    }
-    if let Some(bytes) = payload_bytes {
-        if frame.payload.len() != bytes {
-            return Err(mismatch(
-                "chunk size (bytes)",
-                bytes.to_string(),
-                frame.payload.len().to_string(),
-            ));
-        }
-    }
+    place
+        .check(expected)
+        .validate(&frame, Some((step, chunk)))?;
     Ok(frame)
 }
 
@@ -599,7 +508,7 @@ fn bytes_of<T: Element>(data: &[T]) -> Bytes {
 
 async fn all_reduce_ring<T: Element>(
     links: &mut Links,
-    header: Header,
+    header: OpHeader,
     data: &mut [T],
     op: ReduceOp,
     place: Place<'_>,
@@ -608,10 +517,9 @@ async fn all_reduce_ring<T: Element>(
         rank,
         world,
         successor,
-        predecessor,
         options,
+        ..
     } = place;
-    let size = std::mem::size_of::<T>();
     let chunk_elements = place.chunk_elements::<T>();
     let len = data.len();
     let initial: Vec<RingFrame> = chunks(segment(len, world, rank), chunk_elements)
@@ -635,16 +543,7 @@ async fn all_reduce_ring<T: Element>(
                 .into_iter()
                 .enumerate()
             {
-                let frame = receive(
-                    inbound,
-                    &header,
-                    step,
-                    i,
-                    Some(c.len() * size),
-                    predecessor,
-                    options.timeout,
-                )
-                .await?;
+                let frame = receive(inbound, &header, &place, step, i).await?;
                 let part = &mut data[c];
                 reduce_into(part, &frame.payload, op);
                 if step == world - 2 && op == ReduceOp::Avg {
@@ -664,16 +563,7 @@ async fn all_reduce_ring<T: Element>(
                 .into_iter()
                 .enumerate()
             {
-                let mut frame = receive(
-                    inbound,
-                    &header,
-                    step,
-                    i,
-                    Some(c.len() * size),
-                    predecessor,
-                    options.timeout,
-                )
-                .await?;
+                let mut frame = receive(inbound, &header, &place, step, i).await?;
                 copy_into(&mut data[c], &frame.payload);
                 if s < world - 2 {
                     frame.step += 1;
@@ -688,7 +578,7 @@ async fn all_reduce_ring<T: Element>(
 
 async fn broadcast_ring<T: Element>(
     links: &mut Links,
-    header: Header,
+    header: OpHeader,
     data: &mut [T],
     root: usize,
     place: Place<'_>,
@@ -696,11 +586,9 @@ async fn broadcast_ring<T: Element>(
     let Place {
         rank,
         successor,
-        predecessor,
         options,
         ..
     } = place;
-    let size = std::mem::size_of::<T>();
     let chunk_elements = place.chunk_elements::<T>();
     let pieces = chunks(0..data.len(), chunk_elements);
     let (forward, forwarded) = mpsc::unbounded_channel();
@@ -730,16 +618,7 @@ async fn broadcast_ring<T: Element>(
     let inbound = &mut links.inbound;
     let receiver = async move {
         for (i, c) in pieces.into_iter().enumerate() {
-            let frame = receive(
-                inbound,
-                &header,
-                0,
-                i,
-                Some(c.len() * size),
-                predecessor,
-                options.timeout,
-            )
-            .await?;
+            let frame = receive(inbound, &header, &place, 0, i).await?;
             copy_into(&mut data[c], &frame.payload);
             if successor != root {
                 let _ = forward.send(frame);
@@ -752,7 +631,7 @@ async fn broadcast_ring<T: Element>(
 
 async fn all_gather_ring(
     links: &mut Links,
-    header: Header,
+    header: OpHeader,
     payload: Bytes,
     place: Place<'_>,
 ) -> Result<Vec<Bytes>> {
@@ -760,8 +639,8 @@ async fn all_gather_ring(
         rank,
         world,
         successor,
-        predecessor,
         options,
+        ..
     } = place;
     let mut gathered = vec![Bytes::new(); world];
     gathered[rank] = payload.clone();
@@ -777,16 +656,7 @@ async fn all_gather_ring(
     let slots = &mut gathered;
     let receiver = async move {
         for step in 0..world - 1 {
-            let mut frame = receive(
-                inbound,
-                &header,
-                step,
-                0,
-                None,
-                predecessor,
-                options.timeout,
-            )
-            .await?;
+            let mut frame = receive(inbound, &header, &place, step, 0).await?;
             slots[ring_sub(rank, step + 1, world)] = frame.payload.clone();
             if step < world - 2 {
                 frame.step += 1;
