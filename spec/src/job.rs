@@ -44,6 +44,22 @@ pub struct JobSpec {
     pub schedule: ScheduleSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// What a worker does when training diverges (a loss turns NaN or
+    /// infinite): stop the trial at once, or keep training.
+    #[serde(default)]
+    pub on_divergence: OnDivergence,
+}
+
+/// The job's choice when a loss turns NaN or infinite after an epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDivergence {
+    /// End the trial after reporting that epoch's metrics, without retries
+    /// (the attempt ends as diverged: `loss is NaN at epoch 2`).
+    #[default]
+    Stop,
+    /// Keep training; the non-finite values are reported as they are.
+    Continue,
 }
 
 /// A spec file's text; an unreadable file is an error naming it.
@@ -964,6 +980,44 @@ momentum = 0.9
         let text = format!("{}{}", &GOOD[..start], &GOOD[end..]);
         let err = JobSpec::parse(&text, "job.toml").unwrap_err().to_string();
         assert!(err.starts_with("job.toml:1:1: dataset: required"), "{err}");
+    }
+
+    #[test]
+    fn on_divergence_defaults_to_stop_and_parses_continue() {
+        assert_eq!(
+            JobSpec::parse(GOOD, "job.toml").unwrap().on_divergence,
+            OnDivergence::Stop
+        );
+        for (value, expected) in [
+            ("stop", OnDivergence::Stop),
+            ("continue", OnDivergence::Continue),
+        ] {
+            let text = GOOD.replacen(
+                "epochs = 1\n",
+                &format!("epochs = 1\non_divergence = \"{value}\"\n"),
+                1,
+            );
+            let job = JobSpec::parse(&text, "job.toml").unwrap();
+            assert_eq!(job.on_divergence, expected);
+            let json = serde_json::to_string(&job).unwrap();
+            assert!(
+                json.contains(&format!("\"on_divergence\":\"{value}\"")),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_on_divergence_names_the_field_and_line() {
+        let message = error("epochs = 1\n", "epochs = 1\non_divergence = \"retry\"\n");
+        let expected = "job.toml:4:17: on_divergence: unknown variant `retry`, \
+                        expected `stop` or `continue`";
+        assert!(message.starts_with(expected), "{message}");
+        let message = error("epochs = 1\n", "epochs = 1\non_divergence = true\n");
+        assert!(
+            message.starts_with("job.toml:4:17: on_divergence: wanted string or table"),
+            "{message}"
+        );
     }
 
     #[test]
