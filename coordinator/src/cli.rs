@@ -76,6 +76,11 @@ pub struct SubmitArgs {
     /// Only validate the spec (no cluster needed) and describe it.
     #[arg(long, conflicts_with = "watch")]
     pub dry_run: bool,
+
+    /// With --watch: give up (exit status 1) once no coordinator has
+    /// answered for this long. Leader failovers take seconds.
+    #[arg(long, env = "RINGLEADER_WATCH_GIVE_UP_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub give_up_after: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +171,19 @@ pub struct ServeArgs {
     /// (must be shared by all workers; default: <tmp>/ringleader-checkpoints).
     #[arg(long, env = "RINGLEADER_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+
+    /// Most trials one sweep may ask for (its `max_trials`, or its grid's
+    /// size); at most 999999.
+    #[arg(long, env = "RINGLEADER_MAX_TRIALS_PER_SWEEP",
+          default_value_t = crate::limits::DEFAULT_MAX_TRIALS_PER_SWEEP,
+          value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_TRIALS))]
+    pub max_trials_per_sweep: u64,
+
+    /// Most sweeps and jobs running or waiting at once; later submissions
+    /// are refused (RESOURCE_EXHAUSTED) until one finishes.
+    #[arg(long, env = "RINGLEADER_MAX_RUNNING_SWEEPS",
+          default_value_t = crate::limits::DEFAULT_MAX_RUNNING_SWEEPS)]
+    pub max_running_sweeps: usize,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ use ringleader_proto::coordinator::WhoIsLeaderRequest;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::limits::MAX_RESPONSE_BYTES;
 
 /// Dials one coordinator; every call on the channel is bounded by `timeout`
 /// except streams, which callers bound themselves.
@@ -29,7 +30,7 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<CoordinatorClie
             address: address.to_string(),
             reason: error_chain(&e),
         })?;
-    Ok(CoordinatorClient::new(channel))
+    Ok(CoordinatorClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
 /// Asks the given coordinators (and whoever they name) for the leader and

@@ -195,6 +195,9 @@ impl Election {
         let reason = tokio::select! {
             _ = lease_lost.cancelled() => if shutdown.is_cancelled() { "shutting down" } else { "lease lost" },
             r = self.key_deleted(&term) => r,
+            // The leader's duties gave the term up (its state writes kept
+            // failing): step down so that a leader reloads from etcd.
+            _ = term.token.cancelled() => "the term's state writes failed",
         };
         term.token.cancel();
         self.role.send_replace(Role::Candidate);

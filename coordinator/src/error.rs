@@ -39,6 +39,23 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// The request names a sweep, job or worker that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// The request is well formed but the thing it names cannot do it now
+    /// (cancelling a finished sweep).
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// A limit on what the cluster holds is reached (running sweeps).
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// A stored record could not be read; it names the key.
+    #[error("{0}")]
+    Corrupt(String),
+
     /// A coordinator could not be reached.
     #[error("coordinator {address} is unreachable: {reason}")]
     Unreachable { address: String, reason: String },
@@ -56,10 +73,21 @@ impl From<Error> for tonic::Status {
             Error::NotLeader { leader } => ringleader_proto::not_leader_status(leader.as_deref()),
             Error::FencedOut { .. } => ringleader_proto::not_leader_status(None),
             Error::InvalidArgument(msg) => tonic::Status::invalid_argument(msg),
-            e @ (Error::Etcd { .. }
-            | Error::EtcdTimeout { .. }
-            | Error::Unreachable { .. }
-            | Error::NoLeader { .. }) => tonic::Status::unavailable(e.to_string()),
+            Error::NotFound(msg) => tonic::Status::not_found(msg),
+            Error::FailedPrecondition(msg) => tonic::Status::failed_precondition(msg),
+            Error::ResourceExhausted(msg) => tonic::Status::resource_exhausted(msg),
+            Error::Corrupt(msg) => tonic::Status::data_loss(msg),
+            // Clients are told what happened, not where etcd lives: the
+            // details (endpoints, etcd's own message) go to the leader's log.
+            e @ (Error::Etcd { .. } | Error::EtcdTimeout { .. }) => {
+                tracing::warn!(error = %e, "etcd call failed while serving a request");
+                tonic::Status::unavailable(
+                    "the leader cannot reach its state store (etcd) right now; try again",
+                )
+            }
+            e @ (Error::Unreachable { .. } | Error::NoLeader { .. }) => {
+                tonic::Status::unavailable(e.to_string())
+            }
             e @ Error::Process { .. } => tonic::Status::internal(e.to_string()),
         }
     }
@@ -78,6 +106,21 @@ mod tests {
         assert_eq!(
             ringleader_proto::leader_from_status(&status).as_deref(),
             Some("10.0.0.1:7000")
+        );
+    }
+
+    #[test]
+    fn etcd_failures_reach_clients_without_etcds_address() {
+        let status = tonic::Status::from(Error::EtcdTimeout {
+            endpoints: "10.1.2.3:2379".into(),
+            what: "read stored state",
+            timeout: Duration::from_secs(2),
+        });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            !status.message().contains("10.1.2.3"),
+            "{}",
+            status.message()
         );
     }
 

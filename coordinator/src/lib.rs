@@ -27,6 +27,7 @@ pub mod client;
 pub mod election;
 pub mod error;
 pub mod etcd;
+pub mod limits;
 pub mod local;
 pub mod process;
 pub mod registry;

@@ -53,6 +53,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         checkpoint_dir: args
             .checkpoint_dir
             .unwrap_or_else(|| std::env::temp_dir().join("ringleader-checkpoints")),
+        limits: server::SubmitLimits {
+            max_trials_per_sweep: args.max_trials_per_sweep,
+            max_running_sweeps: args.max_running_sweeps,
+        },
     };
     server::serve(options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
@@ -128,7 +132,7 @@ async fn submit(args: &SubmitArgs, kind: SweepKind) -> Result<ExitCode> {
     if !args.watch {
         return Ok(ExitCode::SUCCESS);
     }
-    let view = sweeps::watch(&args.client, &id, WATCH_EVERY).await?;
+    let view = sweeps::watch(&args.client, &id, WATCH_EVERY, args.give_up_after).await?;
     print_outcome(&view);
     Ok(exit_code(&view))
 }

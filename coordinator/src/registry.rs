@@ -33,6 +33,14 @@ struct Entry {
     draining: bool,
 }
 
+/// A registration for an id whose worker is still alive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("worker id {worker_id} is taken by a live worker on host {host}; an id is free again once its worker disconnects or misses heartbeats")]
+pub struct DuplicateWorker {
+    pub worker_id: String,
+    pub host: String,
+}
+
 /// Workers known to this leader.
 #[derive(Debug)]
 pub struct WorkerRegistry {
@@ -52,7 +60,24 @@ impl WorkerRegistry {
     }
 
     /// Records a (re-)registration and returns the id of its connection.
-    pub fn register(&mut self, registration: Register, now: Instant) -> ConnectionId {
+    /// An id whose worker is alive (connected and heartbeating) is
+    /// refused: a second process with the same id, by mistake or not,
+    /// cannot push the real worker out. The real one always gets back in:
+    /// once its old stream ends, or falls silent for `lost_after`, the id
+    /// is free again.
+    pub fn register(
+        &mut self,
+        registration: Register,
+        now: Instant,
+    ) -> Result<ConnectionId, DuplicateWorker> {
+        if let Some(existing) = self.workers.get(&registration.worker_id) {
+            if existing.state != WorkerState::Lost {
+                return Err(DuplicateWorker {
+                    worker_id: registration.worker_id,
+                    host: existing.registration.host.clone(),
+                });
+            }
+        }
         let connection = self.next_connection;
         self.next_connection += 1;
         self.workers.insert(
@@ -68,7 +93,15 @@ impl WorkerRegistry {
                 draining: false,
             },
         );
-        connection
+        Ok(connection)
+    }
+
+    /// Whether `connection` is the worker's current attach stream (a
+    /// superseded stream must not speak for the worker any more).
+    pub fn is_current(&self, worker_id: &str, connection: ConnectionId) -> bool {
+        self.workers
+            .get(worker_id)
+            .is_some_and(|e| e.connection == connection)
     }
 
     /// Where to send this connection's assignments.
@@ -246,7 +279,7 @@ mod tests {
     fn silent_worker_is_lost_after_the_timeout_and_revives_on_heartbeat() {
         let t0 = Instant::now();
         let mut r = WorkerRegistry::new(Duration::from_secs(5));
-        let c = r.register(reg("w1"), t0);
+        let c = r.register(reg("w1"), t0).unwrap();
         assert!(r.sweep(t0 + Duration::from_secs(5)).is_empty());
         assert_eq!(
             r.sweep(t0 + Duration::from_millis(5001)),
@@ -261,8 +294,9 @@ mod tests {
     fn stale_connection_cannot_mark_a_reattached_worker_lost() {
         let t0 = Instant::now();
         let mut r = WorkerRegistry::new(Duration::from_secs(5));
-        let old = r.register(reg("w1"), t0);
-        let new = r.register(reg("w1"), t0);
+        let old = r.register(reg("w1"), t0).unwrap();
+        assert!(r.disconnected("w1", old));
+        let new = r.register(reg("w1"), t0).unwrap();
         assert!(!r.disconnected("w1", old));
         assert_eq!(state(&r, "w1", t0), WorkerState::Idle);
         assert!(r.disconnected("w1", new));
@@ -273,9 +307,30 @@ mod tests {
     fn snapshot_lists_workers_in_id_order() {
         let t0 = Instant::now();
         let mut r = WorkerRegistry::new(Duration::from_secs(5));
-        r.register(reg("b"), t0);
-        r.register(reg("a"), t0);
+        r.register(reg("b"), t0).unwrap();
+        r.register(reg("a"), t0).unwrap();
         let ids: Vec<_> = r.snapshot(t0).into_iter().map(|w| w.worker_id).collect();
         assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_live_workers_id_is_refused_until_that_worker_is_gone() {
+        let t0 = Instant::now();
+        let mut r = WorkerRegistry::new(Duration::from_secs(5));
+        let first = r.register(reg("w1"), t0).unwrap();
+        let refused = r.register(reg("w1"), t0).unwrap_err();
+        assert_eq!(refused.worker_id, "w1");
+        assert!(
+            r.is_current("w1", first),
+            "the live worker keeps its stream"
+        );
+        // Silent past the timeout: the id is free, the old stream is not current.
+        assert_eq!(r.sweep(t0 + Duration::from_secs(6)), ["w1"]);
+        let second = r.register(reg("w1"), t0 + Duration::from_secs(6)).unwrap();
+        assert!(!r.is_current("w1", first));
+        assert!(r.is_current("w1", second));
+        // The stale stream's heartbeat does not revive anything.
+        r.heartbeat("w1", first, t0 + Duration::from_secs(7));
+        assert!(r.register(reg("w1"), t0).is_err(), "second is alive");
     }
 }

@@ -9,16 +9,17 @@ use ringleader_proto::coordinator::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::election::{Election, LeaderTerm, Role};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
-use crate::service::{load_prefix, load_trials, CoordinatorService, CoordinatorState};
-use crate::store::{FencedStore, StateWriter};
+use crate::limits::MAX_REQUEST_BYTES;
+use crate::service::{CoordinatorService, CoordinatorState};
+use crate::store::{load_prefix, FencedStore, Loaded, StateWriter, Unreadable};
 use crate::sweep::driver::Driver;
-use crate::sweep::records::SWEEPS_PREFIX;
-use crate::sweep::{SweepRecord, SweepRun, Template};
+use crate::sweep::records::{SWEEPS_PREFIX, TRIALS_PREFIX};
+use crate::sweep::{SweepRecord, SweepRun, Template, TrialRecord};
 
 /// Everything `ringleader serve` needs.
 #[derive(Clone, Debug)]
@@ -34,6 +35,24 @@ pub struct ServeOptions {
     pub worker_lost_after: Duration,
     /// Where trials checkpoint when their job names no directory.
     pub checkpoint_dir: PathBuf,
+    pub limits: SubmitLimits,
+}
+
+/// The configurable bounds on what clients may submit (see
+/// [`crate::limits`] for the fixed ones).
+#[derive(Clone, Copy, Debug)]
+pub struct SubmitLimits {
+    pub max_trials_per_sweep: u64,
+    pub max_running_sweeps: usize,
+}
+
+impl Default for SubmitLimits {
+    fn default() -> Self {
+        Self {
+            max_trials_per_sweep: crate::limits::DEFAULT_MAX_TRIALS_PER_SWEEP,
+            max_running_sweeps: crate::limits::DEFAULT_MAX_RUNNING_SWEEPS,
+        }
+    }
 }
 
 /// Runs a coordinator until `shutdown` is cancelled. Fails fast (within
@@ -54,6 +73,7 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
         options.heartbeat_interval,
         options.worker_lost_after,
         options.checkpoint_dir.clone(),
+        options.limits,
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -70,7 +90,10 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
 
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(state)))
+        .add_service(
+            CoordinatorServer::new(CoordinatorService::new(state))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();
@@ -132,10 +155,22 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
         }
     };
     {
+        let (sweeps, unreadable) = runs;
         let mut scheduler = state.scheduler();
-        info!(sweeps = runs.len(), "stored state loaded");
-        for run in runs {
-            scheduler.restore(run);
+        info!(
+            sweeps = sweeps.len(),
+            unreadable = unreadable.len(),
+            "stored state loaded"
+        );
+        for bad in unreadable {
+            scheduler.unreadable_record(bad.to_string());
+        }
+        for sweep in sweeps {
+            match sweep {
+                Stored::Running(run) => scheduler.restore(Ok(*run)),
+                Stored::Finished(record) => scheduler.restore(Err(record)),
+                Stored::SetAside(record, problems) => scheduler.set_aside(record, problems),
+            }
         }
     }
     state.loaded(StateWriter::spawn(store, term.token.clone()));
@@ -159,34 +194,68 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
 /// How often the leader re-checks placement without an event.
 const SCHEDULE_EVERY: Duration = Duration::from_millis(250);
 
-/// Every stored sweep: running ones rebuilt with their trials, finished
-/// ones (and any whose spec no longer parses) as records only.
-async fn load_state(
-    state: &CoordinatorState,
-) -> Result<Vec<std::result::Result<SweepRun, SweepRecord>>> {
-    let records: Vec<SweepRecord> = load_prefix(&state.etcd, SWEEPS_PREFIX).await?;
-    let mut runs = Vec::new();
-    for record in records {
+/// A stored sweep as this term takes it over.
+pub enum Stored {
+    /// Running: rebuilt with its trials, it carries on.
+    Running(Box<SweepRun>),
+    /// Finished: the record only.
+    Finished(SweepRecord),
+    /// Some of its records are unreadable, or its trials no longer replay:
+    /// set aside (listed, readable, never resumed) with what is wrong.
+    SetAside(SweepRecord, Vec<String>),
+}
+
+/// Every stored sweep, and the keys of the records that could not be read
+/// at all. One bad record never stops the rest from loading: it is named
+/// and set aside.
+async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unreadable>)> {
+    let loaded = load_prefix::<SweepRecord>(&state.etcd, SWEEPS_PREFIX).await?;
+    for bad in &loaded.unreadable {
+        error!(key = %bad.key, reason = %bad.reason, "a stored sweep record is unreadable; it is left out");
+    }
+    let mut sweeps = Vec::new();
+    for record in loaded.records {
         if record.state.is_terminal() {
-            runs.push(Err(record));
+            sweeps.push(Stored::Finished(record));
             continue;
         }
         let template = match Template::parse(record.kind, &record.spec, &record.origin) {
             Ok(template) => template,
             Err(error) => {
                 warn!(sweep = %record.id, %error, "stored spec no longer parses");
-                runs.push(Err(record));
+                let problem = format!("its stored spec no longer parses: {error}");
+                sweeps.push(Stored::SetAside(record, vec![problem]));
                 continue;
             }
         };
         let trials = load_trials(&state.etcd, &record.id).await?;
-        match Driver::restore(template.driver_config(&record.id), trials) {
-            Ok(driver) => runs.push(Ok(SweepRun::new(record, driver, template))),
+        if !trials.unreadable.is_empty() {
+            for bad in &trials.unreadable {
+                error!(sweep = %record.id, key = %bad.key, reason = %bad.reason, "a stored trial record is unreadable; its sweep is set aside");
+            }
+            let problems = trials.unreadable.iter().map(ToString::to_string).collect();
+            sweeps.push(Stored::SetAside(record, problems));
+            continue;
+        }
+        match Driver::restore(template.driver_config(&record.id), trials.records) {
+            Ok(driver) => sweeps.push(Stored::Running(Box::new(SweepRun::new(
+                record, driver, template,
+            )))),
             Err(error) => {
                 warn!(sweep = %record.id, %error, "stored trials do not replay");
-                runs.push(Err(record));
+                let problem = format!("its stored trials do not replay: {error}");
+                sweeps.push(Stored::SetAside(record, vec![problem]));
             }
         }
     }
-    Ok(runs)
+    Ok((sweeps, loaded.unreadable))
+}
+
+/// A sweep's stored trials, by number (paged reads; unreadable ones set
+/// aside by key).
+pub async fn load_trials(etcd: &Etcd, sweep: &str) -> Result<Loaded<TrialRecord>> {
+    let mut loaded: Loaded<TrialRecord> =
+        load_prefix(etcd, &format!("{TRIALS_PREFIX}{sweep}/")).await?;
+    loaded.records.sort_by_key(|t| t.number);
+    Ok(loaded)
 }

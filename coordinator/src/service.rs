@@ -23,11 +23,16 @@ use tracing::{info, warn};
 use crate::election::{self, LeaderTerm, Role};
 use crate::error::Error;
 use crate::etcd::Etcd;
+use crate::limits::{
+    DEFAULT_TRIALS_PER_PAGE, MAX_ADDRESS_BYTES, MAX_HOST_BYTES, MAX_PAGE_BYTES, MAX_PATH_BYTES,
+    MAX_TRIALS_PER_PAGE, MAX_WORKER_ID_BYTES,
+};
 use crate::registry::ConnectionId;
 use crate::search::Mode;
-use crate::store::StateWriter;
+use crate::server::SubmitLimits;
+use crate::store::{load_range, Loaded, ReadLimit, StateWriter};
 use crate::sweep::driver::Driver;
-use crate::sweep::records::TRIALS_PREFIX;
+use crate::sweep::records::{trial_key, TRIALS_PREFIX};
 use crate::sweep::scheduler::unix_ms;
 use crate::sweep::{
     Effects, Scheduler, SweepKind, SweepRecord, SweepRun, SweepState, Template, TrialRecord,
@@ -44,6 +49,7 @@ pub struct CoordinatorState {
     pub heartbeat_interval: Duration,
     pub lost_after: Duration,
     pub checkpoint_root: PathBuf,
+    pub limits: SubmitLimits,
     scheduler: Mutex<Scheduler>,
     /// The current term's writer, once its state is loaded from etcd.
     writer: Mutex<Option<StateWriter>>,
@@ -57,8 +63,10 @@ impl CoordinatorState {
         heartbeat_interval: Duration,
         lost_after: Duration,
         checkpoint_root: PathBuf,
+        limits: SubmitLimits,
     ) -> Self {
         Self {
+            limits,
             advertise,
             etcd,
             role,
@@ -217,12 +225,61 @@ impl CoordinatorService {
 
 type AttachStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
 
+/// Most GPUs a worker may list, and the longest device or GPU name.
+const MAX_GPUS: usize = 64;
+const MAX_DEVICE_NAME_BYTES: usize = 256;
+
 fn validate_registration(reg: &Register) -> Result<(), Status> {
     if reg.worker_id.trim().is_empty() {
         return Err(Status::invalid_argument("register: worker_id is empty"));
     }
     if reg.peer_address.trim().is_empty() {
         return Err(Status::invalid_argument("register: peer_address is empty"));
+    }
+    let too_long = |field: &str, len: usize, max: usize| {
+        Status::invalid_argument(format!(
+            "register: {field} is {len} bytes; at most {max} are accepted"
+        ))
+    };
+    for (field, value, max) in [
+        ("worker_id", &reg.worker_id, MAX_WORKER_ID_BYTES),
+        ("host", &reg.host, MAX_HOST_BYTES),
+        ("peer_address", &reg.peer_address, MAX_ADDRESS_BYTES),
+    ] {
+        if value.len() > max {
+            return Err(too_long(field, value.len(), max));
+        }
+    }
+    if reg.worker_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "register: worker_id contains control characters",
+        ));
+    }
+    if let Some(resources) = &reg.resources {
+        if resources.gpus.len() > MAX_GPUS {
+            return Err(Status::invalid_argument(format!(
+                "register: {} GPUs listed; at most {MAX_GPUS} are accepted",
+                resources.gpus.len()
+            )));
+        }
+        if resources.device.len() > MAX_DEVICE_NAME_BYTES {
+            return Err(too_long(
+                "resources.device",
+                resources.device.len(),
+                MAX_DEVICE_NAME_BYTES,
+            ));
+        }
+        if let Some(gpu) = resources
+            .gpus
+            .iter()
+            .find(|g| g.name.len() > MAX_DEVICE_NAME_BYTES)
+        {
+            return Err(too_long(
+                "resources.gpus.name",
+                gpu.name.len(),
+                MAX_DEVICE_NAME_BYTES,
+            ));
+        }
     }
     Ok(())
 }
@@ -269,7 +326,11 @@ impl Coordinator for CoordinatorService {
             }
             let connection = scheduler
                 .registry
-                .register(registration.clone(), Instant::now());
+                .register(registration.clone(), Instant::now())
+                .map_err(|refused| {
+                    warn!(worker = %worker_id, host = %registration.host, "refused a registration: the id belongs to a live worker");
+                    Status::already_exists(refused.to_string())
+                })?;
             scheduler
                 .registry
                 .set_outbound(&worker_id, connection, tx.clone());
@@ -355,6 +416,12 @@ impl Coordinator for CoordinatorService {
                 ))
             }
         };
+        if request.origin.len() > MAX_PATH_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "submit: origin is {} bytes; at most {MAX_PATH_BYTES} are accepted",
+                request.origin.len()
+            )));
+        }
         let origin = if request.origin.is_empty() {
             "<submitted spec>".to_string()
         } else {
@@ -364,12 +431,37 @@ impl Coordinator for CoordinatorService {
         // leaves no trace in etcd.
         let template =
             Template::parse(kind, &request.spec, &origin).map_err(Status::invalid_argument)?;
+        let limits = self.state.limits;
+        if template.max_trials() > limits.max_trials_per_sweep {
+            return Err(Status::invalid_argument(format!(
+                "{origin}: the sweep asks for {} trials; this cluster runs at most {} per sweep \
+                 (ringleader serve --max-trials-per-sweep)",
+                template.max_trials(),
+                limits.max_trials_per_sweep
+            )));
+        }
         let (id, answer) = self.state.apply(|s| {
+            if s.running_sweeps() >= limits.max_running_sweeps {
+                return (
+                    Effects::default(),
+                    Err(Status::resource_exhausted(format!(
+                        "{} sweeps and jobs are running or waiting, the most this cluster \
+                         takes (ringleader serve --max-running-sweeps); submit again when one \
+                         has finished",
+                        limits.max_running_sweeps
+                    ))),
+                );
+            }
             let (id, seq) = s.next_id(kind);
             let (metric, mode) = template.objective();
             let driver = match Driver::new(template.driver_config(&id)) {
                 Ok(driver) => driver,
-                Err(error) => return (Effects::default(), Err(error.to_string())),
+                Err(error) => {
+                    return (
+                        Effects::default(),
+                        Err(Status::invalid_argument(error.to_string())),
+                    )
+                }
             };
             let record = SweepRecord {
                 id: id.clone(),
@@ -387,7 +479,7 @@ impl Coordinator for CoordinatorService {
             };
             (s.submit(SweepRun::new(record, driver, template)), Ok(id))
         });
-        let id = id.map_err(Status::invalid_argument)?;
+        let id = id?;
         durable(answer).await?;
         self.state.schedule();
         Ok(Response::new(SubmitResponse { sweep_id: id }))
@@ -395,12 +487,26 @@ impl Coordinator for CoordinatorService {
 
     async fn list_sweeps(
         &self,
-        _request: Request<ListSweepsRequest>,
+        request: Request<ListSweepsRequest>,
     ) -> Result<Response<ListSweepsResponse>, Status> {
         self.state.require_loaded_leader().await?;
-        let sweeps = self.state.scheduler().list();
+        let include_spec = request.into_inner().include_spec;
+        let (sweeps, unreadable) = {
+            let scheduler = self.state.scheduler();
+            (scheduler.list(), scheduler.unreadable().to_vec())
+        };
+        let sweep_json = sweeps
+            .into_iter()
+            .map(|mut sweep| {
+                if !include_spec {
+                    sweep.spec.clear();
+                }
+                to_json(&sweep)
+            })
+            .collect();
         Ok(Response::new(ListSweepsResponse {
-            sweep_json: sweeps.iter().map(to_json).collect(),
+            sweep_json,
+            unreadable,
         }))
     }
 
@@ -409,23 +515,41 @@ impl Coordinator for CoordinatorService {
         request: Request<GetSweepRequest>,
     ) -> Result<Response<GetSweepResponse>, Status> {
         self.state.require_loaded_leader().await?;
-        let id = request.into_inner().sweep_id;
+        let request = request.into_inner();
+        let id = request.sweep_id;
+        let limit = match request.trials_limit {
+            0 => DEFAULT_TRIALS_PER_PAGE,
+            n => n.min(MAX_TRIALS_PER_PAGE),
+        } as usize;
+        let from = request.trials_from;
         let found = self.state.scheduler().get(&id);
-        let Some((record, trials)) = found else {
+        let Some((record, running, mut problems)) = found else {
             return Err(Status::not_found(format!("no sweep or job {id}")));
         };
-        let trials = match trials {
-            Some(trials) => trials,
+        let page = if running {
+            let scheduler = self.state.scheduler();
+            TrialPage::of(scheduler.trials_from(&id, from), limit, false)
+        } else {
             // Finished sweeps are not kept in memory: read their trials,
             // once the writes that finished the sweep are durable.
-            None => {
-                self.state.changes_durable().await?;
-                load_trials(&self.state.etcd, &id).await?
-            }
+            self.state.changes_durable().await?;
+            let prefix = format!("{TRIALS_PREFIX}{id}/");
+            let read = ReadLimit {
+                records: limit,
+                bytes: MAX_PAGE_BYTES,
+            };
+            let loaded: Loaded<TrialRecord> =
+                load_range(&self.state.etcd, &prefix, &trial_key(&id, from), read).await?;
+            problems.extend(loaded.unreadable.iter().map(ToString::to_string));
+            TrialPage::of(loaded.records.iter(), limit, loaded.more)
         };
+        problems.dedup();
         Ok(Response::new(GetSweepResponse {
             sweep_json: to_json(&record),
-            trial_json: trials.iter().map(to_json).collect(),
+            trial_json: page.json,
+            more_trials: page.next.is_some(),
+            next_trials_from: page.next.unwrap_or_default(),
+            unreadable: problems,
         }))
     }
 
@@ -437,14 +561,51 @@ impl Coordinator for CoordinatorService {
         let id = request.into_inner().sweep_id;
         let (result, answer) = self.state.apply(|s| match s.cancel(&id) {
             Ok((effects, stopped)) => (effects, Ok(stopped)),
-            Err(reason) => (Effects::default(), Err(reason)),
+            Err(error) => (Effects::default(), Err(error)),
         });
-        let stopped = result.map_err(Status::failed_precondition)?;
+        let stopped = result?;
         durable(answer).await?;
         self.state.schedule();
         Ok(Response::new(CancelSweepResponse {
             stopped_attempts: stopped,
         }))
+    }
+}
+
+/// One page of trials as JSON, within the page's count and byte bounds.
+struct TrialPage {
+    json: Vec<String>,
+    /// The number to continue from, when there are more.
+    next: Option<u64>,
+}
+
+impl TrialPage {
+    /// Takes trials in order up to `limit` of them or [`MAX_PAGE_BYTES`]
+    /// (at least one); `more_after`: the source itself stopped early.
+    fn of<'a>(
+        trials: impl Iterator<Item = &'a TrialRecord>,
+        limit: usize,
+        more_after: bool,
+    ) -> Self {
+        let mut json = Vec::new();
+        let mut bytes = 0;
+        let mut last = None;
+        let mut trials = trials.peekable();
+        while let Some(trial) = trials.peek() {
+            if json.len() >= limit || (!json.is_empty() && bytes >= MAX_PAGE_BYTES) {
+                break;
+            }
+            let text = to_json(*trial);
+            bytes += text.len();
+            json.push(text);
+            last = Some(trial.number);
+            trials.next();
+        }
+        let more = trials.peek().is_some() || more_after;
+        Self {
+            json,
+            next: if more { last.map(|n| n + 1) } else { None },
+        }
     }
 }
 
@@ -457,44 +618,6 @@ pub fn mode_name(mode: Mode) -> &'static str {
         Mode::Max => "max",
         Mode::Min => "min",
     }
-}
-
-/// A sweep's stored trials, by number.
-pub async fn load_trials(etcd: &Etcd, sweep: &str) -> Result<Vec<TrialRecord>, Error> {
-    let prefix = format!("{TRIALS_PREFIX}{sweep}/");
-    let mut trials: Vec<TrialRecord> = load_prefix(etcd, &prefix).await?;
-    trials.sort_by_key(|t| t.number);
-    Ok(trials)
-}
-
-/// Every JSON record under `prefix`; a record that does not parse is an
-/// error naming its key (nothing is silently dropped).
-pub async fn load_prefix<T: serde::de::DeserializeOwned>(
-    etcd: &Etcd,
-    prefix: &str,
-) -> Result<Vec<T>, Error> {
-    let key = prefix.to_string();
-    let response = etcd
-        .call("read stored state", |mut c| {
-            let key = key.clone();
-            async move {
-                c.get(key, Some(etcd_client::GetOptions::new().with_prefix()))
-                    .await
-            }
-        })
-        .await?;
-    response
-        .kvs()
-        .iter()
-        .map(|kv| {
-            serde_json::from_slice(kv.value()).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "stored record {} is not valid: {e}",
-                    String::from_utf8_lossy(kv.key())
-                ))
-            })
-        })
-        .collect()
 }
 
 /// Feeds one worker's messages into the scheduler until the stream ends or
@@ -570,6 +693,15 @@ async fn handle_worker_messages(
     batch: Vec<worker_message::Kind>,
     outbound: &mpsc::Sender<Result<CoordinatorMessage, Status>>,
 ) -> Result<(), Status> {
+    // A stream superseded by a newer registration (after this one was
+    // declared lost) no longer speaks for the worker: ending it makes a
+    // worker that is still alive register again, instead of heartbeating
+    // into a void.
+    if !state.scheduler().registry.is_current(worker_id, connection) {
+        return Err(Status::aborted(
+            "this attach stream was replaced by a newer registration of the same worker id; register again",
+        ));
+    }
     let mut reports = Vec::new();
     for kind in batch {
         match kind {
@@ -611,7 +743,13 @@ async fn handle_worker_messages(
                     let attempt = report.attempt.expect("checked above");
                     let metrics = report.metrics.into_iter().collect();
                     let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
-                    effects.extend(s.epoch_report(&attempt, report.epoch, metrics, checkpoint));
+                    effects.extend(s.epoch_report(
+                        worker_id,
+                        &attempt,
+                        report.epoch,
+                        metrics,
+                        checkpoint,
+                    ));
                 }
                 worker_message::Kind::Finished(report) => {
                     effects.extend(s.finished_report(worker_id, &report));

@@ -10,11 +10,12 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::election::LeaderTerm;
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
+use crate::limits::{ETCD_MAX_RESPONSE_BYTES, ETCD_PAGE_KEYS};
 
 /// Root of all durable Ringleader state in etcd.
 pub const STATE_PREFIX: &str = "/ringleader/";
@@ -121,6 +122,11 @@ impl FencedStore {
 /// default is 128).
 const MAX_TXN_OPS: usize = 128;
 
+/// How long a write etcd keeps failing transiently (unreachable, timing
+/// out) is retried before the writer gives up and the term ends. The
+/// election lease (a few seconds) normally ends it much sooner.
+pub const TRANSIENT_RETRY_BOUND: Duration = Duration::from_secs(30);
+
 struct QueuedWrites {
     puts: Vec<(String, String)>,
     done: oneshot::Sender<Result<(), String>>,
@@ -128,8 +134,15 @@ struct QueuedWrites {
 
 /// Group commit for the leader's state: writes queued from anywhere are
 /// committed in queue order, many per fenced transaction, so throughput
-/// does not stop at one etcd round trip per change. While etcd is down the
-/// writes wait (and retry); a fenced-out term fails them all.
+/// does not stop at one etcd round trip per change.
+///
+/// Failures are told apart: a write etcd will never accept (too large,
+/// too many operations) fails that one queued change, with etcd's reason,
+/// and the writer moves on; a transient failure (etcd down or slow) is
+/// retried with backoff for [`TRANSIENT_RETRY_BOUND`], after which every
+/// waiting change fails and the term is given up (its token cancelled, so
+/// the election steps down and a leader reloads from etcd); a fenced-out
+/// term fails them all.
 #[derive(Clone)]
 pub struct StateWriter {
     queue: mpsc::UnboundedSender<QueuedWrites>,
@@ -138,8 +151,17 @@ pub struct StateWriter {
 impl StateWriter {
     /// Starts the writer for one term; it stops when `term` is cancelled.
     pub fn spawn(store: FencedStore, term: CancellationToken) -> Self {
+        Self::spawn_with_retry_bound(store, term, TRANSIENT_RETRY_BOUND)
+    }
+
+    /// [`StateWriter::spawn`] with another bound on transient retries.
+    pub fn spawn_with_retry_bound(
+        store: FencedStore,
+        term: CancellationToken,
+        retry_bound: Duration,
+    ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(store, term, rx));
+        tokio::spawn(commit_loop(store, term, retry_bound, rx));
         Self { queue }
     }
 
@@ -163,9 +185,19 @@ impl StateWriter {
     }
 }
 
+/// Why a commit failed, as the writer must act on it.
+#[derive(Debug)]
+enum CommitError {
+    /// etcd refused the request itself; sending it again cannot help.
+    Permanent(String),
+    /// Retried for the whole bound, or fenced out: the term is over.
+    Fatal(String),
+}
+
 async fn commit_loop(
     store: FencedStore,
     term: CancellationToken,
+    retry_bound: Duration,
     mut queue: mpsc::UnboundedReceiver<QueuedWrites>,
 ) {
     loop {
@@ -177,53 +209,307 @@ async fn commit_loop(
         while let Ok(more) = queue.try_recv() {
             batch.push(more);
         }
-        // Last write wins per key; the order of first appearance is kept.
-        let mut order: Vec<String> = Vec::new();
-        let mut latest: std::collections::HashMap<String, String> = Default::default();
-        for (key, value) in batch.iter().flat_map(|w| w.puts.iter()) {
-            if latest.insert(key.clone(), value.clone()).is_none() {
-                order.push(key.clone());
+        let puts: Vec<&(String, String)> = batch.iter().flat_map(|w| w.puts.iter()).collect();
+        match commit_puts(&store, &term, retry_bound, &puts).await {
+            Ok(()) => answer(batch, Ok(())),
+            Err(CommitError::Fatal(reason)) => {
+                error!(%reason, "state writes failed; giving up this leadership term");
+                answer(batch, Err(reason));
+                term.cancel();
+                return;
             }
-        }
-        let mut result = Ok(());
-        for keys in order.chunks(MAX_TXN_OPS) {
-            let ops: Vec<TxnOp> = keys
-                .iter()
-                .map(|k| TxnOp::put(k.as_str(), latest[k].as_str(), None))
-                .collect();
-            if let Err(reason) = commit_with_retry(&store, &term, ops).await {
-                result = Err(reason);
-                break;
+            // One change etcd will never take must not sink the others
+            // committed with it: commit them one by one, in queue order.
+            Err(CommitError::Permanent(reason)) if batch.len() == 1 => {
+                warn!(%reason, "etcd refused a state change; it was not stored");
+                answer(batch, Err(reason));
             }
-        }
-        for w in batch {
-            let _ = w.done.send(result.clone());
-        }
-        if result.is_err() {
-            return;
+            Err(CommitError::Permanent(_)) => {
+                for change in batch {
+                    let puts: Vec<&(String, String)> = change.puts.iter().collect();
+                    match commit_puts(&store, &term, retry_bound, &puts).await {
+                        Ok(()) => answer(vec![change], Ok(())),
+                        Err(CommitError::Permanent(reason)) => {
+                            warn!(%reason, "etcd refused a state change; it was not stored");
+                            answer(vec![change], Err(reason));
+                        }
+                        Err(CommitError::Fatal(reason)) => {
+                            error!(%reason, "state writes failed; giving up this leadership term");
+                            answer(vec![change], Err(reason));
+                            term.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
-/// Retries transient failures (etcd down) until the term ends.
+fn answer(changes: Vec<QueuedWrites>, result: Result<(), String>) {
+    for change in changes {
+        let _ = change.done.send(result.clone());
+    }
+}
+
+/// Commits `puts` in as few fenced transactions as etcd allows; last write
+/// wins per key, in the order of first appearance.
+async fn commit_puts(
+    store: &FencedStore,
+    term: &CancellationToken,
+    retry_bound: Duration,
+    puts: &[&(String, String)],
+) -> Result<(), CommitError> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut latest: std::collections::HashMap<&str, &str> = Default::default();
+    for (key, value) in puts.iter().map(|kv| (kv.0.as_str(), kv.1.as_str())) {
+        if latest.insert(key, value).is_none() {
+            order.push(key);
+        }
+    }
+    for keys in order.chunks(MAX_TXN_OPS) {
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::put(*k, latest[k], None))
+            .collect();
+        commit_with_retry(store, term, retry_bound, ops).await?;
+    }
+    Ok(())
+}
+
+/// What went wrong, without etcd's address (these reasons reach clients;
+/// the full error is logged).
+fn cause(error: &Error) -> String {
+    match error {
+        Error::Etcd {
+            error: etcd_client::Error::GRpcStatus(status),
+            ..
+        } => status.message().to_string(),
+        Error::Etcd { .. } => "etcd answered with an error".into(),
+        Error::EtcdTimeout { timeout, .. } => format!("no answer within {timeout:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// Whether etcd refused the request itself (too large, too many
+/// operations, bad argument), as opposed to not answering.
+fn is_permanent(error: &Error) -> bool {
+    use tonic::Code;
+    match error {
+        Error::Etcd {
+            error: etcd_client::Error::GRpcStatus(status),
+            ..
+        } => matches!(
+            status.code(),
+            Code::InvalidArgument
+                | Code::ResourceExhausted
+                | Code::OutOfRange
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+        ),
+        Error::Etcd {
+            error: etcd_client::Error::InvalidArgs(_),
+            ..
+        } => true,
+        _ => false,
+    }
+}
+
+/// Retries transient failures with capped backoff, for at most
+/// `retry_bound`.
 async fn commit_with_retry(
     store: &FencedStore,
     term: &CancellationToken,
+    retry_bound: Duration,
     ops: Vec<TxnOp>,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
+    let give_up_at = tokio::time::Instant::now() + retry_bound;
     let mut delay = Duration::from_millis(100);
     loop {
         match store.txn_if(vec![], ops.clone()).await {
             Ok(_) => return Ok(()),
-            Err(error @ Error::FencedOut { .. }) => return Err(error.to_string()),
+            Err(error @ Error::FencedOut { .. }) => {
+                return Err(CommitError::Fatal(error.to_string()))
+            }
+            Err(error) if is_permanent(&error) => {
+                warn!(%error, "etcd refused a state write");
+                return Err(CommitError::Permanent(format!(
+                    "etcd refused the write: {}",
+                    cause(&error)
+                )));
+            }
             Err(error) => {
+                if tokio::time::Instant::now() + delay > give_up_at {
+                    warn!(%error, "etcd did not take a state write in time");
+                    return Err(CommitError::Fatal(format!(
+                        "etcd did not take the write within {retry_bound:?}: {}",
+                        cause(&error)
+                    )));
+                }
                 warn!(%error, retry_in = ?delay, "state write failed; retrying");
                 tokio::select! {
-                    _ = term.cancelled() => return Err("this coordinator's term has ended".into()),
+                    _ = term.cancelled() => return Err(CommitError::Fatal("this coordinator's term has ended".into())),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// A stored record that could not be decoded: named by its key, set aside,
+/// and reported, so one bad record never keeps the rest from loading.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unreadable {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stored record {} is not valid: {}",
+            self.key, self.reason
+        )
+    }
+}
+
+/// The records under a prefix that decoded, and the keys of those that
+/// did not.
+pub struct Loaded<T> {
+    pub records: Vec<T>,
+    pub unreadable: Vec<Unreadable>,
+    /// The read stopped at a limit before the end of the range.
+    pub more: bool,
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// How much of a range to read.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadLimit {
+    pub records: usize,
+    /// Stop after the page that brings the values read past this.
+    pub bytes: usize,
+}
+
+impl ReadLimit {
+    pub const ALL: ReadLimit = ReadLimit {
+        records: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+/// The JSON records with keys in `[from, end of prefix)`, in key order,
+/// read in pages of [`ETCD_PAGE_KEYS`] at one revision (a consistent
+/// snapshot however many pages it takes), up to `limit`. A record that
+/// does not decode is set aside in [`Loaded::unreadable`].
+pub async fn load_range<T: serde::de::DeserializeOwned>(
+    etcd: &Etcd,
+    prefix: &str,
+    from: &str,
+    limit: ReadLimit,
+) -> Result<Loaded<T>> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut start = from.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut bytes = 0usize;
+    let mut loaded = Loaded {
+        records: Vec::new(),
+        unreadable: Vec::new(),
+        more: false,
+    };
+    loop {
+        let left = limit
+            .records
+            .saturating_sub(loaded.records.len() + loaded.unreadable.len());
+        if left == 0 || bytes >= limit.bytes {
+            loaded.more = true;
+            return Ok(loaded);
+        }
+        let options = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(ETCD_PAGE_KEYS.min(i64::try_from(left).unwrap_or(i64::MAX)))
+            .with_revision(revision);
+        let key = start.clone();
+        let response = etcd
+            .call("read stored state", |c| async move {
+                c.kv_client()
+                    .max_decoding_message_size(ETCD_MAX_RESPONSE_BYTES)
+                    .get(key, Some(options))
+                    .await
+            })
+            .await?;
+        if revision == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+        }
+        for kv in response.kvs() {
+            bytes = bytes.saturating_add(kv.value().len());
+            match serde_json::from_slice(kv.value()) {
+                Ok(record) => loaded.records.push(record),
+                Err(e) => loaded.unreadable.push(Unreadable {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok(loaded),
+        }
+    }
+}
+
+/// Every JSON record under `prefix`, paged (see [`load_range`]).
+pub async fn load_prefix<T: serde::de::DeserializeOwned>(
+    etcd: &Etcd,
+    prefix: &str,
+) -> Result<Loaded<T>> {
+    load_range(etcd, prefix, prefix, ReadLimit::ALL).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    fn status(code: tonic::Code) -> Error {
+        Error::Etcd {
+            endpoints: "127.0.0.1:2379".into(),
+            error: etcd_client::Error::GRpcStatus(tonic::Status::new(code, "x")),
+        }
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_outages_transient() {
+        assert!(is_permanent(&status(tonic::Code::InvalidArgument)));
+        assert!(is_permanent(&status(tonic::Code::ResourceExhausted)));
+        assert!(!is_permanent(&status(tonic::Code::Unavailable)));
+        assert!(!is_permanent(&status(tonic::Code::DeadlineExceeded)));
+        assert!(!is_permanent(&Error::EtcdTimeout {
+            endpoints: "127.0.0.1:2379".into(),
+            what: "write",
+            timeout: Duration::from_secs(1),
+        }));
     }
 }

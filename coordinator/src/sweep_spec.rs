@@ -41,6 +41,7 @@ use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::limits::{MAX_GRID_POINTS, MAX_PARAMS, MAX_TRIALS};
 use crate::search::{Asha, AshaError, Grid, Mode, Param, Space, TpeOptions};
 
 /// A checked sweep.
@@ -140,8 +141,13 @@ impl SweepSpec {
             }
         })?;
 
-        if sweep.max_trials == Some(0) {
-            return Err(at(&["sweep", "max_trials"], "must be at least 1".into()));
+        match sweep.max_trials {
+            Some(0) => return Err(at(&["sweep", "max_trials"], "must be at least 1".into())),
+            Some(n) if u64::from(n) > MAX_TRIALS => {
+                let message = format!("at most {MAX_TRIALS} trials per sweep, got {n}");
+                return Err(at(&["sweep", "max_trials"], message));
+            }
+            _ => {}
         }
         let mode = sweep.objective.mode.into();
         let searcher = sweep.searcher(&at)?;
@@ -179,6 +185,13 @@ impl SweepSpec {
                 "a sweep needs at least one parameter".into(),
             ));
         }
+        if sweep.params.len() > MAX_PARAMS {
+            let message = format!(
+                "at most {MAX_PARAMS} parameters per sweep, got {}",
+                sweep.params.len()
+            );
+            return Err(at(&["sweep", "params"], message));
+        }
         let mut params = BTreeMap::new();
         for (name, spec) in sweep.params {
             let param = check_param(&name, spec.into(), &file.job, &fixed)
@@ -192,10 +205,19 @@ impl SweepSpec {
                 // Every parameter was checked above, so the space is valid.
                 let space = Space::new(params.clone())
                     .map_err(|e| at(&["sweep", "params"], e.to_string()))?;
-                Grid::new(&space, *points as usize)
-                    .len()
-                    .try_into()
-                    .unwrap_or(u32::MAX)
+                // Sized, not built: a grid of 10^18 points costs nothing.
+                match Grid::new(&space, *points as usize).size() {
+                    Some(size) if size <= MAX_TRIALS => size as u32,
+                    size => {
+                        let size = size.map_or("more than 2^64".to_string(), |n| n.to_string());
+                        let message = format!(
+                            "the grid has {size} combinations, more than the {MAX_TRIALS} \
+                             trials a sweep may run: lower grid_points, narrow the \
+                             parameters, or set sweep.max_trials to run part of it"
+                        );
+                        return Err(at(&["sweep", "grid_points"], message));
+                    }
+                }
             }
             (None, _) => {
                 let message = "required (only grid sweeps default to the whole grid)";
@@ -391,10 +413,13 @@ impl RawSweep {
         at: &impl Fn(&[&str], String) -> SpecError,
     ) -> Result<SearcherSpec, SpecError> {
         Ok(match self.searcher {
-            SearcherKind::Grid if self.grid_points < 2 => {
+            SearcherKind::Grid if !(2..=MAX_GRID_POINTS).contains(&self.grid_points) => {
                 return Err(at(
                     &["sweep", "grid_points"],
-                    format!("must be at least 2, got {}", self.grid_points),
+                    format!(
+                        "must be between 2 and {MAX_GRID_POINTS}, got {}",
+                        self.grid_points
+                    ),
                 ))
             }
             SearcherKind::Grid => SearcherSpec::Grid {

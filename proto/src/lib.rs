@@ -4,6 +4,8 @@
 //! this crate re-exports the generated code and the few plain conventions both
 //! the coordinator and the worker rely on (metadata keys, leader redirects).
 
+pub mod codec;
+
 pub mod coordinator {
     //! `ringleader.coordinator.v1`: worker registration, heartbeats, status.
     tonic::include_proto!("ringleader.coordinator.v1");

@@ -23,6 +23,26 @@ pub enum Mode {
     Min,
 }
 
+impl Mode {
+    /// The worst possible objective: what a diverged trial scores.
+    pub fn worst(self) -> f64 {
+        match self {
+            Mode::Max => f64::NEG_INFINITY,
+            Mode::Min => f64::INFINITY,
+        }
+    }
+
+    /// The value searchers rank an objective by: a NaN or infinite one
+    /// (training diverged) counts as the worst, never as the best.
+    pub fn ranked(self, objective: f64) -> f64 {
+        if objective.is_finite() {
+            objective
+        } else {
+            self.worst()
+        }
+    }
+}
+
 /// A paused trial that should continue to `resource` (rung `rung`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Promotion {

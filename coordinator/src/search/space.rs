@@ -119,41 +119,63 @@ impl Param {
                 step,
                 log,
             } => {
-                let points = (high - low) / step; // lattice index range 0..=points
+                // Lattice index range 0..=last.
+                let last = lattice_len(*low, *high, *step) - 1;
                 let index = if *log {
                     let x = rng
                         .random_range((*low as f64).ln()..=(*high as f64).ln())
                         .exp();
-                    (((x - *low as f64) / *step as f64).round() as i64).clamp(0, points)
+                    (((x - *low as f64) / *step as f64).round() as u64).min(last)
                 } else {
-                    rng.random_range(0..=points)
+                    // Drawn as i64 where it fits: the stream of samples
+                    // stays what earlier versions drew for the same seed.
+                    match i64::try_from(last) {
+                        Ok(last) => rng.random_range(0..=last) as u64,
+                        Err(_) => rng.random_range(0..=last),
+                    }
                 };
-                Value::from(low + index * step)
+                self.grid_value(0, index)
             }
             Param::Choice(values) => values[rng.random_range(0..values.len())].clone(),
         }
     }
 
-    /// Grid points: every lattice point or choice; `points` evenly spaced
-    /// values (in log space for log scales) for continuous domains.
-    pub fn grid(&self, points: usize) -> Vec<Value> {
-        let points = points.max(2);
-        let spaced =
-            |a: f64, b: f64| (0..points).map(move |i| a + (b - a) * i as f64 / (points - 1) as f64);
+    /// How many grid points this axis has: every lattice point or choice;
+    /// `points` evenly spaced values for continuous domains. Computed, not
+    /// enumerated: an integer range of 10^18 costs nothing until it is
+    /// walked.
+    pub fn grid_len(&self, points: usize) -> u64 {
         match self {
-            Param::Uniform { low, high } => spaced(*low, *high).map(Value::from).collect(),
-            Param::LogUniform { low, high } => spaced(low.ln(), high.ln())
-                .map(|x| Value::from(x.exp()))
-                .collect(),
+            Param::Uniform { .. } | Param::LogUniform { .. } => points.max(2) as u64,
             Param::Int {
                 low, high, step, ..
-            } => (*low..=*high)
-                .step_by(*step as usize)
-                .map(Value::from)
-                .collect(),
-            Param::Choice(values) => values.clone(),
+            } => lattice_len(*low, *high, *step),
+            Param::Choice(values) => values.len() as u64,
         }
     }
+
+    /// Grid point `index` (< [`Param::grid_len`]) of this axis; evenly
+    /// spaced in log space for log scales.
+    pub fn grid_value(&self, points: usize, index: u64) -> Value {
+        let points = points.max(2);
+        let spaced = |a: f64, b: f64| a + (b - a) * index as f64 / (points - 1) as f64;
+        match self {
+            Param::Uniform { low, high } => Value::from(spaced(*low, *high)),
+            Param::LogUniform { low, high } => Value::from(spaced(low.ln(), high.ln()).exp()),
+            Param::Int { low, step, .. } => {
+                let value = i128::from(*low) + i128::from(*step) * i128::from(index);
+                Value::from(i64::try_from(value).unwrap_or(i64::MAX))
+            }
+            Param::Choice(values) => values[index as usize].clone(),
+        }
+    }
+}
+
+/// Points `low, low+step, …, ≤ high` (the domain is validated: step > 0,
+/// low ≤ high); in i128 so that extreme bounds cannot overflow.
+fn lattice_len(low: i64, high: i64, step: i64) -> u64 {
+    let span = (i128::from(high) - i128::from(low)) / i128::from(step.max(1));
+    u64::try_from(span + 1).unwrap_or(u64::MAX)
 }
 
 /// Named parameters; iteration is in name order so sampling is reproducible.
@@ -200,42 +222,53 @@ impl Random {
 }
 
 /// Every combination of the parameters' grid points, first parameter
-/// varying slowest.
+/// varying slowest. Combinations are made one at a time from their index,
+/// so a grid of any size costs the memory of its axes' descriptions.
 pub struct Grid {
-    axes: Vec<(String, Vec<Value>)>,
-    next: usize,
+    /// (name, domain, points on this axis).
+    axes: Vec<(String, Param, u64)>,
+    points: usize,
+    /// Combinations in all; `None` when that exceeds `u64`.
+    size: Option<u64>,
+    next: u64,
 }
 
 impl Grid {
     /// `points` is used for continuous parameters.
     pub fn new(space: &Space, points: usize) -> Self {
-        let axes = space
+        let axes: Vec<(String, Param, u64)> = space
             .params
             .iter()
-            .map(|(n, p)| (n.clone(), p.grid(points)))
+            .map(|(n, p)| (n.clone(), p.clone(), p.grid_len(points)))
             .collect();
-        Self { axes, next: 0 }
+        let size = axes
+            .iter()
+            .try_fold(1u64, |size, (_, _, len)| size.checked_mul(*len));
+        Self {
+            axes,
+            points,
+            size,
+            next: 0,
+        }
     }
 
-    pub fn len(&self) -> usize {
-        self.axes.iter().map(|(_, v)| v.len()).product()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Combinations in the grid, or `None` when there are more than
+    /// `u64::MAX`.
+    pub fn size(&self) -> Option<u64> {
+        self.size
     }
 
     /// The next combination, or `None` once the grid is exhausted.
     pub fn next_config(&mut self) -> Option<BTreeMap<String, Value>> {
-        if self.next >= self.len() {
+        if self.size.is_some_and(|size| self.next >= size) {
             return None;
         }
         let mut rest = self.next;
         self.next += 1;
         let mut config = BTreeMap::new();
-        for (name, values) in self.axes.iter().rev() {
-            config.insert(name.clone(), values[rest % values.len()].clone());
-            rest /= values.len();
+        for (name, param, len) in self.axes.iter().rev() {
+            config.insert(name.clone(), param.grid_value(self.points, rest % len));
+            rest /= len;
         }
         Some(config)
     }
@@ -346,7 +379,7 @@ mod tests {
         ]))
         .unwrap();
         let mut grid = Grid::new(&space, 3);
-        assert_eq!(grid.len(), 6);
+        assert_eq!(grid.size(), Some(6));
         let mut seen = Vec::new();
         while let Some(c) = grid.next_config() {
             seen.push((c["a"].as_i64().unwrap(), c["b"].as_bool().unwrap()));
@@ -366,7 +399,43 @@ mod tests {
             low: 1e-3,
             high: 1e-1,
         }
-        .grid(3);
-        assert!((lr[1].as_f64().unwrap() - 1e-2).abs() < 1e-12);
+        .grid_value(3, 1);
+        assert!((lr.as_f64().unwrap() - 1e-2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_huge_grid_is_sized_without_being_built() {
+        let wide = |low, high| Param::Int {
+            low,
+            high,
+            step: 1,
+            log: false,
+        };
+        let space = Space::new(BTreeMap::from([
+            ("a".to_string(), wide(i64::MIN, i64::MAX)),
+            ("b".to_string(), wide(0, 1)),
+        ]))
+        .unwrap();
+        let mut grid = Grid::new(&space, 4_000_000_000);
+        assert_eq!(grid.size(), None, "2^64 · 2 combinations overflow u64");
+        let first = grid.next_config().unwrap();
+        assert_eq!(first["a"], i64::MIN);
+        assert_eq!(first["b"], 0);
+        assert_eq!(grid.next_config().unwrap()["b"], 1);
+        let space = Space::new(BTreeMap::from([
+            (
+                "x".to_string(),
+                Param::Uniform {
+                    low: 0.0,
+                    high: 1.0,
+                },
+            ),
+            ("y".to_string(), wide(0, 999_999)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            Grid::new(&space, 4_000_000_000).size(),
+            Some(4_000_000_000_000_000)
+        );
     }
 }

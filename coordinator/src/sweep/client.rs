@@ -1,7 +1,7 @@
 //! The client side of `ringleader job …` and `ringleader sweep …`: submit,
 //! look up, watch, cancel, and render what the leader holds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -14,11 +14,12 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use super::driver::best_trial;
-use super::records::{SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
+use super::records::{Float, SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
 use super::template::Template;
 use crate::cli::ClientArgs;
 use crate::client;
 use crate::error::{Error, Result};
+use crate::limits::MAX_SPEC_BYTES;
 use crate::search::Mode;
 
 /// A sweep as the leader reports it.
@@ -57,23 +58,40 @@ async fn leader(args: &ClientArgs) -> Result<CoordinatorClient<Channel>> {
     Ok(client::find_leader(&addresses, args.timeout).await?.1)
 }
 
+/// The leader's answer as an error a caller can act on: refusals (bad
+/// input, unknown id, a limit reached) are final; only an unreachable or
+/// unavailable leader is worth waiting for.
 fn status_error(what: &str, status: tonic::Status) -> Error {
+    use tonic::Code;
+    let message = format!("{what}: {}", status.message());
     match status.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
-            Error::InvalidArgument(status.message().to_string())
+        Code::NotFound => Error::NotFound(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::ResourceExhausted | Code::OutOfRange => Error::ResourceExhausted(message),
+        Code::DataLoss => Error::Corrupt(message),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
+            Error::Unreachable {
+                address: "the leader".into(),
+                reason: message,
+            }
         }
-        _ => Error::Unreachable {
-            address: "the leader".into(),
-            reason: format!("{what}: {}", status.message()),
-        },
+        _ => Error::InvalidArgument(message),
     }
 }
 
 /// Reads and fully validates a spec file, without any cluster; returns its
 /// text and what it parsed to.
 pub fn check(kind: SweepKind, file: &Path) -> Result<(String, Template)> {
-    let spec = std::fs::read_to_string(file)
-        .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", file.display())))?;
+    let cannot_read =
+        |e: std::io::Error| Error::InvalidArgument(format!("cannot read {}: {e}", file.display()));
+    let size = std::fs::metadata(file).map_err(cannot_read)?.len();
+    if size > MAX_SPEC_BYTES as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the spec is {size} bytes; at most {MAX_SPEC_BYTES} are accepted",
+            file.display()
+        )));
+    }
+    let spec = std::fs::read_to_string(file).map_err(cannot_read)?;
     let template = Template::parse(kind, &spec, &file.display().to_string())
         .map_err(Error::InvalidArgument)?;
     Ok((spec, template))
@@ -119,29 +137,46 @@ pub async fn submit(args: &ClientArgs, kind: SweepKind, file: &Path) -> Result<S
     Ok(response.into_inner().sweep_id)
 }
 
+/// A sweep and all its trials, read page by page.
 pub async fn get(args: &ClientArgs, id: &str) -> Result<SweepView> {
-    let response = leader(args)
-        .await?
-        .get_sweep(GetSweepRequest {
-            sweep_id: id.to_string(),
-        })
-        .await
-        .map_err(|s| status_error("get", s))?
-        .into_inner();
-    Ok(SweepView {
-        record: parse_record(&response.sweep_json)?,
-        trials: response
-            .trial_json
-            .iter()
-            .map(|t| parse_record(t))
-            .collect::<Result<_>>()?,
-    })
+    let mut leader = leader(args).await?;
+    let mut trials = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = leader
+            .get_sweep(GetSweepRequest {
+                sweep_id: id.to_string(),
+                trials_from: from,
+                trials_limit: 0,
+            })
+            .await
+            .map_err(|s| status_error("get", s))?
+            .into_inner();
+        for trial in &page.trial_json {
+            trials.push(parse_record(trial)?);
+        }
+        if !page.unreadable.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{id} cannot be read whole: {}",
+                page.unreadable.join("; ")
+            )));
+        }
+        if !page.more_trials || page.next_trials_from <= from {
+            return Ok(SweepView {
+                record: parse_record(&page.sweep_json)?,
+                trials,
+            });
+        }
+        from = page.next_trials_from;
+    }
 }
 
 pub async fn list(args: &ClientArgs) -> Result<Vec<SweepRecord>> {
     let response = leader(args)
         .await?
-        .list_sweeps(ListSweepsRequest {})
+        .list_sweeps(ListSweepsRequest {
+            include_spec: false,
+        })
         .await
         .map_err(|s| status_error("list", s))?
         .into_inner();
@@ -170,13 +205,22 @@ fn parse_record<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
 }
 
 /// Polls until the sweep finishes, printing progress as it changes; rides
-/// out leader failovers (the state is in etcd). Returns the final view.
-pub async fn watch(args: &ClientArgs, id: &str, every: Duration) -> Result<SweepView> {
+/// out leader failovers (the state is in etcd), but gives up once no
+/// coordinator has answered for `give_up_after`. Returns the final view.
+pub async fn watch(
+    args: &ClientArgs,
+    id: &str,
+    every: Duration,
+    give_up_after: Duration,
+) -> Result<SweepView> {
     let mut printed = BTreeSet::new();
     let mut last_line = String::new();
+    let mut last_answer = tokio::time::Instant::now();
     loop {
+        let asked = tokio::time::Instant::now();
         match get(args, id).await {
             Ok(view) => {
+                last_answer = tokio::time::Instant::now();
                 let lines = match view.record.kind {
                     SweepKind::Job => job_progress(&view, &mut printed),
                     SweepKind::Sweep => sweep_progress(&view),
@@ -191,10 +235,24 @@ pub async fn watch(args: &ClientArgs, id: &str, every: Duration) -> Result<Sweep
                     return Ok(view);
                 }
             }
-            Err(error @ Error::InvalidArgument(_)) => return Err(error),
-            Err(error) => eprintln!("waiting for the leader: {error}"),
+            Err(error @ (Error::Unreachable { .. } | Error::NoLeader { .. })) => {
+                if last_answer.elapsed() >= give_up_after {
+                    return Err(Error::Unreachable {
+                        address: args.coordinator.join(","),
+                        reason: format!(
+                            "no leader answered for {}; gave up watching {id} \
+                             (--give-up-after); last error: {error}",
+                            humantime::format_duration(give_up_after)
+                        ),
+                    });
+                }
+                eprintln!("waiting for the leader: {error}");
+            }
+            Err(error) => return Err(error),
         }
-        tokio::time::sleep(every).await;
+        // A sweep of many trials takes a while to read: poll no harder
+        // than half the time (the leader serves others too).
+        tokio::time::sleep(every.max(asked.elapsed() * 2)).await;
     }
 }
 
@@ -242,11 +300,15 @@ fn sweep_progress(view: &SweepView) -> Vec<String> {
         })
         .unwrap_or_default();
     vec![format!(
-        "{}: {} completed, {} stopped, {} failed, {} running, {} paused, of {}{}",
+        "{}: {} completed, {} stopped, {} failed, {}{} running, {} paused, of {}{}",
         view.record.id,
         view.count(TrialState::Completed),
         view.count(TrialState::Stopped),
         view.count(TrialState::Failed),
+        match view.count(TrialState::Diverged) {
+            0 => String::new(),
+            n => format!("{n} diverged, "),
+        },
         view.count(TrialState::Running),
         view.count(TrialState::Paused),
         view.record.max_trials,
@@ -254,7 +316,7 @@ fn sweep_progress(view: &SweepView) -> Vec<String> {
     )]
 }
 
-fn metrics_text(metrics: &std::collections::BTreeMap<String, f64>) -> String {
+fn metrics_text(metrics: &BTreeMap<String, f64>) -> String {
     metrics
         .iter()
         .map(|(k, v)| format!("{k} {}", number(*v)))
@@ -278,6 +340,7 @@ pub fn state_name(state: TrialState) -> &'static str {
         TrialState::Completed => "completed",
         TrialState::Stopped => "stopped",
         TrialState::Failed => "failed",
+        TrialState::Diverged => "diverged",
         TrialState::Cancelled => "cancelled",
     }
 }
@@ -318,11 +381,16 @@ pub fn list_table(sweeps: &[SweepRecord]) -> String {
 }
 
 /// Trials best first (by the objective), then the ones without a value.
+/// A NaN or infinite objective (or a diverged trial) ranks as the worst
+/// value, below every finite one.
 fn leaderboard(view: &SweepView) -> Vec<&TrialRecord> {
     let mut trials: Vec<&TrialRecord> = view.trials.iter().collect();
     let mode = view.mode();
     trials.sort_by(|a, b| {
-        let key = |t: &TrialRecord| t.objective.filter(|v| !v.is_nan());
+        let key = |t: &TrialRecord| match t.state {
+            TrialState::Diverged => Some(mode.worst()),
+            _ => t.objective.map(|v| mode.ranked(v)),
+        };
         match (key(a), key(b)) {
             (Some(x), Some(y)) => {
                 let order = x.total_cmp(&y);
@@ -467,9 +535,9 @@ pub fn results_json(view: &SweepView) -> Value {
             "trial": t.number,
             "state": t.state,
             "epochs": t.epochs_done,
-            "objective": t.objective,
+            "objective": t.objective.map(Float),
             "config": t.config,
-            "metrics": t.metrics.last().map(|m| &m.metrics),
+            "metrics": t.metrics.last().map(|m| m.metrics.iter().map(|(k, v)| (k, Float(*v))).collect::<BTreeMap<_, _>>()),
             "attempts": t.attempts.len(),
             "error": t.error,
         })).collect::<Vec<_>>(),

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::records::{AttemptOutcome, AttemptRecord, EpochMetrics, TrialRecord, TrialState};
+use crate::limits::MAX_TRIAL_RECORD_BYTES;
 use crate::search::{Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions};
 
 /// Where configurations come from.
@@ -133,14 +134,17 @@ impl Driver {
         let mut driver = Self::new(config)?;
         for record in records {
             let _ = driver.next_config();
-            if record.state.is_terminal() {
+            let mode = driver.config.mode;
+            if record.state == TrialState::Diverged {
+                driver.observe(&record.config, mode.worst());
+            } else if record.state.is_terminal() {
                 if let Some(objective) = record.objective {
                     driver.observe(&record.config, objective);
                 }
             }
             if let Some(asha) = driver.brackets.get_mut(record.bracket) {
                 for (rung, metric) in record.rung_results.iter().enumerate() {
-                    asha.record(record.number, rung, *metric)?;
+                    asha.record(record.number, rung, mode.ranked(*metric))?;
                 }
                 let reached = record.rung_results.len();
                 let moved_on = matches!(record.state, TrialState::Running | TrialState::Completed)
@@ -337,6 +341,7 @@ impl Driver {
             t.checkpoint = Some(path);
             t.epochs_done = epoch;
         }
+        keep_record_small(t);
         true
     }
 
@@ -374,6 +379,7 @@ impl Driver {
         let max_epochs = self.config.max_epochs;
         let max_failures = self.config.max_failures;
         let metric = self.config.metric.clone();
+        let mode = self.config.mode;
         let Some(t) = self.live(trial, attempt) else {
             return false;
         };
@@ -381,8 +387,11 @@ impl Driver {
         let stop_epoch = a.stop_epoch;
         t.epochs_done = t.epochs_done.max(epochs_done.min(stop_epoch));
         // A segment whose last epoch is checkpointed is done, whatever
-        // happened to the attempt afterwards.
-        let outcome = if t.epochs_done >= stop_epoch && t.objective.is_some() {
+        // happened to the attempt afterwards (unless it diverged).
+        let outcome = if t.epochs_done >= stop_epoch
+            && t.objective.is_some()
+            && outcome != AttemptOutcome::Diverged
+        {
             AttemptOutcome::Done
         } else {
             outcome
@@ -392,6 +401,26 @@ impl Driver {
         a.error = error.clone();
         match outcome {
             AttemptOutcome::Abandoned => t.state = TrialState::Pending,
+            AttemptOutcome::Diverged => {
+                t.state = TrialState::Diverged;
+                t.error = Some(format!(
+                    "diverged: {}",
+                    error.as_deref().unwrap_or("a loss became NaN or infinite")
+                ));
+                // The searchers learn that this configuration is as bad
+                // as it gets; ASHA counts it in the rung it was climbing.
+                let (number, bracket, rung, config) =
+                    (t.number, t.bracket, t.rung_results.len(), t.config.clone());
+                let worst = mode.worst();
+                if let Some(asha) = self.brackets.get_mut(bracket) {
+                    if asha.record(number, rung, worst).is_ok() {
+                        if let Some(t) = self.trials.get_mut(&number) {
+                            t.rung_results.push(worst);
+                        }
+                    }
+                }
+                self.observe(&config, worst);
+            }
             AttemptOutcome::Failed => {
                 t.failures += 1;
                 if t.failures > max_failures {
@@ -402,8 +431,7 @@ impl Driver {
                 }
             }
             AttemptOutcome::Done => {
-                let objective = t.objective;
-                let Some(value) = objective.filter(|v| !v.is_nan()) else {
+                let Some(value) = t.objective.map(|v| mode.ranked(v)) else {
                     t.state = TrialState::Failed;
                     t.error = Some(format!(
                         "the objective metric `{metric}` was not reported by epoch {stop_epoch}"
@@ -484,6 +512,7 @@ impl Driver {
     pub fn stop_paused(&mut self) -> Vec<u64> {
         let mut stopped = Vec::new();
         let mut observed = Vec::new();
+        let mode = self.config.mode;
         for t in self
             .trials
             .values_mut()
@@ -492,7 +521,7 @@ impl Driver {
             t.state = TrialState::Stopped;
             stopped.push(t.number);
             if let Some(v) = t.objective {
-                observed.push((t.config.clone(), v));
+                observed.push((t.config.clone(), mode.ranked(v)));
             }
         }
         for (config, v) in observed {
@@ -522,13 +551,27 @@ impl Driver {
     }
 }
 
+/// Drops the oldest epochs' metrics while the record's JSON is over
+/// [`MAX_TRIAL_RECORD_BYTES`] (a trial of very many epochs, or of many
+/// metrics), so etcd always takes it; the latest epoch stays.
+fn keep_record_small(t: &mut TrialRecord) {
+    while t.metrics.len() > 1 {
+        let size = serde_json::to_vec(&*t).map_or(0, |json| json.len());
+        if size <= MAX_TRIAL_RECORD_BYTES {
+            return;
+        }
+        let drop = (t.metrics.len() / 10).clamp(1, t.metrics.len() - 1);
+        t.metrics.drain(..drop);
+    }
+}
+
 /// The trial with the best latest objective among `trials`.
 pub fn best_trial<'a>(
     trials: impl Iterator<Item = &'a TrialRecord>,
     mode: Mode,
 ) -> Option<&'a TrialRecord> {
     trials
-        .filter(|t| t.objective.is_some_and(|v| !v.is_nan()))
+        .filter(|t| t.objective.is_some_and(f64::is_finite))
         .min_by(|a, b| {
             let (x, y) = (
                 a.objective.unwrap_or_default(),

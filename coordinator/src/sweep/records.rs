@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use float::Float;
+
 pub const SWEEPS_PREFIX: &str = "/ringleader/sweeps/";
 pub const TRIALS_PREFIX: &str = "/ringleader/trials/";
 
@@ -80,6 +82,10 @@ pub enum TrialState {
     /// Stopped early by the searcher.
     Stopped,
     Failed,
+    /// Its loss became NaN or infinite and the job said to stop on that
+    /// (`on_divergence = "stop"`): ended at once, never retried; searchers
+    /// count it as the worst value.
+    Diverged,
     Cancelled,
 }
 
@@ -90,6 +96,7 @@ impl TrialState {
             TrialState::Completed
                 | TrialState::Stopped
                 | TrialState::Failed
+                | TrialState::Diverged
                 | TrialState::Cancelled
         )
     }
@@ -103,6 +110,8 @@ pub enum AttemptOutcome {
     Failed,
     /// Stopped without fault (cancel, graceful worker shutdown).
     Abandoned,
+    /// The loss became non-finite and the job stops on that.
+    Diverged,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,6 +141,7 @@ impl AttemptRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u32,
+    #[serde(with = "float::map")]
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -145,6 +155,7 @@ pub struct TrialRecord {
     /// Hyperband bracket (0 for plain ASHA).
     pub bracket: usize,
     /// Objective at each ASHA rung reached, bottom first.
+    #[serde(with = "float::vec")]
     pub rung_results: Vec<f64>,
     /// Epochs covered by `checkpoint`.
     pub epochs_done: u32,
@@ -153,7 +164,7 @@ pub struct TrialRecord {
     pub attempts: Vec<AttemptRecord>,
     pub metrics: Vec<EpochMetrics>,
     /// The objective at the latest reported epoch.
-    #[serde(default)]
+    #[serde(default, with = "float::option")]
     pub objective: Option<f64>,
     #[serde(default)]
     pub checkpoint: Option<String>,
@@ -164,5 +175,207 @@ pub struct TrialRecord {
 impl TrialRecord {
     pub fn live_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts.last().filter(|a| a.is_live())
+    }
+}
+
+/// Non-finite numbers in records. JSON has no NaN or infinity, and
+/// serde_json writes them as `null`, which then does not read back as a
+/// number: one diverged trial made a whole sweep unreadable. Here a
+/// non-finite value is written as the string `"NaN"`, `"Infinity"` or
+/// `"-Infinity"` (the spelling JavaScript, Python's `json` and Jackson
+/// read), finite values stay plain numbers, and `null` (what older records
+/// hold) reads back as NaN. Every record therefore round-trips.
+pub mod float {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::ser::Serializer;
+    use serde::{Deserialize, Serialize};
+
+    /// An `f64` that survives JSON whatever its value.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct Float(pub f64);
+
+    impl Serialize for Float {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let v = self.0;
+            if v.is_finite() {
+                serializer.serialize_f64(v)
+            } else if v.is_nan() {
+                serializer.serialize_str("NaN")
+            } else if v > 0.0 {
+                serializer.serialize_str("Infinity")
+            } else {
+                serializer.serialize_str("-Infinity")
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Float {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct FloatVisitor;
+            impl Visitor<'_> for FloatVisitor {
+                type Value = Float;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a number, \"NaN\", \"Infinity\" or \"-Infinity\"")
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Float, E> {
+                    Ok(Float(v))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Float, E> {
+                    Ok(Float(v as f64))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Float, E> {
+                    Ok(Float(v as f64))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Float, E> {
+                    Ok(Float(f64::NAN))
+                }
+                fn visit_none<E: de::Error>(self) -> Result<Float, E> {
+                    Ok(Float(f64::NAN))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Float, E> {
+                    match v {
+                        "NaN" => Ok(Float(f64::NAN)),
+                        "Infinity" => Ok(Float(f64::INFINITY)),
+                        "-Infinity" => Ok(Float(f64::NEG_INFINITY)),
+                        _ => Err(E::invalid_value(de::Unexpected::Other("a string"), &self)),
+                    }
+                }
+            }
+            deserializer.deserialize_any(FloatVisitor)
+        }
+    }
+
+    /// `#[serde(with = "float::option")]`: `None` is absent or `null`.
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            v.map(Float).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            Ok(Option::<Float>::deserialize(d)?.map(|f| f.0))
+        }
+    }
+
+    /// `#[serde(with = "float::vec")]`.
+    pub mod vec {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|x| Float(*x)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+            Ok(Vec::<Float>::deserialize(d)?
+                .into_iter()
+                .map(|f| f.0)
+                .collect())
+        }
+    }
+
+    /// `#[serde(with = "float::map")]`.
+    pub mod map {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            v: &BTreeMap<String, f64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.collect_map(v.iter().map(|(k, x)| (k, Float(*x))))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<BTreeMap<String, f64>, D::Error> {
+            Ok(BTreeMap::<String, Float>::deserialize(d)?
+                .into_iter()
+                .map(|(k, f)| (k, f.0))
+                .collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(objective: Option<f64>, values: &[f64]) -> TrialRecord {
+        TrialRecord {
+            sweep: "sweep-1".into(),
+            number: 0,
+            config: BTreeMap::new(),
+            state: TrialState::Diverged,
+            bracket: 0,
+            rung_results: values.to_vec(),
+            epochs_done: 2,
+            failures: 0,
+            attempts: Vec::new(),
+            metrics: vec![EpochMetrics {
+                epoch: 2,
+                metrics: values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("m{i}"), *v))
+                    .collect(),
+            }],
+            objective,
+            checkpoint: None,
+            error: Some("diverged: loss is NaN at epoch 2".into()),
+        }
+    }
+
+    /// Bit patterns, so that NaN compares equal to NaN.
+    fn bits(t: &TrialRecord) -> (Option<u64>, Vec<u64>, Vec<u64>) {
+        (
+            t.objective.map(f64::to_bits),
+            t.rung_results.iter().map(|v| v.to_bits()).collect(),
+            t.metrics[0].metrics.values().map(|v| v.to_bits()).collect(),
+        )
+    }
+
+    #[test]
+    fn non_finite_numbers_round_trip_through_json() {
+        let values = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.25,
+            -1e300,
+            0.0,
+        ];
+        for objective in [None, Some(f64::NAN), Some(f64::INFINITY), Some(1.5)] {
+            let record = trial(objective, &values);
+            let json = serde_json::to_string(&record).unwrap();
+            let back: TrialRecord = serde_json::from_str(&json).unwrap();
+            assert_eq!(bits(&back), bits(&record), "{json}");
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let json = serde_json::to_string(&trial(Some(f64::NAN), &values)).unwrap();
+        assert!(json.contains(r#""objective":"NaN""#), "{json}");
+        assert!(json.contains(r#""m1":"Infinity""#), "{json}");
+        assert!(json.contains(r#""m2":"-Infinity""#), "{json}");
+    }
+
+    #[test]
+    fn records_written_before_the_fix_read_back() {
+        // What serde_json wrote for a NaN loss: `null`.
+        let mut json = serde_json::to_value(trial(Some(1.0), &[1.0])).unwrap();
+        json["metrics"][0]["metrics"]["m0"] = Value::Null;
+        json["rung_results"][0] = Value::Null;
+        let back: TrialRecord = serde_json::from_value(json).unwrap();
+        assert!(back.metrics[0].metrics["m0"].is_nan());
+        assert!(back.rung_results[0].is_nan());
+    }
+
+    #[test]
+    fn other_strings_are_not_numbers() {
+        let mut json = serde_json::to_value(trial(Some(1.0), &[1.0])).unwrap();
+        json["objective"] = Value::String("nan".into());
+        let error = serde_json::from_value::<TrialRecord>(json).unwrap_err();
+        assert!(error.to_string().contains("\"NaN\""), "{error}");
     }
 }

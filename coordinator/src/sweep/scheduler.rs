@@ -25,6 +25,10 @@ use super::records::{
     TrialState,
 };
 use super::template::Template;
+use crate::error::Error;
+use crate::limits::{
+    truncated, MAX_ERROR_BYTES, MAX_METRICS_PER_EPOCH, MAX_METRIC_NAME_BYTES, MAX_PATH_BYTES,
+};
 use crate::registry::{Outbound, WorkerRegistry};
 
 /// What the caller must do after a scheduler call: write, then send.
@@ -101,6 +105,11 @@ pub struct Scheduler {
     /// Until then, live attempts whose workers have not re-attached are
     /// left alone (their workers may still be re-registering).
     reattach_until: Instant,
+    /// Sweeps set aside at load because some of their records could not be
+    /// read (they are not resumed), with what was wrong.
+    damaged: BTreeMap<String, Vec<String>>,
+    /// Stored records that could not be read at load, named by key.
+    unreadable: Vec<String>,
 }
 
 impl Scheduler {
@@ -119,7 +128,35 @@ impl Scheduler {
             next_seq: 1,
             checkpoint_root,
             reattach_until,
+            damaged: BTreeMap::new(),
+            unreadable: Vec::new(),
         }
+    }
+
+    /// Loads a stored sweep that cannot be resumed because some of its
+    /// records are unreadable: it is listed and readable, with `problems`,
+    /// and nothing more is done for it.
+    pub fn set_aside(&mut self, record: SweepRecord, problems: Vec<String>) {
+        self.next_seq = self.next_seq.max(record.seq + 1);
+        self.unreadable.extend(problems.iter().cloned());
+        self.damaged.insert(record.id.clone(), problems);
+        self.finished.insert(record.id.clone(), record);
+    }
+
+    /// Notes a stored record that could not be read at all (not even as
+    /// the sweep it belongs to).
+    pub fn unreadable_record(&mut self, problem: String) {
+        self.unreadable.push(problem);
+    }
+
+    /// Every stored record this term could not read.
+    pub fn unreadable(&self) -> &[String] {
+        &self.unreadable
+    }
+
+    /// Running (and waiting) sweeps and jobs.
+    pub fn running_sweeps(&self) -> usize {
+        self.sweeps.len()
     }
 
     /// The term this scheduler belongs to (see [`Scheduler::new`]).
@@ -179,17 +216,22 @@ impl Scheduler {
         all
     }
 
-    /// A sweep's record and trials (in memory, so pending ones show too).
-    pub fn get(&self, id: &str) -> Option<(SweepRecord, Option<Vec<TrialRecord>>)> {
+    /// A sweep's record, whether its trials are in memory (it runs), and
+    /// what is wrong with it if it was set aside at load.
+    pub fn get(&self, id: &str) -> Option<(SweepRecord, bool, Vec<String>)> {
         if let Some(r) = self.finished.get(id) {
-            return Some((r.clone(), None));
+            let problems = self.damaged.get(id).cloned().unwrap_or_default();
+            return Some((r.clone(), false, problems));
         }
-        self.sweeps.values().find(|r| r.record.id == id).map(|r| {
-            (
-                r.record.clone(),
-                Some(r.driver.trials().values().cloned().collect()),
-            )
-        })
+        self.run(id).map(|r| (r.record.clone(), true, Vec::new()))
+    }
+
+    /// A running sweep's trials numbered `from` and up, in order (in
+    /// memory, so pending ones show too).
+    pub fn trials_from(&self, id: &str, from: u64) -> impl Iterator<Item = &TrialRecord> {
+        self.run(id)
+            .into_iter()
+            .flat_map(move |r| r.driver.trials().range(from..).map(|(_, t)| t))
     }
 
     /// A worker (re-)registered: re-attach the attempt it still runs, or
@@ -240,15 +282,32 @@ impl Scheduler {
         self.sweeps.values_mut().find(|r| r.record.id == sweep)
     }
 
-    /// Metrics of one epoch from rank 0 of the live attempt.
+    /// Metrics of one epoch from rank 0 of the live attempt. A report from
+    /// any other worker is refused (logged, never applied); one that
+    /// breaks the limits on metrics fails the attempt, saying why.
     pub fn epoch_report(
         &mut self,
+        worker: &str,
         attempt: &AttemptRef,
         epoch: u32,
         metrics: BTreeMap<String, f64>,
         checkpoint: Option<String>,
     ) -> Effects {
         let mut effects = Effects::default();
+        let Some(live) = self.live_attempt(attempt) else {
+            return effects;
+        };
+        if live.workers.first().map(String::as_str) != Some(worker) {
+            warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, "refused an epoch report from a worker that is not rank 0 of that attempt");
+            return effects;
+        }
+        if let Err(problem) = check_epoch_report(&metrics, checkpoint.as_deref()) {
+            warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, %problem, "refused an epoch report");
+            let epochs = self.epochs_done(attempt);
+            let error = Some(format!("{worker} sent an epoch report that {problem}"));
+            self.end_attempt(attempt, AttemptOutcome::Failed, epochs, error, &mut effects);
+            return effects;
+        }
         if let Some(run) = self.run_mut(&attempt.sweep_id) {
             if run
                 .driver
@@ -272,9 +331,14 @@ impl Scheduler {
         let Some(live) = self.live_attempt(&attempt).cloned() else {
             return effects;
         };
+        if !live.workers.iter().any(|w| w == worker) {
+            warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, "refused an end-of-attempt report from a worker outside that attempt's gang");
+            return effects;
+        }
         let outcome = match report.outcome() {
             ringleader_proto::coordinator::AttemptOutcome::Done => AttemptOutcome::Done,
             ringleader_proto::coordinator::AttemptOutcome::Abandoned => AttemptOutcome::Abandoned,
+            ringleader_proto::coordinator::AttemptOutcome::Diverged => AttemptOutcome::Diverged,
             _ => AttemptOutcome::Failed,
         };
         // We only stop attempts after ending them, so a live attempt that
@@ -291,7 +355,13 @@ impl Scheduler {
         // Only rank 0 writes checkpoints: another rank's epoch count may be
         // ahead of what exists on disk, and resuming from it would fail.
         let epochs_done = if rank0 { report.epochs_done } else { 0 };
-        let error = (!report.error.is_empty()).then(|| format!("{worker}: {}", report.error));
+        // A divergence is the trial's (every rank sees the same loss); a
+        // failure names the worker it happened on.
+        let reported = truncated(&report.error, MAX_ERROR_BYTES);
+        let error = (!reported.is_empty()).then(|| match outcome {
+            AttemptOutcome::Diverged => reported,
+            _ => format!("{worker}: {reported}"),
+        });
         self.end_attempt(&attempt, outcome, epochs_done, error, &mut effects);
         effects
     }
@@ -378,7 +448,7 @@ impl Scheduler {
     }
 
     /// Cancels a sweep: its live attempts are told to stop.
-    pub fn cancel(&mut self, id: &str) -> Result<(Effects, u32), String> {
+    pub fn cancel(&mut self, id: &str) -> Result<(Effects, u32), Error> {
         let mut effects = Effects::default();
         let Some(seq) = self
             .sweeps
@@ -387,8 +457,11 @@ impl Scheduler {
             .map(|(s, _)| *s)
         else {
             return match self.finished.get(id) {
-                Some(r) => Err(format!("{id} has already finished ({:?})", r.state)),
-                None => Err(format!("no sweep or job {id}")),
+                Some(r) => Err(Error::FailedPrecondition(format!(
+                    "{id} has already finished ({:?})",
+                    r.state
+                ))),
+                None => Err(Error::NotFound(format!("no sweep or job {id}"))),
             };
         };
         let mut run = self.sweeps.remove(&seq).expect("found above");
@@ -589,6 +662,32 @@ fn log_start(reference: &AttemptRef, work: &Work, gang: &[String]) {
         workers = gang.join(","),
         "attempt started"
     );
+}
+
+/// What is wrong with an epoch report, if anything breaks the limits.
+fn check_epoch_report(
+    metrics: &BTreeMap<String, f64>,
+    checkpoint: Option<&str>,
+) -> Result<(), String> {
+    if metrics.len() > MAX_METRICS_PER_EPOCH {
+        return Err(format!(
+            "has {} metrics; at most {MAX_METRICS_PER_EPOCH} are accepted",
+            metrics.len()
+        ));
+    }
+    if let Some(name) = metrics.keys().find(|n| n.len() > MAX_METRIC_NAME_BYTES) {
+        return Err(format!(
+            "names a metric of {} bytes; at most {MAX_METRIC_NAME_BYTES} are accepted",
+            name.len()
+        ));
+    }
+    if let Some(path) = checkpoint.filter(|p| p.len() > MAX_PATH_BYTES) {
+        return Err(format!(
+            "names a checkpoint path of {} bytes; at most {MAX_PATH_BYTES} are accepted",
+            path.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A trial's checkpoint directory: under the job's `checkpoint.dir`, or

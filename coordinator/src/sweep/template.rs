@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::driver::{DriverConfig, Source, Stopping};
 use super::records::SweepKind;
+use crate::limits::MAX_SPEC_BYTES;
 use crate::search::{Mode, Space};
 use crate::sweep_spec::{SearcherSpec, SweepSpec};
 
@@ -25,6 +26,12 @@ impl Template {
     /// Parses (and fully validates) a spec; the error names file, field
     /// and line.
     pub fn parse(kind: SweepKind, text: &str, origin: &str) -> Result<Self, String> {
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(format!(
+                "{origin}: the spec is {} bytes; at most {MAX_SPEC_BYTES} are accepted",
+                text.len()
+            ));
+        }
         match kind {
             SweepKind::Job => JobSpec::parse(text, origin)
                 .map(|j| Template::Job(Box::new(j)))
