@@ -14,7 +14,9 @@ use std::fmt::Debug;
 use ringleader_coordinator::sweep::driver::Driver;
 use ringleader_coordinator::sweep::{SweepKind, SweepRecord, Template, TrialRecord};
 use ringleader_coordinator::sweep_spec::SweepSpec;
+use ringleader_spec::job::DatasetFormat;
 use ringleader_spec::JobSpec;
+use ringleader_worker::train::dataset;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -25,6 +27,10 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sweep_spec", sweep_spec),
     ("records", records),
     ("ring_frame", ring_frame),
+    ("dataset_idx", dataset_idx),
+    ("dataset_csv", dataset_csv),
+    ("dataset_npy", dataset_npy),
+    ("dataset_safetensors", dataset_safetensors),
 ];
 
 /// The file name errors quote; any name will do.
@@ -144,13 +150,36 @@ fn round_trip<T: Serialize + DeserializeOwned + Debug>(record: &T) {
     );
 }
 
-/// A ring frame as it arrives from a peer.
+/// A ring frame as it arrives from a peer, validated against the fixed
+/// expectation `ringleader_collective::frame::FUZZ_CHECK`: any bytes get an
+/// answer, never a panic.
 pub fn ring_frame(data: &[u8]) {
-    use prost::Message;
-    use ringleader_proto::collective::RingFrame;
-    if let Ok(frame) = RingFrame::decode(data) {
-        let bytes = frame.encode_to_vec();
-        let again = RingFrame::decode(bytes.as_slice()).expect("an encoded frame decodes");
-        assert_eq!(frame, again, "a frame changes in a round trip");
+    if let Err(e) = ringleader_collective::validate_frame_bytes(data) {
+        let _ = e.to_string();
     }
+}
+
+/// A data set reader on a file's bytes (gzip or not), as a worker reads
+/// what a job names: `ringleader_worker::train::dataset::decode`. Any bytes
+/// get an answer, never a panic; an error renders.
+fn decode(format: DatasetFormat, data: &[u8]) {
+    if let Err(e) = dataset::decode(format, data) {
+        let _ = e.to_string();
+    }
+}
+
+pub fn dataset_idx(data: &[u8]) {
+    decode(DatasetFormat::Idx, data)
+}
+
+pub fn dataset_csv(data: &[u8]) {
+    decode(DatasetFormat::Csv, data)
+}
+
+pub fn dataset_npy(data: &[u8]) {
+    decode(DatasetFormat::Npy, data)
+}
+
+pub fn dataset_safetensors(data: &[u8]) {
+    decode(DatasetFormat::Safetensors, data)
 }
