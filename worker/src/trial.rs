@@ -284,6 +284,17 @@ async fn run_attempt(
     })
     .await;
     let (outcome, epochs, checkpoint, error) = match trained {
+        Ok(Ok(done)) if done.diverged.is_some() => {
+            let error = done.diverged.map(|d| d.to_string()).unwrap_or_default();
+            // The trial ends here, without retries: the epochs trained are
+            // what a person wants to see, with the last checkpoint if any.
+            (
+                AttemptOutcome::Diverged,
+                done.last_epoch,
+                done.checkpoint,
+                error,
+            )
+        }
         Ok(Ok(done)) => {
             let outcome = if done.last_epoch >= assignment.stop_epoch {
                 AttemptOutcome::Done

@@ -690,3 +690,105 @@ fn csv_npy_and_safetensors_hold_the_same_examples() {
         );
     }
 }
+
+/// A job on [`write_csv`]'s data whose learning rate jumps from 0.01 to an
+/// absurd 1e28 after the first epoch (a step schedule with gamma 1e30).
+fn diverging_job(csv: &Path, on_divergence: &str) -> JobSpec {
+    spec(json!({
+        "name": "diverge", "epochs": 4, "batch_size": 8, "seed": 3, "threads": 1,
+        "on_divergence": on_divergence,
+        "dataset": {"format": "csv", "train": {"files": [csv]}, "test": {"files": [csv]},
+                    "classes": 3},
+        "model": {"kind": "mlp", "hidden": [16]},
+        "optimizer": {"kind": "sgd", "lr": 0.01},
+        "schedule": {"kind": "step", "step_epochs": 1, "gamma": 1e30},
+    }))
+}
+
+/// Metrics with NaN made comparable (NaN != NaN).
+fn bits(reports: &[EpochReport]) -> Vec<(u32, Vec<(String, u64)>)> {
+    reports
+        .iter()
+        .map(|r| {
+            let metrics = r
+                .metrics
+                .iter()
+                .filter(|(name, _)| !name.contains("seconds") && !name.contains("per_sec"))
+                .map(|(name, value)| (name.clone(), value.to_bits()))
+                .collect();
+            (r.epoch, metrics)
+        })
+        .collect()
+}
+
+#[test]
+fn a_diverging_run_stops_at_the_first_non_finite_loss_unless_told_to_continue() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = write_csv(dir.path(), 64);
+
+    let runs: Vec<Run> = train(
+        &vec![diverging_job(&csv, "stop"); 2],
+        0,
+        4,
+        &dir.path().join("stop"),
+        None,
+    )
+    .into_iter()
+    .map(|run| run.expect("a diverged run is an outcome, not an error"))
+    .collect();
+    let stopped = &runs[0];
+    let loss = |report: &EpochReport| report.metrics["train_loss"];
+    assert!(
+        loss(&stopped.reports[0]).is_finite(),
+        "{:?}",
+        stopped.reports
+    );
+    // Epoch 1 trains at lr 0.01; epoch 2 at 1e28 diverges, and it is the
+    // last one trained: its metrics (NaN or inf included) were seen first.
+    assert_eq!(stopped.reports.len(), 2, "{:?}", stopped.reports);
+    let diverged_loss = loss(&stopped.reports[1]);
+    assert!(!diverged_loss.is_finite(), "{:?}", stopped.reports);
+    let diverged = stopped.outcome.diverged.as_ref().expect("diverged");
+    assert_eq!(
+        diverged.to_string(),
+        format!("loss is {diverged_loss} at epoch 2")
+    );
+    assert!(
+        [
+            "loss is NaN at epoch 2",
+            "loss is inf at epoch 2",
+            "loss is -inf at epoch 2"
+        ]
+        .contains(&diverged.to_string().as_str()),
+        "{diverged}"
+    );
+    assert_eq!(stopped.outcome.last_epoch, 2);
+    for other in &runs[1..] {
+        assert_eq!(bits(&other.reports), bits(&stopped.reports));
+        let other = other
+            .outcome
+            .diverged
+            .as_ref()
+            .expect("every rank diverges");
+        assert_eq!(other.to_string(), diverged.to_string());
+    }
+
+    let continued = must_train_with_nan(&diverging_job(&csv, "continue"), &dir.path().join("go"));
+    assert!(continued.outcome.diverged.is_none());
+    assert_eq!(continued.outcome.last_epoch, 4);
+    let epochs: Vec<u32> = continued.reports.iter().map(|r| r.epoch).collect();
+    assert_eq!(epochs, [1, 2, 3, 4]);
+    assert_eq!(bits(&continued.reports[..2]), bits(&stopped.reports));
+    assert!(continued.reports[2..].iter().all(|r| !loss(r).is_finite()));
+}
+
+/// Two workers train every epoch; metrics may be NaN. Rank 0's run.
+fn must_train_with_nan(spec: &JobSpec, dir: &Path) -> Run {
+    let mut runs: Vec<Run> = train(&vec![spec.clone(); 2], 0, spec.epochs, dir, None)
+        .into_iter()
+        .map(|run| run.expect("training succeeds"))
+        .collect();
+    assert_eq!(bits(&runs[1].reports), bits(&runs[0].reports));
+    runs.swap_remove(0)
+}

@@ -8,6 +8,8 @@
 //!               ──▶ per epoch: train (ddp) → average BN stats → evaluate
 //!                   → checkpoint when due (rank 0 writes, barrier)
 //!                   → on_epoch → Continue | Stop (agreed by all ranks)
+//!                   → a NaN/infinite loss with on_divergence = "stop":
+//!                     every rank returns `diverged` (same metrics, same call)
 //! ```
 //!
 //! A synthetic model skips all of it: it sleeps and reports its test
@@ -25,7 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ringleader_collective::Ring;
-use ringleader_spec::job::ModelSpec;
+use ringleader_spec::job::{ModelSpec, OnDivergence};
 use ringleader_spec::JobSpec;
 
 use checkpoint::Durability;
@@ -70,12 +72,56 @@ pub struct SegmentOutcome {
     pub metrics: BTreeMap<String, f64>,
     /// The newest checkpoint this segment wrote.
     pub checkpoint: Option<PathBuf>,
+    /// Set when the segment stopped because a loss turned non-finite and
+    /// the job's `on_divergence` is `stop`: then `last_epoch` is that epoch.
+    pub diverged: Option<Divergence>,
+}
+
+/// A loss that turned NaN or infinite after an epoch. Every rank sees the
+/// same (all-reduced) metrics, so every rank finds the same divergence.
+/// Displays as `loss is NaN at epoch 2` (`inf`, `-inf` likewise; the test
+/// loss is `test loss`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Divergence {
+    /// The metric that is not finite (`train_loss` or `test_loss`).
+    pub metric: String,
+    pub value: f64,
+    pub epoch: u32,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.metric.as_str() {
+            "train_loss" => "loss",
+            "test_loss" => "test loss",
+            other => other,
+        };
+        write!(f, "{what} is {} at epoch {}", self.value, self.epoch)
+    }
+}
+
+/// The loss metrics checked for divergence, in the order they are named.
+const LOSS_METRICS: [&str; 2] = ["train_loss", "test_loss"];
+
+/// The first loss in `metrics` that is NaN or infinite.
+pub fn divergence(epoch: u32, metrics: &BTreeMap<String, f64>) -> Option<Divergence> {
+    LOSS_METRICS.iter().find_map(|&metric| {
+        let value = *metrics.get(metric)?;
+        (!value.is_finite()).then(|| Divergence {
+            metric: metric.to_string(),
+            value,
+            epoch,
+        })
+    })
 }
 
 /// Trains `segment` on this rank. Blocking; call from a blocking thread.
 /// Ring operations run via `runtime.block_on`. `on_epoch` sees every
 /// epoch's metrics (the same on every rank); if any rank's callback returns
-/// [`Control::Stop`], every rank checkpoints and returns.
+/// [`Control::Stop`], every rank checkpoints and returns. When a loss turns
+/// NaN or infinite and the job's `on_divergence` is `stop`, every rank
+/// returns right after `on_epoch` has seen that epoch, with
+/// [`SegmentOutcome::diverged`] set (and no further checkpoint).
 pub fn run_segment(
     segment: &Segment,
     ring: &mut Ring,
@@ -145,6 +191,7 @@ fn drive(
         last_epoch: segment.start_epoch,
         metrics: BTreeMap::new(),
         checkpoint: None,
+        diverged: None,
     };
     for epoch in segment.start_epoch + 1..=segment.stop_epoch {
         let metrics = run.epoch(epoch)?;
@@ -159,7 +206,20 @@ fn drive(
             metrics,
             checkpoint,
         };
-        let stop = run.agree_to_stop(on_epoch(&report) == Control::Stop)?;
+        let asked_to_stop = on_epoch(&report) == Control::Stop;
+        if segment.spec.on_divergence == OnDivergence::Stop {
+            if let Some(diverged) = divergence(epoch, &report.metrics) {
+                // Every rank holds the same metrics, so every rank is here:
+                // no agreement (and no checkpoint of diverged weights) needed.
+                return Ok(SegmentOutcome {
+                    last_epoch: epoch,
+                    metrics: report.metrics,
+                    checkpoint: report.checkpoint.or(outcome.checkpoint),
+                    diverged: Some(diverged),
+                });
+            }
+        }
+        let stop = run.agree_to_stop(asked_to_stop)?;
         let checkpoint = match report.checkpoint {
             None if stop => Some(run.checkpoint(epoch, &report.metrics)?),
             written => written.or(outcome.checkpoint),
@@ -168,6 +228,7 @@ fn drive(
             last_epoch: epoch,
             metrics: report.metrics,
             checkpoint,
+            diverged: None,
         };
         if stop {
             break;
