@@ -41,6 +41,14 @@ pub enum CollectiveError {
     #[error("invalid frame from rank {rank}: {reason}")]
     BadFrame { rank: usize, reason: String },
 
+    /// Too many streams are already waiting for their ring on this
+    /// process; see `ServiceLimits::max_waiting_streams`.
+    #[error(
+        "too many ring streams waiting for their ring here (limit: {limit} streams; \
+         raise it with --collective-max-waiting-streams)"
+    )]
+    TooManyWaitingStreams { limit: usize },
+
     #[error("invalid ring plan: {0}")]
     InvalidPlan(String),
 
@@ -65,6 +73,9 @@ impl From<CollectiveError> for tonic::Status {
             | CollectiveError::BadFrame { .. }
             | CollectiveError::InvalidPlan(_) => tonic::Status::invalid_argument(text),
             CollectiveError::Timeout { .. } => tonic::Status::deadline_exceeded(text),
+            CollectiveError::TooManyWaitingStreams { .. } => {
+                tonic::Status::resource_exhausted(text)
+            }
             CollectiveError::PeerLost { .. } | CollectiveError::Connect { .. } => {
                 tonic::Status::unavailable(text)
             }

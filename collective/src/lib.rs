@@ -25,4 +25,4 @@ pub use error::{CollectiveError, Result};
 pub use frame::{validate_frame_bytes, validate_frame_bytes_against, FrameCheck, OpHeader};
 pub use ring::{Ring, RingOptions, RingPlan};
 pub use ringleader_proto::collective::ReduceOp;
-pub use service::CollectiveService;
+pub use service::{CollectiveService, ServiceLimits};

@@ -44,24 +44,41 @@ use crate::frame::{chunk_elements, FrameCheck, OpHeader};
 use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
 use crate::service::{CollectiveService, Inbound};
 
-/// Largest gRPC message either side accepts (a chunk plus its header).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// A tonic server tuned for ring traffic (windows, frame size), to which
-/// the caller adds [`collective_server`] and any other services.
+/// A tonic server tuned for ring traffic (windows, frame size) and bounded
+/// against strangers (stream window, streams per connection, header size),
+/// to which the caller adds [`collective_server`] and any other services.
+///
+/// The stream window is what one stream can make this process buffer
+/// before anything reads it, so a stream still waiting for its ring holds
+/// at most that much (see [`crate::service`]).
 pub fn server_builder(options: &RingOptions) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(options.stream_window)
         .initial_connection_window_size(options.connection_window)
         .max_frame_size(options.frame_bytes)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
-/// The `Collective` gRPC service with message limits that fit a chunk.
+/// HTTP/2 streams one connection may have open at once on a collective
+/// port. A ring uses one stream per connection; more are refused by HTTP/2
+/// itself (REFUSED_STREAM).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Largest header block (gRPC metadata) accepted on a collective port; a
+/// ring stream's is well under 1 KiB.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+
+/// The `Collective` gRPC service with message limits that fit a chunk of
+/// the rings its service was built for ([`ServiceLimits::max_message_bytes`]).
+///
+/// [`ServiceLimits::max_message_bytes`]: crate::service::ServiceLimits::max_message_bytes
 pub fn collective_server(service: CollectiveService) -> CollectiveServer<CollectiveService> {
+    let limit = service.limits().max_message_bytes;
     CollectiveServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit)
 }
 
 /// Who is in the ring, as the coordinator hands it out.
@@ -77,17 +94,55 @@ pub struct RingPlan {
 #[derive(Clone, Debug)]
 pub struct RingOptions {
     /// Longest wait for any frame or send; a dead peer is an error after it.
+    /// Also how long an inbound stream may wait for its ring.
     pub timeout: Duration,
-    /// Chunk size in bytes (pipelining granularity).
+    /// Chunk size in bytes (pipelining granularity). Also sets the largest
+    /// gRPC message accepted ([`RingOptions::max_message_bytes`]) and the
+    /// largest all-gather payload; every rank of a ring must use the same.
     pub chunk_bytes: usize,
     /// Frames buffered per direction.
     pub queue_depth: usize,
-    /// HTTP/2 stream and connection windows.
+    /// HTTP/2 stream window this process grants each inbound stream: what
+    /// one stream can make it buffer before the stream is read, whether or
+    /// not a ring claims it.
     pub stream_window: u32,
+    /// HTTP/2 connection window (all streams of one connection together).
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept (hyper's default is 16 KiB).
     pub frame_bytes: u32,
+    /// Most inbound streams waiting for their ring at once (see
+    /// [`crate::service::ServiceLimits::max_waiting_streams`]).
+    pub max_waiting_streams: usize,
 }
+
+impl RingOptions {
+    /// Largest payload of one frame: a chunk (at least one f64 element).
+    pub fn max_payload_bytes(&self) -> usize {
+        self.chunk_bytes.max(8)
+    }
+
+    /// Largest gRPC message sent or accepted on a ring stream: a chunk plus
+    /// the frame header ([`crate::frame::FRAME_OVERHEAD_BYTES`]).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_payload_bytes()
+            .saturating_add(crate::frame::FRAME_OVERHEAD_BYTES)
+    }
+}
+
+/// Default [`RingOptions::stream_window`]: 1 MiB (the connection window is
+/// twice that).
+///
+/// This is what any stream, claimed or not, can make a worker buffer, so it
+/// bounds what strangers cost: with 32 streams pushing at a worker's port,
+/// the old 16 MiB window grew it by ~690 MiB, 1 MiB by ~30 MiB. HTTP/2 (h2
+/// under hyper) has no per-stream window that could be raised only once a
+/// ring claims the stream, and hyper's adaptive (BDP) window, which grows
+/// only on connections whose data is read, made small all-reduces 40–80×
+/// slower on loopback. All-reduce bandwidth with 1 MiB is the same as with
+/// 16 MiB within noise (`ringleader-ring --mode bench`, 1 MiB chunks);
+/// windows of 2–3 MiB stall (5× slower, reproducibly), so measure before
+/// changing it.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
 
 impl Default for RingOptions {
     fn default() -> Self {
@@ -95,9 +150,10 @@ impl Default for RingOptions {
             timeout: Duration::from_secs(10),
             chunk_bytes: 1 << 20,
             queue_depth: 8,
-            stream_window: 16 << 20,
-            connection_window: 32 << 20,
+            stream_window: DEFAULT_STREAM_WINDOW,
+            connection_window: 2 * DEFAULT_STREAM_WINDOW,
             frame_bytes: (1 << 20) - 1,
+            max_waiting_streams: crate::service::DEFAULT_MAX_WAITING_STREAMS,
         }
     }
 }
@@ -135,7 +191,7 @@ impl<'a> Place<'a> {
             rank: self.rank,
             world: self.world,
             chunk_bytes: self.options.chunk_bytes,
-            max_gather_bytes: self.options.chunk_bytes,
+            max_gather_bytes: self.options.max_payload_bytes(),
         }
     }
 }
@@ -202,8 +258,8 @@ impl Ring {
             (plan.rank as u64).into(),
         );
         let mut client = CollectiveClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(ring.options.max_message_bytes())
+            .max_encoding_message_size(ring.options.max_message_bytes());
         let call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
         // Every rank opened its outgoing stream before waiting here, so once
         // our predecessor's stream is in, every link of the ring exists and a
@@ -279,11 +335,11 @@ impl Ring {
     /// Every rank's `payload`, indexed by rank. For small payloads: each
     /// travels as one frame, so at most [`RingOptions::chunk_bytes`] each.
     pub async fn all_gather(&mut self, payload: Bytes) -> Result<Vec<Bytes>> {
-        if payload.len() > self.options.chunk_bytes {
+        if payload.len() > self.options.max_payload_bytes() {
             return Err(CollectiveError::InvalidPlan(format!(
                 "all-gather payload of {} bytes is over the ring's chunk size of {} bytes",
                 payload.len(),
-                self.options.chunk_bytes
+                self.options.max_payload_bytes()
             )));
         }
         let header = self.begin(OpKind::AllGather, DType::Bytes, ReduceOp::Unspecified, 0, 0)?;

@@ -47,9 +47,13 @@ struct Args {
     timeout: f64,
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
-    /// HTTP/2 stream window in bytes (default: RingOptions' default).
-    #[arg(long)]
+    /// HTTP/2 stream window in bytes (default: RingOptions' default); the
+    /// connection window is twice this.
+    #[arg(long, env = "RINGLEADER_COLLECTIVE_STREAM_WINDOW")]
     stream_window: Option<u32>,
+    /// Most inbound streams waiting for their ring at once.
+    #[arg(long, env = "RINGLEADER_COLLECTIVE_MAX_WAITING_STREAMS", default_value_t = ringleader_collective::service::DEFAULT_MAX_WAITING_STREAMS)]
+    max_waiting_streams: usize,
     /// check: also all-reduce this many f32 elements (0 = skip).
     #[arg(long, default_value_t = 0)]
     big: usize,
@@ -82,6 +86,7 @@ async fn main() -> Result<()> {
     let options = RingOptions {
         timeout: Duration::from_secs_f64(args.timeout),
         chunk_bytes: args.chunk_bytes,
+        max_waiting_streams: args.max_waiting_streams,
         ..RingOptions::default()
     };
     let options = match args.stream_window {
@@ -92,7 +97,7 @@ async fn main() -> Result<()> {
         },
         None => options,
     };
-    let service = CollectiveService::new(options.timeout);
+    let service = CollectiveService::for_rings(&options);
     let listener = TcpListener::bind(listen).await?;
     let stop_serving = tokio_util::sync::CancellationToken::new();
     let server = ring::server_builder(&options)
