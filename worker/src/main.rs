@@ -71,6 +71,41 @@ struct Args {
     #[arg(long, env = "RINGLEADER_COLLECTIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     collective_timeout: Duration,
 
+    /// Most ring streams that may wait on the collective port for their
+    /// ring to be built here; more are refused with RESOURCE_EXHAUSTED.
+    /// Each waiting stream can make the worker buffer up to one stream
+    /// window (--collective-stream-window) before it is read.
+    #[arg(
+        long,
+        env = "RINGLEADER_COLLECTIVE_MAX_WAITING_STREAMS",
+        default_value_t = ringleader_collective::service::DEFAULT_MAX_WAITING_STREAMS as u64,
+        value_parser = clap::value_parser!(u64).range(1..=4096)
+    )]
+    collective_max_waiting_streams: u64,
+
+    /// HTTP/2 stream window of the collective port, in bytes: what any one
+    /// inbound stream can make the worker buffer before it is read (the
+    /// connection window is twice this). 1 MiB keeps all-reduce bandwidth;
+    /// 2–3 MiB measured slower.
+    #[arg(
+        long,
+        env = "RINGLEADER_COLLECTIVE_STREAM_WINDOW",
+        default_value_t = ringleader_collective::ring::DEFAULT_STREAM_WINDOW,
+        value_parser = clap::value_parser!(u32).range(65_535..=(1 << 30))
+    )]
+    collective_stream_window: u32,
+
+    /// Ring chunk size in bytes (pipelining granularity). It also caps
+    /// every ring message (a chunk plus 128 bytes of header) and all-gather
+    /// payloads. Every worker of a cluster must use the same value.
+    #[arg(
+        long,
+        env = "RINGLEADER_COLLECTIVE_CHUNK_BYTES",
+        default_value_t = RingOptions::default().chunk_bytes as u64,
+        value_parser = clap::value_parser!(u64).range(1024..=(64 << 20))
+    )]
+    collective_chunk_bytes: u64,
+
     /// libtorch threads per attempt when the job does not set `threads`
     /// (0: libtorch's default, one per core). Workers sharing a machine
     /// should split its cores (`ringleader local` does).
@@ -125,10 +160,14 @@ async fn run(args: Args) -> Result<()> {
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
     let ring_options = RingOptions {
         timeout: args.collective_timeout,
+        chunk_bytes: args.collective_chunk_bytes as usize,
+        stream_window: args.collective_stream_window,
+        connection_window: args.collective_stream_window.saturating_mul(2),
+        max_waiting_streams: args.collective_max_waiting_streams as usize,
         ..RingOptions::default()
     };
     // Rings built from coordinator plans register here.
-    let collectives = CollectiveService::new(ring_options.timeout);
+    let collectives = CollectiveService::for_rings(&ring_options);
     // The peer server outlives the signal: ring partners still need it
     // while the running attempt winds down.
     let server_stop = CancellationToken::new();
