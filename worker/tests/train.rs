@@ -467,13 +467,14 @@ fn bad_datasets_are_errors_that_name_the_file_and_the_place() {
     let text = write(dir, "text.idx", b"hello, world");
     let message = dataset_error(dir, idx(&text, &labels));
     assert!(
-        message.contains("text.idx") && message.contains("not an IDX file"),
+        message.contains("text.idx") && message.contains("expected an IDX file"),
         "{message}"
     );
 
     let message = dataset_error(dir, idx(&images, &labels));
     assert!(
-        message.contains("labels.idx: example 3: label 12 is outside 0..10"),
+        message
+            .contains("labels.idx: example 3: expected a label in 0..10, found one of 10 or more"),
         "{message}"
     );
 
@@ -483,17 +484,19 @@ fn bad_datasets_are_errors_that_name_the_file_and_the_place() {
     };
     let message = dataset_error(dir, csv("columns.csv", "x,y,label\n1,2,0\n3,1\n"));
     assert!(
-        message.contains("columns.csv: line 3: expected 3 columns, got 2"),
+        message.contains("columns.csv:3: expected 3 columns, found 2"),
         "{message}"
     );
     let message = dataset_error(dir, csv("cell.csv", "1,2,0\n3,abc,1\n"));
     assert!(
-        message.contains("cell.csv: line 2, column 2: \"abc\" is not a number"),
+        message.contains(
+            "cell.csv:2:2: expected a number in column 2 (feature), found text of 3 bytes"
+        ),
         "{message}"
     );
     let message = dataset_error(dir, csv("label.csv", "1,2,0\n3,4,1\n5,6,7\n"));
     assert!(
-        message.contains("label.csv: line 3: label 7 is outside 0..3"),
+        message.contains("label.csv:3:3: expected a label in 0..3, found one of 3 or more"),
         "{message}"
     );
 

@@ -15,7 +15,7 @@ use ringleader_collective::ReduceOp;
 use ringleader_spec::job::{DatasetFormat, DatasetSpec, Normalize, SplitSpec};
 use tch::{Kind, Tensor};
 
-use super::error::{unreadable, Position, TrainError};
+use super::error::{unreadable, CsvRole, Found, Position, TrainError};
 
 /// One split, resident in memory.
 #[derive(Debug)]
@@ -245,8 +245,8 @@ fn check_label(
         Err(TrainError::LabelOutOfRange {
             path: path.to_path_buf(),
             position,
-            value,
             classes,
+            negative: value < 0,
         })
     }
 }
@@ -277,6 +277,27 @@ impl Dtype {
             Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
         }
     }
+
+    /// A little-endian element as `i64` (`None` for floats). `u64` beyond
+    /// `i64::MAX` saturates: it is out of any label range anyway.
+    fn integer(self, bytes: &[u8]) -> Option<i64> {
+        let array = |n| -> Option<[u8; 8]> {
+            let mut out = [0; 8];
+            out[..n].copy_from_slice(bytes.get(..n)?);
+            Some(out)
+        };
+        Some(match self {
+            Dtype::U8 => i64::from(*bytes.first()?),
+            Dtype::I8 => i64::from(*bytes.first()? as i8),
+            Dtype::I16 => i64::from(i16::from_le_bytes([*bytes.first()?, *bytes.get(1)?])),
+            Dtype::U16 => i64::from(u16::from_le_bytes([*bytes.first()?, *bytes.get(1)?])),
+            Dtype::I32 => i64::from(u32::from_le_bytes(array(4)?[..4].try_into().ok()?) as i32),
+            Dtype::U32 => i64::from(u32::from_le_bytes(array(4)?[..4].try_into().ok()?)),
+            Dtype::I64 => i64::from_le_bytes(array(8)?),
+            Dtype::U64 => i64::try_from(u64::from_le_bytes(array(8)?)).unwrap_or(i64::MAX),
+            Dtype::F32 | Dtype::F64 => return None,
+        })
+    }
 }
 
 /// A little-endian, C-order array borrowed from a file's bytes.
@@ -287,12 +308,17 @@ struct Array<'a> {
 }
 
 impl<'a> Array<'a> {
+    /// Checks `shape` against the bytes actually there before anything is
+    /// allocated: the shape comes from the file and may claim anything.
     fn new(
         path: &Path,
         dtype: Dtype,
         shape: Vec<usize>,
         data: &'a [u8],
     ) -> Result<Self, TrainError> {
+        if shape.is_empty() {
+            return Err(array_error(path, "a scalar is not a dataset".into()));
+        }
         let expected = shape
             .iter()
             .try_fold(dtype.size(), |bytes, &d| bytes.checked_mul(d));
@@ -306,15 +332,25 @@ impl<'a> Array<'a> {
                 ),
             ));
         }
-        if shape.is_empty() {
-            return Err(array_error(path, "a scalar is not a dataset".into()));
+        // An empty array could claim any other dimension (and a model
+        // sized from it would try to allocate that).
+        if data.is_empty() {
+            return Err(array_error(
+                path,
+                format!("holds no examples (shape {shape:?})"),
+            ));
         }
         Ok(Self { dtype, shape, data })
     }
 
     /// Features as `f32`; bytes are scaled to [0, 1].
     fn features(&self, path: &Path) -> Result<Tensor, TrainError> {
-        let size: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        let size = self
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| array_error(path, format!("shape {:?} is too large", self.shape)))?;
         let kind = match self.dtype {
             Dtype::U8 => Kind::Uint8,
             Dtype::F32 => Kind::Float,
@@ -326,9 +362,10 @@ impl<'a> Array<'a> {
                 ))
             }
         };
+        // `data` holds exactly the bytes `size` needs (checked in `new`).
         let tensor = Tensor::f_from_data_size(self.data, &size, kind)?.f_to_kind(Kind::Float)?;
         Ok(if kind == Kind::Uint8 {
-            tensor / 255.0
+            tensor.f_div_scalar(255.0)?
         } else {
             tensor
         })
@@ -345,30 +382,19 @@ impl<'a> Array<'a> {
                 ),
             ));
         }
-        let decode: fn(&[u8]) -> i64 = match self.dtype {
-            Dtype::U8 => |b| i64::from(b[0]),
-            Dtype::I8 => |b| i64::from(b[0] as i8),
-            Dtype::I16 => |b| i64::from(i16::from_le_bytes([b[0], b[1]])),
-            Dtype::U16 => |b| i64::from(u16::from_le_bytes([b[0], b[1]])),
-            Dtype::I32 => |b| i64::from(i32::from_le_bytes(b.try_into().expect("4 bytes"))),
-            Dtype::U32 => |b| i64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))),
-            Dtype::I64 => |b| i64::from_le_bytes(b.try_into().expect("8 bytes")),
-            // Beyond i64::MAX is out of range anyway; saturate so the error shows it.
-            Dtype::U64 => |b| {
-                i64::try_from(u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .unwrap_or(i64::MAX)
-            },
-            other => {
-                return Err(array_error(
-                    path,
-                    format!("labels must be integers, not {other:?}"),
-                ))
-            }
-        };
+        if matches!(self.dtype, Dtype::F32 | Dtype::F64) {
+            return Err(array_error(
+                path,
+                format!("labels must be integers, not {:?}", self.dtype),
+            ));
+        }
         self.data
             .chunks_exact(self.dtype.size())
             .enumerate()
-            .map(|(i, bytes)| check_label(path, Position::Example(i), decode(bytes), classes))
+            .map(|(i, bytes)| {
+                let value = self.dtype.integer(bytes).unwrap_or(i64::MAX);
+                check_label(path, Position::Example(i), value, classes)
+            })
             .collect()
     }
 }
@@ -383,40 +409,34 @@ fn array_error(path: &Path, what: String) -> TrainError {
 // ---------------------------------------------------------------- IDX
 
 /// An IDX file's dimensions and payload: magic `00 00 08 <ndims>` (unsigned
-/// bytes), then `ndims` big-endian u32 sizes, then the data.
+/// bytes), then `ndims` big-endian u32 sizes, then the data. The sizes are
+/// checked against the file's length before anything is allocated.
 fn idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize), TrainError> {
-    let magic: [u8; 4] = match bytes.get(..4) {
-        Some(m) => m.try_into().expect("4 bytes"),
-        None => {
-            let mut m = [0; 4];
-            m[..bytes.len()].copy_from_slice(bytes);
-            m
+    let ndims = match bytes {
+        [0, 0, 0x08, ndims, ..] if *ndims > 0 => usize::from(*ndims),
+        _ => {
+            return Err(TrainError::IdxMagic {
+                path: path.to_path_buf(),
+            })
         }
     };
-    if bytes.len() < 4 || magic[..3] != [0, 0, 0x08] || magic[3] == 0 {
-        return Err(TrainError::IdxMagic {
-            path: path.to_path_buf(),
-            magic,
-        });
-    }
-    let header = 4 + 4 * usize::from(magic[3]);
-    let truncated = |expected: usize| TrainError::IdxTruncated {
+    let header = 4 + 4 * ndims;
+    let truncated = |expected: Option<usize>| TrainError::IdxTruncated {
         path: path.to_path_buf(),
-        expected: expected as u64,
+        expected: expected.map_or(u64::MAX, |e| e as u64),
         actual: bytes.len() as u64,
     };
     let dims: Vec<usize> = bytes
         .get(4..header)
-        .ok_or_else(|| truncated(header))?
+        .ok_or_else(|| truncated(Some(header)))?
         .chunks_exact(4)
-        .map(|d| u32::from_be_bytes(d.try_into().expect("4 bytes")) as usize)
+        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize)
         .collect();
     let expected = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .and_then(|n| n.checked_add(header))
-        .unwrap_or(usize::MAX);
-    if bytes.len() != expected {
+        .and_then(|n| n.checked_add(header));
+    if expected != Some(bytes.len()) {
         return Err(truncated(expected));
     }
     Ok((dims, header))
@@ -428,50 +448,263 @@ fn idx_features(path: &Path, bytes: &[u8]) -> Result<Tensor, TrainError> {
     if dims.len() == 3 {
         dims.insert(1, 1);
     }
-    Array::new(path, Dtype::U8, dims, &bytes[header..])?.features(path)
+    Array::new(
+        path,
+        Dtype::U8,
+        dims,
+        bytes.get(header..).unwrap_or_default(),
+    )?
+    .features(path)
 }
 
 fn idx_labels(path: &Path, bytes: &[u8], classes: u32) -> Result<Vec<i64>, TrainError> {
     let (dims, header) = idx(path, bytes)?;
-    Array::new(path, Dtype::U8, dims, &bytes[header..])?.labels(path, classes)
+    Array::new(
+        path,
+        Dtype::U8,
+        dims,
+        bytes.get(header..).unwrap_or_default(),
+    )?
+    .labels(path, classes)
 }
 
 // ---------------------------------------------------------------- npy
+//
+// Hand-written rather than a crate's: npyz 0.9 allocates the header length
+// the file claims (up to 4 GiB) before reading it, multiplies the shape
+// without overflow checks (a panic where overflow checks are on, as in fuzz
+// builds), and its errors quote the header; ndarray-npy needs ndarray and
+// parses the header through the same Python-literal crate. The format is
+// small: magic, version, header length, a Python dict literal, the data.
 
 /// Parses a `.npy` file (format versions 1–3): `\x93NUMPY`, version, header
 /// length, then a Python dict literal with `descr`, `fortran_order`, `shape`.
 fn npy<'a>(path: &Path, bytes: &'a [u8]) -> Result<Array<'a>, TrainError> {
-    let bad = |what: &str| array_error(path, format!("not a usable .npy file: {what}"));
-    if !bytes.starts_with(b"\x93NUMPY") || bytes.len() < 10 {
-        return Err(bad("no \\x93NUMPY magic"));
-    }
-    let (length, start) = match bytes[6] {
-        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize,
-            12,
-        ),
-        _ => return Err(bad("unknown format version")),
+    let bad = |what: String| array_error(path, format!("not a usable .npy file: {what}"));
+    let (length, start) = match bytes {
+        [0x93, b'N', b'U', b'M', b'P', b'Y', 1, _, a, b, ..] => {
+            (usize::from(u16::from_le_bytes([*a, *b])), 10usize)
+        }
+        [0x93, b'N', b'U', b'M', b'P', b'Y', 2 | 3, _, a, b, c, d, ..] => {
+            (u32::from_le_bytes([*a, *b, *c, *d]) as usize, 12)
+        }
+        [0x93, b'N', b'U', b'M', b'P', b'Y', ..] => {
+            return Err(bad("expected format version 1, 2 or 3".into()))
+        }
+        _ => return Err(bad("expected the magic \\x93NUMPY at byte 0".into())),
     };
-    let header = bytes
-        .get(start..start + length)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| bad("truncated header"))?;
-    let descr = header_value(header, "descr").ok_or_else(|| bad("no descr"))?;
-    if header_value(header, "fortran_order") != Some("False") {
+    // Borrowed, never allocated: a header length past the end is an error.
+    let header = start
+        .checked_add(length)
+        .and_then(|end| bytes.get(start..end))
+        .ok_or_else(|| {
+            bad(format!(
+                "the header claims {length} bytes, the file holds {} after byte {start}",
+                bytes.len().saturating_sub(start)
+            ))
+        })?;
+    let header = NpyHeader::parse(header).map_err(bad)?;
+    if header.fortran_order {
         return Err(bad(
-            "Fortran order is not supported (save with np.ascontiguousarray)",
+            "header key 'fortran_order': Fortran order is not supported \
+             (save with np.ascontiguousarray)"
+                .into(),
         ));
     }
-    let shape = header_value(header, "shape")
-        .ok_or_else(|| bad("no shape"))?
-        .trim_matches(|c| c == '(' || c == ')')
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse::<usize>().map_err(|_| bad("bad shape")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let dtype = match descr.trim_start_matches(['<', '|', '=']) {
+    Array::new(
+        path,
+        header.dtype,
+        header.shape,
+        bytes.get(start + length..).unwrap_or_default(),
+    )
+}
+
+/// The three keys of a `.npy` header.
+#[derive(Debug, PartialEq)]
+struct NpyHeader {
+    dtype: Dtype,
+    fortran_order: bool,
+    shape: Vec<usize>,
+}
+
+/// A value in a `.npy` header dict.
+#[derive(Debug, PartialEq)]
+enum PyValue<'h> {
+    Str(&'h str),
+    Bool(bool),
+    Tuple(Vec<usize>),
+}
+
+/// The header's bytes, read left to right.
+struct HeaderText<'h> {
+    text: &'h [u8],
+    at: usize,
+}
+
+impl<'h> HeaderText<'h> {
+    fn skip_space(&mut self) {
+        while self.text.get(self.at).is_some_and(u8::is_ascii_whitespace) {
+            self.at += 1;
+        }
+    }
+
+    /// Consumes `byte` (after white space) if it is next.
+    fn eat(&mut self, byte: u8) -> bool {
+        self.skip_space();
+        let found = self.text.get(self.at) == Some(&byte);
+        if found {
+            self.at += 1;
+        }
+        found
+    }
+
+    fn expect(&mut self, byte: u8, what: &str) -> Result<(), String> {
+        if self.eat(byte) {
+            Ok(())
+        } else {
+            Err(self.error(what))
+        }
+    }
+
+    /// Where parsing stopped, without quoting what is there.
+    fn error(&self, what: &str) -> String {
+        format!("header: expected {what} at byte {} of the header", self.at)
+    }
+
+    /// A quoted string (no escapes: none of the values we read has one).
+    fn string(&mut self) -> Option<&'h str> {
+        self.skip_space();
+        let quote = *self
+            .text
+            .get(self.at)
+            .filter(|&&q| q == b'\'' || q == b'"')?;
+        let rest = self.text.get(self.at + 1..)?;
+        let end = rest.iter().position(|&b| b == quote)?;
+        let text = std::str::from_utf8(&rest[..end]).ok()?;
+        self.at += end + 2;
+        Some(text)
+    }
+
+    fn word(&mut self) -> &'h [u8] {
+        self.skip_space();
+        let start = self.at;
+        while self
+            .text
+            .get(self.at)
+            .is_some_and(u8::is_ascii_alphanumeric)
+        {
+            self.at += 1;
+        }
+        &self.text[start..self.at]
+    }
+
+    fn value(&mut self, key: &str) -> Result<PyValue<'h>, String> {
+        let wrong = |what: &str| format!("header key '{key}': expected {what}");
+        self.skip_space();
+        match self.text.get(self.at) {
+            Some(b'\'' | b'"') => self
+                .string()
+                .map(PyValue::Str)
+                .ok_or_else(|| wrong("a closed string")),
+            Some(b'(') => {
+                self.at += 1;
+                let mut dims = Vec::new();
+                loop {
+                    if self.eat(b')') {
+                        return Ok(PyValue::Tuple(dims));
+                    }
+                    let digits = self.word();
+                    let dim = std::str::from_utf8(digits)
+                        .ok()
+                        .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|d| d.parse::<usize>().ok())
+                        .ok_or_else(|| wrong("a tuple of sizes (non-negative integers)"))?;
+                    dims.push(dim);
+                    if !self.eat(b',') {
+                        self.expect(b')', &wrong("',' or ')' in the shape"))?;
+                        return Ok(PyValue::Tuple(dims));
+                    }
+                }
+            }
+            _ => match self.word() {
+                b"True" => Ok(PyValue::Bool(true)),
+                b"False" => Ok(PyValue::Bool(false)),
+                _ => Err(wrong("a string, True, False or a tuple")),
+            },
+        }
+    }
+}
+
+impl NpyHeader {
+    /// Parses the dict literal; errors name the key or the byte offset in
+    /// the header where it went wrong, never the header's text.
+    fn parse(text: &[u8]) -> Result<Self, String> {
+        let mut header = HeaderText { text, at: 0 };
+        header.expect(b'{', "'{' (a Python dict literal)")?;
+        let (mut descr, mut fortran_order, mut shape) = (None, None, None);
+        while !header.eat(b'}') {
+            header.skip_space();
+            let key_at = header.at;
+            let key = header
+                .string()
+                .ok_or_else(|| header.error("a quoted key or '}'"))?;
+            let (slot, name) = match key {
+                "descr" => (&mut descr, "descr"),
+                "fortran_order" => (&mut fortran_order, "fortran_order"),
+                "shape" => (&mut shape, "shape"),
+                _ => {
+                    return Err(format!(
+                        "header: the key at byte {key_at} of the header is not one of \
+                         'descr', 'fortran_order' and 'shape'"
+                    ))
+                }
+            };
+            header.expect(b':', &format!("':' after key '{name}'"))?;
+            let value = header.value(name)?;
+            if slot.replace(value).is_some() {
+                return Err(format!("header key '{name}' appears twice"));
+            }
+            if !header.eat(b',') {
+                header.expect(b'}', "',' or '}'")?;
+                break;
+            }
+        }
+        header.skip_space();
+        if header.at != text.len() {
+            return Err(header.error("only white space after the dict"));
+        }
+        let missing = |key: &str| format!("header key '{key}' is missing");
+        let dtype = match descr.ok_or_else(|| missing("descr"))? {
+            PyValue::Str(descr) => npy_dtype(descr).ok_or_else(|| {
+                "header key 'descr': expected a little-endian integer type, '<f4' or '<f8'"
+                    .to_string()
+            })?,
+            _ => return Err("header key 'descr': expected a type string such as '<f4'".into()),
+        };
+        let fortran_order = match fortran_order.ok_or_else(|| missing("fortran_order"))? {
+            PyValue::Bool(b) => b,
+            _ => return Err("header key 'fortran_order': expected True or False".into()),
+        };
+        let shape = match shape.ok_or_else(|| missing("shape"))? {
+            PyValue::Tuple(shape) => shape,
+            _ => return Err("header key 'shape': expected a tuple of sizes".into()),
+        };
+        Ok(NpyHeader {
+            dtype,
+            fortran_order,
+            shape,
+        })
+    }
+}
+
+/// Our element type for a `.npy` `descr`: little-endian (or byte-sized)
+/// integers, `f4` and `f8`.
+fn npy_dtype(descr: &str) -> Option<Dtype> {
+    let (order, code) = descr.split_at_checked(1)?;
+    if !matches!(order, "<" | "|" | "=") {
+        return None;
+    }
+    Some(match code {
         "u1" => Dtype::U8,
         "i1" => Dtype::I8,
         "i2" => Dtype::I16,
@@ -482,27 +715,8 @@ fn npy<'a>(path: &Path, bytes: &'a [u8]) -> Result<Array<'a>, TrainError> {
         "u8" => Dtype::U64,
         "f4" => Dtype::F32,
         "f8" => Dtype::F64,
-        _ => {
-            return Err(array_error(
-                path,
-                format!("unsupported dtype {descr:?} (use little-endian ints, f4 or f8)"),
-            ))
-        }
-    };
-    Array::new(path, dtype, shape, &bytes[start + length..])
-}
-
-/// The raw text of `key`'s value in a `.npy` header dict: a quoted string,
-/// a tuple, or a bare word.
-fn header_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
-    let rest = &header[header.find(&format!("'{key}'"))? + key.len() + 2..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let end = match rest.chars().next()? {
-        '\'' => return rest[1..].split('\'').next(),
-        '(' => rest.find(')')? + 1,
-        _ => rest.find([',', '}'])?,
-    };
-    Some(rest[..end].trim())
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------- safetensors
@@ -513,13 +727,40 @@ fn safetensors_split(
     split: &SplitSpec,
     classes: u32,
 ) -> Result<Split, TrainError> {
-    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| TrainError::Array {
-        path: path.to_path_buf(),
-        what: format!("not a safetensors file: {e}"),
+    // The crate checks the header length against the bytes before reading
+    // it, and the tensors' sizes against their offsets.
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        array_error(
+            path,
+            format!("not a usable safetensors file: {}", safetensors_error(&e)),
+        )
     })?;
     let features = safetensor(path, &file, &split.features_key)?.features(path)?;
     let labels = safetensor(path, &file, &split.labels_key)?.labels(path, classes)?;
     paired(path, features, labels)
+}
+
+/// The crate's error in our words: its own messages may quote the header
+/// (JSON errors, tensor names).
+fn safetensors_error(error: &safetensors::SafeTensorError) -> &'static str {
+    use safetensors::SafeTensorError as E;
+    match error {
+        E::HeaderTooSmall => "expected an 8-byte header length at byte 0",
+        E::HeaderTooLarge => "the header length is over the 100 MB the format allows",
+        E::InvalidHeaderLength => "the header length runs past the end of the file",
+        E::InvalidHeader(_) => "the header is not UTF-8 text",
+        E::InvalidHeaderStart | E::InvalidHeaderDeserialization(_) | E::JsonError(_) => {
+            "the header is not a JSON object of tensors (dtype, shape, data_offsets)"
+        }
+        E::InvalidOffset(_) => "a tensor's data_offsets do not follow the previous tensor's",
+        E::TensorInvalidInfo | E::InvalidTensorView(..) | E::MisalignedSlice => {
+            "a tensor's shape and dtype disagree with its data_offsets"
+        }
+        E::ValidationOverflow => "a tensor's shape is too large",
+        E::MetadataIncompleteBuffer => "the tensors do not cover the data exactly",
+        E::TensorNotFound(_) => "a tensor is missing",
+        _ => "the file is not valid",
+    }
 }
 
 fn safetensor<'a>(
@@ -528,10 +769,11 @@ fn safetensor<'a>(
     key: &str,
 ) -> Result<Array<'a>, TrainError> {
     use safetensors::Dtype as S;
+    // `key` comes from the job spec; the names in the file are not repeated.
     let view = file.tensor(key).map_err(|_| {
         array_error(
             path,
-            format!("no tensor named {key:?} (it holds {:?})", file.names()),
+            format!("no tensor named {key:?} (the file holds {})", file.len()),
         )
     })?;
     let dtype = match view.dtype() {
@@ -557,70 +799,123 @@ fn safetensor<'a>(
 
 // ---------------------------------------------------------------- CSV
 
-/// Numeric CSV: every column a feature except `label_column`. A header is
-/// recognised when the split says so or, unset, when the first line has a
-/// cell that is not a number.
+/// Numeric CSV (the `csv` crate; cells trimmed, `"` quoting, blank lines
+/// skipped): every column a feature except `label_column`. A header is
+/// recognised when the split says so or, unset, when the first record has
+/// a cell that is not a number.
 fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Split, TrainError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| array_error(path, format!("not UTF-8 text: {e}")))?;
-    let mut columns = None;
+    let mut reader = ::csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(::csv::Trim::All)
+        .from_reader(bytes);
+    let mut record = ::csv::ByteRecord::new();
+    let mut layout: Option<(usize, usize)> = None; // (columns, label column)
     let mut features = Vec::new();
     let mut labels = Vec::new();
     let mut first = true;
-    for (index, line) in text.lines().enumerate() {
-        let line_no = index + 1;
-        if line.trim().is_empty() {
+    loop {
+        let more = reader.read_byte_record(&mut record).map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line() as usize);
+            array_error(path, format!("line {line}: cannot read CSV"))
+        })?;
+        if !more {
+            break;
+        }
+        let line = record.position().map_or(0, |p| p.line() as usize);
+        // A line of white space is one empty cell: skip it as blank.
+        if record.len() == 1 && record[0].is_empty() {
             continue;
         }
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if std::mem::take(&mut first)
             && split
                 .header
-                .unwrap_or_else(|| cells.iter().any(|c| c.parse::<f64>().is_err()))
+                .unwrap_or_else(|| record.iter().any(|cell| number::<f64>(cell).is_err()))
         {
             continue;
         }
-        let expected = *columns.get_or_insert(cells.len());
-        if cells.len() != expected {
+        let (columns, label_column) = match layout {
+            Some(layout) => layout,
+            None => *layout.insert((record.len(), label_column(path, split, record.len())?)),
+        };
+        if record.len() != columns {
             return Err(TrainError::CsvColumns {
                 path: path.to_path_buf(),
-                line: line_no,
-                expected,
-                got: cells.len(),
+                line,
+                expected: columns,
+                found: record.len(),
             });
         }
-        let label_column = usize::try_from(if split.label_column < 0 {
-            expected as i64 + split.label_column
-        } else {
-            split.label_column
-        })
-        .ok()
-        .filter(|&c| c < expected)
-        .ok_or_else(|| {
-            TrainError::DatasetSpec(format!(
-                "label_column {} does not exist in {} ({expected} columns)",
-                split.label_column,
-                path.display()
-            ))
-        })?;
-        for (column, cell) in cells.iter().enumerate() {
-            let not_numeric = || TrainError::CsvNotNumeric {
+        for (index, cell) in record.iter().enumerate() {
+            let column = index + 1;
+            let bad = |role, found| TrainError::CsvCell {
                 path: path.to_path_buf(),
-                line: line_no,
-                column: column + 1,
-                value: cell.to_string(),
+                line,
+                column,
+                role,
+                found,
             };
-            if column == label_column {
-                let value = cell.parse::<i64>().map_err(|_| not_numeric())?;
-                labels.push(check_label(path, Position::Line(line_no), value, classes)?);
+            if index == label_column {
+                let value = label(cell).map_err(|found| bad(CsvRole::Label, found))?;
+                let position = Position::Cell { line, column };
+                labels.push(check_label(path, position, value, classes)?);
             } else {
-                features.push(cell.parse::<f32>().map_err(|_| not_numeric())?);
+                let value = number::<f32>(cell)
+                    .and_then(|x| {
+                        if x.is_finite() {
+                            Ok(x)
+                        } else {
+                            Err(Found::NotFinite)
+                        }
+                    })
+                    .map_err(|found| bad(CsvRole::Feature, found))?;
+                features.push(value);
             }
         }
     }
-    let width = columns.map_or(0, |c| c as i64 - 1);
+    let width = layout.map_or(0, |(columns, _)| columns as i64 - 1);
     let features = Tensor::from_slice(&features).f_view([labels.len() as i64, width])?;
     paired(path, features, labels)
+}
+
+/// The label column's index among `columns`.
+fn label_column(path: &Path, split: &SplitSpec, columns: usize) -> Result<usize, TrainError> {
+    let index = if split.label_column < 0 {
+        (columns as i64).checked_add(split.label_column)
+    } else {
+        Some(split.label_column)
+    };
+    index
+        .and_then(|c| usize::try_from(c).ok())
+        .filter(|&c| c < columns)
+        .ok_or_else(|| {
+            TrainError::DatasetSpec(format!(
+                "label_column {} does not exist in {} ({columns} columns)",
+                split.label_column,
+                path.display()
+            ))
+        })
+}
+
+/// A cell as a number, or what it holds instead.
+fn number<T: std::str::FromStr>(cell: &[u8]) -> Result<T, Found> {
+    let text = std::str::from_utf8(cell).map_err(|_| Found::NotUtf8 { bytes: cell.len() })?;
+    if text.is_empty() {
+        return Err(Found::Empty);
+    }
+    text.parse::<T>()
+        .map_err(|_| Found::Text { bytes: cell.len() })
+}
+
+/// A cell as an integer label, or what it holds instead.
+fn label(cell: &[u8]) -> Result<i64, Found> {
+    number::<i64>(cell).map_err(|found| match (found, number::<f64>(cell)) {
+        (Found::Text { .. }, Ok(x)) if x.is_finite() && x.fract() == 0.0 => {
+            Found::IntegerOutOfRange
+        }
+        (Found::Text { .. }, Ok(_)) => Found::NotInteger,
+        (found, _) => found,
+    })
 }
 
 // ---------------------------------------------------------------- normalisation
@@ -756,12 +1051,77 @@ mod tests {
     }
 
     #[test]
-    fn npy_header_values_are_found() {
-        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }";
-        assert_eq!(header_value(header, "descr"), Some("<f4"));
-        assert_eq!(header_value(header, "fortran_order"), Some("False"));
-        assert_eq!(header_value(header, "shape"), Some("(3, 2)"));
-        assert_eq!(header_value(header, "nope"), None);
+    fn npy_headers_parse_as_numpy_writes_them_and_errors_name_the_key() {
+        let parse = |text: &str| NpyHeader::parse(text.as_bytes());
+        let numpy = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }          \n";
+        assert_eq!(
+            parse(numpy),
+            Ok(NpyHeader {
+                dtype: Dtype::F32,
+                fortran_order: false,
+                shape: vec![3, 2]
+            })
+        );
+        let other = r#"{"shape": (7,), "fortran_order": True, "descr": "|u1"}"#;
+        assert_eq!(
+            parse(other),
+            Ok(NpyHeader {
+                dtype: Dtype::U8,
+                fortran_order: true,
+                shape: vec![7]
+            })
+        );
+        assert_eq!(
+            parse("{'descr': '<i8', 'fortran_order': False, 'shape': ()}").map(|h| h.shape),
+            Ok(vec![])
+        );
+        for (text, expected) in [
+            ("{'descr': '>f4', 'fortran_order': False, 'shape': (3,)}", "header key 'descr': expected a little-endian"),
+            ("{'descr': 'SECRET', 'fortran_order': False, 'shape': (3,)}", "header key 'descr'"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (SECRET,)}", "header key 'shape': expected a tuple of sizes"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (-3,)}", "header key 'shape'"),
+            ("{'descr': '<f4', 'fortran_order': 0, 'shape': (3,)}", "header key 'fortran_order'"),
+            ("{'descr': '<f4', 'fortran_order': False}", "header key 'shape' is missing"),
+            ("{'descr': '<f4', 'descr': '<f4'}", "header key 'descr' appears twice"),
+            ("{'SECRET': 1}", "header: the key at byte 1 of the header is not one of 'descr', 'fortran_order' and 'shape'"),
+            ("SECRET", "header: expected '{' (a Python dict literal) at byte 0"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (3,)} SECRET", "only white space after the dict"),
+            ("{'descr': '<f4", "header key 'descr': expected a closed string"),
+            ("{'descr': '<f4', 'shape': (99999999999999999999999,)}", "header key 'shape'"),
+        ] {
+            let error = parse(text).unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+            assert!(!error.contains("SECRET"), "{error}");
+        }
+    }
+
+    #[test]
+    fn csv_cells_are_described_not_quoted() {
+        assert_eq!(number::<f32>(b"1.5"), Ok(1.5));
+        assert_eq!(number::<f32>(b"SECRET"), Err(Found::Text { bytes: 6 }));
+        assert_eq!(number::<f32>(b""), Err(Found::Empty));
+        assert_eq!(number::<f32>(b"\xff\xfe"), Err(Found::NotUtf8 { bytes: 2 }));
+        assert_eq!(label(b"2"), Ok(2));
+        assert_eq!(label(b"2.5"), Err(Found::NotInteger));
+        assert_eq!(label(b"1e30"), Err(Found::IntegerOutOfRange));
+        assert_eq!(label(b"nan"), Err(Found::NotInteger));
+        assert_eq!(label(b"two"), Err(Found::Text { bytes: 3 }));
+    }
+
+    #[test]
+    fn integer_elements_decode_little_endian() {
+        assert_eq!(Dtype::I8.integer(&[0xff]), Some(-1));
+        assert_eq!(Dtype::I16.integer(&[0xfe, 0xff]), Some(-2));
+        assert_eq!(Dtype::U16.integer(&[0xfe, 0xff]), Some(65534));
+        assert_eq!(
+            Dtype::I32.integer(&[1, 0, 0, 0x80]),
+            Some(i64::from(i32::MIN) + 1)
+        );
+        assert_eq!(Dtype::U32.integer(&[0xff; 4]), Some(i64::from(u32::MAX)));
+        assert_eq!(Dtype::I64.integer(&[0xff; 8]), Some(-1));
+        assert_eq!(Dtype::U64.integer(&[0xff; 8]), Some(i64::MAX));
+        assert_eq!(Dtype::I32.integer(&[1, 2]), None);
+        assert_eq!(Dtype::F32.integer(&[0; 4]), None);
     }
 
     #[test]
@@ -779,6 +1139,16 @@ mod tests {
         assert!(matches!(
             idx(path, b"hello"),
             Err(TrainError::IdxMagic { .. })
+        ));
+        // 2^32-1 cubed overflows: an error, not a wrapped size.
+        let mut huge = vec![0, 0, 8, 3];
+        huge.extend([0xff; 12]);
+        assert!(matches!(
+            idx(path, &huge),
+            Err(TrainError::IdxTruncated {
+                expected: u64::MAX,
+                ..
+            })
         ));
     }
 }

@@ -9,8 +9,8 @@ use crate::collective::TensorCollectiveError;
 /// Where in a file a bad value sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Position {
-    /// 1-based line of a text file.
-    Line(usize),
+    /// A CSV cell: 1-based line (where its record starts) and column.
+    Cell { line: usize, column: usize },
     /// 0-based example of a binary array.
     Example(usize),
 }
@@ -18,12 +18,76 @@ pub enum Position {
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Position::Line(line) => write!(f, "line {line}"),
-            Position::Example(index) => write!(f, "example {index}"),
+            Position::Cell { line, column } => write!(f, "{line}:{column}"),
+            // Shown after `path:`, as `path: example 3`.
+            Position::Example(index) => write!(f, " example {index}"),
         }
     }
 }
 
+/// What a CSV column holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CsvRole {
+    Feature,
+    Label,
+}
+
+impl CsvRole {
+    fn expected(self) -> &'static str {
+        match self {
+            CsvRole::Feature => "a number",
+            CsvRole::Label => "an integer label",
+        }
+    }
+}
+
+impl fmt::Display for CsvRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CsvRole::Feature => "feature",
+            CsvRole::Label => "label",
+        })
+    }
+}
+
+/// What a CSV cell held instead of what was expected, described without
+/// quoting it: a dataset path may point at a file that is not a data set
+/// (and not the user's to read out through error messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Text that is not a number, `bytes` long.
+    Text {
+        bytes: usize,
+    },
+    Empty,
+    /// Bytes that are not UTF-8.
+    NotUtf8 {
+        bytes: usize,
+    },
+    /// A label with a fraction or an exponent.
+    NotInteger,
+    /// A whole-number label beyond `i64`.
+    IntegerOutOfRange,
+    /// A feature that is NaN, infinite, or beyond `f32`'s range.
+    NotFinite,
+}
+
+impl fmt::Display for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Found::Text { bytes } => write!(f, "text of {bytes} bytes"),
+            Found::Empty => write!(f, "an empty cell"),
+            Found::NotUtf8 { bytes } => write!(f, "{bytes} bytes that are not UTF-8 text"),
+            Found::NotInteger => write!(f, "a number that is not an integer"),
+            Found::IntegerOutOfRange => write!(f, "an integer out of range"),
+            Found::NotFinite => write!(f, "a number that is not finite as f32"),
+        }
+    }
+}
+
+/// Errors about a dataset name the file, the place (line and column, or
+/// example, or header key) and what was expected; they never quote the
+/// file's bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("invalid segment: {0}")]
@@ -35,36 +99,48 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: not an IDX file (magic bytes {magic:02x?})", path.display())]
-    IdxMagic { path: PathBuf, magic: [u8; 4] },
+    #[error("{}: expected an IDX file of unsigned bytes (magic 00 00 08 and a dimension count above 0), found other bytes", path.display())]
+    IdxMagic { path: PathBuf },
     #[error("{}: truncated IDX file: its header promises {expected} bytes, it holds {actual}", path.display())]
     IdxTruncated {
         path: PathBuf,
         expected: u64,
         actual: u64,
     },
-    #[error("{}: {position}: label {value} is outside 0..{classes}", path.display())]
+    /// A label outside `0..classes`: `negative` or `classes` or more (the
+    /// value itself is not repeated).
+    #[error(
+        "{}:{position}: expected a label in 0..{classes}, found {}",
+        path.display(),
+        if *negative { "a negative one".to_string() } else { format!("one of {classes} or more") }
+    )]
     LabelOutOfRange {
         path: PathBuf,
         position: Position,
-        value: i64,
         classes: u32,
+        negative: bool,
     },
-    #[error("{}: line {line}: expected {expected} columns, got {got}", path.display())]
+    #[error("{}:{line}: expected {expected} columns, found {found}", path.display())]
     CsvColumns {
         path: PathBuf,
         line: usize,
         expected: usize,
-        got: usize,
+        found: usize,
     },
-    #[error("{}: line {line}, column {column}: {value:?} is not a number", path.display())]
-    CsvNotNumeric {
+    #[error(
+        "{}:{line}:{column}: expected {} in column {column} ({role}), found {found}",
+        path.display(),
+        role.expected()
+    )]
+    CsvCell {
         path: PathBuf,
         line: usize,
         column: usize,
-        value: String,
+        role: CsvRole,
+        found: Found,
     },
-    /// A `.npy` or safetensors file we cannot use, and why.
+    /// A `.npy`, safetensors or IDX array we cannot use, and why (naming
+    /// the header key or tensor that is wrong, never quoting the header).
     #[error("{}: {what}", path.display())]
     Array { path: PathBuf, what: String },
     #[error("{}: features and labels disagree: {features} examples vs {labels} labels", path.display())]

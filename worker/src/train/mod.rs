@@ -32,7 +32,7 @@ use ringleader_spec::JobSpec;
 
 use checkpoint::Durability;
 pub use checkpoint::Sidecar;
-pub use error::{Position, TrainError};
+pub use error::{CsvRole, Found, Position, TrainError};
 
 /// What one call of [`run_segment`] trains.
 #[derive(Clone, Debug)]
