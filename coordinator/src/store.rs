@@ -214,8 +214,8 @@ async fn commit_loop(
             Ok(()) => answer(batch, Ok(())),
             Err(CommitError::Fatal(reason)) => {
                 error!(%reason, "state writes failed; giving up this leadership term");
-                answer(batch, Err(reason));
                 term.cancel();
+                answer(batch, Err(reason));
                 return;
             }
             // One change etcd will never take must not sink the others
@@ -235,8 +235,8 @@ async fn commit_loop(
                         }
                         Err(CommitError::Fatal(reason)) => {
                             error!(%reason, "state writes failed; giving up this leadership term");
-                            answer(vec![change], Err(reason));
                             term.cancel();
+                            answer(vec![change], Err(reason));
                             return;
                         }
                     }

@@ -691,3 +691,88 @@ async fn a_sweep_of_ten_thousand_trials_reads_back() {
     assert_eq!(page.next_trials_from, 1_000);
     assert_eq!(sweeps::results_table(&view).lines().count(), 10_001);
 }
+
+/// A stand-in leadership term over a key we create ourselves, so a state
+/// writer can be driven directly against a real etcd.
+async fn writer_term(
+    etcd: &ringleader_coordinator::etcd::Etcd,
+) -> ringleader_coordinator::election::LeaderTerm {
+    let key = b"/ringleader-test/leader".to_vec();
+    let put = etcd
+        .client()
+        .put(key.clone(), "me", None)
+        .await
+        .expect("put the fence key");
+    let revision = put.header().expect("a header").revision();
+    ringleader_coordinator::election::LeaderTerm {
+        key,
+        create_revision: revision,
+        lease: 0,
+        token: tokio_util::sync::CancellationToken::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
+    use ringleader_coordinator::store::{FencedStore, StateWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ringleader_coordinator::local::EtcdServer::start(dir.path()).unwrap();
+    server.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let endpoints = vec![server.client_url.clone()];
+    let etcd = ringleader_coordinator::etcd::Etcd::connect(&endpoints, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let term = writer_term(&etcd).await;
+    let writer = StateWriter::spawn_with_retry_bound(
+        FencedStore::new(etcd.clone(), &term),
+        term.token.clone(),
+        Duration::from_secs(2),
+    );
+    // Queued together, so they share a commit: the 1.8 MB value (over
+    // etcd's 1.5 MiB request limit) must not sink the other two.
+    let small = |key: &str| vec![(format!("/ringleader-test/{key}"), "\"ok\"".to_string())];
+    let first = writer.enqueue(small("a"));
+    let huge = writer.enqueue(vec![(
+        "/ringleader-test/huge".to_string(),
+        "x".repeat(1_800_000),
+    )]);
+    let last = writer.enqueue(small("b"));
+    assert_eq!(first.await.unwrap(), Ok(()));
+    let refused = huge.await.unwrap().expect_err("etcd refuses 1.8 MB");
+    assert!(refused.contains("request is too large"), "{refused}");
+    assert!(
+        !refused.contains("127.0.0.1"),
+        "etcd's address reached the caller: {refused}"
+    );
+    assert_eq!(last.await.unwrap(), Ok(()));
+    for (key, present) in [("a", true), ("huge", false), ("b", true)] {
+        let got = etcd
+            .client()
+            .get(format!("/ringleader-test/{key}"), None)
+            .await
+            .unwrap();
+        assert_eq!(got.kvs().len(), usize::from(present), "{key}");
+    }
+    // The writer moved on: the next change lands.
+    assert_eq!(writer.enqueue(small("c")).await.unwrap(), Ok(()));
+
+    // etcd frozen: the change fails after the bound and the term is given
+    // up, instead of the writer retrying forever.
+    server.process().signal(libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let outage = writer.enqueue(small("d")).await.unwrap();
+    server.process().signal(libc::SIGCONT);
+    let reason = outage.expect_err("nothing answers while etcd is stopped");
+    assert!(
+        reason.contains("did not take the write within 2s"),
+        "{reason}"
+    );
+    assert!(term.token.is_cancelled(), "the term is given up");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // Later changes are refused (or dropped with the stopped writer).
+    assert!(!matches!(writer.enqueue(small("e")).await, Ok(Ok(()))));
+}
