@@ -1,5 +1,6 @@
 //! Ring collectives across separate processes (`ringleader-ring`), plus
-//! failure cases: a killed rank, a stale generation, a length mismatch.
+//! failure cases: a killed rank, a stale generation, a length mismatch, and
+//! strangers flooding a collective port.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,7 +31,18 @@ impl RingProcesses {
         let peers: Vec<String> = (0..world)
             .map(|_| free_loopback_address().unwrap())
             .collect();
-        let children = (0..world)
+        Self::start_ranks(&peers, 0..world, common, per_rank)
+    }
+
+    /// Starts only `ranks` of the ring on `peers` (the others can be started
+    /// later with another call).
+    fn start_ranks(
+        peers: &[String],
+        ranks: std::ops::Range<usize>,
+        common: &[&str],
+        per_rank: impl Fn(usize) -> Vec<String>,
+    ) -> Self {
+        let children = ranks
             .map(|rank| {
                 Command::new(bin_dir().join("ringleader-ring"))
                     .arg(format!("--rank={rank}"))
@@ -75,6 +87,12 @@ impl RingProcesses {
             ));
         }
         results
+    }
+}
+
+impl RingProcesses {
+    fn children_moved(mut self) -> Vec<Child> {
+        std::mem::take(&mut self.children)
     }
 }
 
@@ -263,4 +281,240 @@ async fn stale_generation_traffic_is_rejected() {
 
     // Registering an older ring after a newer one is refused too.
     assert!(service.register(4, 0, 4).is_err());
+}
+
+/// Resident memory of process `pid` in bytes (VmRSS).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// Polls `condition` every 20 ms until it holds; panics after `timeout`.
+async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One stranger: its own connection, one stream for a generation nobody
+/// built, pushing `payload`-byte frames for as long as it is let. Counts
+/// the bytes it managed to hand to the transport and records the answer.
+async fn stranger(
+    address: String,
+    payload: usize,
+    pushed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), tonic::Status> {
+    use std::sync::atomic::Ordering;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = CollectiveClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    let frame = RingFrame {
+        generation: 99,
+        sequence: 1,
+        payload: vec![7u8; payload].into(),
+        ..Default::default()
+    };
+    let frames = tokio_stream::iter(std::iter::repeat_with(move || {
+        pushed.fetch_add(payload as u64, Ordering::Relaxed);
+        frame.clone()
+    }));
+    let mut request = tonic::Request::new(frames);
+    request
+        .metadata_mut()
+        .insert(ringleader_proto::GENERATION_METADATA_KEY, 99u64.into());
+    request
+        .metadata_mut()
+        .insert(ringleader_proto::RANK_METADATA_KEY, 1u64.into());
+    client.ring(request).await.map(|_| ())
+}
+
+/// Strangers opening a flood of streams on one process's collective port.
+struct Flood {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+const STRANGERS: usize = 32;
+/// The default waiting-stream limit (`--collective-max-waiting-streams`).
+const WAITING_LIMIT: usize = 8;
+/// Each of the 32 streams can push at most one 1 MiB stream window before
+/// it is read, refused or reset: at most 32 MiB buffered, plus per-connection
+/// state; 48 MiB leaves room for the allocator, while the old 16 MiB windows
+/// with no waiting limit grew a process by ~690 MiB.
+const GROWTH_LIMIT_BYTES: u64 = 48 << 20;
+
+/// Opens 32 streams on the collective port at `address` (process `pid`),
+/// for a generation with no ring so none is ever claimed, each pushing as
+/// much as flow control lets it; asserts the process's resident memory grew
+/// by less than [`GROWTH_LIMIT_BYTES`] and that all but 8 streams were
+/// refused at once, naming the limit. The strangers stay until the flood
+/// is dropped.
+async fn must_bound_a_flood_of_strangers(pid: u32, address: &str) -> Flood {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let before = rss_bytes(pid);
+    let pushed = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let refusals = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let tasks: Vec<_> = (0..STRANGERS)
+        .map(|_| {
+            let (address, pushed, refused, refusals) = (
+                address.to_string(),
+                pushed.clone(),
+                refused.clone(),
+                refusals.clone(),
+            );
+            tokio::spawn(async move {
+                let result = stranger(address, 256 << 10, pushed).await;
+                if let Err(status) = result {
+                    if status.code() == tonic::Code::ResourceExhausted {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    refusals.lock().unwrap().push(status.message().to_string());
+                }
+            })
+        })
+        .collect();
+    let flood = Flood { tasks };
+    // The strangers push until flow control stops them: wait until the
+    // pushed total has not grown for a second.
+    let mut last = (0, Instant::now());
+    wait_until(
+        "the strangers are stalled by flow control",
+        Duration::from_secs(40),
+        || {
+            let now = pushed.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            now > 0 && last.1.elapsed() > Duration::from_secs(1)
+        },
+    )
+    .await;
+    let mut peak = 0;
+    for _ in 0..10 {
+        peak = peak.max(rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "rss before {} MiB, peak during {} MiB (growth {} MiB); strangers pushed {} MiB; {} refused",
+        before >> 20,
+        peak >> 20,
+        growth >> 20,
+        pushed.load(Ordering::Relaxed) >> 20,
+        refused.load(Ordering::Relaxed),
+    );
+    assert!(
+        growth < GROWTH_LIMIT_BYTES,
+        "{STRANGERS} strangers grew process {pid} by {} MiB (limit {} MiB)",
+        growth >> 20,
+        GROWTH_LIMIT_BYTES >> 20
+    );
+    wait_until(
+        "all strangers beyond the limit refused",
+        Duration::from_secs(10),
+        || refused.load(Ordering::Relaxed) == STRANGERS - WAITING_LIMIT,
+    )
+    .await;
+    let messages = refusals.lock().unwrap().clone();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains(&format!("limit: {WAITING_LIMIT} streams"))),
+        "refusals name the limit: {messages:?}"
+    );
+    flood
+}
+
+/// A rank's collective port flooded by strangers keeps its memory bounded,
+/// and the real ring still forms and works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_flooding_a_collective_port_leave_its_memory_bounded() {
+    let _serial = serial();
+    let peers: Vec<String> = (0..2).map(|_| free_loopback_address().unwrap()).collect();
+    // Rank 0 alone: it registers generation 1 and keeps dialing rank 1,
+    // serving its collective port meanwhile.
+    let mut rank0 =
+        RingProcesses::start_ranks(&peers, 0..1, &["--mode=check", "--timeout=60"], |_| vec![]);
+    let pid = rank0.children[0].id();
+    let address = peers[0].clone();
+    wait_until("rank 0 listens", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&address).is_ok()
+    })
+    .await;
+    let flood = must_bound_a_flood_of_strangers(pid, &address).await;
+
+    // The strangers go away; the real ring still forms and works.
+    drop(flood);
+    let rank1 =
+        RingProcesses::start_ranks(&peers, 1..2, &["--mode=check", "--timeout=60"], |_| vec![]);
+    let ranks = RingProcesses {
+        children: rank0
+            .children
+            .drain(..)
+            .chain(rank1.children_moved())
+            .collect(),
+    };
+    let results = ranks.wait(Duration::from_secs(120));
+    for (rank, (ok, lines, stderr)) in results.iter().enumerate() {
+        assert!(ok, "rank {rank} failed after the flood: {stderr}");
+        assert!(
+            lines.iter().all(|l| l["ok"] == true),
+            "rank {rank}: {lines:?}"
+        );
+    }
+}
+
+/// The same flood against a real worker's peer port (the worker has no
+/// coordinator to reach, so it only serves its port): its memory stays
+/// bounded with the worker's default flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_flooding_a_workers_peer_port_leave_its_memory_bounded() {
+    let _serial = serial();
+    let listen = free_loopback_address().unwrap();
+    let nowhere = free_loopback_address().unwrap();
+    let worker = Command::new(bin_dir().join("ringleader-worker"))
+        .arg(format!("--listen={listen}"))
+        .arg(format!("--coordinator={nowhere}"))
+        .arg("--device=cpu")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ringleader-worker runs");
+    // Killed on drop, even if an assertion fails.
+    let mut worker = RingProcesses {
+        children: vec![worker],
+    };
+    let pid = worker.children[0].id();
+    wait_until("the worker listens", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&listen).is_ok()
+    })
+    .await;
+    let flood = must_bound_a_flood_of_strangers(pid, &listen).await;
+    assert!(
+        worker.children[0].try_wait().unwrap().is_none(),
+        "the worker died during the flood"
+    );
+    drop(flood);
 }
