@@ -341,6 +341,15 @@ async fn stranger(
     client.ring(request).await.map(|_| ())
 }
 
+/// A runtime for the tests that hold [`serial`]'s lock outside it.
+fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Strangers opening a flood of streams on one process's collective port.
 struct Flood {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -449,9 +458,14 @@ async fn must_bound_a_flood_of_strangers(pid: u32, address: &str) -> Flood {
 
 /// A rank's collective port flooded by strangers keeps its memory bounded,
 /// and the real ring still forms and works afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_flooding_a_collective_port_leave_its_memory_bounded() {
+#[test]
+fn strangers_flooding_a_collective_port_leave_its_memory_bounded() {
     let _serial = serial();
+    multi_thread_runtime()
+        .block_on(strangers_flooding_a_collective_port_leave_its_memory_bounded_async());
+}
+
+async fn strangers_flooding_a_collective_port_leave_its_memory_bounded_async() {
     let peers: Vec<String> = (0..2).map(|_| free_loopback_address().unwrap()).collect();
     // Rank 0 alone: it registers generation 1 and keeps dialing rank 1,
     // serving its collective port meanwhile.
@@ -489,9 +503,14 @@ async fn strangers_flooding_a_collective_port_leave_its_memory_bounded() {
 /// The same flood against a real worker's peer port (the worker has no
 /// coordinator to reach, so it only serves its port): its memory stays
 /// bounded with the worker's default flags.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_flooding_a_workers_peer_port_leave_its_memory_bounded() {
+#[test]
+fn strangers_flooding_a_workers_peer_port_leave_its_memory_bounded() {
     let _serial = serial();
+    multi_thread_runtime()
+        .block_on(strangers_flooding_a_workers_peer_port_leave_its_memory_bounded_async());
+}
+
+async fn strangers_flooding_a_workers_peer_port_leave_its_memory_bounded_async() {
     let listen = free_loopback_address().unwrap();
     let nowhere = free_loopback_address().unwrap();
     let worker = Command::new(bin_dir().join("ringleader-worker"))
