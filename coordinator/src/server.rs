@@ -16,10 +16,10 @@ use crate::error::{Error, Result};
 use crate::etcd::Etcd;
 use crate::limits::MAX_REQUEST_BYTES;
 use crate::service::{CoordinatorService, CoordinatorState};
-use crate::store::{load_prefix, FencedStore, Loaded, StateWriter, Unreadable};
+use crate::store::{load_prefix, load_trials, FencedStore, ReadLimit, StateWriter, Unreadable};
 use crate::sweep::driver::Driver;
-use crate::sweep::records::{SWEEPS_PREFIX, TRIALS_PREFIX};
-use crate::sweep::{SweepRecord, SweepRun, Template, TrialRecord};
+use crate::sweep::records::SWEEPS_PREFIX;
+use crate::sweep::{SweepRecord, SweepRun, Template};
 
 /// Everything `ringleader serve` needs.
 #[derive(Clone, Debug)]
@@ -228,7 +228,7 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
                 continue;
             }
         };
-        let trials = load_trials(&state.etcd, &record.id).await?;
+        let trials = load_trials(&state.etcd, &record.id, 0, ReadLimit::ALL).await?;
         if !trials.unreadable.is_empty() {
             for bad in &trials.unreadable {
                 error!(sweep = %record.id, key = %bad.key, reason = %bad.reason, "a stored trial record is unreadable; its sweep is set aside");
@@ -249,13 +249,4 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
         }
     }
     Ok((sweeps, loaded.unreadable))
-}
-
-/// A sweep's stored trials, by number (paged reads; unreadable ones set
-/// aside by key).
-pub async fn load_trials(etcd: &Etcd, sweep: &str) -> Result<Loaded<TrialRecord>> {
-    let mut loaded: Loaded<TrialRecord> =
-        load_prefix(etcd, &format!("{TRIALS_PREFIX}{sweep}/")).await?;
-    loaded.records.sort_by_key(|t| t.number);
-    Ok(loaded)
 }

@@ -30,9 +30,8 @@ use crate::limits::{
 use crate::registry::ConnectionId;
 use crate::search::Mode;
 use crate::server::SubmitLimits;
-use crate::store::{load_range, Loaded, ReadLimit, StateWriter};
+use crate::store::{load_trials, ReadLimit, StateWriter};
 use crate::sweep::driver::Driver;
-use crate::sweep::records::{trial_key, TRIALS_PREFIX};
 use crate::sweep::scheduler::unix_ms;
 use crate::sweep::{
     Effects, Scheduler, SweepKind, SweepRecord, SweepRun, SweepState, Template, TrialRecord,
@@ -533,13 +532,11 @@ impl Coordinator for CoordinatorService {
             // Finished sweeps are not kept in memory: read their trials,
             // once the writes that finished the sweep are durable.
             self.state.changes_durable().await?;
-            let prefix = format!("{TRIALS_PREFIX}{id}/");
             let read = ReadLimit {
                 records: limit,
                 bytes: MAX_PAGE_BYTES,
             };
-            let loaded: Loaded<TrialRecord> =
-                load_range(&self.state.etcd, &prefix, &trial_key(&id, from), read).await?;
+            let loaded = load_trials(&self.state.etcd, &id, from, read).await?;
             problems.extend(loaded.unreadable.iter().map(ToString::to_string));
             TrialPage::of(loaded.records.iter(), limit, loaded.more)
         };
