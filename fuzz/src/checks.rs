@@ -1,7 +1,8 @@
 //! What each fuzz target checks, shared by the targets in `fuzz_targets/`
 //! (nightly, libFuzzer) and by the replay test
 //! `tests/tests/fuzz_corpora.rs` (stable), which includes this file as a
-//! module. One function per target; each takes the raw input and panics
+//! module. The data set readers' checks are in `dataset.rs`: they link
+//! libtorch, which that test binary cannot load. One function per target; each takes the raw input and panics
 //! only when the code under test breaks a promise: a panic inside it, or a
 //! property below that does not hold. Rejecting an input with an error is
 //! always fine.
@@ -14,23 +15,30 @@ use std::fmt::Debug;
 use ringleader_coordinator::sweep::driver::Driver;
 use ringleader_coordinator::sweep::{SweepKind, SweepRecord, Template, TrialRecord};
 use ringleader_coordinator::sweep_spec::SweepSpec;
-use ringleader_spec::job::DatasetFormat;
 use ringleader_spec::JobSpec;
-use ringleader_worker::train::dataset;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Every target, by the name of its directory under `fuzz/corpus/` and
+/// A target's check: panics when the code under test breaks a promise.
+pub type Check = fn(&[u8]);
+
+/// Every target that does not link libtorch, by the name of its directory under `fuzz/corpus/` and
 /// `fuzz/regressions/`, and its check.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("job_spec", job_spec),
     ("sweep_spec", sweep_spec),
     ("records", records),
     ("ring_frame", ring_frame),
-    ("dataset_idx", dataset_idx),
-    ("dataset_csv", dataset_csv),
-    ("dataset_npy", dataset_npy),
-    ("dataset_safetensors", dataset_safetensors),
+];
+
+/// Targets whose checks link libtorch (the worker's data set readers): in
+/// [`dataset.rs`](dataset.rs), replayed by a test binary that finds
+/// libtorch (see docs/FUZZING.md).
+pub const LIBTORCH_TARGETS: &[&str] = &[
+    "dataset_idx",
+    "dataset_csv",
+    "dataset_npy",
+    "dataset_safetensors",
 ];
 
 /// The file name errors quote; any name will do.
@@ -157,29 +165,4 @@ pub fn ring_frame(data: &[u8]) {
     if let Err(e) = ringleader_collective::validate_frame_bytes(data) {
         let _ = e.to_string();
     }
-}
-
-/// A data set reader on a file's bytes (gzip or not), as a worker reads
-/// what a job names: `ringleader_worker::train::dataset::decode`. Any bytes
-/// get an answer, never a panic; an error renders.
-fn decode(format: DatasetFormat, data: &[u8]) {
-    if let Err(e) = dataset::decode(format, data) {
-        let _ = e.to_string();
-    }
-}
-
-pub fn dataset_idx(data: &[u8]) {
-    decode(DatasetFormat::Idx, data)
-}
-
-pub fn dataset_csv(data: &[u8]) {
-    decode(DatasetFormat::Csv, data)
-}
-
-pub fn dataset_npy(data: &[u8]) {
-    decode(DatasetFormat::Npy, data)
-}
-
-pub fn dataset_safetensors(data: &[u8]) {
-    decode(DatasetFormat::Safetensors, data)
 }
