@@ -210,6 +210,31 @@ fn finished(
     }
 }
 
+/// How a segment that returned ended: done (every assigned epoch),
+/// abandoned (stopped early on request) or diverged. A diverged trial ends
+/// without retries: its report carries the epoch it diverged at (what a
+/// person wants to see), the newest checkpoint if any, and the error
+/// `loss is NaN at epoch 2`.
+fn segment_end(
+    done: train::SegmentOutcome,
+    stop_epoch: u32,
+) -> (AttemptOutcome, u32, Option<PathBuf>, String) {
+    if let Some(diverged) = done.diverged {
+        return (
+            AttemptOutcome::Diverged,
+            done.last_epoch,
+            done.checkpoint,
+            diverged.to_string(),
+        );
+    }
+    let outcome = if done.last_epoch >= stop_epoch {
+        AttemptOutcome::Done
+    } else {
+        AttemptOutcome::Abandoned
+    };
+    (outcome, done.last_epoch, done.checkpoint, String::new())
+}
+
 /// Runs one attempt to its end; the report says how it ended.
 async fn run_attempt(
     trials: &Trials,
@@ -284,25 +309,7 @@ async fn run_attempt(
     })
     .await;
     let (outcome, epochs, checkpoint, error) = match trained {
-        Ok(Ok(done)) if done.diverged.is_some() => {
-            let error = done.diverged.map(|d| d.to_string()).unwrap_or_default();
-            // The trial ends here, without retries: the epochs trained are
-            // what a person wants to see, with the last checkpoint if any.
-            (
-                AttemptOutcome::Diverged,
-                done.last_epoch,
-                done.checkpoint,
-                error,
-            )
-        }
-        Ok(Ok(done)) => {
-            let outcome = if done.last_epoch >= assignment.stop_epoch {
-                AttemptOutcome::Done
-            } else {
-                AttemptOutcome::Abandoned
-            };
-            (outcome, done.last_epoch, done.checkpoint, String::new())
-        }
+        Ok(Ok(done)) => segment_end(done, assignment.stop_epoch),
         Ok(Err(error)) if stop.is_cancelled() => {
             (AttemptOutcome::Abandoned, start, None, error.to_string())
         }
@@ -315,4 +322,54 @@ async fn run_attempt(
         ),
     };
     finished(attempt, outcome, epochs, checkpoint, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::train::{Divergence, SegmentOutcome};
+
+    fn outcome(last_epoch: u32, diverged: Option<Divergence>) -> SegmentOutcome {
+        SegmentOutcome {
+            last_epoch,
+            metrics: BTreeMap::new(),
+            checkpoint: Some(PathBuf::from("epoch-00001.ot")),
+            diverged,
+        }
+    }
+
+    #[test]
+    fn a_diverged_segment_ends_as_diverged_with_where_it_happened() {
+        let diverged = Divergence {
+            metric: "train_loss".into(),
+            value: f64::NAN,
+            epoch: 2,
+        };
+        let (result, epochs, checkpoint, error) = segment_end(outcome(2, Some(diverged)), 5);
+        assert_eq!(result, AttemptOutcome::Diverged);
+        assert_eq!(epochs, 2);
+        assert_eq!(checkpoint, Some(PathBuf::from("epoch-00001.ot")));
+        assert_eq!(error, "loss is NaN at epoch 2");
+        let infinite = Divergence {
+            metric: "test_loss".into(),
+            value: f64::NEG_INFINITY,
+            epoch: 3,
+        };
+        assert_eq!(
+            segment_end(outcome(3, Some(infinite)), 3).3,
+            "test loss is -inf at epoch 3"
+        );
+    }
+
+    #[test]
+    fn a_finished_segment_is_done_and_an_early_one_abandoned() {
+        assert_eq!(segment_end(outcome(5, None), 5).0, AttemptOutcome::Done);
+        assert_eq!(
+            segment_end(outcome(3, None), 5).0,
+            AttemptOutcome::Abandoned
+        );
+        assert_eq!(segment_end(outcome(3, None), 5).3, "");
+    }
 }

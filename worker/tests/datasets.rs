@@ -229,7 +229,7 @@ fn safetensors_errors_name_the_problem_not_the_header() {
         ),
         (
             format!(r#"{{"{SECRET}":{{"dtype":"F32","shape":[2,1],"data_offsets":[0,8]}},{good_labels}}}"#),
-            "no tensor named \"features\" (the file holds 2)",
+            "no tensor named \"features\" (the file holds 2 tensors)",
         ),
         (
             format!(r#"{{"{SECRET}":{{"dtype":"F32","shape":[2,1],"data_offsets":[4,8]}},{good_labels}}}"#),

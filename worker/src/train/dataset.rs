@@ -773,7 +773,10 @@ fn safetensor<'a>(
     let view = file.tensor(key).map_err(|_| {
         array_error(
             path,
-            format!("no tensor named {key:?} (the file holds {})", file.len()),
+            format!(
+                "no tensor named {key:?} (the file holds {} tensors)",
+                file.len()
+            ),
         )
     })?;
     let dtype = match view.dtype() {

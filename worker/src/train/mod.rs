@@ -299,3 +299,33 @@ impl Epochs for Synthetic<'_> {
         Ok(stop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_is_the_first_non_finite_loss() {
+        let metrics = |pairs: &[(&str, f64)]| -> BTreeMap<String, f64> {
+            pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect()
+        };
+        let finite = metrics(&[("train_loss", 1.0), ("test_loss", 2.0), ("lr", f64::NAN)]);
+        assert_eq!(divergence(1, &finite), None, "lr is not a loss");
+        let both = metrics(&[("train_loss", f64::INFINITY), ("test_loss", f64::NAN)]);
+        assert_eq!(
+            divergence(4, &both).unwrap().to_string(),
+            "loss is inf at epoch 4"
+        );
+        let test = metrics(&[("train_loss", 0.5), ("test_loss", f64::NAN)]);
+        assert_eq!(
+            divergence(2, &test).unwrap().to_string(),
+            "test loss is NaN at epoch 2"
+        );
+        let objective = metrics(&[("objective", f64::NAN)]);
+        assert_eq!(
+            divergence(1, &objective),
+            None,
+            "synthetic objectives are not losses"
+        );
+    }
+}
