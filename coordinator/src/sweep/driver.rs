@@ -147,6 +147,13 @@ impl Driver {
                     asha.record(record.number, rung, mode.ranked(*metric))?;
                 }
                 let reached = record.rung_results.len();
+                // Every rung below the last one reached was left by a
+                // promotion (without this, a trial paused at rung 1 was
+                // offered for promotion out of rung 0 again after a
+                // failover).
+                for rung in 0..reached.saturating_sub(1) {
+                    asha.mark_promoted(record.number, rung);
+                }
                 let moved_on = matches!(record.state, TrialState::Running | TrialState::Completed)
                     || (record.state == TrialState::Pending && reached > 0);
                 if reached > 0 && moved_on {
@@ -223,12 +230,7 @@ impl Driver {
             });
         }
         if self.promoted.is_empty() {
-            for asha in &mut self.brackets {
-                if let Some(p) = asha.next_promotion() {
-                    self.promoted.push((p.trial, p.resource));
-                    break;
-                }
-            }
+            self.decide_promotion();
         }
         if let Some(&(trial, resource)) = self.promoted.first() {
             let start = self.trials.get(&trial).map_or(0, |t| t.epochs_done);
@@ -499,13 +501,28 @@ impl Driver {
         if !self.exhausted && (self.trials.len() as u64) < self.config.max_trials {
             return false;
         }
+        !self.decide_promotion()
+    }
+
+    /// Asks the brackets for the next promotion of a paused trial; returns
+    /// whether one was found. A diverged trial sits in its rung at the
+    /// worst value and can still come out on top of a rung where every
+    /// result is that bad: it is passed over (ASHA marks it promoted, so
+    /// it is never offered again).
+    fn decide_promotion(&mut self) -> bool {
         for asha in &mut self.brackets {
-            if let Some(p) = asha.next_promotion() {
-                self.promoted.push((p.trial, p.resource));
-                return false;
+            while let Some(p) = asha.next_promotion() {
+                let paused = self
+                    .trials
+                    .get(&p.trial)
+                    .is_some_and(|t| t.state == TrialState::Paused);
+                if paused {
+                    self.promoted.push((p.trial, p.resource));
+                    return true;
+                }
             }
         }
-        true
+        false
     }
 
     /// Stops the trials still paused at a rung; returns their numbers.
@@ -695,6 +712,91 @@ mod tests {
         assert_eq!(state(8), TrialState::Completed);
         assert_eq!(state(0), TrialState::Stopped);
         assert_eq!(driver.best().unwrap().number, 8);
+    }
+
+    /// Starts `work`, reports a NaN loss in its first epoch and ends the
+    /// attempt as diverged.
+    fn diverge(driver: &mut Driver, work: &Work) {
+        let attempt = driver.start(work, 1, vec!["w".into()], 0);
+        let metrics = BTreeMap::from([("objective".to_string(), f64::NAN)]);
+        assert!(driver.epoch(
+            work.trial,
+            attempt.number,
+            work.start_epoch + 1,
+            metrics,
+            None
+        ));
+        let error = Some("loss is NaN at epoch 1".to_string());
+        assert!(driver.finished(
+            work.trial,
+            attempt.number,
+            AttemptOutcome::Diverged,
+            0,
+            error,
+            0
+        ));
+    }
+
+    #[test]
+    fn a_diverged_trial_ends_at_once_ranks_worst_and_is_never_promoted() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 1,
+        };
+        // Trials 0–2 diverge, so rung 0 is all worst values: ASHA's quota
+        // would promote one of them, and the driver must pass it over.
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 6)).unwrap();
+        let mut segments = Vec::new();
+        while let Some(work) = driver.next_work() {
+            segments.push((work.trial, work.start_epoch));
+            if work.trial < 3 {
+                diverge(&mut driver, &work);
+            } else {
+                run(&mut driver, &work, work.trial as f64);
+            }
+        }
+        while !driver.is_done() {
+            let work = driver.next_work().expect("promotion pending");
+            segments.push((work.trial, work.start_epoch));
+            run(&mut driver, &work, work.trial as f64);
+        }
+        assert!(
+            segments.iter().all(|(t, start)| *t >= 3 || *start == 0),
+            "a diverged trial ran again: {segments:?}"
+        );
+        for n in 0..3 {
+            let t = driver.trial(n).unwrap();
+            assert_eq!(t.state, TrialState::Diverged);
+            assert_eq!(t.error.as_deref(), Some("diverged: loss is NaN at epoch 1"));
+            assert_eq!(t.attempts.len(), 1, "never retried");
+            assert_eq!(
+                t.rung_results,
+                [f64::NEG_INFINITY],
+                "worst in its rung (max)"
+            );
+        }
+        assert_eq!(driver.best().unwrap().number, 5);
+        // A new leader replays the same rungs: still nothing to promote
+        // among the diverged.
+        let records: Vec<TrialRecord> = driver.trials().values().cloned().collect();
+        let mut restored =
+            Driver::restore(config(Source::Random, Some(stopping), 6), records).unwrap();
+        assert!(restored.is_done());
+        assert!(restored.next_work().is_none());
+    }
+
+    #[test]
+    fn a_nan_objective_counts_as_the_worst_value_not_a_missing_one() {
+        let mut driver = Driver::new(config(Source::Random, None, 2)).unwrap();
+        let work = driver.next_work().unwrap();
+        run(&mut driver, &work, f64::NAN);
+        let t = driver.trial(work.trial).unwrap();
+        assert_eq!(t.state, TrialState::Completed, "{:?}", t.error);
+        assert!(t.objective.unwrap().is_nan(), "recorded faithfully");
+        let work = driver.next_work().unwrap();
+        run(&mut driver, &work, -1e300);
+        assert_eq!(driver.best().unwrap().number, work.trial);
     }
 
     #[test]
