@@ -397,11 +397,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// How much of a range to read.
+/// How much of a sweep's trials to read.
 #[derive(Clone, Copy, Debug)]
 pub struct ReadLimit {
     pub records: usize,
-    /// Stop after the page that brings the values read past this.
+    /// Stop after the window that brings the values read past this.
     pub bytes: usize,
 }
 
@@ -412,39 +412,39 @@ impl ReadLimit {
     };
 }
 
-/// The JSON records with keys in `[from, end of prefix)`, in key order,
-/// read in pages of [`ETCD_PAGE_KEYS`] at one revision (a consistent
-/// snapshot however many pages it takes), up to `limit`. A record that
-/// does not decode is set aside in [`Loaded::unreadable`].
-pub async fn load_range<T: serde::de::DeserializeOwned>(
-    etcd: &Etcd,
-    prefix: &str,
-    from: &str,
-    limit: ReadLimit,
-) -> Result<Loaded<T>> {
-    let end = prefix_end(prefix.as_bytes());
-    let mut start = from.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut bytes = 0usize;
-    let mut loaded = Loaded {
-        records: Vec::new(),
-        unreadable: Vec::new(),
-        more: false,
-    };
-    loop {
-        let left = limit
-            .records
-            .saturating_sub(loaded.records.len() + loaded.unreadable.len());
-        if left == 0 || bytes >= limit.bytes {
-            loaded.more = true;
-            return Ok(loaded);
+/// Range reads of one consistent snapshot: the first read fixes the
+/// revision, later ones read at it, however many requests a load takes.
+struct Snapshot<'a> {
+    etcd: &'a Etcd,
+    revision: i64,
+    /// Bytes of values read so far.
+    bytes: usize,
+}
+
+impl<'a> Snapshot<'a> {
+    fn new(etcd: &'a Etcd) -> Self {
+        Self {
+            etcd,
+            revision: 0,
+            bytes: 0,
         }
-        let options = etcd_client::GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(ETCD_PAGE_KEYS.min(i64::try_from(left).unwrap_or(i64::MAX)))
-            .with_revision(revision);
-        let key = start.clone();
-        let response = etcd
+    }
+
+    /// Reads `[key, end)`, at most `limit` keys when given.
+    async fn get(
+        &mut self,
+        key: Vec<u8>,
+        end: Vec<u8>,
+        limit: Option<i64>,
+    ) -> Result<etcd_client::GetResponse> {
+        let mut options = etcd_client::GetOptions::new()
+            .with_range(end)
+            .with_revision(self.revision);
+        if let Some(limit) = limit {
+            options = options.with_limit(limit);
+        }
+        let response = self
+            .etcd
             .call("read stored state", |c| async move {
                 c.kv_client()
                     .max_decoding_message_size(ETCD_MAX_RESPONSE_BYTES)
@@ -452,13 +452,49 @@ pub async fn load_range<T: serde::de::DeserializeOwned>(
                     .await
             })
             .await?;
-        if revision == 0 {
-            revision = response.header().map_or(0, |h| h.revision());
+        if self.revision == 0 {
+            self.revision = response.header().map_or(0, |h| h.revision());
         }
+        Ok(response)
+    }
+
+    /// [`Snapshot::get`], decoding every value into `loaded`.
+    async fn load<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: Vec<u8>,
+        end: Vec<u8>,
+        limit: Option<i64>,
+        loaded: &mut Loaded<T>,
+    ) -> Result<etcd_client::GetResponse> {
+        let response = self.get(key, end, limit).await?;
         for kv in response.kvs() {
-            bytes = bytes.saturating_add(kv.value().len());
-            decode_into(&mut loaded, kv);
+            self.bytes = self.bytes.saturating_add(kv.value().len());
+            decode_into(loaded, kv);
         }
+        Ok(response)
+    }
+}
+
+/// Every JSON record under `prefix`, in key order, read in pages of
+/// [`ETCD_PAGE_KEYS`] at one revision. A record that does not decode is
+/// set aside in [`Loaded::unreadable`]. (For small prefixes — the sweeps:
+/// each page costs etcd 3.4 the rest of the range; see [`load_trials`].)
+pub async fn load_prefix<T: serde::de::DeserializeOwned>(
+    etcd: &Etcd,
+    prefix: &str,
+) -> Result<Loaded<T>> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut start = prefix.as_bytes().to_vec();
+    let mut snapshot = Snapshot::new(etcd);
+    let mut loaded = Loaded {
+        records: Vec::new(),
+        unreadable: Vec::new(),
+        more: false,
+    };
+    loop {
+        let response = snapshot
+            .load(start, end.clone(), Some(ETCD_PAGE_KEYS), &mut loaded)
+            .await?;
         match response.kvs().last() {
             Some(last) if response.more() => {
                 start = last.key().to_vec();
@@ -485,8 +521,7 @@ pub async fn load_trials(
     let prefix = format!("{TRIALS_PREFIX}{sweep}/");
     let end_of_sweep = prefix_end(prefix.as_bytes());
     let mut next = from;
-    let mut revision = 0;
-    let mut bytes = 0usize;
+    let mut snapshot = Snapshot::new(etcd);
     let mut loaded: Loaded<TrialRecord> = Loaded {
         records: Vec::new(),
         unreadable: Vec::new(),
@@ -496,7 +531,7 @@ pub async fn load_trials(
         let left = limit
             .records
             .saturating_sub(loaded.records.len() + loaded.unreadable.len());
-        if left == 0 || bytes >= limit.bytes {
+        if left == 0 || snapshot.bytes >= limit.bytes {
             loaded.more = true;
             break;
         }
@@ -506,41 +541,16 @@ pub async fn load_trials(
         } else {
             trial_key(sweep, window_end).into_bytes()
         };
-        let options = etcd_client::GetOptions::new()
-            .with_range(end)
-            .with_revision(revision);
-        let key = trial_key(sweep, next);
-        let response = etcd
-            .call("read stored trials", |c| async move {
-                c.kv_client()
-                    .max_decoding_message_size(ETCD_MAX_RESPONSE_BYTES)
-                    .get(key, Some(options))
-                    .await
-            })
-            .await?;
-        if revision == 0 {
-            revision = response.header().map_or(0, |h| h.revision());
-        }
-        for kv in response.kvs() {
-            bytes = bytes.saturating_add(kv.value().len());
-            decode_into(&mut loaded, kv);
-        }
-        if !response.kvs().is_empty() {
+        let key = trial_key(sweep, next).into_bytes();
+        let window = snapshot.load(key, end, None, &mut loaded).await?;
+        if !window.kvs().is_empty() {
             next = window_end;
             continue;
         }
         // An empty window: the end, or a gap. One look past it (cheap at
         // the end, where nothing is left to walk) tells which.
-        let options = etcd_client::GetOptions::new()
-            .with_range(end_of_sweep.clone())
-            .with_limit(1)
-            .with_revision(revision);
-        let key = trial_key(sweep, window_end);
-        let after = etcd
-            .call("read stored trials", |c| async move {
-                c.kv_client().get(key, Some(options)).await
-            })
-            .await?;
+        let key = trial_key(sweep, window_end).into_bytes();
+        let after = snapshot.get(key, end_of_sweep.clone(), Some(1)).await?;
         let Some(kv) = after.kvs().first() else {
             break;
         };
@@ -569,14 +579,6 @@ fn decode_into<T: serde::de::DeserializeOwned>(loaded: &mut Loaded<T>, kv: &etcd
             reason: e.to_string(),
         }),
     }
-}
-
-/// Every JSON record under `prefix`, paged (see [`load_range`]).
-pub async fn load_prefix<T: serde::de::DeserializeOwned>(
-    etcd: &Etcd,
-    prefix: &str,
-) -> Result<Loaded<T>> {
-    load_range(etcd, prefix, prefix, ReadLimit::ALL).await
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@ use ringleader_spec::job::{DatasetFormat, DatasetSpec};
 use ringleader_worker::train::dataset::{decode, load, Files};
 use serde_json::{json, Value};
 
+mod common;
+use common::npy_with_header;
+
 /// What must never appear in an error.
 const SECRET: &str = "SECRET-d41d8cd98f";
 
@@ -134,18 +137,6 @@ fn csv_errors_name_file_line_and_column_and_describe_the_cell() {
         )),
         "{message}"
     );
-}
-
-/// A `.npy` file (version 1) with `header` as its dict, then `data`.
-fn npy_with_header(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut header = header.to_string();
-    header.push_str(&" ".repeat(63 - (10 + header.len()) % 64));
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.extend(data);
-    bytes
 }
 
 #[test]

@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
 
+mod common;
+use common::npy_with_header;
+
 const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Tests share two cores: one training run at a time keeps timings honest
@@ -585,15 +588,8 @@ fn a_synthetic_objective_converges_from_above_and_resumes() {
 /// A `.npy` file (version 1) holding `data`, C order.
 fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let dims: String = shape.iter().map(|d| format!("{d},")).collect();
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
-    // numpy pads the header with spaces to a multiple of 64 bytes, then '\n'.
-    header.push_str(&" ".repeat(63 - (10 + header.len()) % 64));
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.extend(data);
-    bytes
+    let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    npy_with_header(&header, data)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
