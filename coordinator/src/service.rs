@@ -306,12 +306,6 @@ impl Coordinator for CoordinatorService {
         };
         validate_registration(&registration)?;
         let worker_id = registration.worker_id.clone();
-        info!(
-            worker = %worker_id,
-            host = %registration.host,
-            peer = %registration.peer_address,
-            "worker registered"
-        );
         let (tx, rx) = mpsc::channel(64);
         let connection = {
             let mut scheduler = self.state.scheduler();
@@ -335,6 +329,12 @@ impl Coordinator for CoordinatorService {
                 .set_outbound(&worker_id, connection, tx.clone());
             connection
         };
+        info!(
+            worker = %worker_id,
+            host = %registration.host,
+            peer = %registration.peer_address,
+            "worker registered"
+        );
         let registered = CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Registered(Registered {
                 worker_id: worker_id.clone(),
