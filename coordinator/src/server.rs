@@ -18,7 +18,8 @@ use crate::limits::MAX_REQUEST_BYTES;
 use crate::service::{CoordinatorService, CoordinatorState};
 use crate::store::{load_prefix, load_trials, FencedStore, ReadLimit, StateWriter, Unreadable};
 use crate::sweep::driver::Driver;
-use crate::sweep::records::SWEEPS_PREFIX;
+use crate::sweep::records::{sweep_key, SWEEPS_PREFIX};
+use crate::sweep::scheduler::Stored;
 use crate::sweep::{SweepRecord, SweepRun, Template};
 
 /// Everything `ringleader serve` needs.
@@ -166,11 +167,7 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
             scheduler.unreadable_record(bad.to_string());
         }
         for sweep in sweeps {
-            match sweep {
-                Stored::Running(run) => scheduler.restore(Ok(*run)),
-                Stored::Finished(record) => scheduler.restore(Err(record)),
-                Stored::SetAside(record, problems) => scheduler.set_aside(record, problems),
-            }
+            scheduler.restore(sweep);
         }
     }
     state.loaded(StateWriter::spawn(store, term.token.clone()));
@@ -194,17 +191,6 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
 /// How often the leader re-checks placement without an event.
 const SCHEDULE_EVERY: Duration = Duration::from_millis(250);
 
-/// A stored sweep as this term takes it over.
-pub enum Stored {
-    /// Running: rebuilt with its trials, it carries on.
-    Running(Box<SweepRun>),
-    /// Finished: the record only.
-    Finished(SweepRecord),
-    /// Some of its records are unreadable, or its trials no longer replay:
-    /// set aside (listed, readable, never resumed) with what is wrong.
-    SetAside(SweepRecord, Vec<String>),
-}
-
 /// Every stored sweep, and the keys of the records that could not be read
 /// at all. One bad record never stops the rest from loading: it is named
 /// and set aside.
@@ -223,7 +209,10 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
             Ok(template) => template,
             Err(error) => {
                 warn!(sweep = %record.id, %error, "stored spec no longer parses");
-                let problem = format!("its stored spec no longer parses: {error}");
+                let problem = format!(
+                    "stored sweep {}: its spec no longer parses: {error}",
+                    sweep_key(&record.id)
+                );
                 sweeps.push(Stored::SetAside(record, vec![problem]));
                 continue;
             }
@@ -243,7 +232,10 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
             )))),
             Err(error) => {
                 warn!(sweep = %record.id, %error, "stored trials do not replay");
-                let problem = format!("its stored trials do not replay: {error}");
+                let problem = format!(
+                    "stored sweep {}: its trials do not replay: {error}",
+                    sweep_key(&record.id)
+                );
                 sweeps.push(Stored::SetAside(record, vec![problem]));
             }
         }

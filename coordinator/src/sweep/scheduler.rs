@@ -89,6 +89,18 @@ pub fn unix_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// A stored sweep as a new term takes it over.
+pub enum Stored {
+    /// Running: rebuilt with its trials, it carries on.
+    Running(Box<SweepRun>),
+    /// Finished: the record only.
+    Finished(SweepRecord),
+    /// Some of its records are unreadable, or its trials no longer replay:
+    /// set aside (listed, readable, never resumed) with what is wrong, each
+    /// problem naming the etcd key.
+    SetAside(SweepRecord, Vec<String>),
+}
+
 /// Everything the leader knows in memory; rebuilt from etcd each term.
 pub struct Scheduler {
     pub registry: WorkerRegistry,
@@ -133,16 +145,6 @@ impl Scheduler {
         }
     }
 
-    /// Loads a stored sweep that cannot be resumed because some of its
-    /// records are unreadable: it is listed and readable, with `problems`,
-    /// and nothing more is done for it.
-    pub fn set_aside(&mut self, record: SweepRecord, problems: Vec<String>) {
-        self.next_seq = self.next_seq.max(record.seq + 1);
-        self.unreadable.extend(problems.iter().cloned());
-        self.damaged.insert(record.id.clone(), problems);
-        self.finished.insert(record.id.clone(), record);
-    }
-
     /// Notes a stored record that could not be read at all (not even as
     /// the sweep it belongs to).
     pub fn unreadable_record(&mut self, problem: String) {
@@ -164,21 +166,25 @@ impl Scheduler {
         self.owner
     }
 
-    /// Loads one stored sweep (at the start of a term).
-    pub fn restore(&mut self, run: Result<SweepRun, SweepRecord>) {
-        let seq = match &run {
-            Ok(r) => r.record.seq,
-            Err(r) => r.seq,
+    /// Loads one stored sweep (at the start of a term). One set aside is
+    /// listed and readable, with its problems, and nothing more is done
+    /// for it.
+    pub fn restore(&mut self, stored: Stored) {
+        let seq = match &stored {
+            Stored::Running(run) => run.record.seq,
+            Stored::Finished(record) | Stored::SetAside(record, _) => record.seq,
         };
         self.next_seq = self.next_seq.max(seq + 1);
-        match run {
-            Ok(run) if !run.record.state.is_terminal() => {
-                self.sweeps.insert(seq, run);
+        match stored {
+            Stored::Running(run) => {
+                self.sweeps.insert(seq, *run);
             }
-            Ok(run) => {
-                self.finished.insert(run.record.id.clone(), run.record);
+            Stored::Finished(record) => {
+                self.finished.insert(record.id.clone(), record);
             }
-            Err(record) => {
+            Stored::SetAside(record, problems) => {
+                self.unreadable.extend(problems.iter().cloned());
+                self.damaged.insert(record.id.clone(), problems);
                 self.finished.insert(record.id.clone(), record);
             }
         }
