@@ -787,6 +787,27 @@ mod tests {
     }
 
     #[test]
+    fn a_trial_record_stays_under_the_size_etcd_takes() {
+        let mut driver = Driver::new(config(Source::Random, None, 1)).unwrap();
+        let work = driver.next_work().unwrap();
+        let attempt = driver.start(&work, 1, vec!["w".into()], 0);
+        // 64 metrics of 64-byte names an epoch: about 6 KB of JSON each.
+        let metrics: BTreeMap<String, f64> = (0..64)
+            .map(|i| (format!("{i:0>64}"), 0.5))
+            .chain([("objective".to_string(), 1.0)])
+            .collect();
+        for epoch in 1..=400 {
+            assert!(driver.epoch(0, attempt.number, epoch, metrics.clone(), None));
+        }
+        let t = driver.trial(0).unwrap();
+        let size = serde_json::to_vec(t).unwrap().len();
+        assert!(size <= MAX_TRIAL_RECORD_BYTES, "{size} bytes");
+        assert!(t.metrics.len() < 400, "older epochs were dropped");
+        assert_eq!(t.metrics.last().unwrap().epoch, 400, "the latest stays");
+        assert_eq!(t.objective, Some(1.0));
+    }
+
+    #[test]
     fn a_nan_objective_counts_as_the_worst_value_not_a_missing_one() {
         let mut driver = Driver::new(config(Source::Random, None, 2)).unwrap();
         let work = driver.next_work().unwrap();

@@ -719,3 +719,26 @@ fn pick_gang(idle: &[(String, String)], need: usize, device: &str) -> Option<Vec
         .collect();
     (need > 0 && fit.len() == need).then_some(fit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(count: usize, name_bytes: usize) -> BTreeMap<String, f64> {
+        (0..count)
+            .map(|i| (format!("{i:0>name_bytes$}"), 0.5))
+            .collect()
+    }
+
+    #[test]
+    fn epoch_reports_over_the_limits_are_refused_naming_the_limit() {
+        assert_eq!(check_epoch_report(&metrics(64, 64), Some("/ckpt")), Ok(()));
+        let error = check_epoch_report(&metrics(65, 8), None).unwrap_err();
+        assert_eq!(error, "has 65 metrics; at most 64 are accepted");
+        let error = check_epoch_report(&metrics(1, 65), None).unwrap_err();
+        assert_eq!(error, "names a metric of 65 bytes; at most 64 are accepted");
+        let long_path = "p".repeat(MAX_PATH_BYTES + 1);
+        let error = check_epoch_report(&metrics(1, 8), Some(&long_path)).unwrap_err();
+        assert!(error.contains("checkpoint path of 4097 bytes"), "{error}");
+    }
+}
