@@ -113,6 +113,15 @@ pub struct TestCluster {
 impl TestCluster {
     /// Private etcd, `coordinators` coordinators and `workers` CPU workers.
     pub async fn start(coordinators: usize, workers: usize) -> Self {
+        Self::start_with(coordinators, workers, Vec::new()).await
+    }
+
+    /// [`TestCluster::start`] with extra `ringleader serve` arguments.
+    pub async fn start_with(
+        coordinators: usize,
+        workers: usize,
+        coordinator_args: Vec<String>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ringleader-test-")
             .tempdir()
@@ -124,7 +133,7 @@ impl TestCluster {
             lease_ttl: LEASE_TTL,
             device: "cpu".into(),
             dir: dir.path().to_path_buf(),
-            coordinator_args: Vec::new(),
+            coordinator_args,
             bin_dir: Some(bin_dir()),
         };
         let cluster = LocalCluster::start(options).await.expect("cluster starts");

@@ -256,6 +256,36 @@ async fn absurd_inputs_get_clear_errors_and_the_cluster_serves_the_next_sweep() 
     assert!(list.sweep_json.iter().all(|s| s.contains("branin")));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_full_of_running_sweeps_refuses_more_until_one_ends() {
+    let args = vec!["--max-running-sweeps".to_string(), "1".to_string()];
+    let mut cluster = TestCluster::start_with(1, 1, args).await;
+    cluster.must_form(Duration::from_secs(60)).await;
+    let slow = BraninSweep {
+        searcher: "random",
+        max_trials: 1,
+        workers_per_trial: 1,
+        max_concurrent: 1,
+        max_epochs: 100,
+        max_failures: 0,
+        epoch_ms: 1000,
+    }
+    .spec();
+    let first = must_submit(&cluster, "slow.toml", &slow).await;
+    let mut leader = leader_client(&cluster).await;
+    must_refuse(
+        leader.submit(submit_request(normal_sweep(1))).await,
+        Code::ResourceExhausted,
+        "--max-running-sweeps",
+    );
+    sweeps::cancel(&client(&cluster), &first)
+        .await
+        .expect("cancel");
+    let next = must_submit(&cluster, "next.toml", &normal_sweep(1)).await;
+    let view = must_finish_sweep(&client(&cluster), &next, Duration::from_secs(60)).await;
+    assert_eq!(view.record.state, SweepState::Completed);
+}
+
 /// Submits a spec whose bytes need not be UTF-8, through the generated
 /// client's path with a message type of our own.
 async fn raw_submit(cluster: &TestCluster, spec: &[u8]) -> Result<(), tonic::Status> {
