@@ -37,6 +37,68 @@ pub enum Command {
     /// Hyperparameter sweeps.
     #[command(subcommand)]
     Sweep(SweepCommand),
+    /// Certificates for mutual TLS between every component.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Users' bearer tokens (admins only).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA, every component's certificate and a bootstrap admin
+    /// token under a directory (one subdirectory per component, each with
+    /// ca.crt, tls.crt and tls.key: the layout of a Kubernetes TLS Secret).
+    Init(CertsInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsInitArgs {
+    /// Directory to create them in; an existing CA there is never
+    /// overwritten.
+    #[arg(long)]
+    pub dir: PathBuf,
+
+    /// Extra DNS name or IP for the coordinator and etcd certificates
+    /// (what clients and etcdctl dial), beyond localhost and 127.0.0.1.
+    /// Repeatable.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once and only its hash is stored.
+    Create(TokenCreateArgs),
+    /// List tokens (never their secrets).
+    List(ListArgs),
+    /// Revoke a token at once; its holder's next call is refused.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Who the token is for; shown as the owner of what they submit.
+    #[arg(long)]
+    pub name: String,
+
+    /// admin (everything), user (submit; see and cancel their own) or
+    /// viewer (read only).
+    #[arg(long)]
+    pub role: ringleader_security::UserRole,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// The token's id (`token list` shows them).
+    pub id: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,8 +198,62 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 3s, 500ms, 1m)"))
 }
 
+/// How a server secures its ports: mutual TLS from a TLS directory, or
+/// nothing, only when asked for by name.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Directory with ca.crt, tls.crt and tls.key (`ringleader certs init`
+    /// makes one per component; a Kubernetes TLS Secret mounts as one).
+    #[arg(long, env = "RINGLEADER_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Run without TLS and without authentication: anyone who can reach the
+    /// ports can do anything. Logs a warning at every start.
+    #[arg(long, env = "RINGLEADER_INSECURE", conflicts_with = "tls_dir")]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The transport for a component of `role`; `--insecure` logs its
+    /// warning here, at every start.
+    pub fn transport(
+        &self,
+        role: ringleader_security::Role,
+    ) -> crate::Result<ringleader_security::Transport> {
+        use ringleader_security::{TlsDir, Transport};
+        if self.insecure {
+            tracing::warn!("{}", ringleader_security::tls::INSECURE_WARNING);
+            return Ok(Transport::Insecure);
+        }
+        let Some(dir) = &self.tls_dir else {
+            return Err(crate::Error::InvalidArgument(format!(
+                "TLS is on by default: pass --tls-dir DIR (ca.crt, tls.crt, tls.key of a {role} \
+                 certificate; `ringleader certs init` makes them), or --insecure to run without \
+                 TLS and authentication"
+            )));
+        };
+        let dir = TlsDir::load_for(dir, role)
+            .map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
+        Ok(Transport::Tls(std::sync::Arc::new(dir)))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// etcd client certificate directory (ca.crt of etcd's CA, tls.crt,
+    /// tls.key); etcd is then reached over TLS (https:// endpoints).
+    #[arg(long, env = "RINGLEADER_ETCD_TLS_DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
+
+    /// File holding the bootstrap admin token (`certs init` writes
+    /// admin.token; in Kubernetes, a Secret). Its holder is the user
+    /// "admin" with the admin role.
+    #[arg(long, env = "RINGLEADER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Address to serve gRPC on.
     #[arg(long, env = "RINGLEADER_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
@@ -217,6 +333,21 @@ pub struct LocalArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
 
+    /// Run the cluster without TLS and authentication (a warning is logged
+    /// at every start). By default everything runs with mutual TLS, and
+    /// clients need the config file the cluster prints.
+    #[arg(long, env = "RINGLEADER_INSECURE")]
+    pub insecure: bool,
+
+    /// Directory the workers may read data sets and TorchScript modules
+    /// from; repeatable (default: the worker's own defaults).
+    #[arg(
+        long = "data-root",
+        env = "RINGLEADER_DATA_ROOTS",
+        value_delimiter = ','
+    )]
+    pub data_roots: Vec<PathBuf>,
+
     /// Command to run once the cluster is ready, with RINGLEADER_COORDINATOR
     /// set; the cluster stops when it exits and its exit code is ours.
     #[arg(last = true)]
@@ -226,18 +357,43 @@ pub struct LocalArgs {
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// Coordinator addresses, comma-separated (any of them; the leader is
-    /// found from there).
-    #[arg(
-        long,
-        env = "RINGLEADER_COORDINATOR",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7400"
-    )]
+    /// found from there). Default: the config's, else 127.0.0.1:7400.
+    #[arg(long, env = "RINGLEADER_COORDINATOR", value_delimiter = ',')]
     pub coordinator: Vec<String>,
 
     /// Deadline for reaching the leader.
     #[arg(long, env = "RINGLEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Client config file (coordinators, TLS directory, token file), as
+    /// `ringleader local` writes it; flags override it.
+    #[arg(long, env = "RINGLEADER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Directory with ca.crt and a client certificate (tls.crt, tls.key).
+    #[arg(long, env = "RINGLEADER_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Bearer token (`ringleader token create`).
+    #[arg(long, env = "RINGLEADER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// File holding the bearer token.
+    #[arg(long, env = "RINGLEADER_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
+    /// Talk plaintext, without TLS or a token, to a cluster started with
+    /// --insecure.
+    #[arg(long, env = "RINGLEADER_INSECURE")]
+    pub insecure: bool,
+}
+
+impl ClientArgs {
+    /// Where and how to reach the cluster: flags, then the config file,
+    /// then defaults.
+    pub fn connection(&self) -> crate::Result<crate::client::Connection> {
+        crate::client_config::resolve(self)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +415,7 @@ mod tests {
         let cli = Cli::try_parse_from([
             "ringleader",
             "serve",
+            "--insecure",
             "--listen=127.0.0.1:1",
             "--etcd=http://a:1,http://b:2",
         ])

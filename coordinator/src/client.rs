@@ -8,16 +8,74 @@ use std::time::Duration;
 
 use ringleader_proto::coordinator::coordinator_client::CoordinatorClient;
 use ringleader_proto::coordinator::WhoIsLeaderRequest;
-use tonic::transport::{Channel, Endpoint};
+use ringleader_security::{Role, Token, Transport};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::limits::MAX_RESPONSE_BYTES;
 
-/// Dials one coordinator; every call on the channel is bounded by `timeout`
-/// except streams, which callers bound themselves.
-pub async fn connect(address: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>> {
-    let endpoint = Endpoint::from_shared(ringleader_proto::endpoint_uri(address))
-        .map_err(|e| Error::InvalidArgument(format!("bad coordinator address {address:?}: {e}")))?
+/// How to reach a cluster's leader: where, over what, and as whom.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// Any coordinators of the cluster.
+    pub coordinators: Vec<String>,
+    pub transport: Transport,
+    /// The user's bearer token (clients); workers have none.
+    pub token: Option<Token>,
+    /// Deadline for connecting and for each unary call.
+    pub timeout: Duration,
+}
+
+impl Connection {
+    /// The coordinator addresses, with blanks dropped.
+    pub fn addresses(&self) -> Vec<String> {
+        split_addresses(&self.coordinators)
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Credentials(Option<AsciiMetadataValue>);
+
+impl Credentials {
+    fn new(token: Option<&Token>) -> Self {
+        Self(token.and_then(|token| {
+            let mut value =
+                AsciiMetadataValue::try_from(format!("Bearer {}", token.reveal())).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        }))
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of one coordinator that presents the connection's credentials.
+pub type LeaderClient = CoordinatorClient<InterceptedService<Channel, Credentials>>;
+
+/// Dials one coordinator; every call on the channel is bounded by the
+/// connection's timeout except streams, which callers bound themselves.
+pub async fn connect(connection: &Connection, address: &str) -> Result<LeaderClient> {
+    let timeout = connection.timeout;
+    let endpoint = connection
+        .transport
+        .endpoint(address, Role::Coordinator)
+        .map_err(|e| Error::InvalidArgument(format!("coordinator {address}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     let channel = tokio::time::timeout(timeout, endpoint.connect())
@@ -30,15 +88,17 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<CoordinatorClie
             address: address.to_string(),
             reason: error_chain(&e),
         })?;
-    Ok(CoordinatorClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    Ok(
+        CoordinatorClient::with_interceptor(channel, Credentials::new(connection.token.as_ref()))
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
+    )
 }
 
-/// Asks the given coordinators (and whoever they name) for the leader and
+/// Asks the connection's coordinators (and whoever they name) for the leader and
 /// returns its address and a client for it.
-pub async fn find_leader(
-    addresses: &[String],
-    timeout: Duration,
-) -> Result<(String, CoordinatorClient<Channel>)> {
+pub async fn find_leader(connection: &Connection) -> Result<(String, LeaderClient)> {
+    let addresses = &connection.addresses();
+    let timeout = connection.timeout;
     let mut queue: VecDeque<String> = addresses.iter().cloned().collect();
     let mut tried: Vec<String> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
@@ -48,7 +108,7 @@ pub async fn find_leader(
             continue;
         }
         tried.push(address.clone());
-        let mut client = match connect(&address, timeout).await {
+        let mut client = match connect(connection, &address).await {
             Ok(client) => client,
             Err(error) => {
                 failures.push(error.to_string());
@@ -89,6 +149,29 @@ pub async fn find_leader(
             address: addresses.join(","),
             reason,
         })
+    }
+}
+
+/// The leader's answer as an error a caller can act on: refusals (bad
+/// input, unknown id, a limit reached) are final; only an unreachable or
+/// unavailable leader is worth waiting for.
+pub fn status_error(what: &str, status: tonic::Status) -> Error {
+    use tonic::Code;
+    let message = format!("{what}: {}", status.message());
+    match status.code() {
+        Code::NotFound => Error::NotFound(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::ResourceExhausted | Code::OutOfRange => Error::ResourceExhausted(message),
+        Code::DataLoss => Error::Corrupt(message),
+        Code::Unauthenticated => Error::Unauthenticated(message),
+        Code::PermissionDenied => Error::PermissionDenied(message),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
+            Error::Unreachable {
+                address: "the leader".into(),
+                reason: message,
+            }
+        }
+        _ => Error::InvalidArgument(message),
     }
 }
 

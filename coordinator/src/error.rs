@@ -56,6 +56,15 @@ pub enum Error {
     #[error("{0}")]
     Corrupt(String),
 
+    /// The caller is not known (no token, a revoked or unknown one, no
+    /// client certificate).
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// The caller is known but its role may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// A coordinator could not be reached.
     #[error("coordinator {address} is unreachable: {reason}")]
     Unreachable { address: String, reason: String },
@@ -77,6 +86,8 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(msg) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(msg) => tonic::Status::resource_exhausted(msg),
             Error::Corrupt(msg) => tonic::Status::data_loss(msg),
+            Error::Unauthenticated(msg) => tonic::Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => tonic::Status::permission_denied(msg),
             // Clients are told what happened, not where etcd lives: the
             // details (endpoints, etcd's own message) go to the leader's log.
             e @ (Error::Etcd { .. } | Error::EtcdTimeout { .. }) => {

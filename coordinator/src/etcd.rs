@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
+use ringleader_security::TlsDir;
 
 use crate::error::{Error, Result};
 
@@ -20,16 +21,32 @@ pub struct Etcd {
 impl Etcd {
     /// Connects to `endpoints` and proves the connection with one round trip,
     /// all within `timeout`.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+    /// With `tls`, etcd is dialled over TLS (endpoints become `https://`)
+    /// with that client certificate, verifying etcd against its CA.
+    pub async fn connect(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<&TlsDir>,
+    ) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(Error::InvalidArgument("no etcd endpoints given".into()));
         }
-        let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
-        let connect = Client::connect(endpoints, Some(options));
+        let endpoints: Vec<String> = match tls {
+            Some(dir) => {
+                options = options.with_tls(dir.client_config_by_host());
+                endpoints
+                    .iter()
+                    .map(|e| ringleader_security::tls::uri(e, true))
+                    .collect()
+            }
+            None => endpoints.to_vec(),
+        };
+        let joined = endpoints.join(",");
+        let connect = Client::connect(&endpoints, Some(options));
         let client = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {

@@ -22,8 +22,10 @@
 //! * [`local`] and [`process`] run a whole cluster as child processes, for
 //!   `ringleader local` and the integration tests.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod client_config;
 pub mod election;
 pub mod error;
 pub mod etcd;

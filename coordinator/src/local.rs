@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 
 use ringleader_proto::coordinator::{ClusterStatusRequest, ClusterStatusResponse, WorkerState};
 
-use crate::client;
+use std::sync::Arc;
+
+use ringleader_security::{certs, tls, Role, TlsDir, Transport};
+
+use crate::client::{self, Connection};
+use crate::client_config::{self, ClientConfig};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
 use crate::process::{free_loopback_address, free_port, sibling_binary, ManagedChild};
@@ -21,24 +26,50 @@ pub struct EtcdServer {
     peer_url: String,
     data_dir: PathBuf,
     log: PathBuf,
+    /// etcd's own certificate (client and peer TLS), when secure.
+    server_tls: Option<PathBuf>,
+    /// What a client of this etcd presents, when secure.
+    client_tls: Option<TlsDir>,
     child: ManagedChild,
 }
 
 impl EtcdServer {
-    /// Starts etcd (from `PATH`, or `RINGLEADER_ETCD_BIN`) under `dir`.
-    pub fn start(dir: &Path) -> Result<Self> {
-        let client_url = format!("http://127.0.0.1:{}", free_port()?);
-        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+    /// Starts etcd (from `PATH`, or `RINGLEADER_ETCD_BIN`) under `dir`;
+    /// with `certs` (as `certs init` wrote them), clients and the peer
+    /// port need TLS and a certificate from etcd's own CA.
+    pub fn start(dir: &Path, certs: Option<&Path>) -> Result<Self> {
+        let scheme = if certs.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", free_port()?);
+        let peer_url = format!("{scheme}://127.0.0.1:{}", free_port()?);
         let data_dir = dir.join("etcd-data");
         let log = dir.join("etcd.log");
-        let child = Self::spawn(&client_url, &peer_url, &data_dir, &log, "new")?;
+        let server_tls = certs.map(|c| c.join(certs::ETCD_SERVER_DIR));
+        let client_tls = match certs {
+            Some(c) => Some(TlsDir::load(&c.join(certs::ETCD_CLIENT_DIR)).map_err(security_error)?),
+            None => None,
+        };
+        let child = Self::spawn(
+            &client_url,
+            &peer_url,
+            &data_dir,
+            &log,
+            "new",
+            server_tls.as_deref(),
+        )?;
         Ok(Self {
             client_url,
             peer_url,
             data_dir,
             log,
+            server_tls,
+            client_tls,
             child,
         })
+    }
+
+    /// The client certificate this etcd takes, when it runs with TLS.
+    pub fn client_tls(&self) -> Option<&TlsDir> {
+        self.client_tls.as_ref()
     }
 
     fn spawn(
@@ -47,9 +78,22 @@ impl EtcdServer {
         data_dir: &Path,
         log: &Path,
         state: &str,
+        tls: Option<&Path>,
     ) -> Result<ManagedChild> {
         let bin = std::env::var("RINGLEADER_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let mut command = Command::new(bin);
+        if let Some(tls) = tls {
+            let file = |name: &str| tls.join(name).display().to_string();
+            command
+                .arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", file(tls::CA_FILE)))
+                .arg(format!("--cert-file={}", file(tls::CERT_FILE)))
+                .arg(format!("--key-file={}", file(tls::KEY_FILE)))
+                .arg("--peer-client-cert-auth")
+                .arg(format!("--peer-trusted-ca-file={}", file(tls::CA_FILE)))
+                .arg(format!("--peer-cert-file={}", file(tls::CERT_FILE)))
+                .arg(format!("--peer-key-file={}", file(tls::KEY_FILE)));
+        }
         command
             .arg("--name=ringleader-local")
             .arg(format!("--data-dir={}", data_dir.display()))
@@ -83,6 +127,7 @@ impl EtcdServer {
             if Etcd::connect(
                 std::slice::from_ref(&self.client_url),
                 Duration::from_millis(500),
+                self.client_tls.as_ref(),
             )
             .await
             .is_ok()
@@ -116,6 +161,7 @@ impl EtcdServer {
             &self.data_dir,
             &self.log,
             "existing",
+            self.server_tls.as_deref(),
         )?;
         Ok(())
     }
@@ -138,7 +184,16 @@ pub struct LocalClusterOptions {
     /// Where `ringleader` and `ringleader-worker` are; default: beside the
     /// running executable (or `RINGLEADER_BIN` / `RINGLEADER_WORKER_BIN`).
     pub bin_dir: Option<PathBuf>,
+    /// Mutual TLS and tokens everywhere (the default); `false` runs every
+    /// process with `--insecure`.
+    pub secure: bool,
+    /// Where workers may read data (`--data-root`); empty: their default.
+    pub data_roots: Vec<PathBuf>,
 }
+
+/// Where a local cluster keeps its certificates and its client config.
+const CERTS_DIR: &str = "certs";
+const CLIENT_CONFIG: &str = "client.toml";
 
 /// A running local cluster; every process is stopped when it is dropped.
 pub struct LocalCluster {
@@ -149,6 +204,8 @@ pub struct LocalCluster {
     worker_bin: PathBuf,
     coordinators: Vec<Member>,
     workers: Vec<Member>,
+    /// `certs init` output, when secure.
+    certs: Option<PathBuf>,
 }
 
 /// One coordinator or worker of a local cluster.
@@ -174,10 +231,20 @@ impl LocalCluster {
                 sibling_binary("ringleader-worker", "RINGLEADER_WORKER_BIN")?,
             ),
         };
+        let certs = if options.secure {
+            let certs = options.dir.join(CERTS_DIR);
+            if !certs::initialized(&certs) {
+                certs::init(&certs, &certs::InitOptions { hosts: Vec::new() })
+                    .map_err(security_error)?;
+            }
+            Some(certs)
+        } else {
+            None
+        };
         let (etcd, etcd_endpoints) = match &options.etcd {
             Some(endpoints) => (None, endpoints.clone()),
             None => {
-                let mut server = EtcdServer::start(&options.dir)?;
+                let mut server = EtcdServer::start(&options.dir, certs.as_deref())?;
                 server.wait_ready(Duration::from_secs(20)).await?;
                 let url = server.client_url.clone();
                 (Some(server), vec![url])
@@ -191,6 +258,7 @@ impl LocalCluster {
             worker_bin,
             coordinators: Vec::new(),
             workers: Vec::new(),
+            certs,
         };
         for _ in 0..cluster.options.coordinators {
             cluster.add_coordinator()?;
@@ -198,7 +266,60 @@ impl LocalCluster {
         for _ in 0..cluster.options.workers {
             cluster.add_worker()?;
         }
+        cluster
+            .client_config()
+            .write(&cluster.client_config_path())?;
         Ok(cluster)
+    }
+
+    /// The certificates of a secure cluster (`certs init` layout).
+    pub fn certs(&self) -> Option<&Path> {
+        self.certs.as_deref()
+    }
+
+    /// What a client needs to talk to this cluster as its admin.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            coordinators: self.coordinator_addresses(),
+            tls_dir: self.certs.as_ref().map(|c| c.join(Role::Client.as_str())),
+            token_file: self.certs.as_ref().map(|c| c.join(certs::ADMIN_TOKEN_FILE)),
+            insecure: self.certs.is_none(),
+        }
+    }
+
+    /// The client config file, written when the cluster starts (with the
+    /// coordinators it started with).
+    pub fn client_config_path(&self) -> PathBuf {
+        self.options.dir.join(CLIENT_CONFIG)
+    }
+
+    /// A connection to this cluster as its admin.
+    pub fn connection(&self, timeout: Duration) -> Result<Connection> {
+        let config = self.client_config();
+        let transport = match &config.tls_dir {
+            Some(dir) => Transport::Tls(Arc::new(
+                TlsDir::load_for(dir, Role::Client).map_err(security_error)?,
+            )),
+            None => Transport::Insecure,
+        };
+        let token = match &config.token_file {
+            Some(path) => Some(client_config::read_token_file(path)?),
+            None => None,
+        };
+        Ok(Connection {
+            coordinators: config.coordinators,
+            transport,
+            token,
+            timeout,
+        })
+    }
+
+    /// `--tls-dir` of a component, or `--insecure`.
+    fn security_args(&self, role: Role) -> Vec<String> {
+        match &self.certs {
+            Some(certs) => vec![format!("--tls-dir={}", certs.join(role.as_str()).display())],
+            None => vec!["--insecure".into()],
+        }
     }
 
     pub fn etcd_endpoints(&self) -> &[String] {
@@ -240,9 +361,22 @@ impl LocalCluster {
             .arg(format!("--lease-ttl={}s", self.options.lease_ttl.as_secs()))
             .arg(format!(
                 "--checkpoint-dir={}",
-                self.options.dir.join("checkpoints").display()
+                self.checkpoint_root().display()
             ))
+            .args(self.security_args(Role::Coordinator))
             .args(&self.options.coordinator_args);
+        if let Some(certs) = &self.certs {
+            if self.etcd.is_some() {
+                command.arg(format!(
+                    "--etcd-tls-dir={}",
+                    certs.join(certs::ETCD_CLIENT_DIR).display()
+                ));
+            }
+            command.arg(format!(
+                "--admin-token-file={}",
+                certs.join(certs::ADMIN_TOKEN_FILE).display()
+            ));
+        }
         let log = self.options.dir.join(format!("coordinator-{index}.log"));
         ManagedChild::spawn(format!("coordinator {address}"), command, &log)
     }
@@ -284,9 +418,22 @@ impl LocalCluster {
             .arg(format!("--listen={address}"))
             .arg(format!("--advertise={address}"))
             .arg(format!("--device={}", self.options.device))
-            .arg(format!("--threads={}", self.threads_per_worker()));
+            .arg(format!("--threads={}", self.threads_per_worker()))
+            .arg(format!(
+                "--checkpoint-root={}",
+                self.checkpoint_root().display()
+            ))
+            .args(self.security_args(Role::Worker));
+        for root in &self.options.data_roots {
+            command.arg(format!("--data-root={}", root.display()));
+        }
         let log = self.options.dir.join(format!("{id}.log"));
         ManagedChild::spawn(id.to_string(), command, &log)
+    }
+
+    /// Where trials checkpoint: shared by every member.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.options.dir.join("checkpoints")
     }
 
     /// The machine's cores split between the workers (at least one each),
@@ -355,7 +502,7 @@ impl LocalCluster {
 
     /// Cluster status from the current leader.
     pub async fn status(&self, timeout: Duration) -> Result<ClusterStatusResponse> {
-        let (_, mut leader) = client::find_leader(&self.coordinator_addresses(), timeout).await?;
+        let (_, mut leader) = client::find_leader(&self.connection(timeout)?).await?;
         let response =
             tokio::time::timeout(timeout, leader.cluster_status(ClusterStatusRequest {}))
                 .await
@@ -363,10 +510,7 @@ impl LocalCluster {
                     address: "leader".into(),
                     reason: "no status within the deadline".into(),
                 })?
-                .map_err(|s| Error::Unreachable {
-                    address: "leader".into(),
-                    reason: s.message().to_string(),
-                })?;
+                .map_err(|s| client::status_error("status", s))?;
         Ok(response.into_inner())
     }
 
@@ -410,4 +554,8 @@ fn dead_member_error(process: &ManagedChild, status: std::process::ExitStatus) -
             process.log_tail(15)
         ),
     }
+}
+
+fn security_error(error: ringleader_security::SecurityError) -> Error {
+    Error::InvalidArgument(error.to_string())
 }

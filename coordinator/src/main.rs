@@ -6,14 +6,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_coordinator::cli::{
-    Cli, ClientArgs, Command, JobCommand, LocalArgs, ResultsFormat, ServeArgs, StatusArgs,
-    SubmitArgs, SweepCommand,
+    CertsCommand, CertsInitArgs, Cli, Command, JobCommand, LocalArgs, ResultsFormat, ServeArgs,
+    StatusArgs, SubmitArgs, SweepCommand, TokenCommand,
 };
+use ringleader_coordinator::client::{self, Connection};
+use ringleader_coordinator::client_config;
 use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
 use ringleader_coordinator::server::{self, ServeOptions};
 use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
 use ringleader_coordinator::sweep::{SweepKind, SweepState};
 use ringleader_coordinator::{runtime, status};
+use ringleader_security::{certs, Role, TlsDir};
 use tokio_util::sync::CancellationToken;
 
 /// Grace period for children to stop on SIGTERM before they are killed.
@@ -29,6 +32,8 @@ async fn main() -> ExitCode {
         Command::Status(args) => show_status(args).await,
         Command::Job(command) => job(command).await,
         Command::Sweep(command) => sweep(command).await,
+        Command::Certs(CertsCommand::Init(args)) => certs_init(&args),
+        Command::Token(command) => token(command).await,
     };
     match result {
         Ok(code) => code,
@@ -42,6 +47,20 @@ async fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let shutdown = runtime::shutdown_on_signals()?;
     let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
+    let transport = args.tls.transport(Role::Coordinator)?;
+    let etcd_tls = match &args.etcd_tls_dir {
+        Some(dir) => Some(TlsDir::load(dir)?),
+        None => None,
+    };
+    let admin_token = match &args.admin_token_file {
+        Some(path) => Some(client_config::read_token_file(path)?),
+        None => None,
+    };
+    if transport.is_tls() && admin_token.is_none() {
+        tracing::warn!(
+            "no --admin-token-file: only tokens already stored in etcd can call this cluster"
+        );
+    }
     let options = ServeOptions {
         listen: args.listen,
         advertise,
@@ -57,13 +76,16 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             max_trials_per_sweep: args.max_trials_per_sweep,
             max_running_sweeps: args.max_running_sweeps,
         },
+        transport,
+        etcd_tls,
+        admin_token,
     };
     server::serve(options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn show_status(args: StatusArgs) -> Result<ExitCode> {
-    let status = status::fetch(&args.client).await?;
+    let status = status::fetch(&args.client.connection()?).await?;
     if args.json {
         println!(
             "{}",
@@ -81,7 +103,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 async fn job(command: JobCommand) -> Result<ExitCode> {
     match command {
         JobCommand::Submit(args) => submit(&args, SweepKind::Job).await,
-        JobCommand::Status(args) => show(&args.client, &args.id, args.json).await,
+        JobCommand::Status(args) => show(&args.client.connection()?, &args.id, args.json).await,
     }
 }
 
@@ -89,7 +111,7 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
     match command {
         SweepCommand::Submit(args) => submit(&args, SweepKind::Sweep).await,
         SweepCommand::List(args) => {
-            let sweeps = sweeps::list(&args.client).await?;
+            let sweeps = sweeps::list(&args.client.connection()?).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&sweeps)?);
             } else {
@@ -97,9 +119,9 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        SweepCommand::Status(args) => show(&args.client, &args.id, args.json).await,
+        SweepCommand::Status(args) => show(&args.client.connection()?, &args.id, args.json).await,
         SweepCommand::Results(args) => {
-            let view = sweeps::get(&args.client, &args.id).await?;
+            let view = sweeps::get(&args.client.connection()?, &args.id).await?;
             match args.format {
                 ResultsFormat::Table => print!("{}", sweeps::results_table(&view)),
                 ResultsFormat::Csv => print!("{}", sweeps::results_csv(&view)),
@@ -111,7 +133,7 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SweepCommand::Cancel(args) => {
-            let stopped = sweeps::cancel(&args.client, &args.id).await?;
+            let stopped = sweeps::cancel(&args.client.connection()?, &args.id).await?;
             println!(
                 "{} cancelled; {stopped} running attempt(s) told to stop",
                 args.id
@@ -127,12 +149,13 @@ async fn submit(args: &SubmitArgs, kind: SweepKind) -> Result<ExitCode> {
         println!("valid: {}", sweeps::summary(&template));
         return Ok(ExitCode::SUCCESS);
     }
-    let id = sweeps::submit(&args.client, kind, &args.file).await?;
+    let connection = args.client.connection()?;
+    let id = sweeps::submit(&connection, kind, &args.file).await?;
     println!("submitted {id}");
     if !args.watch {
         return Ok(ExitCode::SUCCESS);
     }
-    let view = sweeps::watch(&args.client, &id, WATCH_EVERY, args.give_up_after).await?;
+    let view = sweeps::watch(&connection, &id, WATCH_EVERY, args.give_up_after).await?;
     print_outcome(&view);
     Ok(exit_code(&view))
 }
@@ -169,7 +192,7 @@ fn exit_code(view: &SweepView) -> ExitCode {
     }
 }
 
-async fn show(client: &ClientArgs, id: &str, json: bool) -> Result<ExitCode> {
+async fn show(client: &Connection, id: &str, json: bool) -> Result<ExitCode> {
     let view = sweeps::get(client, id).await?;
     if json {
         println!(
@@ -207,7 +230,12 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
         dir: dir.clone(),
         coordinator_args: Vec::new(),
         bin_dir: None,
+        secure: !args.insecure,
+        data_roots: args.data_roots.clone(),
     };
+    if args.insecure {
+        tracing::warn!("{}", ringleader_security::tls::INSECURE_WARNING);
+    }
     eprintln!(
         "starting {} coordinator(s) and {} worker(s); logs in {}",
         options.coordinators,
@@ -233,6 +261,7 @@ async fn run_cluster(
         _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
     };
     let addresses = cluster.coordinator_addresses().join(",");
+    let config = cluster.client_config_path();
     println!("cluster ready");
     println!("  etcd:        {}", cluster.etcd_endpoints().join(","));
     println!("  leader:      {}", ready.leader_address);
@@ -243,12 +272,24 @@ async fn run_cluster(
             worker.worker_id, worker.peer_address
         );
     }
-    println!("  export RINGLEADER_COORDINATOR={addresses}");
+    println!(
+        "  security:    {}",
+        if cluster.certs().is_some() {
+            "mutual TLS everywhere (etcd included), admin token"
+        } else {
+            "NONE (--insecure)"
+        }
+    );
+    println!("to use it from another shell:");
+    println!("  export RINGLEADER_CONFIG={}", config.display());
 
     let mut command = match args.run.split_first() {
         Some((program, rest)) => {
             let mut command = tokio::process::Command::new(program);
-            command.args(rest).env("RINGLEADER_COORDINATOR", &addresses);
+            command
+                .args(rest)
+                .env("RINGLEADER_CONFIG", &config)
+                .env("RINGLEADER_COORDINATOR", &addresses);
             if let Ok(exe) = std::env::current_exe() {
                 if let Some(bin_dir) = exe.parent() {
                     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -286,4 +327,116 @@ async fn run_cluster(
             }
         }
     }
+}
+
+fn certs_init(args: &CertsInitArgs) -> Result<ExitCode> {
+    let written = certs::init(
+        &args.dir,
+        &certs::InitOptions {
+            hosts: args.hosts.clone(),
+        },
+    )?;
+    println!("wrote certificates under {}:", written.dir.display());
+    for role in Role::ALL {
+        println!(
+            "  {:<12} {}",
+            role.as_str(),
+            written.tls_dir(role).display()
+        );
+    }
+    println!(
+        "  {:<12} {}",
+        "etcd server",
+        written.dir.join(certs::ETCD_SERVER_DIR).display()
+    );
+    println!(
+        "  {:<12} {}",
+        "etcd client",
+        written.dir.join(certs::ETCD_CLIENT_DIR).display()
+    );
+    println!(
+        "  {:<12} {} (bootstrap admin token: ringleader serve --admin-token-file)",
+        "admin token",
+        written.dir.join(certs::ADMIN_TOKEN_FILE).display()
+    );
+    println!(
+        "keep {} offline: it can issue certificates",
+        written.dir.join("ca").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(command: TokenCommand) -> Result<ExitCode> {
+    use ringleader_coordinator::auth::TokenInfo;
+    use ringleader_proto::coordinator::{
+        CreateTokenRequest, ListTokensRequest, RevokeTokenRequest,
+    };
+    match command {
+        TokenCommand::Create(args) => {
+            let connection = args.client.connection()?;
+            let (_, mut leader) = client::find_leader(&connection).await?;
+            let created = leader
+                .create_token(CreateTokenRequest {
+                    name: args.name.clone(),
+                    role: args.role.to_string(),
+                })
+                .await
+                .map_err(|s| client::status_error("token create", s))?
+                .into_inner();
+            eprintln!(
+                "created token {} for {} ({}); it is shown once, here:",
+                created.id, args.name, args.role
+            );
+            println!("{}", created.token);
+        }
+        TokenCommand::List(args) => {
+            let connection = args.client.connection()?;
+            let (_, mut leader) = client::find_leader(&connection).await?;
+            let listed = leader
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(|s| client::status_error("token list", s))?
+                .into_inner();
+            let tokens = listed
+                .token_json
+                .iter()
+                .map(|json| serde_json::from_str::<TokenInfo>(json))
+                .collect::<Result<Vec<_>, _>>()
+                .context("the leader sent a token record we cannot read")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!(
+                    "{:<14} {:<24} {:<7} {:<16} state",
+                    "id", "name", "role", "created by"
+                );
+                for token in &tokens {
+                    let state = if token.revoked_unix_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{:<14} {:<24} {:<7} {:<16} {state}",
+                        token.id,
+                        token.name,
+                        token.role.as_str(),
+                        token.created_by
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke(args) => {
+            let connection = args.client.connection()?;
+            let (_, mut leader) = client::find_leader(&connection).await?;
+            leader
+                .revoke_token(RevokeTokenRequest {
+                    id: args.id.clone(),
+                })
+                .await
+                .map_err(|s| client::status_error("token revoke", s))?;
+            println!("revoked token {}", args.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

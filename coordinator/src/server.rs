@@ -11,6 +11,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use ringleader_security::{TlsDir, Token, Transport};
+
+use crate::auth::{Authenticator, TokenRecord, TOKENS_PREFIX};
 use crate::election::{Election, LeaderTerm, Role};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
@@ -37,6 +40,12 @@ pub struct ServeOptions {
     /// Where trials checkpoint when their job names no directory.
     pub checkpoint_dir: PathBuf,
     pub limits: SubmitLimits,
+    /// Mutual TLS on the API (or `--insecure`).
+    pub transport: Transport,
+    /// etcd's client certificate; plaintext etcd without.
+    pub etcd_tls: Option<TlsDir>,
+    /// The bootstrap admin's token (`--admin-token-file`).
+    pub admin_token: Option<Token>,
 }
 
 /// The configurable bounds on what clients may submit (see
@@ -59,7 +68,12 @@ impl Default for SubmitLimits {
 /// Runs a coordinator until `shutdown` is cancelled. Fails fast (within
 /// `etcd_timeout`) when etcd is unreachable or the address is taken.
 pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result<()> {
-    let etcd = Etcd::connect(&options.etcd, options.etcd_timeout).await?;
+    let etcd = Etcd::connect(
+        &options.etcd,
+        options.etcd_timeout,
+        options.etcd_tls.as_ref(),
+    )
+    .await?;
     let listener = TcpListener::bind(options.listen)
         .await
         .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", options.listen)))?;
@@ -75,6 +89,7 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
         options.worker_lost_after,
         options.checkpoint_dir.clone(),
         options.limits,
+        Authenticator::new(options.transport.clone(), options.admin_token.clone()),
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -89,7 +104,11 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
         shutdown.clone(),
     ));
 
-    let served = tonic::transport::Server::builder()
+    let mut server = options
+        .transport
+        .server(tonic::transport::Server::builder())
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let served = server
         .add_service(health_service)
         .add_service(
             CoordinatorServer::new(CoordinatorService::new(state))
@@ -144,7 +163,11 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
         Err(error) => warn!(%error, "could not record the leader term"),
     }
     let runs = loop {
-        match load_state(&state).await {
+        let loaded = async {
+            load_tokens(&state).await?;
+            load_state(&state).await
+        };
+        match loaded.await {
             Ok(runs) => break runs,
             Err(error) => {
                 warn!(%error, "cannot load the stored sweeps; retrying");
@@ -186,6 +209,18 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
         }
         state.schedule();
     }
+}
+
+/// Loads the stored tokens into the authenticator. A token record that
+/// does not decode is left out (its holder is refused), and named.
+async fn load_tokens(state: &CoordinatorState) -> Result<()> {
+    let loaded = load_prefix::<TokenRecord>(&state.etcd, TOKENS_PREFIX).await?;
+    for bad in &loaded.unreadable {
+        error!(key = %bad.key, reason = %bad.reason, "a stored token is unreadable; its holder will be refused");
+    }
+    info!(tokens = loaded.records.len(), "tokens loaded");
+    state.auth.load_tokens(loaded.records);
+    Ok(())
 }
 
 /// How often the leader re-checks placement without an event.

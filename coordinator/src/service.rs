@@ -11,15 +11,20 @@ use std::path::PathBuf;
 use ringleader_proto::coordinator::{
     coordinator_message, worker_message, CancelSweepRequest, CancelSweepResponse,
     ClusterStatusRequest, ClusterStatusResponse, CoordinatorInfo, CoordinatorMessage,
-    GetSweepRequest, GetSweepResponse, HeartbeatAck, ListSweepsRequest, ListSweepsResponse,
-    Register, Registered, SubmitKind, SubmitRequest, SubmitResponse, WhoIsLeaderRequest,
-    WhoIsLeaderResponse, WorkerMessage,
+    CreateTokenRequest, CreateTokenResponse, GetSweepRequest, GetSweepResponse, HeartbeatAck,
+    ListSweepsRequest, ListSweepsResponse, ListTokensRequest, ListTokensResponse, Register,
+    Registered, RevokeTokenRequest, RevokeTokenResponse, SubmitKind, SubmitRequest, SubmitResponse,
+    WhoIsLeaderRequest, WhoIsLeaderResponse, WorkerMessage,
 };
+use ringleader_security::{Token, UserRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::auth::{
+    token_key, validate_token_name, Authenticator, Caller, TokenInfo, TokenRecord, MAX_TOKENS,
+};
 use crate::election::{self, LeaderTerm, Role};
 use crate::error::Error;
 use crate::etcd::Etcd;
@@ -49,6 +54,7 @@ pub struct CoordinatorState {
     pub lost_after: Duration,
     pub checkpoint_root: PathBuf,
     pub limits: SubmitLimits,
+    pub auth: Authenticator,
     scheduler: Mutex<Scheduler>,
     /// The current term's writer, once its state is loaded from etcd.
     writer: Mutex<Option<StateWriter>>,
@@ -63,9 +69,11 @@ impl CoordinatorState {
         lost_after: Duration,
         checkpoint_root: PathBuf,
         limits: SubmitLimits,
+        auth: Authenticator,
     ) -> Self {
         Self {
             limits,
+            auth,
             advertise,
             etcd,
             role,
@@ -199,6 +207,35 @@ impl CoordinatorState {
     }
 }
 
+impl CoordinatorState {
+    /// Writes a token record through the term's fenced writer, then makes
+    /// it the one the authenticator uses.
+    async fn store_token(&self, record: &TokenRecord) -> Result<(), Status> {
+        let ticket = match self.writer().as_ref() {
+            Some(writer) => writer.enqueue(vec![(token_key(&record.id), to_json(record))]),
+            None => return Err(Status::unavailable("this coordinator is not leading")),
+        };
+        durable(ticket).await?;
+        self.auth
+            .tokens_mut()
+            .insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+}
+
+/// One audit line per change a user makes (target `ringleader::audit`).
+fn audit(caller: &Caller, action: &str, what: &str) {
+    info!(target: "ringleader::audit", user = %caller.user, role = %caller.role, action, what, "audit");
+}
+
+/// PERMISSION_DENIED for someone else's sweep.
+fn not_yours(caller: &Caller, id: &str, verb: &str) -> Status {
+    Status::permission_denied(format!(
+        "{id} belongs to another user; {} (a {}) may {verb} only their own",
+        caller.user, caller.role
+    ))
+}
+
 /// Waits until a scheduler step's writes are durable.
 async fn durable(answer: oneshot::Receiver<Result<(), String>>) -> Result<(), Status> {
     match answer.await {
@@ -291,6 +328,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        self.state.auth.worker(&request)?;
         let term = self.state.require_leader().await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_DEADLINE, inbound.message())
@@ -361,9 +399,10 @@ impl Coordinator for CoordinatorService {
 
     async fn cluster_status(
         &self,
-        _request: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.state.require_leader().await?;
+        self.state.require_loaded_leader().await?;
+        self.state.auth.user(&request)?;
         let candidates = election::candidates(&self.state.etcd).await?;
         let coordinators = candidates
             .iter()
@@ -384,8 +423,9 @@ impl Coordinator for CoordinatorService {
 
     async fn who_is_leader(
         &self,
-        _request: Request<WhoIsLeaderRequest>,
+        request: Request<WhoIsLeaderRequest>,
     ) -> Result<Response<WhoIsLeaderResponse>, Status> {
+        self.state.auth.component(&request)?;
         let response = match self.state.require_leader().await {
             Ok(_) => WhoIsLeaderResponse {
                 leader_address: self.state.advertise.clone(),
@@ -405,6 +445,8 @@ impl Coordinator for CoordinatorService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
+        caller.require(UserRole::User, "submitting")?;
         let request = request.into_inner();
         let kind = match request.kind() {
             SubmitKind::Job => SweepKind::Job,
@@ -475,11 +517,13 @@ impl Coordinator for CoordinatorService {
                 objective_metric: metric,
                 objective_mode: mode_name(mode).into(),
                 max_trials: template.max_trials(),
+                owner: caller.user.clone(),
             };
             (s.submit(SweepRun::new(record, driver, template)), Ok(id))
         });
         let id = id?;
         durable(answer).await?;
+        audit(&caller, "submit", &id);
         self.state.schedule();
         Ok(Response::new(SubmitResponse { sweep_id: id }))
     }
@@ -489,6 +533,7 @@ impl Coordinator for CoordinatorService {
         request: Request<ListSweepsRequest>,
     ) -> Result<Response<ListSweepsResponse>, Status> {
         self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
         let include_spec = request.into_inner().include_spec;
         let (sweeps, unreadable) = {
             let scheduler = self.state.scheduler();
@@ -496,6 +541,7 @@ impl Coordinator for CoordinatorService {
         };
         let sweep_json = sweeps
             .into_iter()
+            .filter(|sweep| caller.may_read(&sweep.owner))
             .map(|mut sweep| {
                 if !include_spec {
                     sweep.spec.clear();
@@ -514,6 +560,7 @@ impl Coordinator for CoordinatorService {
         request: Request<GetSweepRequest>,
     ) -> Result<Response<GetSweepResponse>, Status> {
         self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
         let request = request.into_inner();
         let id = request.sweep_id;
         let limit = match request.trials_limit {
@@ -525,6 +572,9 @@ impl Coordinator for CoordinatorService {
         let Some((record, running, mut problems)) = found else {
             return Err(Status::not_found(format!("no sweep or job {id}")));
         };
+        if !caller.may_read(&record.owner) {
+            return Err(not_yours(&caller, &id, "see"));
+        }
         let page = if running {
             let scheduler = self.state.scheduler();
             TrialPage::of(scheduler.trials_from(&id, from), limit, false)
@@ -555,17 +605,119 @@ impl Coordinator for CoordinatorService {
         request: Request<CancelSweepRequest>,
     ) -> Result<Response<CancelSweepResponse>, Status> {
         self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
         let id = request.into_inner().sweep_id;
+        caller.require(UserRole::User, "cancelling")?;
+        let owner = self
+            .state
+            .scheduler()
+            .get(&id)
+            .map(|(record, ..)| record.owner);
+        if let Some(owner) = owner {
+            if !caller.may_change(&owner) {
+                return Err(not_yours(&caller, &id, "cancel"));
+            }
+        }
         let (result, answer) = self.state.apply(|s| match s.cancel(&id) {
             Ok((effects, stopped)) => (effects, Ok(stopped)),
             Err(error) => (Effects::default(), Err(error)),
         });
         let stopped = result?;
         durable(answer).await?;
+        audit(&caller, "cancel", &id);
         self.state.schedule();
         Ok(Response::new(CancelSweepResponse {
             stopped_attempts: stopped,
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
+        caller.require(UserRole::Admin, "creating tokens")?;
+        let request = request.into_inner();
+        validate_token_name(&request.name)?;
+        let role: UserRole =
+            request
+                .role
+                .parse()
+                .map_err(|e: ringleader_security::SecurityError| {
+                    Status::invalid_argument(e.to_string())
+                })?;
+        if self.state.auth.tokens().len() >= MAX_TOKENS {
+            return Err(Status::resource_exhausted(format!(
+                "this cluster already holds {MAX_TOKENS} tokens, the most it keeps"
+            )));
+        }
+        let token = Token::generate();
+        let record = TokenRecord {
+            id: token.id.clone(),
+            name: request.name,
+            role,
+            secret_sha256: token.secret_hash(),
+            created_unix_ms: unix_ms(),
+            created_by: caller.user.clone(),
+            revoked_unix_ms: None,
+        };
+        self.state.store_token(&record).await?;
+        audit(
+            &caller,
+            "token create",
+            &format!("{} ({}, {})", record.id, record.name, record.role),
+        );
+        Ok(Response::new(CreateTokenResponse {
+            id: token.id.clone(),
+            token: token.reveal(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
+        caller.require(UserRole::Admin, "listing tokens")?;
+        let mut tokens: Vec<TokenInfo> = self
+            .state
+            .auth
+            .tokens()
+            .values()
+            .map(TokenInfo::from)
+            .collect();
+        tokens.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(Response::new(ListTokensResponse {
+            token_json: tokens.iter().map(to_json).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.state.require_loaded_leader().await?;
+        let caller = self.state.auth.user(&request)?;
+        caller.require(UserRole::Admin, "revoking tokens")?;
+        let id = request.into_inner().id;
+        let record = {
+            let mut tokens = self.state.auth.tokens_mut();
+            let Some(record) = tokens.get_mut(&id) else {
+                return Err(Status::not_found(format!("no token {id}")));
+            };
+            // Refused from now on, even before the record is durable.
+            record.revoked_unix_ms.get_or_insert_with(unix_ms);
+            record.clone()
+        };
+        self.state.store_token(&record).await?;
+        audit(
+            &caller,
+            "token revoke",
+            &format!("{} ({})", record.id, record.name),
+        );
+        Ok(Response::new(RevokeTokenResponse {}))
     }
 }
 

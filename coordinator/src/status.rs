@@ -7,14 +7,12 @@ use ringleader_proto::coordinator::{
 };
 use serde_json::{json, Value};
 
-use crate::cli::ClientArgs;
-use crate::client;
+use crate::client::{self, Connection};
 use crate::error::{Error, Result};
 
 /// Asks the leader (found through any of the given coordinators).
-pub async fn fetch(args: &ClientArgs) -> Result<ClusterStatusResponse> {
-    let addresses = client::split_addresses(&args.coordinator);
-    let (leader, mut client) = client::find_leader(&addresses, args.timeout).await?;
+pub async fn fetch(args: &Connection) -> Result<ClusterStatusResponse> {
+    let (leader, mut client) = client::find_leader(args).await?;
     let response =
         tokio::time::timeout(args.timeout, client.cluster_status(ClusterStatusRequest {}))
             .await
@@ -22,10 +20,7 @@ pub async fn fetch(args: &ClientArgs) -> Result<ClusterStatusResponse> {
                 address: leader.clone(),
                 reason: format!("no status within {:?}", args.timeout),
             })?
-            .map_err(|status| Error::Unreachable {
-                address: leader,
-                reason: status.message().to_string(),
-            })?;
+            .map_err(|status| client::status_error(&format!("status from {leader}"), status))?;
     Ok(response.into_inner())
 }
 

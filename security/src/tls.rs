@@ -104,10 +104,12 @@ impl TlsDir {
             .domain_name(server_role.server_name())
     }
 
-    /// PEM of the CA, certificate and key (for clients that take them as
-    /// bytes, such as etcd-client).
-    pub fn pem(&self) -> (&str, &str, &str) {
-        (&self.ca, &self.cert, &self.key)
+    /// Client side for servers that are not ours (etcd): verify the
+    /// server by the host it is dialled at, present our certificate.
+    pub fn client_config_by_host(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca())
+            .identity(self.identity())
     }
 }
 
@@ -140,6 +142,20 @@ fn leaf_der(pem: &str) -> Option<Vec<u8>> {
     Some(parsed.contents)
 }
 
+/// `address` (`host:port`, with or without a scheme) as an `https://` or
+/// `http://` URI.
+pub fn uri(address: &str, tls: bool) -> String {
+    let bare = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    if tls {
+        format!("https://{bare}")
+    } else {
+        format!("http://{bare}")
+    }
+}
+
 /// How a component talks: mutual TLS (the default), or plaintext with no
 /// authentication, only by explicit choice.
 #[derive(Clone, Debug)]
@@ -156,14 +172,7 @@ impl Transport {
     /// `address` (`host:port`, with or without a scheme) as a URI of this
     /// transport's scheme.
     pub fn uri(&self, address: &str) -> String {
-        let bare = address
-            .strip_prefix("https://")
-            .or_else(|| address.strip_prefix("http://"))
-            .unwrap_or(address);
-        match self {
-            Transport::Tls(_) => format!("https://{bare}"),
-            Transport::Insecure => format!("http://{bare}"),
-        }
+        uri(address, self.is_tls())
     }
 
     /// An endpoint for a server of `server_role` at `address`.

@@ -6,18 +6,15 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use ringleader_proto::coordinator::coordinator_client::CoordinatorClient;
 use ringleader_proto::coordinator::{
     CancelSweepRequest, GetSweepRequest, ListSweepsRequest, SubmitKind, SubmitRequest,
 };
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::driver::best_trial;
 use super::records::{Float, SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
 use super::template::Template;
-use crate::cli::ClientArgs;
-use crate::client;
+use crate::client::{self, status_error, Connection, LeaderClient};
 use crate::error::{Error, Result};
 use crate::limits::MAX_SPEC_BYTES;
 use crate::search::Mode;
@@ -53,30 +50,8 @@ impl SweepView {
 
 /// Calls the leader, following redirects; unreachable or no leader is an
 /// error after `args.timeout`.
-async fn leader(args: &ClientArgs) -> Result<CoordinatorClient<Channel>> {
-    let addresses = client::split_addresses(&args.coordinator);
-    Ok(client::find_leader(&addresses, args.timeout).await?.1)
-}
-
-/// The leader's answer as an error a caller can act on: refusals (bad
-/// input, unknown id, a limit reached) are final; only an unreachable or
-/// unavailable leader is worth waiting for.
-fn status_error(what: &str, status: tonic::Status) -> Error {
-    use tonic::Code;
-    let message = format!("{what}: {}", status.message());
-    match status.code() {
-        Code::NotFound => Error::NotFound(message),
-        Code::FailedPrecondition => Error::FailedPrecondition(message),
-        Code::ResourceExhausted | Code::OutOfRange => Error::ResourceExhausted(message),
-        Code::DataLoss => Error::Corrupt(message),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
-            Error::Unreachable {
-                address: "the leader".into(),
-                reason: message,
-            }
-        }
-        _ => Error::InvalidArgument(message),
-    }
+async fn leader(args: &Connection) -> Result<LeaderClient> {
+    Ok(client::find_leader(args).await?.1)
 }
 
 /// Reads and fully validates a spec file, without any cluster; returns its
@@ -118,7 +93,7 @@ pub fn summary(template: &Template) -> String {
 
 /// Reads and validates a spec file locally (so a bad spec never reaches
 /// the cluster), then submits it. Returns the new id.
-pub async fn submit(args: &ClientArgs, kind: SweepKind, file: &Path) -> Result<String> {
+pub async fn submit(args: &Connection, kind: SweepKind, file: &Path) -> Result<String> {
     let (spec, _) = check(kind, file)?;
     let origin = file.display().to_string();
     let request = SubmitRequest {
@@ -138,7 +113,7 @@ pub async fn submit(args: &ClientArgs, kind: SweepKind, file: &Path) -> Result<S
 }
 
 /// A sweep and all its trials, read page by page.
-pub async fn get(args: &ClientArgs, id: &str) -> Result<SweepView> {
+pub async fn get(args: &Connection, id: &str) -> Result<SweepView> {
     let mut leader = leader(args).await?;
     let mut trials = Vec::new();
     let mut from = 0;
@@ -171,7 +146,7 @@ pub async fn get(args: &ClientArgs, id: &str) -> Result<SweepView> {
     }
 }
 
-pub async fn list(args: &ClientArgs) -> Result<Vec<SweepRecord>> {
+pub async fn list(args: &Connection) -> Result<Vec<SweepRecord>> {
     let response = leader(args)
         .await?
         .list_sweeps(ListSweepsRequest {
@@ -187,7 +162,7 @@ pub async fn list(args: &ClientArgs) -> Result<Vec<SweepRecord>> {
         .collect()
 }
 
-pub async fn cancel(args: &ClientArgs, id: &str) -> Result<u32> {
+pub async fn cancel(args: &Connection, id: &str) -> Result<u32> {
     let response = leader(args)
         .await?
         .cancel_sweep(CancelSweepRequest {
@@ -208,7 +183,7 @@ fn parse_record<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
 /// out leader failovers (the state is in etcd), but gives up once no
 /// coordinator has answered for `give_up_after`. Returns the final view.
 pub async fn watch(
-    args: &ClientArgs,
+    args: &Connection,
     id: &str,
     every: Duration,
     give_up_after: Duration,
@@ -238,7 +213,7 @@ pub async fn watch(
             Err(error @ (Error::Unreachable { .. } | Error::NoLeader { .. })) => {
                 if last_answer.elapsed() >= give_up_after {
                     return Err(Error::Unreachable {
-                        address: args.coordinator.join(","),
+                        address: args.coordinators.join(","),
                         reason: format!(
                             "no leader answered for {}; gave up watching {id} \
                              (--give-up-after); last error: {error}",

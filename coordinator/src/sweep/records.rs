@@ -68,6 +68,10 @@ pub struct SweepRecord {
     pub objective_mode: String,
     /// Trials the sweep may start (the budget).
     pub max_trials: u64,
+    /// The user who submitted it ("" for records from before owners: then
+    /// only admins and viewers see it).
+    #[serde(default)]
+    pub owner: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

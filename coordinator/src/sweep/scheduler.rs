@@ -82,6 +82,20 @@ impl SweepRun {
     }
 }
 
+/// Bytes of an attempt's ring secret.
+const RING_SECRET_BYTES: usize = 32;
+
+/// A fresh secret for one attempt's ring. It lives only in the leader's
+/// messages to the gang (never in a record): a ring can be joined only by
+/// the ranks this leader assigned, however predictable the generation is.
+fn new_ring_secret() -> Vec<u8> {
+    use rand::RngCore;
+    let mut secret = vec![0u8; RING_SECRET_BYTES];
+    // ThreadRng: a CSPRNG seeded and reseeded from the operating system.
+    rand::rng().fill_bytes(&mut secret);
+    secret
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -601,6 +615,7 @@ impl Scheduler {
                     .map(|w| self.registry.peer_address(w).unwrap_or_default())
                     .collect();
                 let job_json = serde_json::to_string(&job).expect("job serialises");
+                let ring_secret = new_ring_secret();
                 for (rank, worker) in gang.iter().enumerate() {
                     self.registry.assign(worker, reference.clone());
                     effects.send(
@@ -614,6 +629,7 @@ impl Scheduler {
                             start_epoch: work.start_epoch,
                             stop_epoch: work.stop_epoch,
                             checkpoint_dir: dir.display().to_string(),
+                            ring_secret: ring_secret.clone(),
                         }),
                     );
                 }
