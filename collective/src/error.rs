@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::auth::ProofError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     /// A neighbour's stream broke or ended mid-operation.
@@ -52,6 +54,22 @@ pub enum CollectiveError {
     #[error("invalid ring plan: {0}")]
     InvalidPlan(String),
 
+    /// A ring secret that is too short, too long or not hex.
+    #[error("invalid ring secret: {0}")]
+    InvalidSecret(String),
+
+    /// A stream whose sender did not prove it holds the ring's secret.
+    #[error("rank {rank}'s ring proof for generation {generation} is {problem}")]
+    BadProof {
+        rank: usize,
+        generation: u64,
+        problem: ProofError,
+    },
+
+    /// The ring's TLS material could not be used.
+    #[error("ring transport: {0}")]
+    Transport(String),
+
     #[error("cannot reach rank {rank} at {address}: {reason}")]
     Connect {
         rank: usize,
@@ -71,7 +89,10 @@ impl From<CollectiveError> for tonic::Status {
             }
             CollectiveError::Mismatch { .. }
             | CollectiveError::BadFrame { .. }
-            | CollectiveError::InvalidPlan(_) => tonic::Status::invalid_argument(text),
+            | CollectiveError::InvalidPlan(_)
+            | CollectiveError::InvalidSecret(_) => tonic::Status::invalid_argument(text),
+            CollectiveError::BadProof { .. } => tonic::Status::unauthenticated(text),
+            CollectiveError::Transport(_) => tonic::Status::internal(text),
             CollectiveError::Timeout { .. } => tonic::Status::deadline_exceeded(text),
             CollectiveError::TooManyWaitingStreams { .. } => {
                 tonic::Status::resource_exhausted(text)

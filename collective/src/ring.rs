@@ -33,32 +33,40 @@ use bytes::Bytes;
 use ringleader_proto::collective::collective_client::CollectiveClient;
 use ringleader_proto::collective::collective_server::CollectiveServer;
 use ringleader_proto::collective::{DType, OpKind, ReduceOp, RingFrame};
+use ringleader_security::{Role, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::auth::{RingSecret, RING_PROOF_METADATA_KEY};
 use crate::element::{copy_into, reduce_into, Element};
 use crate::error::{CollectiveError, Result};
 use crate::frame::{chunk_elements, FrameCheck, OpHeader};
 use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
-use crate::service::{CollectiveService, Inbound};
+use crate::service::{CollectiveService, Inbound, InboundLink};
 
-/// A tonic server tuned for ring traffic (windows, frame size) and bounded
-/// against strangers (stream window, streams per connection, header size),
-/// to which the caller adds [`collective_server`] and any other services.
+/// A tonic server tuned for ring traffic (windows, frame size), bounded
+/// against strangers (stream window, streams per connection, header size)
+/// and serving `options.transport` (with TLS: our worker certificate, and
+/// client certificates from our CA required), to which the caller adds
+/// [`collective_server`] and any other services.
 ///
 /// The stream window is what one stream can make this process buffer
 /// before anything reads it, so a stream still waiting for its ring holds
 /// at most that much (see [`crate::service`]).
-pub fn server_builder(options: &RingOptions) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+pub fn server_builder(options: &RingOptions) -> Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(options.stream_window)
         .initial_connection_window_size(options.connection_window)
         .max_frame_size(options.frame_bytes)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
+    options
+        .transport
+        .server(builder)
+        .map_err(|e| CollectiveError::Transport(e.to_string()))
 }
 
 /// HTTP/2 streams one connection may have open at once on a collective
@@ -88,6 +96,10 @@ pub struct RingPlan {
     pub rank: usize,
     /// Peer (collective service) addresses in rank order.
     pub peers: Vec<String>,
+    /// The attempt's secret, the same at every rank (`Assignment.ring_secret`
+    /// through [`RingSecret::new`]); proves to each successor that this
+    /// rank was assigned to the ring (see [`crate::auth`]).
+    pub secret: RingSecret,
 }
 
 /// Tuning and failure bounds.
@@ -113,6 +125,13 @@ pub struct RingOptions {
     /// Most inbound streams waiting for their ring at once (see
     /// [`crate::service::ServiceLimits::max_waiting_streams`]).
     pub max_waiting_streams: usize,
+    /// How ring streams travel: mutual TLS with worker certificates (what a
+    /// worker uses), or [`Transport::Insecure`] — the default here, for
+    /// tests and trusted networks — where frames are neither encrypted nor
+    /// integrity-protected and only the ring proof keeps strangers out.
+    /// Dialling, the server ([`server_builder`]) and the service's caller
+    /// check ([`CollectiveService::for_rings`]) all follow it.
+    pub transport: Transport,
 }
 
 impl RingOptions {
@@ -154,6 +173,7 @@ impl Default for RingOptions {
             connection_window: 2 * DEFAULT_STREAM_WINDOW,
             frame_bytes: (1 << 20) - 1,
             max_waiting_streams: crate::service::DEFAULT_MAX_WAITING_STREAMS,
+            transport: Transport::Insecure,
         }
     }
 }
@@ -243,8 +263,15 @@ impl Ring {
         }
         let predecessor = ring_sub(plan.rank, 1, world);
         let successor = (plan.rank + 1) % world;
-        let registration =
-            service.register(plan.generation, predecessor, ring.options.queue_depth)?;
+        let registration = service.register(
+            InboundLink {
+                generation: plan.generation,
+                rank: plan.rank,
+                predecessor,
+                secret: plan.secret.clone(),
+            },
+            ring.options.queue_depth,
+        )?;
         let channel = dial(&plan.peers[successor], successor, &ring.options).await?;
         let (outbound, frames) = mpsc::channel(ring.options.queue_depth);
         let mut request = tonic::Request::new(ReceiverStream::new(frames));
@@ -257,25 +284,51 @@ impl Ring {
             ringleader_proto::RANK_METADATA_KEY,
             (plan.rank as u64).into(),
         );
+        let proof = plan.secret.proof(plan.generation, plan.rank, successor);
+        metadata.insert(
+            RING_PROOF_METADATA_KEY,
+            proof
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a proof is hex digits")),
+        );
         let mut client = CollectiveClient::new(channel)
             .max_decoding_message_size(ring.options.max_message_bytes())
             .max_encoding_message_size(ring.options.max_message_bytes());
-        let call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
+        let mut call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
         // Every rank opened its outgoing stream before waiting here, so once
         // our predecessor's stream is in, every link of the ring exists and a
         // rank that dies later is noticed as a broken stream, not silence.
+        // A successor that refuses our stream (wrong secret, stale
+        // generation, not a worker certificate) ends our call meanwhile:
+        // that is reported at once, with its reason.
         let inbound = registration.inbound;
-        match tokio::time::timeout(ring.options.timeout, registration.attached).await {
-            Ok(Ok(())) => {}
-            _ => {
-                return Err(CollectiveError::Connect {
-                    rank: predecessor,
-                    address: plan.peers[predecessor].clone(),
-                    reason: format!(
-                        "its stream did not arrive within {:?}",
-                        ring.options.timeout
+        let waited = ring.options.timeout;
+        let did_not_arrive = || CollectiveError::Connect {
+            rank: predecessor,
+            address: plan.peers[predecessor].clone(),
+            reason: format!("its stream did not arrive within {waited:?}"),
+        };
+        tokio::select! {
+            attached = tokio::time::timeout(waited, registration.attached) => {
+                if !matches!(attached, Ok(Ok(()))) {
+                    return Err(did_not_arrive());
+                }
+            }
+            answer = &mut call => {
+                let reason = match answer {
+                    Ok(Err(status)) => format!(
+                        "it refused our stream ({:?}): {}",
+                        status.code(),
+                        status.message()
                     ),
-                })
+                    Ok(Ok(())) => "it ended our stream before the ring formed".into(),
+                    Err(join) => join.to_string(),
+                };
+                return Err(CollectiveError::Connect {
+                    rank: successor,
+                    address: plan.peers[successor].clone(),
+                    reason,
+                });
             }
         }
         ring.links = Some(Links {
@@ -454,13 +507,17 @@ impl Ring {
     }
 }
 
+/// A channel to rank `rank` at `address`, over `options.transport` (with
+/// TLS: verifying it as a worker and presenting our certificate).
 async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Channel> {
     let connect_error = |reason: String| CollectiveError::Connect {
         rank,
         address: address.to_string(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(ringleader_proto::endpoint_uri(address))
+    let endpoint = options
+        .transport
+        .endpoint(address, Role::Worker)
         .map_err(|e| connect_error(e.to_string()))?
         .tcp_nodelay(true)
         .connect_timeout(options.timeout)
@@ -723,4 +780,109 @@ async fn all_gather_ring(
     };
     tokio::try_join!(sender, receiver)?;
     Ok(gathered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Rings of `world` ranks in this process, each rank served by its own
+    /// collective service on a loopback port, over `transport`, with
+    /// `secrets[rank]`.
+    async fn connect_ring(transport: Transport, secrets: Vec<RingSecret>) -> Vec<Result<Ring>> {
+        let options = RingOptions {
+            timeout: Duration::from_secs(10),
+            chunk_bytes: 1 << 12,
+            transport,
+            ..RingOptions::default()
+        };
+        let mut services = Vec::new();
+        let mut peers = Vec::new();
+        for _ in &secrets {
+            let service = CollectiveService::for_rings(&options);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.push(listener.local_addr().unwrap().to_string());
+            tokio::spawn(
+                server_builder(&options)
+                    .unwrap()
+                    .add_service(collective_server(service.clone()))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            services.push(service);
+        }
+        let connects = secrets.into_iter().enumerate().map(|(rank, secret)| {
+            let plan = RingPlan {
+                generation: 1,
+                rank,
+                peers: peers.clone(),
+                secret,
+            };
+            let (service, options) = (services[rank].clone(), options.clone());
+            tokio::spawn(async move { Ring::connect(&service, plan, options).await })
+        });
+        let mut rings = Vec::new();
+        for connect in connects.collect::<Vec<_>>() {
+            rings.push(connect.await.unwrap());
+        }
+        rings
+    }
+
+    async fn sum_over(rings: Vec<Ring>) -> Vec<Vec<f32>> {
+        let tasks = rings.into_iter().map(|mut ring| {
+            tokio::spawn(async move {
+                let mut data: Vec<f32> = (0..10_000).map(|i| (ring.rank() * i) as f32).collect();
+                ring.all_reduce(&mut data, ReduceOp::Sum).await.unwrap();
+                ring.close().await.unwrap();
+                data
+            })
+        });
+        let mut out = Vec::new();
+        for task in tasks.collect::<Vec<_>>() {
+            out.push(task.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_ring_over_mutual_tls_reduces() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = ringleader_security::certs::init(
+            dir.path(),
+            &ringleader_security::certs::InitOptions { hosts: vec![] },
+        )
+        .unwrap();
+        let tls =
+            ringleader_security::TlsDir::load_for(&written.tls_dir(Role::Worker), Role::Worker)
+                .unwrap();
+        let secret = RingSecret::generate();
+        let rings = connect_ring(Transport::Tls(Arc::new(tls)), vec![secret; 3]).await;
+        let rings: Vec<Ring> = rings.into_iter().map(|r| r.unwrap()).collect();
+        let expected: Vec<f32> = (0..10_000).map(|i| (3 * i) as f32).collect();
+        for data in sum_over(rings).await {
+            assert_eq!(data, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rank_with_another_secret_is_refused_at_once_naming_the_proof() {
+        let secret = RingSecret::generate();
+        let started = tokio::time::Instant::now();
+        let rings = connect_ring(
+            Transport::Insecure,
+            vec![secret.clone(), RingSecret::generate()],
+        )
+        .await;
+        // Each rank's successor refuses its stream: both fail well before
+        // the 10 s timeout, saying why.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for ring in rings {
+            let error = ring.err().expect("refused").to_string();
+            assert!(
+                error.contains("Unauthenticated") && error.contains("ring proof"),
+                "{error}"
+            );
+            assert!(!error.contains(&secret.to_hex()), "{error}");
+        }
+    }
 }

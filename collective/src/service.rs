@@ -1,19 +1,34 @@
 //! The receiving side of rings: the `Collective` gRPC service every worker
 //! serves on its peer address.
 //!
-//! A [`crate::Ring`] registers its generation here before it dials its
-//! successor; its predecessor's stream is then routed into that ring. A
-//! stream for an older generation than the newest registered is rejected
-//! before any frame is read.
+//! A [`crate::Ring`] registers its generation here, with the ring's secret,
+//! before it dials its successor; its predecessor's stream is then routed
+//! into that ring. Before a stream is handed to a ring or a single frame of
+//! it is read, the service checks, in this order:
 //!
-//! Streams from anyone: a stream whose ring is not registered yet waits (up
-//! to the accept timeout) without being read, so whatever its sender pushes
-//! meanwhile sits in HTTP/2 buffers. Two limits keep that bounded: at most
-//! [`ServiceLimits::max_waiting_streams`] streams wait at once (more are
-//! refused at once with `RESOURCE_EXHAUSTED`), and each can buffer at most
-//! the server's HTTP/2 stream window ([`crate::RingOptions::stream_window`],
-//! set by [`crate::ring::server_builder`]). A stream whose ring is already
-//! registered is claimed at once and never counts against the limit.
+//! 1. the caller's certificate is a worker's
+//!    ([`Transport::check_peer`]; a no-op when the ring runs without TLS);
+//! 2. the stream carries a well-formed proof ([`crate::auth`]) — if not, it
+//!    is refused at once with `UNAUTHENTICATED`;
+//! 3. its generation is not older than the newest registered
+//!    (`FAILED_PRECONDITION`);
+//! 4. once the ring is registered: the proof was made with that ring's
+//!    secret for this generation and link (`UNAUTHENTICATED`), and the
+//!    sender is this rank's predecessor (`INVALID_ARGUMENT`).
+//!
+//! A refused stream leaves the registration in place, so a stranger can
+//! neither take a ring's slot nor spoil it for the real predecessor.
+//!
+//! Streams that prove nothing yet: a stream whose ring is not registered
+//! yet waits (up to the accept timeout) without being read, so whatever its
+//! sender pushes meanwhile sits in HTTP/2 buffers; when the ring registers,
+//! the stream must still prove itself against its secret. Two limits keep
+//! that bounded: at most [`ServiceLimits::max_waiting_streams`] streams wait
+//! at once (more are refused at once with `RESOURCE_EXHAUSTED`), and each
+//! can buffer at most the server's HTTP/2 stream window
+//! ([`crate::RingOptions::stream_window`], set by
+//! [`crate::ring::server_builder`]). A stream whose ring is already
+//! registered is checked at once and never counts against the limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,9 +37,11 @@ use std::time::Duration;
 
 use ringleader_proto::collective::collective_server::Collective;
 use ringleader_proto::collective::{RingClosed, RingFrame};
+use ringleader_security::{Role, Transport};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{parse_proof, ProofError, RingSecret, RING_PROOF_METADATA_KEY};
 use crate::error::CollectiveError;
 
 /// Frames (or the reason the stream ended) from a ring's predecessor.
@@ -32,9 +49,22 @@ pub type Inbound = mpsc::Receiver<Result<RingFrame, Status>>;
 
 struct Waiting {
     predecessor: usize,
+    /// This ring's rank here (the receiver of the link).
+    rank: usize,
+    secret: RingSecret,
     frames: mpsc::Sender<Result<RingFrame, Status>>,
     /// Told when the predecessor's stream has arrived.
     attached: oneshot::Sender<()>,
+}
+
+/// The one stream a ring expects: from `predecessor` to `rank` (this
+/// process's rank) in `generation`, proven with `secret`.
+#[derive(Clone, Debug)]
+pub struct InboundLink {
+    pub generation: u64,
+    pub rank: usize,
+    pub predecessor: usize,
+    pub secret: RingSecret,
 }
 
 /// A registered ring's side of the service: its predecessor's frames, and a
@@ -89,6 +119,9 @@ pub struct CollectiveService {
     /// Streams now waiting for their ring (see [`ServiceLimits`]).
     waiting: Arc<AtomicUsize>,
     limits: ServiceLimits,
+    /// Whose certificates the `Ring` call accepts (see
+    /// [`Transport::check_peer`]); must match how the server was built.
+    transport: Transport,
 }
 
 /// A stream's place among the waiting ones; freed when dropped (also when
@@ -103,7 +136,8 @@ impl Drop for WaitSlot {
 
 impl CollectiveService {
     /// A service with default limits (those of [`crate::RingOptions`]'s
-    /// defaults) and the given accept timeout.
+    /// defaults) and the given accept timeout, for a server without TLS
+    /// (streams must still prove the ring secret).
     pub fn new(accept_timeout: Duration) -> Self {
         Self::with_limits(ServiceLimits {
             accept_timeout,
@@ -111,18 +145,32 @@ impl CollectiveService {
         })
     }
 
-    /// A service for rings built with `options`.
+    /// A service for rings built with `options`, checking callers'
+    /// certificates as `options.transport` says. Serve it from
+    /// [`crate::ring::server_builder`]`(options)` so that the server's TLS
+    /// matches.
     pub fn for_rings(options: &crate::RingOptions) -> Self {
         Self::with_limits(ServiceLimits::for_rings(options))
+            .with_transport(options.transport.clone())
     }
 
+    /// A service with `limits`, for a server without TLS (see
+    /// [`CollectiveService::with_transport`]).
     pub fn with_limits(limits: ServiceLimits) -> Self {
         Self {
             registry: Arc::default(),
             registered: Arc::new(Notify::new()),
             waiting: Arc::default(),
             limits,
+            transport: Transport::Insecure,
         }
+    }
+
+    /// The same service, accepting only callers `transport` accepts: with
+    /// TLS, callers presenting a worker certificate.
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     pub fn limits(&self) -> &ServiceLimits {
@@ -148,13 +196,19 @@ impl CollectiveService {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Expects one stream from `predecessor` for `generation`.
+    /// Expects one stream for `link`: from its predecessor, proven with its
+    /// secret.
     pub fn register(
         &self,
-        generation: u64,
-        predecessor: usize,
+        link: InboundLink,
         depth: usize,
     ) -> Result<Registration, CollectiveError> {
+        let InboundLink {
+            generation,
+            rank,
+            predecessor,
+            secret,
+        } = link;
         let (tx, rx) = mpsc::channel(depth.max(1));
         let (attached_tx, attached_rx) = oneshot::channel();
         {
@@ -172,6 +226,8 @@ impl CollectiveService {
                 generation,
                 Waiting {
                     predecessor,
+                    rank,
+                    secret,
                     frames: tx,
                     attached: attached_tx,
                 },
@@ -186,11 +242,30 @@ impl CollectiveService {
 
     /// Claims the registration for `generation`, waiting for it briefly
     /// (holding one of the limited waiting slots) if it is not there yet.
+    /// `proof` must be well-formed to wait at all, and made with the
+    /// registered ring's secret to claim it; a refused stream leaves the
+    /// registration where it was.
     async fn claim(
         &self,
         generation: u64,
         sender: usize,
+        proof: Option<&str>,
     ) -> Result<mpsc::Sender<Result<RingFrame, Status>>, Status> {
+        let refuse = |problem: ProofError| -> Status {
+            CollectiveError::BadProof {
+                rank: sender,
+                generation,
+                problem,
+            }
+            .into()
+        };
+        // No proof, or not even the shape of one: nothing to wait for.
+        match proof {
+            None => return Err(refuse(ProofError::Missing)),
+            Some(text) => {
+                parse_proof(text).map_err(refuse)?;
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.limits.accept_timeout;
         let mut slot = None;
         loop {
@@ -204,16 +279,23 @@ impl CollectiveService {
                     }
                     .into());
                 }
-                if let Some(waiting) = registry.waiting.remove(&generation) {
+                if let Some(waiting) = registry.waiting.get(&generation) {
+                    // The proof first: a stranger learns nothing about the
+                    // ring (not even who the predecessor is).
+                    waiting
+                        .secret
+                        .verify(generation, sender, waiting.rank, proof)
+                        .map_err(refuse)?;
                     if waiting.predecessor != sender {
-                        let expected = waiting.predecessor;
-                        registry.waiting.insert(generation, waiting);
                         return Err(Status::invalid_argument(format!(
-                            "rank {sender} is not this rank's predecessor (rank {expected}) in generation {generation}"
+                            "rank {sender} is not this rank's predecessor (rank {}) in generation {generation}",
+                            waiting.predecessor
                         )));
                     }
-                    let _ = waiting.attached.send(());
-                    return Ok(waiting.frames);
+                    if let Some(waiting) = registry.waiting.remove(&generation) {
+                        let _ = waiting.attached.send(());
+                        return Ok(waiting.frames);
+                    }
                 }
             }
             if slot.is_none() {
@@ -243,9 +325,16 @@ impl Collective for CollectiveService {
         &self,
         request: Request<Streaming<RingFrame>>,
     ) -> Result<Response<RingClosed>, Status> {
+        // Who is calling, before anything else: with TLS, only workers.
+        self.transport.check_peer(&request, Role::Worker)?;
         let generation = metadata_number(&request, ringleader_proto::GENERATION_METADATA_KEY)?;
         let sender = metadata_number(&request, ringleader_proto::RANK_METADATA_KEY)? as usize;
-        let frames = self.claim(generation, sender).await?;
+        // A value that is not visible ASCII counts as malformed, not missing.
+        let proof = request
+            .metadata()
+            .get(RING_PROOF_METADATA_KEY)
+            .map(|value| value.to_str().unwrap_or("?"));
+        let frames = self.claim(generation, sender, proof).await?;
         let mut stream = request.into_inner();
         loop {
             match stream.message().await {
@@ -298,25 +387,43 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(
             server_builder(options)
+                .unwrap()
                 .add_service(collective_server(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         address
     }
 
-    /// Opens a stream for `generation` from rank `rank` (on its own
-    /// connection) that sends `frames` and then stays open until the
-    /// returned sender is dropped; returns the call's answer as a task.
-    async fn open(
-        address: &str,
+    /// What a stream claims to be: generation, sender rank, proof.
+    struct Claim {
         generation: u64,
         rank: u64,
+        proof: Option<String>,
+    }
+
+    /// A claim from `rank` to its successor `rank + 1`, proven with `secret`.
+    fn proven(generation: u64, rank: u64, secret: &RingSecret) -> Claim {
+        Claim {
+            generation,
+            rank,
+            proof: Some(secret.proof(generation, rank as usize, rank as usize + 1)),
+        }
+    }
+
+    /// Opens a stream making `claim` (on its own connection, over
+    /// `transport`) that sends `frames` and then stays open until the
+    /// returned sender is dropped; returns the call's answer as a task.
+    async fn open_over(
+        transport: &Transport,
+        address: &str,
+        claim: Claim,
         frames: Vec<RingFrame>,
     ) -> (
         mpsc::Sender<RingFrame>,
         tokio::task::JoinHandle<Result<(), Status>>,
     ) {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        let channel = transport
+            .endpoint(address, Role::Worker)
             .unwrap()
             .connect()
             .await
@@ -329,14 +436,41 @@ mod tests {
             tx.send(frame).await.unwrap();
         }
         let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        request
-            .metadata_mut()
-            .insert(ringleader_proto::GENERATION_METADATA_KEY, generation.into());
-        request
-            .metadata_mut()
-            .insert(ringleader_proto::RANK_METADATA_KEY, rank.into());
+        let metadata = request.metadata_mut();
+        metadata.insert(
+            ringleader_proto::GENERATION_METADATA_KEY,
+            claim.generation.into(),
+        );
+        metadata.insert(ringleader_proto::RANK_METADATA_KEY, claim.rank.into());
+        if let Some(proof) = claim.proof {
+            metadata.insert(RING_PROOF_METADATA_KEY, proof.parse().unwrap());
+        }
         let call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
         (tx, call)
+    }
+
+    async fn open(
+        address: &str,
+        claim: Claim,
+        frames: Vec<RingFrame>,
+    ) -> (
+        mpsc::Sender<RingFrame>,
+        tokio::task::JoinHandle<Result<(), Status>>,
+    ) {
+        open_over(&Transport::Insecure, address, claim, frames).await
+    }
+
+    async fn must_be_refused(
+        call: tokio::task::JoinHandle<Result<(), Status>>,
+        code: tonic::Code,
+    ) -> Status {
+        let status = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("answered at once")
+            .unwrap()
+            .expect_err("must be refused");
+        assert_eq!(status.code(), code, "{status:?}");
+        status
     }
 
     async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
@@ -356,41 +490,54 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn waiting_streams_are_limited_and_registered_rings_still_get_theirs() {
-        let options = options();
-        let service = CollectiveService::for_rings(&options);
-        let address = serve(service.clone(), &options).await;
+    fn link(generation: u64, rank: usize, secret: &RingSecret) -> InboundLink {
+        InboundLink {
+            generation,
+            rank,
+            predecessor: rank - 1,
+            secret: secret.clone(),
+        }
+    }
 
-        // Two strangers wait (for generations nobody has built)…
-        let (a, _a_call) = open(&address, 10, 1, vec![]).await;
-        let (_b, _b_call) = open(&address, 11, 1, vec![]).await;
-        wait_until("two streams waiting", || service.waiting_streams() == 2).await;
-        // …a third is refused at once, naming the limit.
-        let (_c, c_call) = open(&address, 12, 1, vec![]).await;
-        let status = tokio::time::timeout(Duration::from_secs(5), c_call)
-            .await
-            .expect("refused at once")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("limit: 2 streams"), "{status:?}");
-
-        // A ring registered here still gets its predecessor's stream while
-        // the waiting slots are full: it never waits, so needs no slot.
-        let mut registration = service.register(20, 3, 4).unwrap();
-        let frame = RingFrame {
-            generation: 20,
-            sequence: 1,
+    fn frame(generation: u64, sequence: u64) -> RingFrame {
+        RingFrame {
+            generation,
+            sequence,
             ..Default::default()
-        };
-        let (_d, _d_call) = open(&address, 20, 3, vec![frame]).await;
+        }
+    }
+
+    /// The registered ring receives frame `sequence` within 5 s.
+    async fn must_receive(registration: &mut Registration, sequence: u64) {
         let got = tokio::time::timeout(Duration::from_secs(5), registration.inbound.recv())
             .await
             .expect("the frame arrives")
             .unwrap()
             .unwrap();
-        assert_eq!(got.sequence, 1);
+        assert_eq!(got.sequence, sequence);
+    }
+
+    #[tokio::test]
+    async fn waiting_streams_are_limited_and_registered_rings_still_get_theirs() {
+        let options = options();
+        let service = CollectiveService::for_rings(&options);
+        let address = serve(service.clone(), &options).await;
+        let secret = RingSecret::generate();
+
+        // Two strangers wait (for generations nobody has built)…
+        let (a, _a_call) = open(&address, proven(10, 1, &secret), vec![]).await;
+        let (_b, _b_call) = open(&address, proven(11, 1, &secret), vec![]).await;
+        wait_until("two streams waiting", || service.waiting_streams() == 2).await;
+        // …a third is refused at once, naming the limit.
+        let (_c, c_call) = open(&address, proven(12, 1, &secret), vec![]).await;
+        let status = must_be_refused(c_call, tonic::Code::ResourceExhausted).await;
+        assert!(status.message().contains("limit: 2 streams"), "{status:?}");
+
+        // A ring registered here still gets its predecessor's stream while
+        // the waiting slots are full: it never waits, so needs no slot.
+        let mut registration = service.register(link(20, 4, &secret), 4).unwrap();
+        let (_d, _d_call) = open(&address, proven(20, 3, &secret), vec![frame(20, 1)]).await;
+        must_receive(&mut registration, 1).await;
 
         // A stranger that gives up frees its slot.
         drop(a);
@@ -407,22 +554,177 @@ mod tests {
             4096 + crate::frame::FRAME_OVERHEAD_BYTES
         );
         let address = serve(service.clone(), &options).await;
-        let mut registration = service.register(1, 1, 4).unwrap();
+        let secret = RingSecret::generate();
+        let mut registration = service.register(link(1, 2, &secret), 4).unwrap();
         let frame = RingFrame {
             generation: 1,
             sequence: 1,
             payload: vec![0u8; 8192].into(),
             ..Default::default()
         };
-        let (_tx, call) = open(&address, 1, 1, vec![frame]).await;
-        let status = tokio::time::timeout(Duration::from_secs(5), call)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        let (_tx, call) = open(&address, proven(1, 1, &secret), vec![frame]).await;
+        must_be_refused(call, tonic::Code::OutOfRange).await;
         // The ring is told and never sees the frame as data.
         let delivered = registration.inbound.recv().await.unwrap();
         assert!(delivered.is_err());
+    }
+
+    #[tokio::test]
+    async fn streams_without_the_secret_are_refused_and_leave_the_ring_to_its_predecessor() {
+        let options = options();
+        let service = CollectiveService::for_rings(&options);
+        let address = serve(service.clone(), &options).await;
+        let secret = RingSecret::generate();
+        let mut registration = service.register(link(7, 2, &secret), 4).unwrap();
+
+        // No proof, a garbled one, and one made with another secret or for
+        // another link: all refused before any frame is read, naming what
+        // was wrong and nothing of the secret.
+        let other = RingSecret::generate();
+        let claims = [
+            (None, "is missing"),
+            (Some("xyz".to_string()), "is malformed"),
+            (Some(other.proof(7, 1, 2)), "is wrong"),
+            (Some(secret.proof(7, 1, 3)), "is wrong"),
+            (Some(secret.proof(6, 1, 2)), "is wrong"),
+        ];
+        for (proof, problem) in claims {
+            let claim = Claim {
+                generation: 7,
+                rank: 1,
+                proof,
+            };
+            let (_tx, call) = open(&address, claim, vec![frame(7, 99)]).await;
+            let status = must_be_refused(call, tonic::Code::Unauthenticated).await;
+            let message = status.message();
+            assert!(
+                message.contains("rank 1's ring proof for generation 7")
+                    && message.contains(problem),
+                "{message}"
+            );
+            assert!(!message.contains(&secret.to_hex()), "{message}");
+            assert!(!message.contains(&secret.proof(7, 1, 2)), "{message}");
+        }
+        // A stranger with no proof does not even learn who the predecessor is.
+        let claim = Claim {
+            generation: 7,
+            rank: 0,
+            proof: Some(other.proof(7, 0, 2)),
+        };
+        let (_tx, call) = open(&address, claim, vec![]).await;
+        let status = must_be_refused(call, tonic::Code::Unauthenticated).await;
+        assert!(!status.message().contains("predecessor"), "{status:?}");
+
+        // The real predecessor still gets the ring, and only its frames
+        // reach it.
+        let (_real, _real_call) = open(&address, proven(7, 1, &secret), vec![frame(7, 1)]).await;
+        must_receive(&mut registration, 1).await;
+        assert_eq!(service.waiting_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn streams_that_waited_must_still_prove_the_secret_once_the_ring_registers() {
+        let options = options();
+        let service = CollectiveService::for_rings(&options);
+        let address = serve(service.clone(), &options).await;
+        let secret = RingSecret::generate();
+
+        // A stream with no proof is refused at once: it never takes a
+        // waiting slot.
+        let no_proof = Claim {
+            generation: 3,
+            rank: 1,
+            proof: None,
+        };
+        let (_tx, call) = open(&address, no_proof, vec![]).await;
+        must_be_refused(call, tonic::Code::Unauthenticated).await;
+        assert_eq!(service.waiting_streams(), 0);
+
+        // A stranger with a well-formed but wrong proof arrives before the
+        // ring is registered: it waits, unread…
+        let stranger = RingSecret::generate();
+        let (_s, stranger_call) = open(&address, proven(3, 1, &stranger), vec![frame(3, 66)]).await;
+        wait_until("the stranger waits", || service.waiting_streams() == 1).await;
+        // …and once the ring registers, it is refused; the ring stays
+        // registered for the real predecessor, which arrives later.
+        let mut registration = service.register(link(3, 2, &secret), 4).unwrap();
+        let status = must_be_refused(stranger_call, tonic::Code::Unauthenticated).await;
+        assert!(status.message().contains("is wrong"), "{status:?}");
+        let (_real, _real_call) = open(&address, proven(3, 1, &secret), vec![frame(3, 1)]).await;
+        must_receive(&mut registration, 1).await;
+        wait_until("no stream waits", || service.waiting_streams() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_real_predecessor_that_waited_gets_its_ring() {
+        let options = options();
+        let service = CollectiveService::for_rings(&options);
+        let address = serve(service.clone(), &options).await;
+        let secret = RingSecret::generate();
+        let (_real, _real_call) = open(&address, proven(4, 0, &secret), vec![frame(4, 1)]).await;
+        wait_until("the predecessor waits", || service.waiting_streams() == 1).await;
+        let mut registration = service.register(link(4, 1, &secret), 4).unwrap();
+        must_receive(&mut registration, 1).await;
+        wait_until("the slot is freed", || service.waiting_streams() == 0).await;
+    }
+
+    /// Certificates for tests: `ringleader certs init` into a temp dir.
+    fn certificates() -> (tempfile::TempDir, ringleader_security::certs::Written) {
+        let dir = tempfile::tempdir().unwrap();
+        let written = ringleader_security::certs::init(
+            dir.path(),
+            &ringleader_security::certs::InitOptions { hosts: vec![] },
+        )
+        .unwrap();
+        (dir, written)
+    }
+
+    fn transport_for(written: &ringleader_security::certs::Written, role: Role) -> Transport {
+        let dir = ringleader_security::TlsDir::load(&written.tls_dir(role)).unwrap();
+        Transport::Tls(Arc::new(dir))
+    }
+
+    #[tokio::test]
+    async fn over_tls_only_worker_certificates_may_open_a_ring_stream() {
+        let (_dir, written) = certificates();
+        let worker = transport_for(&written, Role::Worker);
+        let options = RingOptions {
+            transport: worker.clone(),
+            ..options()
+        };
+        let service = CollectiveService::for_rings(&options);
+        let address = serve(service.clone(), &options).await;
+        let secret = RingSecret::generate();
+        let mut registration = service.register(link(2, 1, &secret), 4).unwrap();
+
+        // A client's and a coordinator's certificate, from the same CA,
+        // even with the right proof: refused, naming the role.
+        for role in [Role::Client, Role::Coordinator] {
+            let (_tx, call) = open_over(
+                &transport_for(&written, role),
+                &address,
+                proven(2, 0, &secret),
+                vec![frame(2, 50)],
+            )
+            .await;
+            let status = must_be_refused(call, tonic::Code::PermissionDenied).await;
+            assert!(
+                status.message().contains("needs a worker certificate"),
+                "{status:?}"
+            );
+        }
+        // A worker's certificate without the secret: refused too.
+        let (_tx, call) = open_over(
+            &worker,
+            &address,
+            proven(2, 0, &RingSecret::generate()),
+            vec![],
+        )
+        .await;
+        must_be_refused(call, tonic::Code::Unauthenticated).await;
+        // The ring's own predecessor gets through.
+        let (_real, _call) =
+            open_over(&worker, &address, proven(2, 0, &secret), vec![frame(2, 1)]).await;
+        must_receive(&mut registration, 1).await;
     }
 }

@@ -1,8 +1,16 @@
 //! `ringleader-ring`: one rank of a standalone ring, as a process. Used by
 //! the integration tests (correctness across processes, failures) and by
 //! scripts/bench/allreduce.sh. Prints one JSON object per line.
+//!
+//! Secure by default, like a worker: the ring runs over mutual TLS with a
+//! worker certificate (`--tls-dir`, e.g. `ringleader certs init --dir D`
+//! then `D/worker`), or without encryption only when asked (`--insecure`);
+//! either way every rank proves the ring secret from `--ring-secret-file`
+//! (the same hex at every rank, e.g. `openssl rand -hex 32`).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +19,10 @@ use clap::{Parser, ValueEnum};
 use half::{bf16, f16};
 use ringleader_collective::plan::segment;
 use ringleader_collective::ring;
-use ringleader_collective::{CollectiveService, Element, ReduceOp, Ring, RingOptions, RingPlan};
+use ringleader_collective::{
+    CollectiveService, Element, ReduceOp, Ring, RingOptions, RingPlan, RingSecret, Transport,
+};
+use ringleader_security::{Role, TlsDir};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -69,6 +80,67 @@ struct Args {
     /// loop: elements per all-reduce.
     #[arg(long, default_value_t = 1 << 22)]
     elements: usize,
+    /// Worker TLS directory (ca.crt, tls.crt, tls.key; the certificate must
+    /// name the worker role): the ring runs over mutual TLS.
+    #[arg(long, env = "RINGLEADER_TLS_DIR", conflicts_with = "insecure")]
+    tls_dir: Option<PathBuf>,
+    /// Run the ring without TLS (trusted networks only): frames are neither
+    /// encrypted nor integrity-protected; the ring secret still decides who
+    /// may join.
+    #[arg(long, env = "RINGLEADER_INSECURE")]
+    insecure: bool,
+    /// File holding the ring secret as hex (at least 16 bytes; the same at
+    /// every rank).
+    #[arg(long, env = "RINGLEADER_RING_SECRET_FILE")]
+    ring_secret_file: Option<PathBuf>,
+}
+
+/// Largest secret file read (a secret is at most 1 KiB, 2 KiB in hex).
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
+fn transport(args: &Args) -> Result<Transport> {
+    match (&args.tls_dir, args.insecure) {
+        (Some(dir), _) => {
+            let tls = TlsDir::load_for(dir, Role::Worker)
+                .with_context(|| format!("--tls-dir {}", dir.display()))?;
+            Ok(Transport::Tls(Arc::new(tls)))
+        }
+        (None, true) => {
+            tracing::warn!(
+                "--insecure: the ring runs WITHOUT TLS: frames are neither encrypted nor \
+                 integrity-protected (anyone on the path can read and alter them); only the \
+                 ring secret keeps strangers from joining"
+            );
+            Ok(Transport::Insecure)
+        }
+        (None, false) => bail!(
+            "no TLS directory: pass --tls-dir DIR (or RINGLEADER_TLS_DIR), a worker TLS \
+             directory with ca.crt, tls.crt and tls.key (`ringleader certs init --dir D` \
+             writes one in D/worker), or --insecure to run the ring without encryption on a \
+             trusted network"
+        ),
+    }
+}
+
+fn ring_secret(path: Option<&Path>) -> Result<RingSecret> {
+    use std::io::Read;
+    let Some(path) = path else {
+        bail!(
+            "no ring secret: pass --ring-secret-file FILE (or RINGLEADER_RING_SECRET_FILE), \
+             a file holding the same hex secret at every rank (e.g. `openssl rand -hex 32`)"
+        );
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_string(&mut text))
+        .with_context(|| format!("--ring-secret-file {}", path.display()))?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        bail!(
+            "--ring-secret-file {}: larger than {MAX_SECRET_FILE_BYTES} bytes",
+            path.display()
+        );
+    }
+    RingSecret::from_hex(&text).with_context(|| format!("--ring-secret-file {}", path.display()))
 }
 
 #[tokio::main]
@@ -77,6 +149,8 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let transport = transport(&args)?;
+    let secret = ring_secret(args.ring_secret_file.as_deref())?;
     let listen: SocketAddr = args
         .peers
         .get(args.rank)
@@ -87,6 +161,7 @@ async fn main() -> Result<()> {
         timeout: Duration::from_secs_f64(args.timeout),
         chunk_bytes: args.chunk_bytes,
         max_waiting_streams: args.max_waiting_streams,
+        transport,
         ..RingOptions::default()
     };
     let options = match args.stream_window {
@@ -100,7 +175,7 @@ async fn main() -> Result<()> {
     let service = CollectiveService::for_rings(&options);
     let listener = TcpListener::bind(listen).await?;
     let stop_serving = tokio_util::sync::CancellationToken::new();
-    let server = ring::server_builder(&options)
+    let server = ring::server_builder(&options)?
         .add_service(ring::collective_server(service.clone()))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
@@ -111,6 +186,7 @@ async fn main() -> Result<()> {
         generation: args.generation,
         rank: args.rank,
         peers: args.peers.clone(),
+        secret,
     };
     let mut ring = Ring::connect(&service, plan, options).await?;
     match args.mode {
