@@ -25,13 +25,14 @@ LABEL org.opencontainers.image.title="ringleader-coordinator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/ringleader/ringleader"
-RUN groupadd --gid 65532 ringleader \
-    && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+# Not root: uid/gid 10001 (the pods' runAsUser, k8s/base).
+RUN groupadd --gid 10001 ringleader \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin ringleader
 COPY --from=builder /usr/local/bin/ringleader /usr/local/bin/ringleader
 # Fails the build if the binary cannot start on this base.
 RUN ["/usr/local/bin/ringleader", "--version"]
-USER 65532:65532
+USER 10001:10001
 EXPOSE 7400
 # Asks the local coordinator for the cluster status (it follows a standby to
 # the leader). Kubernetes ignores this and uses the gRPC health probe instead.

@@ -51,8 +51,11 @@ LABEL org.opencontainers.image.title="ringleader-worker" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/ringleader/ringleader"
-RUN groupadd --gid 65532 ringleader \
-    && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+# Not root: uid/gid 10001 (the pods' runAsUser, k8s/base). A job's paths are
+# confined anyway (--data-root, --checkpoint-root; docs/TRAINING.md), and a
+# non-root worker cannot read what the image's user may not.
+RUN groupadd --gid 10001 ringleader \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin ringleader
 COPY --from=builder /opt/ringleader/venv/lib/python3.11/site-packages/torch/lib /opt/ringleader/venv/lib/python3.11/site-packages/torch/lib
 COPY --from=builder /opt/ringleader/venv/lib/python3.11/site-packages/nvidia /opt/ringleader/venv/lib/python3.11/site-packages/nvidia
@@ -62,7 +65,7 @@ COPY --from=dataset /usr/share/datasets/fashion-mnist /usr/share/datasets/fashio
 COPY --from=dataset /usr/share/doc/dataset-fashion-mnist/copyright /usr/share/doc/dataset-fashion-mnist/copyright
 # Fails the build if libtorch does not resolve through the rpath.
 RUN ["/usr/local/bin/ringleader-worker", "--version"]
-USER 65532:65532
+USER 10001:10001
 EXPOSE 7500
 # The worker's peer port accepts connections. Kubernetes ignores this and uses
 # the gRPC health probe on the same port instead.

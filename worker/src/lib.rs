@@ -7,11 +7,13 @@
 //!        ──▶ peer server: gRPC health + the Collective service (rings)
 //!        ──▶ agent: register with the leader, heartbeat, follow failovers
 //!        ──▶ trial: run assignments (a ring per attempt) through train
-//!        ──▶ train: run a trial's segment, data-parallel over a ring
+//!        ──▶ train: run a trial's segment, data-parallel over a ring,
+//!                   reading and writing only under the confined roots
 //! ```
 
 pub mod agent;
 pub mod collective;
+pub mod confine;
 pub mod device;
 pub mod train;
 pub mod trial;

@@ -1,6 +1,7 @@
 //! `ringleader-worker`: one training node.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use ringleader_coordinator::cli::parse_duration;
 use ringleader_coordinator::{client, runtime};
 use ringleader_proto::coordinator::Register;
 use ringleader_worker::agent::{self, AgentOptions};
+use ringleader_worker::confine::Confinement;
 use ringleader_worker::device::{self, DeviceRequest};
 use ringleader_worker::trial::{TrialContext, Trials};
 use tokio::net::TcpListener;
@@ -117,6 +119,23 @@ struct Args {
     #[arg(long, env = "RINGLEADER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     drain_timeout: Duration,
 
+    /// Directories jobs may read data sets and TorchScript modules from
+    /// (repeat the flag, or comma-separate in the env var). Any other path
+    /// a job names is refused.
+    #[arg(
+        long = "data-root",
+        env = "RINGLEADER_DATA_ROOTS",
+        value_delimiter = ',',
+        default_values = ["/usr/share/datasets", "/var/tmp/ringleader"]
+    )]
+    data_roots: Vec<PathBuf>,
+
+    /// The directory checkpoints may be written under; a trial whose
+    /// checkpoint directory lies elsewhere fails. Default: the
+    /// coordinator's default --checkpoint-dir, <tmp>/ringleader-checkpoints.
+    #[arg(long, env = "RINGLEADER_CHECKPOINT_ROOT")]
+    checkpoint_root: Option<PathBuf>,
+
     /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
@@ -196,11 +215,22 @@ async fn run(args: Args) -> Result<()> {
         min_backoff: Duration::from_millis(100),
         max_backoff: args.max_backoff,
     };
+    let checkpoint_root = args
+        .checkpoint_root
+        .unwrap_or_else(|| std::env::temp_dir().join("ringleader-checkpoints"));
+    let confinement = Confinement::new(&args.data_roots, [&checkpoint_root])
+        .context("cannot make --data-root and --checkpoint-root absolute")?;
+    info!(
+        data_roots = ?confinement.data.roots(),
+        checkpoint_root = ?confinement.checkpoints.roots(),
+        "jobs read and write only under these roots"
+    );
     let (trials, reports) = Trials::new(TrialContext {
         collectives: collectives.clone(),
         ring_options: ring_options.clone(),
         device,
         threads: args.threads,
+        confinement,
     });
     let agent_stop = CancellationToken::new();
     let agent = tokio::spawn(agent::run(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ringleader_collective::{CollectiveService, Ring, RingOptions, RingPlan};
+use ringleader_collective::{CollectiveService, Ring, RingOptions, RingPlan, RingSecret};
 use ringleader_proto::coordinator::{
     worker_message, Assignment, AttemptOutcome, AttemptRef, EpochReport as EpochMessage,
     TrialFinished, WorkerMessage,
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::confine::Confinement;
 use crate::device::DeviceRequest;
 use crate::train::{self, Control, Segment};
 
@@ -27,6 +28,10 @@ pub struct TrialContext {
     pub device: tch::Device,
     /// Threads for jobs that leave `threads` at 0 (0: libtorch's default).
     pub threads: u32,
+    /// Where attempts may read data sets and TorchScript modules, and
+    /// write checkpoints (`--data-root`, `--checkpoint-root`). An attempt
+    /// whose job or checkpoint directory points elsewhere fails, saying so.
+    pub confinement: Confinement,
 }
 
 struct Running {
@@ -256,10 +261,15 @@ async fn run_attempt(
         Ok(_) => trials.context.device,
         Err(error) => return fail(format!("job device: {error}")),
     };
+    let secret = match RingSecret::new(assignment.ring_secret.clone()) {
+        Ok(secret) => secret,
+        Err(error) => return fail(format!("the assignment's ring secret: {error}")),
+    };
     let plan = RingPlan {
         generation: assignment.generation,
         rank: assignment.rank as usize,
         peers: assignment.peers.clone(),
+        secret,
     };
     let mut ring = match Ring::connect(
         &trials.context.collectives,
@@ -279,6 +289,7 @@ async fn run_attempt(
         stop_epoch: assignment.stop_epoch,
         checkpoint_dir: PathBuf::from(&assignment.checkpoint_dir),
         device,
+        confinement: trials.context.confinement.clone(),
     };
     let runtime = tokio::runtime::Handle::current();
     let reports = trials.clone();

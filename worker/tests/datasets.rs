@@ -1,12 +1,16 @@
 //! Dataset readers on hostile files: errors name the file and the place
-//! and never quote the file; any bytes decode to a result, never a panic.
-//! (No training here: `dataset::load` and `dataset::decode` directly.)
+//! and never quote the file; any bytes decode to a result, never a panic;
+//! files outside the data roots are refused without saying whether they
+//! exist. (No training here: `dataset::load` and `dataset::decode`
+//! directly.)
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ringleader_spec::job::{DatasetFormat, DatasetSpec};
+use ringleader_worker::confine::{PathRoots, RootKind};
 use ringleader_worker::train::dataset::{decode, load, Files};
+use ringleader_worker::train::TrainError;
 use serde_json::{json, Value};
 
 mod common;
@@ -27,10 +31,15 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.finish().unwrap()
 }
 
+/// Data roots over the temp dirs the tests write their files to.
+fn temp_roots() -> PathRoots {
+    PathRoots::new(RootKind::Data, [std::env::temp_dir()]).unwrap()
+}
+
 /// The error loading `dataset` gives; it must not contain [`SECRET`].
 fn must_fail_without_secret(dataset: Value) -> String {
     let spec: DatasetSpec = serde_json::from_value(dataset).expect("a dataset spec");
-    let message = load(&spec, Files::All, Files::All)
+    let message = load(&spec, &temp_roots(), Files::All, Files::All)
         .expect_err("loading must fail")
         .to_string();
     assert!(!message.contains(SECRET), "quotes the file: {message}");
@@ -102,7 +111,7 @@ fn csv_errors_name_file_line_and_column_and_describe_the_cell() {
         let path = write(dir, name, text.as_bytes());
         let spec: DatasetSpec = serde_json::from_value(csv(&path)).unwrap();
         if expected.is_empty() {
-            let data = load(&spec, Files::All, Files::All).expect("a header line");
+            let data = load(&spec, &temp_roots(), Files::All, Files::All).expect("a header line");
             assert_eq!(data.train.len(), 1);
             continue;
         }
@@ -350,4 +359,130 @@ fn decode_survives_truncated_and_mutated_files() {
             );
         }
     }
+}
+
+/// The error loading `dataset` under `roots` gives, which must be a
+/// refusal.
+fn must_refuse(roots: &PathRoots, dataset: Value) -> String {
+    let spec: DatasetSpec = serde_json::from_value(dataset).expect("a dataset spec");
+    match load(&spec, roots, Files::All, Files::All) {
+        Err(error @ TrainError::Confined(_)) => error.to_string(),
+        other => panic!("must be refused: {other:?}"),
+    }
+}
+
+#[test]
+fn a_dataset_outside_the_roots_is_refused_alike_whether_it_exists_or_not() {
+    let temp = tempfile::tempdir().unwrap();
+    let base = temp.path().canonicalize().unwrap();
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let inside = write(&root, "inside.csv", b"1,0\n2,1\n");
+    let existing = write(
+        &outside,
+        "data.csv",
+        format!("1,0\n{SECRET},1\n").as_bytes(),
+    );
+    let missing = outside.join("missing.csv");
+    std::os::unix::fs::symlink(&existing, root.join("escape.csv")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("escape-dir")).unwrap();
+    let roots = PathRoots::new(RootKind::Data, [&root]).unwrap();
+
+    // Under the root: read, and a missing file is the usual error.
+    let spec: DatasetSpec = serde_json::from_value(csv(&inside)).unwrap();
+    assert_eq!(
+        load(&spec, &roots, Files::All, Files::All)
+            .unwrap()
+            .train
+            .len(),
+        2
+    );
+    let absent = root.join("absent.csv");
+    let spec: DatasetSpec = serde_json::from_value(csv(&absent)).unwrap();
+    let message = load(&spec, &roots, Files::All, Files::All)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.starts_with(&format!("{}: cannot read", absent.display())),
+        "{message}"
+    );
+
+    // Outside: the field, the path as given and the roots; the same words
+    // for a file that exists, one that does not, a symlink out of the root
+    // and a `..` out of it.
+    let refusal = must_refuse(&roots, csv(&existing));
+    assert_eq!(
+        refusal,
+        format!(
+            "dataset.train.files[0] {existing:?} is not under this worker's data root ({}): \
+             a worker reads data sets and TorchScript modules only under its --data-root",
+            root.display()
+        )
+    );
+    assert!(!refusal.contains("SECRET"), "{refusal}");
+    let blank = |message: String, path: &Path| message.replace(&format!("{path:?}"), "<path>");
+    let expected = blank(refusal, &existing);
+    for path in [
+        missing.clone(),
+        root.join("escape.csv"),
+        root.join("escape-dir/data.csv"),
+        root.join("escape-dir/missing.csv"),
+        root.join("../outside/data.csv"),
+        root.join("../outside/missing.csv"),
+    ] {
+        assert_eq!(
+            blank(must_refuse(&roots, csv(&path)), &path),
+            expected,
+            "{}",
+            path.display()
+        );
+    }
+
+    // Every format, every file key: the field named is the one that is out.
+    for (dataset, field, path) in [
+        (
+            json!({"format": "idx", "classes": 3, "train": {"images": missing, "labels": inside}}),
+            "dataset.train.images",
+            &missing,
+        ),
+        (
+            json!({"format": "npy", "classes": 3, "train": {"features": existing, "labels": inside}}),
+            "dataset.train.features",
+            &existing,
+        ),
+        (
+            json!({"format": "safetensors", "classes": 3, "train": {"files": [existing]}}),
+            "dataset.train.files[0]",
+            &existing,
+        ),
+        (
+            json!({"format": "csv", "classes": 3, "train": {"files": [inside, inside, missing]}}),
+            "dataset.train.files[2]",
+            &missing,
+        ),
+        (
+            json!({"format": "csv", "classes": 3, "train": {"files": [inside]},
+                   "test": {"files": [missing]}}),
+            "dataset.test.files[0]",
+            &missing,
+        ),
+    ] {
+        let message = must_refuse(&roots, dataset);
+        assert!(
+            message.starts_with(&format!("{field} {path:?} is not under")),
+            "{message}"
+        );
+    }
+    let sharded = serde_json::from_value::<DatasetSpec>(json!({"format": "csv", "classes": 3,
+        "train": {"files": [inside, existing]}}))
+    .unwrap();
+    assert!(
+        load(&sharded, &roots, Files::Only(&[0]), Files::All).is_ok(),
+        "a rank reads only its files"
+    );
+    let message = load(&sharded, &roots, Files::Only(&[1]), Files::All)
+        .unwrap_err()
+        .to_string();
+    assert!(message.starts_with("dataset.train.files[1] "), "{message}");
 }

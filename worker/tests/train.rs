@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ringleader_collective::{ring, CollectiveService, Ring, RingOptions, RingPlan};
 use ringleader_spec::{FileDeal, JobSpec};
+use ringleader_worker::confine::Confinement;
 use ringleader_worker::train::{
     run_segment, Control, EpochReport, Segment, SegmentOutcome, TrainError,
 };
@@ -80,6 +81,13 @@ struct Run {
     outcome: SegmentOutcome,
 }
 
+/// Data under the temp dirs the tests write to and the real data sets;
+/// checkpoints under the temp dirs.
+fn test_confinement() -> Confinement {
+    let temp = std::env::temp_dir();
+    Confinement::new([temp.as_path(), Path::new(FASHION)], [&temp]).unwrap()
+}
+
 /// Trains epochs `start+1..=stop`, rank r with `specs[r]` (the world is
 /// `specs.len()`); rank 0's callback says Stop after epoch `stop_after`.
 fn train(
@@ -88,6 +96,18 @@ fn train(
     stop: u32,
     dir: &Path,
     stop_after: Option<u32>,
+) -> Vec<Result<Run, TrainError>> {
+    train_confined(specs, start, stop, dir, stop_after, &test_confinement())
+}
+
+/// As [`train`], reading and writing only as `confinement` allows.
+fn train_confined(
+    specs: &[JobSpec],
+    start: u32,
+    stop: u32,
+    dir: &Path,
+    stop_after: Option<u32>,
+    confinement: &Confinement,
 ) -> Vec<Result<Run, TrainError>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -110,6 +130,7 @@ fn train(
                     stop_epoch: stop,
                     checkpoint_dir: dir.to_path_buf(),
                     device: Device::Cpu,
+                    confinement: confinement.clone(),
                 };
                 let runtime = runtime.handle().clone();
                 scope.spawn(move || {
@@ -583,6 +604,102 @@ fn a_synthetic_objective_converges_from_above_and_resumes() {
         .remove(0)
         .unwrap_err();
     assert!(error.to_string().contains("epoch-00003.json"), "{error}");
+}
+
+#[test]
+fn checkpoints_outside_the_checkpoint_root_fail_the_segment_and_write_nothing() {
+    let _serial = serial();
+    let temp = tempfile::tempdir().unwrap();
+    let base = temp.path();
+    let root = base.join("checkpoints");
+    let elsewhere = base.join("elsewhere");
+    let confinement = Confinement::new([base], [&root]).unwrap();
+    let job = |dir: Option<&Path>| {
+        spec(json!({
+            "name": "branin", "epochs": 2,
+            "dataset": {"format": "csv", "train": {"files": []}, "classes": 1},
+            "model": {"kind": "synthetic", "function": "branin", "x1": 1.0, "x2": 2.0,
+                      "epoch_ms": 1},
+            "checkpoint": {"dir": dir},
+        }))
+    };
+    let error = |spec: JobSpec, dir: &Path| {
+        train_confined(&[spec], 0, 2, dir, None, &confinement)
+            .remove(0)
+            .expect_err("the segment must fail")
+            .to_string()
+    };
+    // The job's checkpoint.dir: named as the job gave it.
+    let message = error(job(Some(&elsewhere)), &elsewhere.join("s1/trial-000001"));
+    assert_eq!(
+        message,
+        format!(
+            "checkpoint.dir {elsewhere:?} is not under this worker's checkpoint root ({}): \
+             a worker writes checkpoints only under its --checkpoint-root",
+            root.display()
+        )
+    );
+    // `..` out of the root, and the coordinator's directory when the job
+    // names none.
+    let escape = root.join("../elsewhere");
+    let message = error(job(Some(&escape)), &escape.join("s1/trial-000001"));
+    assert!(
+        message.starts_with(&format!("checkpoint.dir {escape:?} is not under")),
+        "{message}"
+    );
+    let trial = elsewhere.join("s1/trial-000002");
+    let message = error(job(None), &trial);
+    assert!(
+        message.starts_with(&format!(
+            "checkpoint directory (the coordinator's --checkpoint-dir) {trial:?} is not under"
+        )),
+        "{message}"
+    );
+    assert!(!elsewhere.exists(), "nothing is written outside the root");
+
+    // Under the root: written, and reported under the directory as given.
+    let given = root.join("s1/../s1/trial-000003");
+    let run = train_confined(&[job(Some(&root))], 0, 2, &given, None, &confinement)
+        .remove(0)
+        .expect("checkpoints under the root");
+    assert_eq!(run.outcome.checkpoint, Some(given.join("epoch-00002.json")));
+    assert!(root.join("s1/trial-000003/epoch-00002.json").is_file());
+}
+
+#[test]
+fn a_torchscript_module_outside_the_data_roots_is_refused_before_it_is_read() {
+    let _serial = serial();
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let csv = write_csv(&data, 20);
+    let confinement = Confinement::new([&data], [temp.path()]).unwrap();
+    let outside = temp.path().join("net.pt");
+    std::fs::write(&outside, b"not a module").unwrap();
+    let mut messages = Vec::new();
+    for module in [
+        outside.clone(),
+        temp.path().join("missing.pt"),
+        data.join("../net.pt"),
+    ] {
+        let job = spec(json!({
+            "name": "script", "epochs": 1,
+            "dataset": {"format": "csv", "train": {"files": [csv]}, "classes": 3},
+            "model": {"kind": "torchscript", "path": module},
+        }));
+        let message = train_confined(&[job], 0, 1, &temp.path().join("ck"), None, &confinement)
+            .remove(0)
+            .expect_err("the module must be refused")
+            .to_string();
+        assert!(
+            message.starts_with(&format!(
+                "model.path {module:?} is not under this worker's data root ("
+            )),
+            "{message}"
+        );
+        messages.push(message.replace(&format!("{module:?}"), "<path>"));
+    }
+    assert!(messages.iter().all(|m| m == &messages[0]), "{messages:#?}");
 }
 
 /// A `.npy` file (version 1) holding `data`, C order.

@@ -6,6 +6,10 @@
 //! ranks ([`statistics`], [`normalize`]).
 //!
 //! Any file may be gzip-compressed (recognised by its magic bytes 1f 8b).
+//!
+//! Every file is opened through the worker's data roots ([`PathRoots`]):
+//! one outside them is refused before it is opened, and errors name the
+//! path as the job gave it.
 
 use std::borrow::Cow;
 use std::io::Read;
@@ -16,6 +20,7 @@ use ringleader_spec::job::{DatasetFormat, DatasetSpec, Normalize, SplitSpec};
 use tch::{Kind, Tensor};
 
 use super::error::{unreadable, CsvRole, Found, Position, TrainError};
+use crate::confine::PathRoots;
 
 /// One split, resident in memory.
 #[derive(Debug)]
@@ -64,14 +69,20 @@ pub enum Files<'a> {
 
 /// Reads the training split and the test split, each whole or only the
 /// files given, and applies the limits. Not normalised: see [`normalize`].
+/// Only files under `roots` are read; any other is refused
+/// ([`TrainError::Confined`]).
 pub fn load(
     spec: &DatasetSpec,
+    roots: &PathRoots,
     train_files: Files,
     test_files: Files,
 ) -> Result<Dataset, TrainError> {
-    let train = load_split(spec, &spec.train, train_files)?.limit(spec.limit_train);
+    let train =
+        load_split(spec, roots, "dataset.train", &spec.train, train_files)?.limit(spec.limit_train);
     let test = match &spec.test {
-        Some(split) => Some(load_split(spec, split, test_files)?.limit(spec.limit_test)),
+        Some(split) => {
+            Some(load_split(spec, roots, "dataset.test", split, test_files)?.limit(spec.limit_test))
+        }
         None => None,
     };
     if let Some(test) = &test {
@@ -85,8 +96,16 @@ pub fn load(
     Ok(Dataset { train, test })
 }
 
-fn load_split(spec: &DatasetSpec, split: &SplitSpec, files: Files) -> Result<Split, TrainError> {
+/// `name`: the split's place in the job (`dataset.train`), for errors.
+fn load_split(
+    spec: &DatasetSpec,
+    roots: &PathRoots,
+    name: &str,
+    split: &SplitSpec,
+    files: Files,
+) -> Result<Split, TrainError> {
     let classes = spec.classes;
+    let read = |key: &str, path: &Path| read(roots, &format!("{name}.{key}"), path);
     let single_file = |format: &str| match files {
         Files::All => Ok(()),
         Files::Only(_) => Err(TrainError::DatasetSpec(format!(
@@ -98,25 +117,25 @@ fn load_split(spec: &DatasetSpec, split: &SplitSpec, files: Files) -> Result<Spl
             single_file("idx")?;
             let images = required(&split.images, "idx", "images")?;
             let labels = required(&split.labels, "idx", "labels")?;
-            let features = idx_features(images, &read(images)?)?;
-            let labels = idx_labels(labels, &read(labels)?, classes)?;
+            let features = idx_features(images, &read("images", images)?)?;
+            let labels = idx_labels(labels, &read("labels", labels)?, classes)?;
             paired(images, features, labels)
         }
         DatasetFormat::Npy => {
             single_file("npy")?;
             let features_path = required(&split.features, "npy", "features")?;
             let labels_path = required(&split.labels, "npy", "labels")?;
-            let bytes = read(features_path)?;
+            let bytes = read("features", features_path)?;
             let features = npy(features_path, &bytes)?.features(features_path)?;
-            let bytes = read(labels_path)?;
+            let bytes = read("labels", labels_path)?;
             let labels = npy(labels_path, &bytes)?.labels(labels_path, classes)?;
             paired(features_path, features, labels)
         }
-        DatasetFormat::Safetensors => concat(&split.files, files, "safetensors", |path| {
-            safetensors_split(path, &read(path)?, split, classes)
+        DatasetFormat::Safetensors => concat(&split.files, files, "safetensors", |i, path| {
+            safetensors_split(path, &read(&format!("files[{i}]"), path)?, split, classes)
         }),
-        DatasetFormat::Csv => concat(&split.files, files, "csv", |path| {
-            csv(path, &read(path)?, split, classes)
+        DatasetFormat::Csv => concat(&split.files, files, "csv", |i, path| {
+            csv(path, &read(&format!("files[{i}]"), path)?, split, classes)
         }),
     }
 }
@@ -130,21 +149,25 @@ fn required<'a>(
         .ok_or_else(|| TrainError::DatasetSpec(format!("a split in {format} format needs `{key}`")))
 }
 
-/// Loads the chosen files of a split and concatenates them in order.
+/// Loads the chosen files of a split and concatenates them in order;
+/// `load` gets each file's index in `files` and its path.
 fn concat(
     files: &[PathBuf],
     chosen: Files,
     format: &str,
-    load: impl Fn(&Path) -> Result<Split, TrainError>,
+    load: impl Fn(usize, &Path) -> Result<Split, TrainError>,
 ) -> Result<Split, TrainError> {
     if files.is_empty() {
         return Err(TrainError::DatasetSpec(format!(
             "a split in {format} format needs `files`"
         )));
     }
-    let paths: Vec<&PathBuf> = match chosen {
-        Files::All => files.iter().collect(),
-        Files::Only(indices) => indices.iter().filter_map(|&i| files.get(i)).collect(),
+    let paths: Vec<(usize, &PathBuf)> = match chosen {
+        Files::All => files.iter().enumerate().collect(),
+        Files::Only(indices) => indices
+            .iter()
+            .filter_map(|&i| Some((i, files.get(i)?)))
+            .collect(),
     };
     if paths.is_empty() {
         return Err(TrainError::DatasetSpec(format!(
@@ -153,7 +176,7 @@ fn concat(
     }
     let parts = paths
         .into_iter()
-        .map(|path| load(path))
+        .map(|(i, path)| load(i, path))
         .collect::<Result<Vec<_>, _>>()?;
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().expect("one part"));
@@ -181,9 +204,12 @@ fn paired(path: &Path, features: Tensor, labels: Vec<i64>) -> Result<Split, Trai
     })
 }
 
-/// The file's bytes, gunzipped when they start with gzip's magic.
-fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
-    let bytes = std::fs::read(path).map_err(unreadable(path))?;
+/// The bytes of the file the job's `field` names, gunzipped when they start
+/// with gzip's magic; refused unless it lies under `roots`. Errors name
+/// `path` as the job gave it.
+fn read(roots: &PathRoots, field: &str, path: &Path) -> Result<Vec<u8>, TrainError> {
+    let resolved = roots.resolve(field, path)?;
+    let bytes = std::fs::read(resolved).map_err(unreadable(path))?;
     Ok(gunzip(path, Cow::Owned(bytes))?.into_owned())
 }
 

@@ -216,6 +216,7 @@ impl<'a> Trainer<'a> {
         let input = &data.train.features.size()[1..];
         let model = Model::build(
             &spec.model,
+            &segment.confinement.data,
             input,
             spec.dataset.classes,
             segment.device,
@@ -459,7 +460,12 @@ fn load_share(
             spec.dataset.train.files.len()
         );
     }
-    let mut data = dataset::load(&spec.dataset, chosen(&train_files), chosen(&test_files))?;
+    let mut data = dataset::load(
+        &spec.dataset,
+        &segment.confinement.data,
+        chosen(&train_files),
+        chosen(&test_files),
+    )?;
     let own = data.train.len() as f64;
     let per_rank = if sharded {
         let extremes = reduce(ring, runtime, &[own, -own], ReduceOp::Max)?;
@@ -703,7 +709,8 @@ mod tests {
             kernel: 3,
             dropout: 0.0,
         };
-        let mut model = Model::build(&spec, &[1, 12, 12], 10, Device::Cpu, 3).unwrap();
+        let roots = crate::confine::PathRoots::none(crate::confine::RootKind::Data);
+        let mut model = Model::build(&spec, &roots, &[1, 12, 12], 10, Device::Cpu, 3).unwrap();
         let params: Vec<Tensor> = model.parameters().into_iter().map(|(_, t)| t).collect();
         assert_eq!(
             model.stage_sizes(),

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::collective::TensorCollectiveError;
+use crate::confine::ConfineError;
 
 /// Where in a file a bad value sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +159,10 @@ pub enum TrainError {
     },
     #[error("{}: checkpoint: {what}", path.display())]
     Checkpoint { path: PathBuf, what: String },
+    /// A path outside the worker's roots (or one under them whose
+    /// symlinks cannot be followed).
+    #[error(transparent)]
+    Confined(#[from] ConfineError),
     #[error("ring: {0}")]
     Ring(#[from] TensorCollectiveError),
     #[error("torch: {0}")]

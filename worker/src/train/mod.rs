@@ -2,7 +2,8 @@
 //! the other ranks of its ring.
 //!
 //! ```text
-//!   run_segment ──▶ dataset::load (this rank's files, in memory; normalise)
+//!   run_segment ──▶ checkpoint dir under the checkpoint root, else refused
+//!               ──▶ dataset::load (this rank's files, in memory; normalise)
 //!               ──▶ Model::build (seeded) ──▶ restore checkpoint (resume)
 //!               ──▶ broadcast rank 0's tensors
 //!               ──▶ per epoch: train (ddp) → average BN stats → evaluate
@@ -23,13 +24,14 @@ mod model;
 mod optim;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ringleader_collective::Ring;
 use ringleader_spec::job::{ModelSpec, OnDivergence};
 use ringleader_spec::JobSpec;
 
+use crate::confine::Confinement;
 use checkpoint::Durability;
 pub use checkpoint::Sidecar;
 pub use error::{CsvRole, Found, Position, TrainError};
@@ -46,8 +48,12 @@ pub struct Segment {
     /// Train epochs start_epoch+1 ..= stop_epoch (stop_epoch <= spec.epochs).
     pub stop_epoch: u32,
     /// This trial's checkpoint directory (shared by all ranks; rank 0 writes).
+    /// It must lie under `confinement.checkpoints`.
     pub checkpoint_dir: PathBuf,
     pub device: tch::Device,
+    /// Where this worker may read data and TorchScript modules, and write
+    /// checkpoints.
+    pub confinement: Confinement,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +128,10 @@ pub fn divergence(epoch: u32, metrics: &BTreeMap<String, f64>) -> Option<Diverge
 /// NaN or infinite and the job's `on_divergence` is `stop`, every rank
 /// returns right after `on_epoch` has seen that epoch, with
 /// [`SegmentOutcome::diverged`] set (and no further checkpoint).
+///
+/// Files outside the segment's [`Confinement`] are neither read nor
+/// written: such a data set, module or checkpoint directory fails the
+/// segment with [`TrainError::Confined`].
 pub fn run_segment(
     segment: &Segment,
     ring: &mut Ring,
@@ -129,6 +139,57 @@ pub fn run_segment(
     on_epoch: &mut dyn FnMut(&EpochReport) -> Control,
 ) -> Result<SegmentOutcome, TrainError> {
     check(segment)?;
+    // Checkpoints are written and read in the resolved directory, and
+    // reported under the directory as assigned.
+    let resolved = confined_checkpoint_dir(segment)?;
+    let given = &segment.checkpoint_dir;
+    let as_given = |path: PathBuf| as_given(path, &resolved, given);
+    let segment = &Segment {
+        checkpoint_dir: resolved.clone(),
+        ..segment.clone()
+    };
+    let on_epoch = &mut |report: &EpochReport| {
+        on_epoch(&EpochReport {
+            checkpoint: report.checkpoint.clone().map(as_given),
+            ..report.clone()
+        })
+    };
+    let outcome = train_segment(segment, ring, runtime, on_epoch)?;
+    Ok(SegmentOutcome {
+        checkpoint: outcome.checkpoint.map(as_given),
+        ..outcome
+    })
+}
+
+/// `path` under `resolved`, renamed to lie under `given` instead.
+fn as_given(path: PathBuf, resolved: &Path, given: &Path) -> PathBuf {
+    match path.strip_prefix(resolved) {
+        Ok(rest) => given.join(rest),
+        Err(_) => path,
+    }
+}
+
+/// The segment's checkpoint directory resolved under the checkpoint root;
+/// refused otherwise. The job's own `checkpoint.dir`, when set, is checked
+/// first, so that a refusal names what the user wrote.
+fn confined_checkpoint_dir(segment: &Segment) -> Result<PathBuf, TrainError> {
+    let roots = &segment.confinement.checkpoints;
+    let field = match &segment.spec.checkpoint.dir {
+        Some(dir) => {
+            roots.resolve("checkpoint.dir", dir)?;
+            "checkpoint.dir"
+        }
+        None => "checkpoint directory (the coordinator's --checkpoint-dir)",
+    };
+    Ok(roots.resolve(field, &segment.checkpoint_dir)?)
+}
+
+fn train_segment(
+    segment: &Segment,
+    ring: &mut Ring,
+    runtime: &tokio::runtime::Handle,
+    on_epoch: &mut dyn FnMut(&EpochReport) -> Control,
+) -> Result<SegmentOutcome, TrainError> {
     if let ModelSpec::Synthetic { .. } = segment.spec.model {
         if segment.start_epoch > 0 {
             // Nothing to restore, but resuming needs its checkpoint as a real model does.

@@ -15,7 +15,8 @@ use ringleader_spec::job::ModelSpec;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor, TrainableCModule};
 
-use super::error::TrainError;
+use super::error::{unreadable, TrainError};
+use crate::confine::PathRoots;
 
 /// libtorch's default generator is process-wide: hold this while seeding
 /// and drawing from it, so ranks built on threads of one process (tests)
@@ -44,9 +45,11 @@ enum Net {
 
 impl Model {
     /// Builds the network for examples of shape `input` (without the batch
-    /// dimension), initialised from `seed`.
+    /// dimension), initialised from `seed`. A TorchScript module is read
+    /// only from under `roots`.
     pub fn build(
         spec: &ModelSpec,
+        roots: &PathRoots,
         input: &[i64],
         classes: u32,
         device: Device,
@@ -81,7 +84,11 @@ impl Model {
                 Net::Builtin(stages.built)
             }
             ModelSpec::Torchscript { path } => {
-                let module = TrainableCModule::load(path, root).map_err(|source| {
+                // Opened here, from the resolved path, rather than by
+                // libtorch: what is checked is what is read.
+                let resolved = roots.resolve("model.path", path)?;
+                let mut file = std::fs::File::open(resolved).map_err(unreadable(path))?;
+                let module = TrainableCModule::load_data(&mut file, root).map_err(|source| {
                     TrainError::TorchScript {
                         path: path.clone(),
                         source,
@@ -328,7 +335,8 @@ mod tests {
             kernel: 3,
             dropout: 0.0,
         };
-        let build = || Model::build(&spec, &[1, 28, 28], 10, Device::Cpu, 7).unwrap();
+        let roots = PathRoots::none(crate::confine::RootKind::Data);
+        let build = || Model::build(&spec, &roots, &[1, 28, 28], 10, Device::Cpu, 7).unwrap();
         let (a, b) = (build(), build());
         let fc1 = &a
             .parameters()
