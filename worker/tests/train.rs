@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ringleader_collective::{ring, CollectiveService, Ring, RingOptions, RingPlan};
+use ringleader_collective::{ring, CollectiveService, Ring, RingOptions, RingPlan, RingSecret};
 use ringleader_spec::{FileDeal, JobSpec};
 use ringleader_worker::confine::Confinement;
 use ringleader_worker::train::{
@@ -58,16 +58,19 @@ fn must_connect_ring(runtime: &Runtime, world: usize) -> Vec<Ring> {
             peers.push(listener.local_addr().unwrap().to_string());
             tokio::spawn(
                 ring::server_builder(&options)
+                    .unwrap()
                     .add_service(ring::collective_server(service.clone()))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
             );
             services.push(service);
         }
+        let secret = RingSecret::generate();
         let connects = services.iter().enumerate().map(|(rank, service)| {
             let plan = RingPlan {
                 generation: 1,
                 rank,
                 peers: peers.clone(),
+                secret: secret.clone(),
             };
             Ring::connect(service, plan, options.clone())
         });
