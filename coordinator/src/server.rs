@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use ringleader_security::{TlsDir, Token, Transport};
 
-use crate::auth::{Authenticator, TokenRecord, TOKENS_PREFIX};
+use crate::auth::{TokenRecord, TOKENS_PREFIX};
 use crate::election::{Election, LeaderTerm, Role};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
@@ -81,16 +81,7 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
 
     let election = Election::new(etcd.clone(), options.advertise.clone(), options.lease_ttl)?;
     let role = election.subscribe();
-    let state = Arc::new(CoordinatorState::new(
-        options.advertise.clone(),
-        etcd.clone(),
-        role.clone(),
-        options.heartbeat_interval,
-        options.worker_lost_after,
-        options.checkpoint_dir.clone(),
-        options.limits,
-        Authenticator::new(options.transport.clone(), options.admin_token.clone()),
-    ));
+    let state = Arc::new(CoordinatorState::new(&options, etcd.clone(), role.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -34,7 +34,7 @@ use crate::limits::{
 };
 use crate::registry::ConnectionId;
 use crate::search::Mode;
-use crate::server::SubmitLimits;
+use crate::server::{ServeOptions, SubmitLimits};
 use crate::store::{load_trials, ReadLimit, StateWriter};
 use crate::sweep::driver::Driver;
 use crate::sweep::scheduler::unix_ms;
@@ -61,23 +61,17 @@ pub struct CoordinatorState {
 }
 
 impl CoordinatorState {
-    pub fn new(
-        advertise: String,
-        etcd: Etcd,
-        role: watch::Receiver<Role>,
-        heartbeat_interval: Duration,
-        lost_after: Duration,
-        checkpoint_root: PathBuf,
-        limits: SubmitLimits,
-        auth: Authenticator,
-    ) -> Self {
+    /// The state of a coordinator serving `options`, before any term.
+    pub fn new(options: &ServeOptions, etcd: Etcd, role: watch::Receiver<Role>) -> Self {
+        let lost_after = options.worker_lost_after;
+        let checkpoint_root = options.checkpoint_dir.clone();
         Self {
-            limits,
-            auth,
-            advertise,
+            limits: options.limits,
+            auth: Authenticator::new(options.transport.clone(), options.admin_token.clone()),
+            advertise: options.advertise.clone(),
             etcd,
             role,
-            heartbeat_interval,
+            heartbeat_interval: options.heartbeat_interval,
             lost_after,
             scheduler: Mutex::new(Scheduler::new(
                 lost_after,

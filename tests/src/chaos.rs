@@ -457,7 +457,7 @@ async fn choose_worker(
 /// Time from `since` until `attempt`'s trial has a later attempt live or
 /// has finished; `None` if that takes over a minute.
 async fn runs_again(
-    args: &ringleader_coordinator::cli::ClientArgs,
+    args: &ringleader_coordinator::client::Connection,
     attempt: &AttemptRef,
     since: Instant,
 ) -> Option<Duration> {
@@ -481,14 +481,14 @@ async fn runs_again(
 
 /// Time from `since` until a leader serves `sweep` (its state loaded).
 async fn served(
-    args: &ringleader_coordinator::cli::ClientArgs,
+    args: &ringleader_coordinator::client::Connection,
     sweep: &str,
     since: Instant,
 ) -> Option<Duration> {
     let deadline = since + Duration::from_secs(60);
-    let args = ringleader_coordinator::cli::ClientArgs {
-        coordinator: args.coordinator.clone(),
+    let args = ringleader_coordinator::client::Connection {
         timeout: Duration::from_secs(1),
+        ..args.clone()
     };
     while Instant::now() < deadline {
         if sweeps::get(&args, sweep).await.is_ok() {

@@ -6,12 +6,16 @@
 //! target/release), else from the target directory this test was built in.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use ringleader_coordinator::client::Connection;
 use ringleader_coordinator::local::{EtcdServer, LocalCluster, LocalClusterOptions};
 use ringleader_proto::coordinator::{ClusterStatusResponse, WhoIsLeaderRequest, WorkerState};
+use ringleader_security::{Role, TlsDir, Transport};
 
 pub mod chaos;
 pub mod sweeps;
@@ -44,11 +48,30 @@ pub fn command(binary: &str) -> Command {
     Command::new(bin_dir().join(binary))
 }
 
-/// Runs `etcdctl` (v3 API) against `endpoints`: a client we did not write.
-pub fn etcdctl(endpoints: &[String], args: &[&str]) -> Output {
-    Command::new("etcdctl")
+/// `etcdctl` (v3 API) for `endpoints`, with the client certificate in
+/// `tls` (an etcd-client TLS directory) when etcd runs with TLS.
+fn etcdctl_command(endpoints: &[String], tls: Option<&Path>) -> Command {
+    let mut command = Command::new("etcdctl");
+    command
         .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!("--endpoints={}", endpoints.join(",")));
+    if let Some(dir) = tls {
+        command
+            .arg(format!("--cacert={}", dir.join("ca.crt").display()))
+            .arg(format!("--cert={}", dir.join("tls.crt").display()))
+            .arg(format!("--key={}", dir.join("tls.key").display()));
+    }
+    command
+}
+
+/// Runs `etcdctl` (v3 API) against a plaintext etcd at `endpoints`: a
+/// client we did not write. [`TestCluster::etcdctl`] for a cluster's etcd.
+pub fn etcdctl(endpoints: &[String], args: &[&str]) -> Output {
+    etcdctl_with(endpoints, None, args)
+}
+
+fn etcdctl_with(endpoints: &[String], tls: Option<&Path>, args: &[&str]) -> Output {
+    etcdctl_command(endpoints, tls)
         .arg("--command-timeout=5s")
         .args(args)
         .output()
@@ -58,12 +81,10 @@ pub fn etcdctl(endpoints: &[String], args: &[&str]) -> Output {
 /// The leader value of `election` as `etcdctl elect -l` (observe mode)
 /// first reports it, or "" after 10 s. etcdctl keeps observing, so it is
 /// killed once it has answered.
-pub fn etcdctl_observe_leader(endpoints: &[String], election: &str) -> String {
+fn etcdctl_observe_leader(endpoints: &[String], tls: Option<&Path>, election: &str) -> String {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
+    let mut child = etcdctl_command(endpoints, tls)
         .args(["elect", "-l", election])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -135,6 +156,14 @@ impl TestCluster {
             dir: dir.path().to_path_buf(),
             coordinator_args,
             bin_dir: Some(bin_dir()),
+            // Secure, as the README's cluster is.
+            secure: true,
+            // Tests write their data into their own directory.
+            data_roots: vec![
+                dir.path().to_path_buf(),
+                PathBuf::from("/usr/share/datasets"),
+                PathBuf::from("/var/tmp/ringleader"),
+            ],
         };
         let cluster = LocalCluster::start(options).await.expect("cluster starts");
         Self { cluster, dir }
@@ -147,6 +176,46 @@ impl TestCluster {
 
     pub fn etcd_endpoints(&self) -> Vec<String> {
         self.cluster.etcd_endpoints().to_vec()
+    }
+
+    /// The etcd-client TLS directory of this cluster's etcd.
+    fn etcd_tls(&self) -> Option<&Path> {
+        self.cluster
+            .etcd
+            .as_ref()
+            .and_then(|e| e.client_tls())
+            .map(|t| t.dir.as_path())
+    }
+
+    /// Runs `etcdctl` against this cluster's etcd, with its client
+    /// certificate.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl_with(&self.etcd_endpoints(), self.etcd_tls(), args)
+    }
+
+    /// `etcdctl elect -l` on this cluster's etcd: the leader value of
+    /// `election`, or "" after 10 s.
+    pub fn etcdctl_observe_leader(&self, election: &str) -> String {
+        etcdctl_observe_leader(&self.etcd_endpoints(), self.etcd_tls(), election)
+    }
+
+    /// A connection with the certificate of `role` and no token (a
+    /// worker, or a client that has not said who it is).
+    pub fn connection_as(&self, role: Role, timeout: Duration) -> Connection {
+        let certs = self.cluster.certs().expect("test clusters are secure");
+        let dir = TlsDir::load_for(&certs.join(role.as_str()), role).expect("role certificate");
+        Connection {
+            transport: Transport::Tls(Arc::new(dir)),
+            token: None,
+            ..self.connection(timeout)
+        }
+    }
+
+    /// A connection to the cluster as its admin.
+    pub fn connection(&self, timeout: Duration) -> Connection {
+        self.cluster
+            .connection(timeout)
+            .expect("the cluster's client config loads")
     }
 
     /// [`TestCluster::start`], then waits (up to a minute) for it to form.
@@ -203,7 +272,9 @@ impl TestCluster {
         let mut leaders = Vec::new();
         for address in self.cluster.coordinator_addresses() {
             let deadline = Duration::from_millis(500);
-            let Ok(mut client) = ringleader_coordinator::client::connect(&address, deadline).await
+            let connection = self.connection(deadline);
+            let Ok(mut client) =
+                ringleader_coordinator::client::connect(&connection, &address).await
             else {
                 continue;
             };

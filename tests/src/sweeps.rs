@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ringleader_coordinator::cli::ClientArgs;
+use ringleader_coordinator::client::Connection;
 use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
 use ringleader_coordinator::sweep::driver::Driver;
 use ringleader_coordinator::sweep::records::AttemptOutcome;
@@ -16,12 +16,9 @@ use serde_json::Value;
 
 use crate::{wait_until, TestCluster};
 
-/// Client arguments for every coordinator of `cluster`.
-pub fn client(cluster: &TestCluster) -> ClientArgs {
-    ClientArgs {
-        coordinator: cluster.cluster.coordinator_addresses(),
-        timeout: Duration::from_secs(5),
-    }
+/// A connection to every coordinator of `cluster`, as its admin.
+pub fn client(cluster: &TestCluster) -> Connection {
+    cluster.connection(Duration::from_secs(5))
 }
 
 /// Writes a spec file into the test's directory.
@@ -40,7 +37,7 @@ pub async fn must_submit(cluster: &TestCluster, name: &str, text: &str) -> Strin
 }
 
 /// Waits until sweep `id` has finished; returns it.
-pub async fn must_finish_sweep(args: &ClientArgs, id: &str, timeout: Duration) -> SweepView {
+pub async fn must_finish_sweep(args: &Connection, id: &str, timeout: Duration) -> SweepView {
     wait_until(&format!("{id} to finish"), timeout, || async {
         match sweeps::get(args, id).await {
             Ok(view) if view.record.state.is_terminal() => Ok(view),
@@ -57,7 +54,7 @@ pub async fn must_finish_sweep(args: &ClientArgs, id: &str, timeout: Duration) -
 
 /// Waits until `probe` accepts the sweep as the leader reports it.
 pub async fn wait_for_sweep<T>(
-    args: &ClientArgs,
+    args: &Connection,
     id: &str,
     what: &str,
     timeout: Duration,

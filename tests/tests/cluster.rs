@@ -11,9 +11,7 @@ use ringleader_coordinator::process::{free_loopback_address, ManagedChild};
 use ringleader_coordinator::store::FencedStore;
 use ringleader_coordinator::Error;
 use ringleader_proto::coordinator::{WhoIsLeaderRequest, WorkerState};
-use ringleader_tests::{
-    command, etcdctl, etcdctl_observe_leader, wait_until, TestCluster, LEASE_TTL,
-};
+use ringleader_tests::{command, etcdctl, wait_until, TestCluster, LEASE_TTL};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,7 +22,7 @@ async fn cluster_of_two_coordinators_and_three_workers_forms_with_one_leader() {
     // Every coordinator agrees on one leader, and exactly one claims it.
     let mut claims = 0;
     for address in cluster.cluster.coordinator_addresses() {
-        let mut c = client::connect(&address, Duration::from_secs(2))
+        let mut c = client::connect(&cluster.connection(Duration::from_secs(2)), &address)
             .await
             .unwrap();
         let answer = c
@@ -57,7 +55,7 @@ async fn cluster_of_two_coordinators_and_three_workers_forms_with_one_leader() {
     }
 
     // etcdctl, a client we did not write, reads the same leader.
-    let observed = etcdctl_observe_leader(&cluster.etcd_endpoints(), ELECTION_NAME);
+    let observed = cluster.etcdctl_observe_leader(ELECTION_NAME);
     assert_eq!(observed, status.leader_address);
 }
 
@@ -97,10 +95,10 @@ async fn must_lead(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_leaders_fenced_write_is_rejected_by_etcd() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = EtcdServer::start(dir.path()).unwrap();
+    let mut server = EtcdServer::start(dir.path(), None).unwrap();
     server.wait_ready(Duration::from_secs(20)).await.unwrap();
     let endpoints = vec![server.client_url.clone()];
-    let etcd = Etcd::connect(&endpoints, Duration::from_secs(2))
+    let etcd = Etcd::connect(&endpoints, Duration::from_secs(2), None)
         .await
         .unwrap();
     let shutdown_a = CancellationToken::new();
@@ -171,6 +169,7 @@ async fn serve_with_unreachable_etcd_exits_nonzero_within_ten_seconds() {
     let mut cmd = command("ringleader");
     cmd.args([
         "serve",
+        "--insecure",
         &format!("--listen={listen}"),
         &format!("--etcd={dead_etcd}"),
     ]);
@@ -227,7 +226,12 @@ fn status_against_a_dead_address_errors_clearly() {
     let dead = free_loopback_address().unwrap();
     let started = Instant::now();
     let out = command("ringleader")
-        .args(["status", &format!("--coordinator={dead}"), "--timeout=2s"])
+        .args([
+            "status",
+            "--insecure",
+            &format!("--coordinator={dead}"),
+            "--timeout=2s",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -14,7 +14,7 @@ use ringleader_coordinator::sweep::TrialState;
 use ringleader_tests::sweeps::{
     client, must_finish_sweep, must_submit, sweep_problems, wait_for_sweep, BraninSweep,
 };
-use ringleader_tests::{etcdctl, etcdctl_observe_leader, wait_until, TestCluster, LEASE_TTL};
+use ringleader_tests::{wait_until, TestCluster, LEASE_TTL};
 
 const FINISH: Duration = Duration::from_secs(120);
 
@@ -250,7 +250,7 @@ async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
     .await;
     let leaders = cluster.claimed_leaders().await;
     assert_eq!(leaders.len(), 1, "leaders {leaders:?}");
-    let elected = etcdctl_observe_leader(&cluster.etcd_endpoints(), "ringleader/leader");
+    let elected = cluster.etcdctl_observe_leader("ringleader/leader");
     assert_eq!(elected, leaders[0]);
 
     let view = must_finish_sweep(&args, &id, FINISH).await;
@@ -297,15 +297,12 @@ async fn etcd_restarted_from_its_data_dir_loses_nothing() {
 
     let view = must_finish_sweep(&args, &id, FINISH).await;
     assert_no_problems(&view, &spec);
-    let stored = etcdctl(
-        &cluster.etcd_endpoints(),
-        &[
-            "get",
-            "--prefix",
-            "--keys-only",
-            &format!("/ringleader/trials/{id}/"),
-        ],
-    );
+    let stored = cluster.etcdctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        &format!("/ringleader/trials/{id}/"),
+    ]);
     let keys = String::from_utf8_lossy(&stored.stdout);
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 4, "{keys}");
 }

@@ -8,20 +8,20 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ringleader_coordinator::client::LeaderClient;
 use ringleader_coordinator::sweep::client::{self as sweeps};
 use ringleader_coordinator::sweep::records::{trial_key, TrialRecord};
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
-use ringleader_proto::coordinator::coordinator_client::CoordinatorClient;
 use ringleader_proto::coordinator::{
     coordinator_message, worker_message, AttemptOutcome, AttemptRef, CancelSweepRequest,
     ClusterStatusRequest, CoordinatorMessage, EpochReport, GetSweepRequest, Heartbeat,
     ListSweepsRequest, Register, SubmitKind, SubmitRequest, TrialFinished, WorkerMessage,
 };
+use ringleader_security::Role;
 use ringleader_tests::sweeps::{client, must_finish_sweep, must_submit, write_spec, BraninSweep};
-use ringleader_tests::{etcdctl, wait_until, TestCluster};
+use ringleader_tests::{wait_until, TestCluster};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// A quick synthetic sweep that must complete.
@@ -38,9 +38,8 @@ fn normal_sweep(max_trials: u32) -> String {
     .spec()
 }
 
-async fn leader_client(cluster: &TestCluster) -> CoordinatorClient<Channel> {
-    let addresses = cluster.cluster.coordinator_addresses();
-    ringleader_coordinator::client::find_leader(&addresses, Duration::from_secs(5))
+async fn leader_client(cluster: &TestCluster) -> LeaderClient {
+    ringleader_coordinator::client::find_leader(&cluster.connection(Duration::from_secs(5)))
         .await
         .expect("a leader answers")
         .1
@@ -93,8 +92,12 @@ async fn attach(
     })
     .await
     .unwrap();
-    let answer = leader_client(cluster)
+    // A hostile worker: it holds a real worker certificate.
+    let worker = cluster.connection_as(Role::Worker, Duration::from_secs(5));
+    let answer = ringleader_coordinator::client::find_leader(&worker)
         .await
+        .expect("a leader answers")
+        .1
         .attach(ReceiverStream::new(rx))
         .await
         .map(tonic::Response::into_inner);
@@ -299,7 +302,10 @@ async fn raw_submit(cluster: &TestCluster, spec: &[u8]) -> Result<(), tonic::Sta
     #[derive(Clone, PartialEq, prost::Message)]
     struct Empty {}
     let address = leader_address(cluster).await;
-    let channel = Channel::from_shared(format!("http://{address}"))
+    let connection = cluster.connection(Duration::from_secs(5));
+    let channel = connection
+        .transport
+        .endpoint(&address, ringleader_security::Role::Coordinator)
         .unwrap()
         .connect()
         .await
@@ -314,9 +320,13 @@ async fn raw_submit(cluster: &TestCluster, spec: &[u8]) -> Result<(), tonic::Sta
         kind: SubmitKind::Sweep as i32,
         spec: spec.to_vec(),
     };
-    grpc.unary(tonic::Request::new(request), path, codec)
-        .await
-        .map(|_| ())
+    let mut request = tonic::Request::new(request);
+    let token = connection.token.expect("test clusters have an admin token");
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.reveal()).parse().unwrap(),
+    );
+    grpc.unary(request, path, codec).await.map(|_| ())
 }
 
 async fn leader_address(cluster: &TestCluster) -> String {
@@ -547,14 +557,11 @@ async fn a_diverging_sweep_stays_readable_across_a_failover() {
     // Stored as written: the raw record holds the non-finite loss as a
     // string, and a new leader reads every record back.
     let diverged = by_lr["1e30"];
-    let raw = etcdctl(
-        &cluster.etcd_endpoints(),
-        &[
-            "get",
-            "--print-value-only",
-            &trial_key(&id, diverged.number),
-        ],
-    );
+    let raw = cluster.etcdctl(&[
+        "get",
+        "--print-value-only",
+        &trial_key(&id, diverged.number),
+    ]);
     let raw = String::from_utf8_lossy(&raw.stdout);
     assert!(
         raw.contains(r#""NaN""#) || raw.contains(r#"Infinity""#),
@@ -591,9 +598,8 @@ async fn unreadable_records_are_named_and_set_aside() {
     let args = client(&cluster);
     let finished = must_submit(&cluster, "a.toml", &normal_sweep(3)).await;
     must_finish_sweep(&args, &finished, Duration::from_secs(60)).await;
-    let endpoints = cluster.etcd_endpoints();
     let put = |key: &str, value: &str| {
-        let out = etcdctl(&endpoints, &["put", key, value]);
+        let out = cluster.etcdctl(&["put", key, value]);
         assert!(
             out.status.success(),
             "{}",
@@ -603,25 +609,20 @@ async fn unreadable_records_are_named_and_set_aside() {
     // A finished sweep's trial as an older release stored a NaN loss
     // (`null`), another trial overwritten with garbage, a sweep record
     // that is not JSON, and a running sweep with a garbage trial.
-    let raw = etcdctl(
-        &endpoints,
-        &["get", "--print-value-only", &trial_key(&finished, 0)],
-    );
+    let raw = cluster.etcdctl(&["get", "--print-value-only", &trial_key(&finished, 0)]);
     let mut legacy: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
     legacy["metrics"][0]["metrics"]["objective"] = serde_json::Value::Null;
     put(&trial_key(&finished, 0), &legacy.to_string());
     put(&trial_key(&finished, 1), "{\"sweep\": garbage");
     put("/ringleader/sweeps/sweep-900", "not json at all");
     let mut running: serde_json::Value = serde_json::from_slice(
-        &etcdctl(
-            &endpoints,
-            &[
+        &cluster
+            .etcdctl(&[
                 "get",
                 "--print-value-only",
                 &format!("/ringleader/sweeps/{finished}"),
-            ],
-        )
-        .stdout,
+            ])
+            .stdout,
     )
     .unwrap();
     running["id"] = "sweep-901".into();
@@ -746,12 +747,13 @@ async fn writer_term(
 async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
     use ringleader_coordinator::store::{FencedStore, StateWriter};
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ringleader_coordinator::local::EtcdServer::start(dir.path()).unwrap();
+    let mut server = ringleader_coordinator::local::EtcdServer::start(dir.path(), None).unwrap();
     server.wait_ready(Duration::from_secs(20)).await.unwrap();
     let endpoints = vec![server.client_url.clone()];
-    let etcd = ringleader_coordinator::etcd::Etcd::connect(&endpoints, Duration::from_millis(500))
-        .await
-        .unwrap();
+    let etcd =
+        ringleader_coordinator::etcd::Etcd::connect(&endpoints, Duration::from_millis(500), None)
+            .await
+            .unwrap();
     let term = writer_term(&etcd).await;
     let writer = StateWriter::spawn_with_retry_bound(
         FencedStore::new(etcd.clone(), &term),

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use ringleader_coordinator::cli::ClientArgs;
 use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
 use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
 use ringleader_tests::{wait_until, TestCluster};
@@ -46,10 +45,7 @@ momentum = 0.9
 }
 
 async fn run_job(cluster: &TestCluster, text: &str, timeout: Duration) -> SweepView {
-    let args = ClientArgs {
-        coordinator: cluster.cluster.coordinator_addresses(),
-        timeout: Duration::from_secs(5),
-    };
+    let args = cluster.connection(Duration::from_secs(5));
     let path = cluster.dir().join("job.toml");
     std::fs::write(&path, text).unwrap();
     let id = sweeps::submit(&args, SweepKind::Job, &path).await.unwrap();

@@ -9,7 +9,7 @@ use ringleader_coordinator::sweep::{SweepKind, SweepState, TrialState};
 use ringleader_tests::sweeps::{
     assert_attempts_disjoint, client, must_finish_sweep, peak_concurrency, write_spec, BraninSweep,
 };
-use ringleader_tests::{command, etcdctl, idle_workers, wait_until, TestCluster};
+use ringleader_tests::{command, idle_workers, wait_until, TestCluster};
 
 /// A random-search sweep over Branin with three simulated epochs.
 fn branin_sweep(
@@ -267,10 +267,7 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
             "{what}: {needle:?} not in {stderr}"
         );
     }
-    let stored = etcdctl(
-        &cluster.etcd_endpoints(),
-        &["get", "--prefix", "--keys-only", "/ringleader/sweeps/"],
-    );
+    let stored = cluster.etcdctl(&["get", "--prefix", "--keys-only", "/ringleader/sweeps/"]);
     assert!(stored.status.success());
     assert!(
         stored.stdout.is_empty(),

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use ringleader_coordinator::client;
+use ringleader_coordinator::client::{self, Connection};
 use ringleader_proto::coordinator::{
     coordinator_message, worker_message, Heartbeat, Register, WorkerMessage,
 };
@@ -29,10 +29,10 @@ use tracing::{debug, info, warn};
 /// How the agent reaches the leader.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub coordinators: Vec<String>,
+    /// The coordinators, and the worker's certificate to reach them with;
+    /// its timeout bounds connecting and each unary call.
+    pub connection: Connection,
     pub registration: Register,
-    /// Deadline for connecting and for each unary call.
-    pub rpc_timeout: Duration,
     /// First retry delay after a failure; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
@@ -103,8 +103,8 @@ async fn attach_once(
     reports: &mut mpsc::UnboundedReceiver<WorkerMessage>,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
-    let (leader, mut client) =
-        client::find_leader(&options.coordinators, options.rpc_timeout).await?;
+    let (leader, mut client) = client::find_leader(&options.connection).await?;
+    let rpc_timeout = options.connection.timeout;
     // How the last attempt ended goes in the replay below, after its
     // epochs, rather than in `last_finished`: the leader would otherwise
     // end the attempt before hearing the epochs it may have missed.
@@ -124,13 +124,12 @@ async fn attach_once(
         leader: leader.clone(),
         status,
     };
-    let response =
-        tokio::time::timeout(options.rpc_timeout, client.attach(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| refused(tonic::Status::deadline_exceeded("attach timed out")))?
-            .map_err(refused)?;
+    let response = tokio::time::timeout(rpc_timeout, client.attach(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| refused(tonic::Status::deadline_exceeded("attach timed out")))?
+        .map_err(refused)?;
     let mut inbound = response.into_inner();
-    let first = tokio::time::timeout(options.rpc_timeout, inbound.message())
+    let first = tokio::time::timeout(rpc_timeout, inbound.message())
         .await
         .map_err(|_| refused(tonic::Status::deadline_exceeded("no Registered answer")))?
         .map_err(refused)?;
@@ -155,7 +154,7 @@ async fn attach_once(
         reason,
     };
     // Silence this long means the leader is gone even if TCP has not noticed.
-    let silence_limit = interval * 3 + options.rpc_timeout;
+    let silence_limit = interval * 3 + rpc_timeout;
     let mut tick = tokio::time::interval(interval);
     let mut sequence = 0u64;
     let mut last_heard = Instant::now();
@@ -170,7 +169,7 @@ async fn attach_once(
                 // it has then handled every report (an abandoned attempt
                 // must not look like a lost worker's failure).
                 drop(tx);
-                let _ = tokio::time::timeout(options.rpc_timeout, async {
+                let _ = tokio::time::timeout(rpc_timeout, async {
                     while let Ok(Some(_)) = inbound.message().await {}
                 })
                 .await;

@@ -124,10 +124,12 @@ mod tests {
             serve(services[0].clone()).await,
             serve(services[1].clone()).await,
         ];
+        let secret = ringleader_collective::RingSecret::generate();
         let plan = |rank| RingPlan {
             generation: 1,
             rank,
             peers: peers.clone(),
+            secret: secret.clone(),
         };
         let (a, b) = tokio::join!(
             Ring::connect(&services[0], plan(0), RingOptions::default()),

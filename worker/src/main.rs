@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_collective::ring;
 use ringleader_collective::{CollectiveService, RingOptions};
-use ringleader_coordinator::cli::parse_duration;
-use ringleader_coordinator::{client, runtime};
+use ringleader_coordinator::cli::{parse_duration, TlsArgs};
+use ringleader_coordinator::client::{self, Connection};
+use ringleader_coordinator::runtime;
 use ringleader_proto::coordinator::Register;
+use ringleader_security::{Role, Transport};
 use ringleader_worker::agent::{self, AgentOptions};
 use ringleader_worker::confine::Confinement;
 use ringleader_worker::device::{self, DeviceRequest};
@@ -136,9 +138,30 @@ struct Args {
     #[arg(long, env = "RINGLEADER_CHECKPOINT_ROOT")]
     checkpoint_root: Option<PathBuf>,
 
+    #[command(flatten)]
+    tls: TlsArgs,
+
+    /// Encrypt ring traffic with the worker certificates' mutual TLS (on),
+    /// or send it in plaintext (off: for a trusted network only; joining a
+    /// ring still takes the attempt's secret). Every worker of a cluster
+    /// must use the same value.
+    #[arg(
+        long,
+        env = "RINGLEADER_RING_ENCRYPTION",
+        value_enum,
+        default_value = "on"
+    )]
+    ring_encryption: RingEncryption,
+
     /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RingEncryption {
+    On,
+    Off,
 }
 
 #[tokio::main]
@@ -156,6 +179,16 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let shutdown = runtime::shutdown_on_signals()?;
+    let transport = args.tls.transport(Role::Worker)?;
+    let ring_transport = match args.ring_encryption {
+        RingEncryption::On => transport.clone(),
+        RingEncryption::Off => {
+            if transport.is_tls() {
+                warn!("ring encryption is off (--ring-encryption=off): gradients cross the network in plaintext; joining a ring still takes the attempt's secret");
+            }
+            Transport::Insecure
+        }
+    };
     let gpus = device::detect_gpus();
     let device = args.device.resolve(gpus.len())?;
     let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
@@ -183,6 +216,7 @@ async fn run(args: Args) -> Result<()> {
         stream_window: args.collective_stream_window,
         connection_window: args.collective_stream_window.saturating_mul(2),
         max_waiting_streams: args.collective_max_waiting_streams as usize,
+        transport: ring_transport,
         ..RingOptions::default()
     };
     // Rings built from coordinator plans register here.
@@ -192,7 +226,7 @@ async fn run(args: Args) -> Result<()> {
     let server_stop = CancellationToken::new();
     let server_shutdown = server_stop.clone();
     let peer_server = tokio::spawn(
-        ring::server_builder(&ring_options)
+        ring::server_builder(&ring_options)?
             .add_service(health_service)
             .add_service(ring::collective_server(collectives.clone()))
             .serve_with_incoming_shutdown(
@@ -202,7 +236,12 @@ async fn run(args: Args) -> Result<()> {
     );
 
     let options = AgentOptions {
-        coordinators: client::split_addresses(&args.coordinator),
+        connection: Connection {
+            coordinators: client::split_addresses(&args.coordinator),
+            transport: transport.clone(),
+            token: None,
+            timeout: args.timeout,
+        },
         registration: Register {
             worker_id,
             host,
@@ -211,7 +250,6 @@ async fn run(args: Args) -> Result<()> {
             running: None,
             last_finished: None,
         },
-        rpc_timeout: args.timeout,
         min_backoff: Duration::from_millis(100),
         max_backoff: args.max_backoff,
     };

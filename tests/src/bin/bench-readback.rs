@@ -16,7 +16,7 @@ fn median(mut times: Vec<Duration>) -> Duration {
 }
 
 async fn time_reads(
-    args: &ringleader_coordinator::cli::ClientArgs,
+    args: &ringleader_coordinator::client::Connection,
     id: &str,
     n: u32,
 ) -> Vec<Duration> {
