@@ -20,7 +20,7 @@ use ringleader_proto::coordinator::{
 use ringleader_security::certs::{self, InitOptions};
 use ringleader_security::{Role, TlsDir, Token, Transport};
 use ringleader_tests::sweeps::{must_finish_sweep, write_spec, BraninSweep};
-use ringleader_tests::{command, TestCluster};
+use ringleader_tests::{command, wait_until, TestCluster};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -37,7 +37,7 @@ fn tls(dir: &Path, role: Role) -> Transport {
 fn slow_sweep() -> String {
     BraninSweep {
         searcher: "random",
-        max_trials: 4,
+        max_trials: 20,
         workers_per_trial: 1,
         max_concurrent: 1,
         max_epochs: 3,
@@ -378,11 +378,38 @@ async fn tokens_and_owners_decide_what_users_may_do() {
 
     // Tokens and owners live in etcd: after a failover alice still owns
     // her sweep and bob is still revoked.
-    let old = cluster.kill_leader().await;
+    let old = cluster
+        .cluster
+        .status(TIMEOUT)
+        .await
+        .unwrap()
+        .leader_address;
     cluster
-        .must_fail_over(&old, 1, Duration::from_secs(60))
-        .await;
-    let view = sweeps::get(&as_user(&cluster, &alice), &id).await.unwrap();
+        .cluster
+        .coordinators()
+        .iter_mut()
+        .find(|m| m.address == old)
+        .expect("the leader is ours")
+        .process
+        .kill();
+    let view = wait_until(
+        "a new leader serving alice",
+        Duration::from_secs(60),
+        || async {
+            let status = cluster
+                .cluster
+                .status(TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            if status.leader_address == old {
+                return Err("the old leader".into());
+            }
+            sweeps::get(&as_user(&cluster, &alice), &id)
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
     assert_eq!(view.record.owner, "alice");
     let status = refused(
         "a revoked token after failover",
