@@ -143,6 +143,18 @@ impl TestCluster {
         workers: usize,
         coordinator_args: Vec<String>,
     ) -> Self {
+        Self::start_secured(coordinators, workers, coordinator_args, true).await
+    }
+
+    /// [`TestCluster::start_with`], secure (mutual TLS, tokens: what the
+    /// README runs) or with every process `--insecure` (`secure: false`,
+    /// for benchmarks that measure what security costs).
+    pub async fn start_secured(
+        coordinators: usize,
+        workers: usize,
+        coordinator_args: Vec<String>,
+        secure: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ringleader-test-")
             .tempdir()
@@ -156,8 +168,7 @@ impl TestCluster {
             dir: dir.path().to_path_buf(),
             coordinator_args,
             bin_dir: Some(bin_dir()),
-            // Secure, as the README's cluster is.
-            secure: true,
+            secure,
             // Tests write their data into their own directory.
             data_roots: vec![
                 dir.path().to_path_buf(),
