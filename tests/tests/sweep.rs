@@ -208,7 +208,6 @@ async fn sweep_survives_the_leader_being_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_specs_name_field_and_line_and_store_nothing() {
     let cluster = TestCluster::must_start_formed(1, 1).await;
-    let coordinators = cluster.cluster.coordinator_addresses().join(",");
     let good = branin_sweep(2, 1, 1, 1);
     let cases = [
         (
@@ -253,7 +252,7 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
         let output = command("ringleader")
             .args(["sweep", "submit"])
             .arg(&spec)
-            .env("RINGLEADER_COORDINATOR", &coordinators)
+            .env("RINGLEADER_CONFIG", cluster.cluster.client_config_path())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -279,7 +278,6 @@ async fn rejected_specs_name_field_and_line_and_store_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
     let cluster = TestCluster::must_start_formed(1, 2).await;
-    let coordinators = cluster.cluster.coordinator_addresses().join(",");
     let job = write_spec(
         &cluster,
         "job.toml",
@@ -288,7 +286,7 @@ async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
     let output = command("ringleader")
         .args(["job", "submit", "--watch"])
         .arg(&job)
-        .env("RINGLEADER_COORDINATOR", &coordinators)
+        .env("RINGLEADER_CONFIG", cluster.cluster.client_config_path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -308,7 +306,7 @@ async fn job_submit_watch_shows_each_epoch_and_the_final_metrics() {
         .to_string();
     let status = command("ringleader")
         .args(["job", "status", &id, "--json"])
-        .env("RINGLEADER_COORDINATOR", &coordinators)
+        .env("RINGLEADER_CONFIG", cluster.cluster.client_config_path())
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
