@@ -326,6 +326,19 @@ async fn must_be_refused(
     answer.expect_err("an outsider's stream was accepted")
 }
 
+/// The connection failed (TLS handshake, or HTTP/2 over a TLS port): what
+/// refusals below the gRPC service look like to a tonic client, whose code
+/// depends on when hyper notices (never one of the service's own codes).
+fn refused_by_the_connection(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
 /// A frame that would poison the sum if a ring ever took it as data.
 fn poison() -> RingFrame {
     RingFrame {
@@ -863,13 +876,7 @@ async fn outsiders_cannot_join_a_tls_ring_async() {
     )
     .await;
     eprintln!("plaintext: {status:?}");
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-        ),
-        "plaintext: {status:?}"
-    );
+    assert!(refused_by_the_connection(&status), "plaintext: {status:?}");
 
     // A worker certificate our CA did not issue (the client trusts our CA,
     // so it is the server that refuses it).
@@ -885,13 +892,7 @@ async fn outsiders_cannot_join_a_tls_ring_async() {
     )
     .await;
     eprintln!("another CA: {status:?}");
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-        ),
-        "another CA: {status:?}"
-    );
+    assert!(refused_by_the_connection(&status), "another CA: {status:?}");
 
     // Certificates of our CA, but not a worker's: PERMISSION_DENIED.
     for role in ["client", "coordinator"] {
