@@ -176,7 +176,13 @@ impl Authenticator {
             });
         }
         self.transport.check_peer(request, Role::Client)?;
-        let token = bearer_token(request.metadata())?;
+        self.caller(&bearer_token(request.metadata())?)
+    }
+
+    /// Who holds `token`: the bootstrap admin, or a stored token that is
+    /// not revoked.
+    #[allow(clippy::result_large_err)]
+    fn caller(&self, token: &Token) -> Result<Caller, Status> {
         if let Some(admin) = &self.bootstrap_admin {
             if admin.id == token.id && token.matches(&admin.secret_hash()) {
                 return Ok(Caller {
@@ -187,22 +193,16 @@ impl Authenticator {
         }
         let tokens = self.tokens();
         match tokens.get(&token.id) {
-            Some(record)
-                if record.revoked_unix_ms.is_none() && token.matches(&record.secret_sha256) =>
-            {
-                Ok(Caller {
+            Some(record) if token.matches(&record.secret_sha256) => match record.revoked_unix_ms {
+                None => Ok(Caller {
                     user: record.name.clone(),
                     role: record.role,
-                })
-            }
-            Some(record)
-                if record.revoked_unix_ms.is_some() && token.matches(&record.secret_sha256) =>
-            {
-                Err(Status::unauthenticated(format!(
+                }),
+                Some(_) => Err(Status::unauthenticated(format!(
                     "token {} has been revoked",
                     token.id
-                )))
-            }
+                ))),
+            },
             _ => Err(Status::unauthenticated(format!(
                 "unknown token {} (not issued by this cluster, or mistyped)",
                 token.id
@@ -273,7 +273,8 @@ mod tests {
 
     #[test]
     fn stored_tokens_authenticate_until_revoked() {
-        let auth = Authenticator::new(Transport::Insecure, None);
+        let admin = Token::generate();
+        let auth = Authenticator::new(Transport::Insecure, Some(admin.clone()));
         let token = Token::generate();
         let mut record = TokenRecord {
             id: token.id.clone(),
@@ -285,15 +286,32 @@ mod tests {
             revoked_unix_ms: None,
         };
         auth.load_tokens(vec![record.clone()]);
+        assert_eq!(
+            auth.caller(&token).unwrap(),
+            caller("alice", UserRole::User)
+        );
+        assert_eq!(
+            auth.caller(&admin).unwrap(),
+            caller(BOOTSTRAP_ADMIN, UserRole::Admin)
+        );
+        // The right id with another secret is as unknown as a stranger's.
+        let forged = Token::parse(&format!("rlt_{}_{}", token.id, "0".repeat(64))).unwrap();
+        for stranger in [forged, Token::generate()] {
+            let status = auth.caller(&stranger).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert!(status.message().contains("unknown token"), "{status:?}");
+        }
+        record.revoked_unix_ms = Some(2);
+        auth.load_tokens(vec![record]);
+        let status = auth.caller(&token).unwrap_err();
+        assert!(status.message().contains("revoked"), "{status:?}");
+
         let mut metadata = MetadataMap::new();
         metadata.insert(
             "authorization",
             format!("Bearer {}", token.reveal()).parse().unwrap(),
         );
         assert_eq!(bearer_token(&metadata).unwrap(), token);
-        record.revoked_unix_ms = Some(2);
-        auth.load_tokens(vec![record]);
-        assert!(auth.tokens()[&token.id].revoked_unix_ms.is_some());
         assert!(bearer_token(&MetadataMap::new()).is_err());
     }
 
