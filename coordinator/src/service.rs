@@ -251,6 +251,13 @@ impl CoordinatorService {
     pub fn new(state: Arc<CoordinatorState>) -> Self {
         Self { state }
     }
+
+    /// The user behind a client call, once this coordinator leads with its
+    /// state (tokens included) loaded.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.state.require_loaded_leader().await?;
+        self.state.auth.user(request)
+    }
 }
 
 type AttachStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -395,8 +402,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        self.state.auth.user(&request)?;
+        self.caller(&request).await?;
         let candidates = election::candidates(&self.state.etcd).await?;
         let coordinators = candidates
             .iter()
@@ -438,8 +444,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         caller.require(UserRole::User, "submitting")?;
         let request = request.into_inner();
         let kind = match request.kind() {
@@ -526,8 +531,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ListSweepsRequest>,
     ) -> Result<Response<ListSweepsResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         let include_spec = request.into_inner().include_spec;
         let (sweeps, unreadable) = {
             let scheduler = self.state.scheduler();
@@ -553,8 +557,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<GetSweepRequest>,
     ) -> Result<Response<GetSweepResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         let request = request.into_inner();
         let id = request.sweep_id;
         let limit = match request.trials_limit {
@@ -598,8 +601,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<CancelSweepRequest>,
     ) -> Result<Response<CancelSweepResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         let id = request.into_inner().sweep_id;
         caller.require(UserRole::User, "cancelling")?;
         let owner = self
@@ -629,8 +631,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         caller.require(UserRole::Admin, "creating tokens")?;
         let request = request.into_inner();
         validate_token_name(&request.name)?;
@@ -672,8 +673,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         caller.require(UserRole::Admin, "listing tokens")?;
         let mut tokens: Vec<TokenInfo> = self
             .state
@@ -692,8 +692,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        self.state.require_loaded_leader().await?;
-        let caller = self.state.auth.user(&request)?;
+        let caller = self.caller(&request).await?;
         caller.require(UserRole::Admin, "revoking tokens")?;
         let id = request.into_inner().id;
         let record = {
