@@ -6,5 +6,5 @@ pub mod checks;
 pub mod dataset;
 pub mod replay;
 
-pub use checks::{job_spec, records, ring_frame, sweep_spec};
+pub use checks::{credentials, job_spec, records, ring_frame, sweep_spec};
 pub use dataset::{dataset_csv, dataset_idx, dataset_npy, dataset_safetensors};
