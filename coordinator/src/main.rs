@@ -235,6 +235,8 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
     };
     if args.insecure {
         tracing::warn!("{}", ringleader_security::tls::INSECURE_WARNING);
+    } else if args.etcd.is_some() {
+        tracing::warn!("--etcd: your own etcd is reached without TLS; only the private etcd `ringleader local` starts runs with TLS");
     }
     eprintln!(
         "starting {} coordinator(s) and {} worker(s); logs in {}",
