@@ -69,6 +69,14 @@ pub fn server_builder(options: &RingOptions) -> Result<tonic::transport::Server>
         .map_err(|e| CollectiveError::Transport(e.to_string()))
 }
 
+/// Connections accepted on `listener`, with `TCP_NODELAY` set: tonic's
+/// `tcp_nodelay` applies only to listeners it binds itself, and without it
+/// the accepting side's small frames (window updates, answers) wait out the
+/// peer's delayed ACK (40 ms on Linux).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// HTTP/2 streams one connection may have open at once on a collective
 /// port. A ring uses one stream per connection; more are refused by HTTP/2
 /// itself (REFUSED_STREAM).

@@ -49,11 +49,22 @@ impl ClientConfig {
     /// directory; errors name `origin`, and the line for bad TOML). Also the
     /// fuzz target's entry point.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        // The position and the parser's message, never the source line: a
+        // misplaced token must not end up on a terminal or in a log.
         let mut config: ClientConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    format!(":{line}:{column}")
+                })
+                .unwrap_or_default();
             Error::InvalidArgument(format!(
-                "{}: {}",
+                "{}{at}: {}",
                 origin.display(),
-                e.to_string().trim_end()
+                e.message().trim_end()
             ))
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
@@ -185,11 +196,13 @@ mod tests {
     fn unknown_keys_are_errors_naming_the_file_and_line() {
         let temp = tempfile::tempdir().unwrap();
         let path = temp.path().join("client.toml");
-        std::fs::write(&path, "coordinators = []\ntoken = \"x\"\n").unwrap();
+        let token = "rlt_0123456789ab_".to_string() + &"f".repeat(64);
+        std::fs::write(&path, format!("coordinators = []\ntoken = \"{token}\"\n")).unwrap();
         let error = ClientConfig::load(&path).unwrap_err().to_string();
-        assert!(error.contains("client.toml"), "{error}");
-        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("client.toml:2:1"), "{error}");
         assert!(error.contains("unknown field `token`"), "{error}");
+        // The line itself is not quoted: a token put there stays private.
+        assert!(!error.contains("ffff"), "{error}");
     }
 
     #[test]
@@ -208,7 +221,6 @@ mod tests {
         let error = ClientConfig::parse("insecure = true\ninsecure = 1\n", origin)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("/etc/ringleader/client.toml: "), "{error}");
-        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("/etc/ringleader/client.toml:2:1: "), "{error}");
     }
 }

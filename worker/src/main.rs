@@ -19,7 +19,6 @@ use ringleader_worker::confine::Confinement;
 use ringleader_worker::device::{self, DeviceRequest};
 use ringleader_worker::trial::{TrialContext, Trials};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -230,7 +229,7 @@ async fn run(args: Args) -> Result<()> {
             .add_service(health_service)
             .add_service(ring::collective_server(collectives.clone()))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                ring::incoming(listener),
                 server_shutdown.cancelled_owned(),
             ),
     );

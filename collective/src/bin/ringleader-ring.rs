@@ -25,7 +25,6 @@ use ringleader_collective::{
 use ringleader_security::{Role, TlsDir};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Ring chunks are large, short-lived buffers: glibc serves them with fresh
 /// mmaps (page faults, zeroing) every time; mimalloc reuses them.
@@ -178,7 +177,7 @@ async fn main() -> Result<()> {
     let server = ring::server_builder(&options)?
         .add_service(ring::collective_server(service.clone()))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            ring::incoming(listener),
             stop_serving.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
