@@ -221,6 +221,9 @@ mod tests {
         let error = ClientConfig::parse("insecure = true\ninsecure = 1\n", origin)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("/etc/ringleader/client.toml:2:1: "), "{error}");
+        assert!(
+            error.contains("/etc/ringleader/client.toml:2:1: "),
+            "{error}"
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use ringleader_proto::coordinator::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use ringleader_security::{TlsDir, Token, Transport};
