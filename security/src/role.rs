@@ -61,20 +61,26 @@ impl Role {
             .collect()
     }
 
-    /// Checks that the caller of `request` presented a certificate of this
-    /// role. Only meaningful on a server that required client certificates
-    /// (see [`crate::tls::Transport::check_peer`], which also handles
-    /// `--insecure`).
-    pub fn check_caller<T>(self, request: &Request<T>) -> Result<(), Status> {
+    /// Roles the certificate the caller of `request` presented names;
+    /// UNAUTHENTICATED when it presented none.
+    pub fn of_caller<T>(request: &Request<T>) -> Result<Vec<Role>, Status> {
         let Some(chain) = request.peer_certs() else {
             return Err(Status::unauthenticated(
                 "no client certificate: this port takes mutual TLS only",
             ));
         };
-        let roles = chain
+        Ok(chain
             .first()
             .map(|leaf| Role::of_certificate(leaf.as_ref()))
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    /// Checks that the caller of `request` presented a certificate of this
+    /// role. Only meaningful on a server that required client certificates
+    /// (see [`crate::tls::Transport::check_peer`], which also handles
+    /// `--insecure`).
+    pub fn check_caller<T>(self, request: &Request<T>) -> Result<(), Status> {
+        let roles = Role::of_caller(request)?;
         if roles.contains(&self) {
             return Ok(());
         }
