@@ -206,6 +206,9 @@ pub struct LocalCluster {
     workers: Vec<Member>,
     /// `certs init` output, when secure.
     certs: Option<PathBuf>,
+    /// How the admin reaches the cluster (loaded once; the coordinators
+    /// are filled in per call, as they may change).
+    admin: Connection,
 }
 
 /// One coordinator or worker of a local cluster.
@@ -250,6 +253,7 @@ impl LocalCluster {
                 (Some(server), vec![url])
             }
         };
+        let admin = admin_connection(certs.as_deref())?;
         let mut cluster = Self {
             options,
             etcd,
@@ -259,6 +263,7 @@ impl LocalCluster {
             coordinators: Vec::new(),
             workers: Vec::new(),
             certs,
+            admin,
         };
         for _ in 0..cluster.options.coordinators {
             cluster.add_coordinator()?;
@@ -294,24 +299,12 @@ impl LocalCluster {
     }
 
     /// A connection to this cluster as its admin.
-    pub fn connection(&self, timeout: Duration) -> Result<Connection> {
-        let config = self.client_config();
-        let transport = match &config.tls_dir {
-            Some(dir) => Transport::Tls(Arc::new(
-                TlsDir::load_for(dir, Role::Client).map_err(security_error)?,
-            )),
-            None => Transport::Insecure,
-        };
-        let token = match &config.token_file {
-            Some(path) => Some(client_config::read_token_file(path)?),
-            None => None,
-        };
-        Ok(Connection {
-            coordinators: config.coordinators,
-            transport,
-            token,
+    pub fn connection(&self, timeout: Duration) -> Connection {
+        Connection {
+            coordinators: self.coordinator_addresses(),
             timeout,
-        })
+            ..self.admin.clone()
+        }
     }
 
     /// `--tls-dir` of a component, or `--insecure`.
@@ -502,7 +495,7 @@ impl LocalCluster {
 
     /// Cluster status from the current leader.
     pub async fn status(&self, timeout: Duration) -> Result<ClusterStatusResponse> {
-        let (_, mut leader) = client::find_leader(&self.connection(timeout)?).await?;
+        let (_, mut leader) = client::find_leader(&self.connection(timeout)).await?;
         let response =
             tokio::time::timeout(timeout, leader.cluster_status(ClusterStatusRequest {}))
                 .await
@@ -554,6 +547,29 @@ fn dead_member_error(process: &ManagedChild, status: std::process::ExitStatus) -
             process.log_tail(15)
         ),
     }
+}
+
+/// The admin's transport and token from `certs init`'s output (none:
+/// insecure); the coordinators are left for [`LocalCluster::connection`].
+fn admin_connection(certs: Option<&Path>) -> Result<Connection> {
+    let (transport, token) = match certs {
+        Some(certs) => (
+            Transport::Tls(Arc::new(
+                TlsDir::load_for(&certs.join(Role::Client.as_str()), Role::Client)
+                    .map_err(security_error)?,
+            )),
+            Some(client_config::read_token_file(
+                &certs.join(certs::ADMIN_TOKEN_FILE),
+            )?),
+        ),
+        None => (Transport::Insecure, None),
+    };
+    Ok(Connection {
+        coordinators: Vec::new(),
+        transport,
+        token,
+        timeout: Duration::from_secs(5),
+    })
 }
 
 fn security_error(error: ringleader_security::SecurityError) -> Error {
