@@ -5,24 +5,66 @@
 //! first (`PR_SET_PDEATHSIG`), so neither tests nor `ringleader local` leave
 //! orphans behind.
 
+use rand::Rng;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
+use std::ops::RangeInclusive;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
-/// A port that was free on 127.0.0.1 a moment ago.
+/// A port that was free on 127.0.0.1 a moment ago, for a child process to
+/// listen on.
+///
+/// Picked outside the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): a port the kernel hands out for
+/// `bind(0)` can, before the child binds it, become the local end of some
+/// outgoing connection (a worker dialling its coordinator took another
+/// worker's peer port this way in CI). Ports outside that range are never
+/// chosen by the kernel, and one process never hands out the same port twice.
 pub fn free_port() -> Result<u16> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Error::Process {
-            what: "finding a free loopback port".into(),
-            reason: e.to_string(),
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let candidates = ports_outside_ephemeral_range();
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::rng();
+    for _ in 0..256 {
+        let port = rng.random_range(candidates.clone());
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
+    Err(Error::Process {
+        what: "finding a free loopback port".into(),
+        reason: format!("256 random ports in {candidates:?} were all taken"),
+    })
+}
+
+/// The larger stretch of unprivileged ports that the kernel never picks for
+/// `bind(0)` or outgoing connections.
+fn ports_outside_ephemeral_range() -> RangeInclusive<u16> {
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
         })
+        .unwrap_or((32768, 60999));
+    let below = 1024..=low.saturating_sub(1);
+    let above = high.saturating_add(1)..=u16::MAX;
+    if below.len() >= above.len() {
+        below
+    } else {
+        above
+    }
 }
 
 /// `127.0.0.1:<free port>`.
@@ -175,5 +217,21 @@ pub fn sibling_binary(name: &str, env_override: &str) -> Result<PathBuf> {
                 candidate.display()
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_never_repeat() {
+        let range = ports_outside_ephemeral_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        assert!(ports.iter().all(|port| range.contains(port)), "{ports:?}");
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        // Each is still bindable: the check released it.
+        TcpListener::bind((Ipv4Addr::LOCALHOST, ports[0])).unwrap();
     }
 }
