@@ -911,3 +911,70 @@ fn must_train_with_nan(spec: &JobSpec, dir: &Path) -> Run {
     assert_eq!(bits(&runs[1].reports), bits(&runs[0].reports));
     runs.swap_remove(0)
 }
+
+/// Gradients sent as bf16 or f16 (PyTorch DDP's compression hooks): two
+/// workers stay in step (every rank reports the same bits), the loss falls,
+/// and they land near where f32 gradients take them. `ddp.rs`'s unit tests
+/// compare the two replicas' parameters bit for bit.
+#[test]
+fn compressed_gradients_train_two_workers_in_step_and_close_to_f32() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let job = |compression: &str| {
+        spec(json!({
+            "name": "compressed", "workers": 2, "epochs": 2, "batch_size": 32, "seed": 4,
+            "threads": 1, "gradient_compression": compression,
+            "dataset": {"format": "idx", "train": fashion("train"), "test": fashion("t10k"),
+                        "classes": 10, "limit_train": 2048, "limit_test": 1000,
+                        "normalize": {"kind": "fixed", "mean": 0.2860, "std": 0.3530}},
+            "model": {"kind": "cnn", "channels": [8, 16], "hidden": 32},
+            "optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9},
+        }))
+    };
+    let run = |compression: &str, world: usize| {
+        let dir = dir.path().join(format!("{compression}-{world}"));
+        // must_train: every rank reports the same metrics.
+        must_train(&job(compression), world, 0, 2, &dir, None)
+    };
+    let plain = run("none", 2);
+    let checkpoint = |run: &Run| run.outcome.checkpoint.clone().unwrap();
+    let metric = |run: &Run, epoch: usize, name: &str| run.reports[epoch].metrics[name];
+    for compression in ["bf16", "f16"] {
+        let compressed = run(compression, 2);
+        let diff = max_abs_diff(&checkpoint(&plain), &checkpoint(&compressed), "model.");
+        eprintln!(
+            "{compression}: train loss {:.4} → {:.4}, test accuracy {:.4} (f32: {:.4} → {:.4}, \
+             {:.4}); parameters differ from f32's by up to {diff:.2e}",
+            metric(&compressed, 0, "train_loss"),
+            metric(&compressed, 1, "train_loss"),
+            metric(&compressed, 1, "test_accuracy"),
+            metric(&plain, 0, "train_loss"),
+            metric(&plain, 1, "train_loss"),
+            metric(&plain, 1, "test_accuracy"),
+        );
+        assert!(
+            metric(&compressed, 1, "train_loss") < metric(&compressed, 0, "train_loss"),
+            "{compression}: the loss does not fall: {:?}",
+            compressed.reports
+        );
+        // Rounding errors compound over 128 steps, so parameters drift
+        // apart (by up to ~0.3 here): compare what training achieves.
+        assert!(diff > 0.0, "{compression}: nothing was rounded");
+        let loss = metric(&compressed, 1, "train_loss");
+        assert!(
+            (loss - metric(&plain, 1, "train_loss")).abs() <= 0.05 * loss,
+            "{compression}: train loss {loss}"
+        );
+        let accuracy = metric(&compressed, 1, "test_accuracy");
+        assert!(
+            (accuracy - metric(&plain, 1, "test_accuracy")).abs() <= 0.03,
+            "{compression}: test accuracy {accuracy}"
+        );
+    }
+    // One worker sends nothing, so there is nothing to compress.
+    let (alone, alone_bf16) = (run("none", 1), run("bf16", 1));
+    assert_eq!(
+        max_abs_diff(&checkpoint(&alone), &checkpoint(&alone_bf16), "model."),
+        0.0
+    );
+}

@@ -11,6 +11,19 @@
 //!
 //! Replicas start equal (rank 0's tensors are broadcast) and stay equal
 //! because every rank applies the same averaged gradient.
+//!
+//! With `gradient_compression = "bf16"` or `"f16"` (PyTorch DDP's
+//! `bf16_compress_hook` / `fp16_compress_hook`) a bucket is averaged
+//! through a 16-bit copy of itself:
+//!
+//! ```text
+//!   f32 bucket ──÷ world, round──▶ 16-bit copy ──ring sum──▶ 16-bit sum
+//!        ▲   (each hop adds in f32, rounds once)                  │
+//!        └──────────────────── widen (exact) ◀────────────────────┘
+//! ```
+//!
+//! The ring's all-gather hands every rank the same 16-bit bits, so the
+//! widened f32 average is bit-identical everywhere.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -29,7 +42,7 @@ use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
-use ringleader_spec::job::SplitSpec;
+use ringleader_spec::job::{GradientCompression, SplitSpec};
 use ringleader_spec::shard::{FileDeal, ShardPlan};
 
 /// Largest fused gradient buffer, as PyTorch DDP's `bucket_cap_mb`.
@@ -46,6 +59,9 @@ struct Buckets {
     /// Per group, the range of its members in `views` and of its buffers
     /// in `flats`.
     groups: Vec<(Range<usize>, Range<usize>)>,
+    /// Per flat buffer, the 16-bit buffer it travels in when gradients are
+    /// compressed (`None`: it travels as it is). Empty: no compression.
+    wire: Vec<Option<Tensor>>,
 }
 
 impl Buckets {
@@ -93,7 +109,40 @@ impl Buckets {
             flats,
             views,
             groups,
+            wire: Vec::new(),
         }
+    }
+
+    /// Makes every f32 buffer travel as `compression` says from now on.
+    /// Buffers of other kinds (f64, or already 16-bit) travel as they are.
+    fn compress(&mut self, compression: GradientCompression) -> Result<(), TrainError> {
+        let kind = match compression {
+            GradientCompression::None => {
+                self.wire.clear();
+                return Ok(());
+            }
+            GradientCompression::Bf16 => Kind::BFloat16,
+            GradientCompression::F16 => Kind::Half,
+        };
+        self.wire = self
+            .flats
+            .iter()
+            .map(|flat| {
+                (flat.kind() == Kind::Float)
+                    .then(|| Tensor::f_empty([flat.numel() as i64], (kind, flat.device())))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Buffer `index` and the 16-bit buffer it travels in, if any.
+    fn bucket(&self, index: usize) -> (Tensor, Option<Tensor>) {
+        let wire = self.wire.get(index).and_then(Option::as_ref);
+        (
+            self.flats[index].shallow_clone(),
+            wire.map(Tensor::shallow_clone),
+        )
     }
 
     /// Copies `tensors` in; an undefined tensor (a parameter that got no
@@ -226,8 +275,18 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(&spec.optimizer, &named_params);
         let params: Vec<Tensor> = named_params.into_iter().map(|(_, t)| t).collect();
         let buffers: Vec<Tensor> = model.buffers().into_iter().map(|(_, t)| t).collect();
+        let mut grads = Buckets::grouped(&params, &model.stage_sizes(), BUCKET_BYTES);
+        // One rank sends nothing: nothing to compress.
+        if segment.world > 1 && spec.gradient_compression != GradientCompression::None {
+            tracing::info!(
+                rank = segment.rank,
+                compression = ?spec.gradient_compression,
+                "gradients travel in 16 bits"
+            );
+            grads.compress(spec.gradient_compression)?;
+        }
         let mut trainer = Self {
-            grads: Buckets::grouped(&params, &model.stage_sizes(), BUCKET_BYTES),
+            grads,
             buffer_buckets: Buckets::new(&buffers, BUCKET_BYTES),
             steps_per_epoch: share.per_rank.div_ceil(u64::from(spec.batch_size.max(1))),
             share,
@@ -522,10 +581,10 @@ fn backward_and_average(
     outputs: &[Tensor],
 ) -> Result<(), TrainError> {
     std::thread::scope(|scope| {
-        let (ready, queue) = mpsc::channel::<Tensor>();
+        let (ready, queue) = mpsc::channel::<(Tensor, Option<Tensor>)>();
         let communication = scope.spawn(move || -> Result<(), TrainError> {
-            for mut flat in queue {
-                runtime.block_on(collective::all_reduce(ring, &mut flat, ReduceOp::Avg))?;
+            for (mut flat, wire) in queue {
+                average(ring, runtime, &mut flat, wire)?;
             }
             Ok(())
         });
@@ -533,8 +592,8 @@ fn backward_and_average(
         // is the one to report.
         let differentiated = backward_by_stage(grads, params, loss, outputs, |flats| {
             flats
-                .iter()
-                .all(|flat| ready.send(flat.shallow_clone()).is_ok())
+                .into_iter()
+                .all(|i| ready.send(grads.bucket(i)).is_ok())
         });
         drop(ready);
         let communicated = communication
@@ -544,15 +603,41 @@ fn backward_and_average(
     })
 }
 
+/// Averages one gradient buffer over the ring, in place: as it is, or,
+/// when it has a 16-bit `wire` buffer, through that (see the module's
+/// comment). As DDP's compression hooks do, each rank divides by the world
+/// before rounding, so that a sum cannot overflow f16 where the average
+/// would not.
+fn average(
+    ring: &mut Ring,
+    runtime: &Handle,
+    flat: &mut Tensor,
+    wire: Option<Tensor>,
+) -> Result<(), TrainError> {
+    let Some(mut wire) = wire else {
+        runtime.block_on(collective::all_reduce(ring, flat, ReduceOp::Avg))?;
+        return Ok(());
+    };
+    let world = Tensor::from(ring.world() as f32).f_to_device(flat.device())?;
+    tch::no_grad(|| -> Result<(), TrainError> {
+        // Divided in f32 and rounded to 16 bits in one pass.
+        let _ = flat.f_div_out(&wire, &world)?;
+        runtime.block_on(collective::all_reduce(ring, &mut wire, ReduceOp::Sum))?;
+        flat.f_copy_(&wire)?;
+        Ok(())
+    })
+}
+
 /// Back-propagates `loss` one stage at a time, from the last, into `grads`
-/// (grouped by stage, as `params`), calling `stage_done` with a stage's
-/// buffers once they hold its gradients; it returns whether to go on.
+/// (grouped by stage, as `params`), calling `stage_done` with the indices
+/// of a stage's buffers once they hold its gradients; it returns whether
+/// to go on.
 fn backward_by_stage(
     grads: &Buckets,
     params: &[Tensor],
     loss: &Tensor,
     outputs: &[Tensor],
-    mut stage_done: impl FnMut(&[Tensor]) -> bool,
+    mut stage_done: impl FnMut(Range<usize>) -> bool,
 ) -> Result<(), TrainError> {
     let mut upstream: Option<Tensor> = None;
     for (stage, (members, flats)) in grads.groups.iter().enumerate().rev() {
@@ -570,7 +655,7 @@ fn backward_by_stage(
         let mut gradients = Tensor::f_run_backward(&[&objective], &inputs, false, false)?;
         upstream = below.and_then(|_| gradients.pop());
         Buckets::fill_views(&grads.views[members.clone()], &gradients)?;
-        if !stage_done(&grads.flats[flats.clone()]) {
+        if !stage_done(flats.clone()) {
             break;
         }
     }
@@ -698,6 +783,282 @@ mod tests {
         let apart = Buckets::grouped(&tensors[..2], &[1, 1], BUCKET_BYTES);
         assert_eq!(apart.flats.len(), 2, "no buffer spans two groups");
         assert_eq!(apart.groups, [(0..1, 0..1), (1..2, 1..2)]);
+    }
+
+    /// A runtime and the rings of `world` ranks over loopback.
+    fn must_connect_ring(world: usize) -> (tokio::runtime::Runtime, Vec<Ring>) {
+        use ringleader_collective::{ring, CollectiveService, RingOptions, RingPlan, RingSecret};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let rings = runtime.block_on(async {
+            let options = RingOptions {
+                timeout: std::time::Duration::from_secs(10),
+                ..Default::default()
+            };
+            let mut services = Vec::new();
+            let mut peers = Vec::new();
+            for _ in 0..world {
+                let service = CollectiveService::new(options.timeout);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                peers.push(listener.local_addr().unwrap().to_string());
+                tokio::spawn(
+                    ring::server_builder(&options)
+                        .unwrap()
+                        .add_service(ring::collective_server(service.clone()))
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                            listener,
+                        )),
+                );
+                services.push(service);
+            }
+            let secret = RingSecret::generate();
+            let connects = services.iter().enumerate().map(|(rank, service)| {
+                let plan = RingPlan {
+                    generation: 1,
+                    rank,
+                    peers: peers.clone(),
+                    secret: secret.clone(),
+                };
+                Ring::connect(service, plan, options.clone())
+            });
+            futures::future::try_join_all(connects).await.unwrap()
+        });
+        (runtime, rings)
+    }
+
+    /// Runs `f(rank, ring, runtime)` on one thread per rank.
+    fn on_every_rank<R: Send>(
+        rings: &mut [Ring],
+        runtime: &tokio::runtime::Runtime,
+        f: impl Fn(usize, &mut Ring, &Handle) -> R + Sync,
+    ) -> Vec<R> {
+        std::thread::scope(|scope| {
+            let ranks: Vec<_> = rings
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    let (f, handle) = (&f, runtime.handle().clone());
+                    scope.spawn(move || f(rank, ring, &handle))
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        })
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let values = Vec::<f32>::try_from(t.reshape([-1])).unwrap();
+        values.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// Each rank's bucket of `inputs[rank]`, averaged with `compression`.
+    fn averaged(
+        rings: &mut [Ring],
+        runtime: &tokio::runtime::Runtime,
+        inputs: &[Vec<f32>],
+        compression: GradientCompression,
+    ) -> Vec<Tensor> {
+        on_every_rank(rings, runtime, |rank, ring, runtime| {
+            let input = [Tensor::from_slice(&inputs[rank])];
+            let mut buckets = Buckets::new(&input, BUCKET_BYTES);
+            buckets.compress(compression).unwrap();
+            buckets.fill(&input).unwrap();
+            let (mut flat, wire) = buckets.bucket(0);
+            average(ring, runtime, &mut flat, wire).unwrap();
+            flat
+        })
+    }
+
+    #[test]
+    fn compressed_gradients_round_to_16_bits_once_per_hop_and_agree_bit_for_bit() {
+        let (runtime, mut rings) = must_connect_ring(2);
+        let n = 4096;
+        let values = |seed: f64| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    ((i as f64 * 0.618 + seed).sin() * 10f64.powf((i % 7) as f64 - 4.0)) as f32
+                })
+                .collect()
+        };
+        let inputs = [values(0.1), values(2.3)];
+        let (a, b) = (
+            Tensor::from_slice(&inputs[0]),
+            Tensor::from_slice(&inputs[1]),
+        );
+        let exact = (&a + &b) / 2.0;
+        let plain = averaged(&mut rings, &runtime, &inputs, GradientCompression::None);
+        assert_eq!(
+            bits(&plain[0]),
+            bits(&exact),
+            "uncompressed is f32's average"
+        );
+        for (compression, kind, precision) in [
+            (GradientCompression::Bf16, Kind::BFloat16, 2f64.powi(-8)),
+            (GradientCompression::F16, Kind::Half, 2f64.powi(-11)),
+        ] {
+            let out = averaged(&mut rings, &runtime, &inputs, compression);
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{compression:?}: ranks agree");
+            // Each rank rounds its half; the hop adds in f32 and rounds once.
+            let round = |t: &Tensor| t.to_kind(kind).to_kind(Kind::Float);
+            let expected = round(&(round(&(&a / 2.0)) + round(&(&b / 2.0))));
+            assert_eq!(bits(&out[0]), bits(&expected), "{compression:?}");
+            assert_ne!(bits(&out[0]), bits(&exact), "{compression:?} rounds");
+            // Three roundings (both halves, then their sum), each off by at
+            // most `precision` relative (half an ulp), or by half of f16's
+            // smallest subnormal, 2^-25, below its normal range.
+            let bound = (a.abs() / 2.0 + b.abs() / 2.0 + exact.abs()) * (precision * 1.001)
+                + 3.0 * 2f64.powi(-25);
+            let excess = (&out[0] - &exact).abs() - bound;
+            assert!(
+                excess.max().double_value(&[]) <= 0.0,
+                "{compression:?}: off by more than three roundings"
+            );
+        }
+        // Dividing before rounding keeps an f16 average that f16 holds
+        // finite even when the sum would overflow (65504 is f16's largest).
+        let big = [
+            vec![60000f32, -60000.0, 0.5],
+            vec![60000f32, -60000.0, 0.25],
+        ];
+        let out = averaged(&mut rings, &runtime, &big, GradientCompression::F16);
+        assert_eq!(
+            Vec::<f32>::try_from(&out[1]).unwrap(),
+            [60000.0, -60000.0, 0.375]
+        );
+    }
+
+    #[test]
+    fn only_f32_buckets_are_compressed() {
+        let tensors = [
+            Tensor::from_slice(&[1.0f32, 2.0]),
+            Tensor::from_slice(&[3.0f64]),
+        ];
+        let mut buckets = Buckets::new(&tensors, BUCKET_BYTES);
+        assert!(buckets.wire.is_empty());
+        buckets.compress(GradientCompression::Bf16).unwrap();
+        let kinds: Vec<Option<Kind>> = (0..2)
+            .map(|i| buckets.bucket(i).1.map(|w| w.kind()))
+            .collect();
+        assert_eq!(kinds, [Some(Kind::BFloat16), None]);
+        assert_eq!(buckets.bucket(0).1.unwrap().numel(), 2);
+        buckets.compress(GradientCompression::None).unwrap();
+        assert!(buckets.bucket(0).1.is_none());
+    }
+
+    /// Two ranks train a small MLP (and a CNN, whose batch-norm buffers
+    /// are averaged too) for two epochs with `compression`; returns each
+    /// rank's parameter and buffer bits and the two epochs' train losses.
+    fn train_two_ranks(
+        dir: &std::path::Path,
+        model: ringleader_spec::job::ModelSpec,
+        compression: GradientCompression,
+    ) -> Vec<(Vec<Vec<u32>>, [f64; 2])> {
+        use ringleader_spec::JobSpec;
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "compressed", "workers": 2, "epochs": 2, "batch_size": 8, "seed": 7,
+            "dataset": {"format": "npy", "classes": 3,
+                        "train": {"features": dir.join("x.npy"), "labels": dir.join("y.npy")}},
+            "model": model,
+            "optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9},
+            "gradient_compression": compression,
+        }))
+        .unwrap();
+        let confinement = crate::confine::Confinement::new([dir], [dir]).unwrap();
+        let (runtime, mut rings) = must_connect_ring(2);
+        on_every_rank(&mut rings, &runtime, |rank, ring, runtime| {
+            let segment = Segment {
+                spec: spec.clone(),
+                rank,
+                world: 2,
+                start_epoch: 0,
+                stop_epoch: 2,
+                checkpoint_dir: dir.join("checkpoints"),
+                device: Device::Cpu,
+                confinement: confinement.clone(),
+            };
+            let mut trainer = Trainer::new(&segment, ring, runtime).unwrap();
+            let losses = [1, 2].map(|epoch| trainer.epoch(epoch).unwrap()["train_loss"]);
+            let tensors = trainer.params.iter().chain(&trainer.buffers);
+            let tensor_bits = tensors
+                .filter(|t| t.kind() == Kind::Float)
+                .map(bits)
+                .collect();
+            (tensor_bits, losses)
+        })
+    }
+
+    /// 256 examples of 1×12×12 images whose class is the brightest third.
+    fn write_npy_dataset(dir: &std::path::Path) {
+        let npy = |descr: &str, shape: &str, data: &[u8]| {
+            let mut header =
+                format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
+            while (10 + header.len() + 1) % 64 != 0 {
+                header.push(' ');
+            }
+            header.push('\n');
+            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+            bytes.extend((header.len() as u16).to_le_bytes());
+            bytes.extend(header.as_bytes());
+            bytes.extend(data);
+            bytes
+        };
+        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..256 {
+            let mut sums = [0f32; 3];
+            for pixel in 0..144 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let x = (state >> 40) as f32 / (1u64 << 24) as f32;
+                sums[pixel * 3 / 144] += x;
+                features.extend(x.to_le_bytes());
+            }
+            let label = (0..3).max_by(|&i, &j| sums[i].total_cmp(&sums[j])).unwrap();
+            labels.push(label as u8);
+        }
+        std::fs::write(dir.join("x.npy"), npy("<f4", "256, 1, 12, 12", &features)).unwrap();
+        std::fs::write(dir.join("y.npy"), npy("|u1", "256,", &labels)).unwrap();
+    }
+
+    #[test]
+    fn ranks_that_train_on_compressed_gradients_stay_bit_identical() {
+        use ringleader_spec::job::ModelSpec;
+        let dir = tempfile::tempdir().unwrap();
+        write_npy_dataset(dir.path());
+        let models = [
+            ModelSpec::Mlp {
+                hidden: vec![32],
+                dropout: 0.0,
+            },
+            ModelSpec::Cnn {
+                channels: [4, 8],
+                hidden: 16,
+                kernel: 3,
+                dropout: 0.0,
+            },
+        ];
+        for model in models {
+            let plain = train_two_ranks(dir.path(), model.clone(), GradientCompression::None);
+            assert_eq!(plain[0], plain[1], "{model:?}: f32 replicas equal");
+            for compression in [GradientCompression::Bf16, GradientCompression::F16] {
+                let runs = train_two_ranks(dir.path(), model.clone(), compression);
+                let what = format!("{model:?} with {compression:?}");
+                assert_eq!(runs[0].0, runs[1].0, "{what}: replicas differ");
+                assert_eq!(runs[0].1, runs[1].1, "{what}: ranks disagree on losses");
+                assert_ne!(runs[0].0, plain[0].0, "{what}: nothing was rounded");
+                let [first, second] = runs[0].1;
+                assert!(second < first, "{what}: loss {first} → {second}");
+                let [plain_first, plain_second] = plain[0].1;
+                assert!(
+                    (second - plain_second).abs() < 0.05 * plain_second,
+                    "{what}: loss {second}, uncompressed {plain_second} (first epoch \
+                     {first} vs {plain_first})"
+                );
+            }
+        }
     }
 
     #[test]
