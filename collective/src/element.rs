@@ -77,6 +77,48 @@ pub fn copy_into<T: Element>(local: &mut [T], received: &[u8]) {
     bytemuck::cast_slice_mut::<T, u8>(local).copy_from_slice(received);
 }
 
+/// [`reduce_into`] from a payload in parts (the DATA frames it arrived
+/// in), which may cut an element in two: that one element is put together
+/// in a small local buffer, everything else is read where it lies.
+pub fn reduce_parts<T: Element>(local: &mut [T], parts: &[bytes::Bytes], op: ReduceOp) {
+    let size = std::mem::size_of::<T>();
+    let mut at = 0; // elements of `local` done
+    let mut straddling = [0u8; 16];
+    let mut pending = 0; // bytes of a cut element gathered so far
+    for part in parts {
+        let mut bytes = &part[..];
+        if pending > 0 {
+            let take = (size - pending).min(bytes.len());
+            straddling[pending..pending + take].copy_from_slice(&bytes[..take]);
+            pending += take;
+            bytes = &bytes[take..];
+            if pending < size {
+                continue;
+            }
+            reduce_into(&mut local[at..at + 1], &straddling[..size], op);
+            at += 1;
+        }
+        let whole = bytes.len() / size;
+        reduce_into(&mut local[at..at + whole], &bytes[..whole * size], op);
+        at += whole;
+        let rest = &bytes[whole * size..];
+        straddling[..rest.len()].copy_from_slice(rest);
+        pending = rest.len();
+    }
+    debug_assert_eq!((at, pending), (local.len(), 0));
+}
+
+/// [`copy_into`] from a payload in parts.
+pub fn copy_parts<T: Element>(local: &mut [T], parts: &[bytes::Bytes]) {
+    let mut out = bytemuck::cast_slice_mut::<T, u8>(local);
+    for part in parts {
+        let (head, tail) = out.split_at_mut(part.len());
+        head.copy_from_slice(part);
+        out = tail;
+    }
+    debug_assert!(out.is_empty());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +149,29 @@ mod tests {
         let mut f = [0.0f32; 2];
         reduce_into(&mut f, &raw[1..], ReduceOp::Sum);
         assert_eq!(f, [1.5, 2.5]);
+    }
+
+    #[test]
+    fn payloads_cut_anywhere_reduce_and_copy_like_whole_ones() {
+        let local: Vec<f64> = (0..37).map(|i| i as f64 * 0.5).collect();
+        let incoming: Vec<f64> = (0..37).map(|i| 100.0 - i as f64).collect();
+        let bytes = bytes::Bytes::copy_from_slice(bytemuck::cast_slice(&incoming));
+        let mut whole = local.clone();
+        reduce_into(&mut whole, &bytes, ReduceOp::Sum);
+        for cuts in [vec![1], vec![3, 5, 100], vec![7, 8, 9, 10, 200], vec![295]] {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            for cut in cuts.iter().copied().chain([bytes.len()]) {
+                let end = cut.min(bytes.len()).max(start);
+                parts.push(bytes.slice(start..end));
+                start = end;
+            }
+            let mut reduced = local.clone();
+            reduce_parts(&mut reduced, &parts, ReduceOp::Sum);
+            assert_eq!(reduced, whole, "cuts {cuts:?}");
+            let mut copied = local.clone();
+            copy_parts(&mut copied, &parts);
+            assert_eq!(copied, incoming, "cuts {cuts:?}");
+        }
     }
 }

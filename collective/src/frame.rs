@@ -13,16 +13,15 @@
 
 use std::ops::Range;
 
-use prost::Message;
-use ringleader_proto::collective::{DType, OpKind, ReduceOp, RingFrame};
+use ringleader_proto::collective::{DType, OpKind, ReduceOp};
 
 use crate::error::CollectiveError;
 use crate::plan::{all_gather_step, reduce_scatter_step, ring_sub, segment};
+use crate::wire::{decode_message, FrameHead, InFrame, GRPC_PREFIX_BYTES};
 
-/// Encoded size of a [`RingFrame`] without its payload, with margin: nine
-/// scalar fields of at most 11 bytes each plus the payload's tag and length
-/// prefix come to under 120 bytes.
-pub const FRAME_OVERHEAD_BYTES: usize = 128;
+/// Encoded size of a `RingFrame` without its payload, with margin (see
+/// [`crate::wire::MAX_HEAD_BYTES`]).
+pub const FRAME_OVERHEAD_BYTES: usize = crate::wire::MAX_HEAD_BYTES;
 
 /// The shape of one operation, stamped on each of its frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,9 +36,9 @@ pub struct OpHeader {
 }
 
 impl OpHeader {
-    /// A frame of this operation at (`step`, `chunk`) carrying `payload`.
-    pub fn frame(&self, step: usize, chunk: usize, payload: bytes::Bytes) -> RingFrame {
-        RingFrame {
+    /// The head of this operation's frame at (`step`, `chunk`).
+    pub fn head(&self, step: usize, chunk: usize) -> FrameHead {
+        FrameHead {
             generation: self.generation,
             sequence: self.sequence,
             step: step as u32,
@@ -49,7 +48,6 @@ impl OpHeader {
             reduce: self.reduce as i32,
             elements: self.elements,
             root: self.root,
-            payload,
         }
     }
 }
@@ -208,13 +206,14 @@ impl FrameCheck {
             })
     }
 
-    /// Checks `frame` against this operation. `at` is the (step, chunk) the
-    /// receiver is waiting for, or `None` to accept any position the
-    /// schedule has. On success returns the element range the payload
-    /// fills (empty for an all-gather).
+    /// Checks `frame` (a head and its payload's length) against this
+    /// operation. `at` is the (step, chunk) the receiver is waiting for, or
+    /// `None` to accept any position the schedule has. On success returns
+    /// the element range the payload fills (empty for an all-gather).
     pub fn validate(
         &self,
-        frame: &RingFrame,
+        frame: &FrameHead,
+        payload_len: usize,
         at: Option<(usize, usize)>,
     ) -> Result<Range<usize>, CollectiveError> {
         let expected = &self.header;
@@ -284,7 +283,7 @@ impl FrameCheck {
                 ));
             }
         }
-        let got = frame.payload.len();
+        let got = payload_len;
         if expected.kind == OpKind::AllGather {
             if got > self.max_gather_bytes {
                 return Err(self.bad(format!(
@@ -318,28 +317,33 @@ impl FrameCheck {
     }
 }
 
-/// Decodes `bytes` as a [`RingFrame`] and validates it against `check`,
-/// accepting any (step, chunk) position the schedule has. Input longer than
-/// the largest frame of the operation is refused before decoding.
+/// Decodes `bytes`, one protobuf-encoded `RingFrame`, with the ring's own
+/// decoder ([`crate::wire::FrameDecoder`]) and validates it against
+/// `check`, accepting any (step, chunk) position the schedule has. Input
+/// longer than the largest frame of the operation is refused before
+/// decoding.
 pub fn validate_frame_bytes_against(
     bytes: &[u8],
     check: &FrameCheck,
-) -> Result<RingFrame, CollectiveError> {
+) -> Result<InFrame, CollectiveError> {
+    let bad = |reason: String| CollectiveError::BadFrame {
+        rank: check.predecessor(),
+        reason,
+    };
     let limit = check.max_frame_bytes();
     if bytes.len() > limit {
-        return Err(CollectiveError::BadFrame {
-            rank: check.predecessor(),
-            reason: format!(
-                "{} bytes is over the frame limit of {limit} bytes",
-                bytes.len()
-            ),
-        });
+        return Err(bad(format!(
+            "{} bytes is over the frame limit of {limit} bytes",
+            bytes.len()
+        )));
     }
-    let frame = RingFrame::decode(bytes).map_err(|e| CollectiveError::BadFrame {
-        rank: check.predecessor(),
-        reason: format!("undecodable frame: {e}"),
-    })?;
-    check.validate(&frame, None)?;
+    let mut message = Vec::with_capacity(GRPC_PREFIX_BYTES + bytes.len());
+    message.push(0);
+    message.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    message.extend_from_slice(bytes);
+    let frame =
+        decode_message(&message, limit).map_err(|e| bad(format!("undecodable frame: {e}")))?;
+    check.validate(&frame.head, frame.payload.len(), None)?;
     Ok(frame)
 }
 
@@ -373,12 +377,41 @@ pub fn validate_frame_bytes(bytes: &[u8]) -> Result<(), CollectiveError> {
 mod tests {
     use super::*;
     use crate::plan::chunks;
-    use bytes::Bytes;
+    use prost::Message;
+    use ringleader_proto::collective::RingFrame;
 
-    fn frame_at(check: &FrameCheck, step: usize, chunk: usize, payload: usize) -> RingFrame {
-        check
-            .header
-            .frame(step, chunk, Bytes::from(vec![0u8; payload]))
+    /// A frame at (`step`, `chunk`) with `payload` bytes.
+    struct At(FrameHead, usize);
+
+    fn frame_at(check: &FrameCheck, step: usize, chunk: usize, payload: usize) -> At {
+        At(check.header.head(step, chunk), payload)
+    }
+
+    impl FrameCheck {
+        fn check(
+            &self,
+            frame: &At,
+            at: Option<(usize, usize)>,
+        ) -> Result<Range<usize>, CollectiveError> {
+            self.validate(&frame.0, frame.1, at)
+        }
+    }
+
+    fn encode(frame: &At) -> Vec<u8> {
+        let h = frame.0;
+        RingFrame {
+            generation: h.generation,
+            sequence: h.sequence,
+            step: h.step,
+            chunk: h.chunk,
+            kind: h.kind,
+            dtype: h.dtype,
+            reduce: h.reduce,
+            elements: h.elements,
+            root: h.root,
+            payload: vec![0u8; frame.1].into(),
+        }
+        .encode_to_vec()
     }
 
     #[test]
@@ -404,17 +437,17 @@ mod tests {
                     Ok((range, 4)) => {
                         seen += 1;
                         let frame = frame_at(&check, step, chunk, range.len() * 4);
-                        assert_eq!(check.validate(&frame, Some((step, chunk))).unwrap(), range);
-                        let bytes = frame.encode_to_vec();
+                        assert_eq!(check.check(&frame, Some((step, chunk))).unwrap(), range);
+                        let bytes = encode(&frame);
                         validate_frame_bytes(&bytes).unwrap();
                         // One element short or long is refused.
                         let short = frame_at(&check, step, chunk, range.len() * 4 - 1);
                         assert!(matches!(
-                            check.validate(&short, None),
+                            check.check(&short, None),
                             Err(CollectiveError::BadFrame { rank: 0, .. })
                         ));
                         let long = frame_at(&check, step, chunk, range.len() * 4 + 4);
-                        assert!(check.validate(&long, None).is_err());
+                        assert!(check.check(&long, None).is_err());
                     }
                     Ok(other) => panic!("unexpected {other:?}"),
                     Err(e) => assert!(chunk >= 3, "{e}"),
@@ -429,29 +462,29 @@ mod tests {
     fn out_of_range_positions_and_wrong_shapes_are_clear_errors() {
         let check = FUZZ_CHECK;
         let err = check
-            .validate(&frame_at(&check, 6, 0, 4096), None)
+            .check(&frame_at(&check, 6, 0, 4096), None)
             .unwrap_err();
         assert!(err.to_string().contains("step 6 is outside"), "{err}");
         let err = check
-            .validate(&frame_at(&check, 0, 9, 4096), None)
+            .check(&frame_at(&check, 0, 9, 4096), None)
             .unwrap_err();
         assert!(err.to_string().contains("chunk 9 of step 0"), "{err}");
         let err = check
-            .validate(&frame_at(&check, 0, 1, 4096), Some((0, 0)))
+            .check(&frame_at(&check, 0, 1, 4096), Some((0, 0)))
             .unwrap_err();
         assert!(err.to_string().contains("step/chunk"), "{err}");
         let mut frame = frame_at(&check, 0, 0, 4096);
-        frame.elements = u64::MAX;
-        let err = check.validate(&frame, None).unwrap_err();
+        frame.0.elements = u64::MAX;
+        let err = check.check(&frame, None).unwrap_err();
         assert!(err.to_string().contains("length (elements)"), "{err}");
-        frame.elements = check.header.elements;
-        frame.dtype = 99;
-        let err = check.validate(&frame, None).unwrap_err();
+        frame.0.elements = check.header.elements;
+        frame.0.dtype = 99;
+        let err = check.check(&frame, None).unwrap_err();
         assert!(err.to_string().contains("disagrees on dtype"), "{err}");
-        frame.dtype = DType::F32 as i32;
-        frame.generation = 6;
+        frame.0.dtype = DType::F32 as i32;
+        frame.0.generation = 6;
         assert!(matches!(
-            check.validate(&frame, None),
+            check.check(&frame, None),
             Err(CollectiveError::StaleGeneration { got: 6, current: 7 })
         ));
     }
@@ -512,14 +545,14 @@ mod tests {
             max_gather_bytes: 16,
             ..FUZZ_CHECK
         };
-        assert!(gather.validate(&frame_at(&gather, 2, 0, 16), None).is_ok());
-        assert!(gather.validate(&frame_at(&gather, 2, 1, 0), None).is_err());
-        assert!(gather.validate(&frame_at(&gather, 0, 0, 17), None).is_err());
+        assert!(gather.check(&frame_at(&gather, 2, 0, 16), None).is_ok());
+        assert!(gather.check(&frame_at(&gather, 2, 1, 0), None).is_err());
+        assert!(gather.check(&frame_at(&gather, 0, 0, 17), None).is_err());
         let single = FrameCheck {
             world: 1,
             rank: 0,
             ..FUZZ_CHECK
         };
-        assert!(single.validate(&frame_at(&single, 0, 0, 0), None).is_err());
+        assert!(single.check(&frame_at(&single, 0, 0, 0), None).is_err());
     }
 }

@@ -45,14 +45,18 @@
 //! [`Transport::Insecure`]: ringleader_security::Transport::Insecure
 
 pub mod auth;
+pub mod buffer;
 pub mod element;
 pub mod error;
 pub mod frame;
+pub mod link;
 pub mod plan;
 pub mod ring;
 pub mod service;
+pub mod wire;
 
 pub use auth::RingSecret;
+pub use buffer::RingBuffer;
 pub use element::Element;
 pub use error::{CollectiveError, Result};
 pub use frame::{validate_frame_bytes, validate_frame_bytes_against, FrameCheck, OpHeader};
@@ -60,3 +64,4 @@ pub use ring::{Ring, RingOptions, RingPlan};
 pub use ringleader_proto::collective::ReduceOp;
 pub use ringleader_security::Transport;
 pub use service::{CollectiveService, InboundLink, ServiceLimits};
+pub use wire::{FrameHead, Payload};

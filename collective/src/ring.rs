@@ -30,27 +30,26 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringleader_proto::collective::collective_client::CollectiveClient;
-use ringleader_proto::collective::collective_server::CollectiveServer;
-use ringleader_proto::collective::{DType, OpKind, ReduceOp, RingFrame};
+use ringleader_proto::collective::{DType, OpKind, ReduceOp};
 use ringleader_security::{Role, Transport};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::auth::{RingSecret, RING_PROOF_METADATA_KEY};
-use crate::element::{copy_into, reduce_into, Element};
+use crate::buffer::{RingBuffer, StillInFlight, Target};
+use crate::element::{copy_parts, reduce_parts, Element};
 use crate::error::{CollectiveError, Result};
 use crate::frame::{chunk_elements, FrameCheck, OpHeader};
+use crate::link::{open_stream, Inbound, Links};
 use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
-use crate::service::{CollectiveService, Inbound, InboundLink};
+use crate::service::{CollectiveService, InboundLink};
+use crate::wire::{HeadWriter, InFrame, OutFrame};
 
 /// A tonic server tuned for ring traffic (windows, frame size), bounded
 /// against strangers (stream window, streams per connection, header size)
 /// and serving `options.transport` (with TLS: our worker certificate, and
 /// client certificates from our CA required), to which the caller adds
-/// [`collective_server`] and any other services.
+/// the [`CollectiveService`] and any other services.
 ///
 /// The stream window is what one stream can make this process buffer
 /// before anything reads it, so a stream still waiting for its ring holds
@@ -85,17 +84,6 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Largest header block (gRPC metadata) accepted on a collective port; a
 /// ring stream's is well under 1 KiB.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
-
-/// The `Collective` gRPC service with message limits that fit a chunk of
-/// the rings its service was built for ([`ServiceLimits::max_message_bytes`]).
-///
-/// [`ServiceLimits::max_message_bytes`]: crate::service::ServiceLimits::max_message_bytes
-pub fn collective_server(service: CollectiveService) -> CollectiveServer<CollectiveService> {
-    let limit = service.limits().max_message_bytes;
-    CollectiveServer::new(service)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
-}
 
 /// Who is in the ring, as the coordinator hands it out.
 #[derive(Clone, Debug)]
@@ -224,12 +212,6 @@ impl<'a> Place<'a> {
     }
 }
 
-struct Links {
-    outbound: mpsc::Sender<RingFrame>,
-    inbound: Inbound,
-    call: JoinHandle<std::result::Result<(), tonic::Status>>,
-}
-
 /// One rank's handle on a ring generation.
 pub struct Ring {
     generation: u64,
@@ -240,6 +222,7 @@ pub struct Ring {
     /// `None` for a world of one, or once the ring has failed.
     links: Option<Links>,
     failed: bool,
+    heads: HeadWriter,
 }
 
 impl Ring {
@@ -265,6 +248,7 @@ impl Ring {
             options,
             links: None,
             failed: false,
+            heads: HeadWriter::default(),
         };
         if world == 1 {
             return Ok(ring);
@@ -281,9 +265,7 @@ impl Ring {
             ring.options.queue_depth,
         )?;
         let channel = dial(&plan.peers[successor], successor, &ring.options).await?;
-        let (outbound, frames) = mpsc::channel(ring.options.queue_depth);
-        let mut request = tonic::Request::new(ReceiverStream::new(frames));
-        let metadata = request.metadata_mut();
+        let mut metadata = tonic::metadata::MetadataMap::new();
         metadata.insert(
             ringleader_proto::GENERATION_METADATA_KEY,
             plan.generation.into(),
@@ -299,10 +281,7 @@ impl Ring {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("a proof is hex digits")),
         );
-        let mut client = CollectiveClient::new(channel)
-            .max_decoding_message_size(ring.options.max_message_bytes())
-            .max_encoding_message_size(ring.options.max_message_bytes());
-        let mut call = tokio::spawn(async move { client.ring(request).await.map(|_| ()) });
+        let (outbound, mut call) = open_stream(channel, metadata, ring.options.queue_depth);
         // Every rank opened its outgoing stream before waiting here, so once
         // our predecessor's stream is in, every link of the ring exists and a
         // rank that dies later is noticed as a broken stream, not silence.
@@ -342,9 +321,31 @@ impl Ring {
         ring.links = Some(Links {
             outbound,
             inbound,
-            call,
+            carrier: call,
         });
         Ok(ring)
+    }
+
+    /// A ring of `world` ranks in this process over in-memory links (see
+    /// [`crate::link::memory_ring`]) whose bytes are cut every `cut` bytes:
+    /// the algorithms exactly as over the network, without a network.
+    pub fn in_memory(generation: u64, world: usize, cut: usize, options: RingOptions) -> Vec<Ring> {
+        let links =
+            crate::link::memory_ring(world, options.queue_depth, cut, options.max_message_bytes());
+        links
+            .into_iter()
+            .enumerate()
+            .map(|(rank, links)| Ring {
+                generation,
+                rank,
+                world,
+                sequence: 0,
+                options: options.clone(),
+                links: (world > 1).then_some(links),
+                failed: false,
+                heads: HeadWriter::default(),
+            })
+            .collect()
     }
 
     pub fn rank(&self) -> usize {
@@ -359,15 +360,42 @@ impl Ring {
         self.generation
     }
 
-    /// Reduces `data` in place across all ranks.
+    /// Reduces `data` in place across all ranks. Chunks are copied on
+    /// their way out; [`Ring::all_reduce_buffer`] sends without copying.
     pub async fn all_reduce<T: Element>(&mut self, data: &mut [T], op: ReduceOp) -> Result<()> {
+        self.all_reduce_target(data, op).await
+    }
+
+    /// Reduces `buffer` in place across all ranks, sending its chunks
+    /// straight from its memory (see [`crate::buffer`]).
+    pub async fn all_reduce_buffer<T: Element>(
+        &mut self,
+        buffer: &mut RingBuffer<T>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.all_reduce_target(buffer, op).await
+    }
+
+    async fn all_reduce_target<T: Element, D: Target<T> + ?Sized>(
+        &mut self,
+        data: &mut D,
+        op: ReduceOp,
+    ) -> Result<()> {
         let header = self.begin(OpKind::AllReduce, T::DTYPE, op, data.len() as u64, 0)?;
         let place = Place::new(self.rank, self.world, &self.options);
         let Some(links) = self.links.as_mut() else {
             return Ok(()); // world of one: already reduced (x / 1 == x)
         };
-        let result = all_reduce_ring(links, header, data, op, place).await;
-        self.finish(result)
+        let result = all_reduce_ring(links, &mut self.heads, header, data, op, place).await;
+        // On failure the links go first, so that nothing holds our frames.
+        let result = self.finish(result);
+        // Whatever happened, nothing sent from `data` may outlive the call.
+        let successor = (self.rank + 1) % self.world;
+        let settled = data
+            .settle(self.options.timeout)
+            .await
+            .map_err(|e| still_in_flight(e, successor));
+        self.finish(result.and(settled))
     }
 
     /// Copies `root`'s `data` into every rank's `data`.
@@ -389,7 +417,7 @@ impl Ring {
         let Some(links) = self.links.as_mut() else {
             return Ok(());
         };
-        let result = broadcast_ring(links, header, data, root, place).await;
+        let result = broadcast_ring(links, &mut self.heads, header, data, root, place).await;
         self.finish(result)
     }
 
@@ -408,7 +436,7 @@ impl Ring {
         let Some(links) = self.links.as_mut() else {
             return Ok(vec![payload]);
         };
-        let result = all_gather_ring(links, header, payload, place).await;
+        let result = all_gather_ring(links, &mut self.heads, header, payload, place).await;
         self.finish(result)
     }
 
@@ -454,7 +482,7 @@ impl Ring {
         let Links {
             outbound,
             mut inbound,
-            call,
+            carrier: call,
         } = links;
         drop(outbound);
         let timeout = self.options.timeout;
@@ -491,7 +519,7 @@ impl Ring {
                 rank: predecessor,
                 field: "operation count",
                 ours: format!("{} operations", self.sequence),
-                theirs: format!("a frame of operation {}", frame.sequence),
+                theirs: format!("a frame of operation {}", frame.head.sequence),
             }),
             Err(_) => Err(CollectiveError::Timeout {
                 rank: predecessor,
@@ -550,15 +578,33 @@ async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Chann
     )))
 }
 
+fn still_in_flight(error: StillInFlight, successor: usize) -> CollectiveError {
+    CollectiveError::PeerLost {
+        rank: successor,
+        reason: format!("what we sent it was still unread after {:?}", error.waited),
+    }
+}
+
+/// `range` of `data` for writing, once nothing sent from it is in flight.
+async fn writable<'d, T: Element, D: Target<T> + ?Sized>(
+    data: &'d mut D,
+    range: std::ops::Range<usize>,
+    place: &Place<'_>,
+) -> Result<&'d mut [T]> {
+    data.writable(range, place.options.timeout)
+        .await
+        .map_err(|e| still_in_flight(e, place.successor))
+}
+
 /// Sends frames from `initial`, then from `forward`, until `forward` closes.
 async fn send_all(
-    links_out: &mpsc::Sender<RingFrame>,
-    initial: Vec<RingFrame>,
-    mut forward: mpsc::UnboundedReceiver<RingFrame>,
+    links_out: &mpsc::Sender<OutFrame>,
+    initial: Vec<OutFrame>,
+    mut forward: mpsc::UnboundedReceiver<OutFrame>,
     successor: usize,
     timeout: Duration,
 ) -> Result<()> {
-    let send = |frame: RingFrame| async move {
+    let send = |frame: OutFrame| async move {
         let (step, chunk) = (frame.step, frame.chunk);
         match tokio::time::timeout(timeout, links_out.send(frame)).await {
             Ok(Ok(())) => Ok(()),
@@ -591,7 +637,7 @@ async fn receive(
     place: &Place<'_>,
     step: usize,
     chunk: usize,
-) -> Result<RingFrame> {
+) -> Result<InFrame> {
     let predecessor = place.predecessor;
     let timeout = place.options.timeout;
     let frame = match tokio::time::timeout(timeout, inbound.recv()).await {
@@ -609,28 +655,20 @@ async fn receive(
                 reason: "its stream ended".into(),
             })
         }
-        Ok(Some(Err(status))) => {
-            return Err(CollectiveError::PeerLost {
-                rank: predecessor,
-                reason: status.message().to_string(),
-            })
-        }
+        Ok(Some(Err(error))) => return Err(error),
         Ok(Some(Ok(frame))) => frame,
     };
     place
         .check(expected)
-        .validate(&frame, Some((step, chunk)))?;
+        .validate(&frame.head, frame.payload.len(), Some((step, chunk)))?;
     Ok(frame)
 }
 
-fn bytes_of<T: Element>(data: &[T]) -> Bytes {
-    Bytes::copy_from_slice(bytemuck::cast_slice(data))
-}
-
-async fn all_reduce_ring<T: Element>(
+async fn all_reduce_ring<T: Element, D: Target<T> + ?Sized>(
     links: &mut Links,
+    heads: &mut HeadWriter,
     header: OpHeader,
-    data: &mut [T],
+    data: &mut D,
     op: ReduceOp,
     place: Place<'_>,
 ) -> Result<()> {
@@ -643,10 +681,10 @@ async fn all_reduce_ring<T: Element>(
     } = place;
     let chunk_elements = place.chunk_elements::<T>();
     let len = data.len();
-    let initial: Vec<RingFrame> = chunks(segment(len, world, rank), chunk_elements)
+    let initial: Vec<OutFrame> = chunks(segment(len, world, rank), chunk_elements)
         .into_iter()
         .enumerate()
-        .map(|(i, c)| header.frame(0, i, bytes_of(&data[c])))
+        .map(|(i, c)| heads.frame(&header.head(0, i), data.send(c).into()))
         .collect();
     let (forward, forwarded) = mpsc::unbounded_channel();
     let sender = send_all(
@@ -665,16 +703,18 @@ async fn all_reduce_ring<T: Element>(
                 .enumerate()
             {
                 let frame = receive(inbound, &header, &place, step, i).await?;
-                let part = &mut data[c];
-                reduce_into(part, &frame.payload, op);
+                let part = writable(data, c.clone(), &place).await?;
+                reduce_parts(part, frame.payload.parts(), op);
                 if step == world - 2 && op == ReduceOp::Avg {
                     for x in part.iter_mut() {
                         *x = x.divide(world);
                     }
                 }
+                drop(frame);
                 // The reduced chunk moves on: next reduce-scatter step, or
                 // (after the last one) the first all-gather step.
-                let _ = forward.send(header.frame(step + 1, i, bytes_of(part)));
+                let next = heads.frame(&header.head(step + 1, i), data.send(c).into());
+                let _ = forward.send(next);
             }
         }
         for s in 0..world - 1 {
@@ -684,11 +724,12 @@ async fn all_reduce_ring<T: Element>(
                 .into_iter()
                 .enumerate()
             {
-                let mut frame = receive(inbound, &header, &place, step, i).await?;
-                copy_into(&mut data[c], &frame.payload);
+                let frame = receive(inbound, &header, &place, step, i).await?;
+                copy_parts(writable(data, c, &place).await?, frame.payload.parts());
                 if s < world - 2 {
-                    frame.step += 1;
-                    let _ = forward.send(frame); // payload forwarded without a copy
+                    // Forwarded as received, without a copy.
+                    let next = heads.frame(&header.head(step + 1, i), frame.payload);
+                    let _ = forward.send(next);
                 }
             }
         }
@@ -699,6 +740,7 @@ async fn all_reduce_ring<T: Element>(
 
 async fn broadcast_ring<T: Element>(
     links: &mut Links,
+    heads: &mut HeadWriter,
     header: OpHeader,
     data: &mut [T],
     root: usize,
@@ -717,7 +759,7 @@ async fn broadcast_ring<T: Element>(
         let initial = pieces
             .iter()
             .enumerate()
-            .map(|(i, c)| header.frame(0, i, bytes_of(&data[c.clone()])))
+            .map(|(i, c)| heads.frame(&header.head(0, i), data.send(c.clone()).into()))
             .collect();
         drop(forward);
         return send_all(
@@ -740,9 +782,9 @@ async fn broadcast_ring<T: Element>(
     let receiver = async move {
         for (i, c) in pieces.into_iter().enumerate() {
             let frame = receive(inbound, &header, &place, 0, i).await?;
-            copy_into(&mut data[c], &frame.payload);
+            copy_parts(&mut data[c], frame.payload.parts());
             if successor != root {
-                let _ = forward.send(frame);
+                let _ = forward.send(heads.frame(&header.head(0, i), frame.payload));
             }
         }
         Ok(())
@@ -752,6 +794,7 @@ async fn broadcast_ring<T: Element>(
 
 async fn all_gather_ring(
     links: &mut Links,
+    heads: &mut HeadWriter,
     header: OpHeader,
     payload: Bytes,
     place: Place<'_>,
@@ -768,7 +811,7 @@ async fn all_gather_ring(
     let (forward, forwarded) = mpsc::unbounded_channel();
     let sender = send_all(
         &links.outbound,
-        vec![header.frame(0, 0, payload)],
+        vec![heads.frame(&header.head(0, 0), payload.into())],
         forwarded,
         successor,
         options.timeout,
@@ -777,11 +820,10 @@ async fn all_gather_ring(
     let slots = &mut gathered;
     let receiver = async move {
         for step in 0..world - 1 {
-            let mut frame = receive(inbound, &header, &place, step, 0).await?;
-            slots[ring_sub(rank, step + 1, world)] = frame.payload.clone();
+            let frame = receive(inbound, &header, &place, step, 0).await?;
+            slots[ring_sub(rank, step + 1, world)] = frame.payload.to_bytes();
             if step < world - 2 {
-                frame.step += 1;
-                let _ = forward.send(frame);
+                let _ = forward.send(heads.frame(&header.head(step + 1, 0), frame.payload));
             }
         }
         Ok(())
@@ -814,7 +856,7 @@ mod tests {
             tokio::spawn(
                 server_builder(&options)
                     .unwrap()
-                    .add_service(collective_server(service.clone()))
+                    .add_service(service.clone())
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
             );
             services.push(service);
@@ -850,6 +892,202 @@ mod tests {
             out.push(task.await.unwrap());
         }
         out
+    }
+
+    fn memory_options(chunk_bytes: usize) -> RingOptions {
+        RingOptions {
+            timeout: Duration::from_secs(5),
+            chunk_bytes,
+            ..RingOptions::default()
+        }
+    }
+
+    /// What rank `rank` contributes: fractional values of both signs, so
+    /// the order of additions shows in the bits.
+    fn contribution(rank: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7 + rank * 13) % 17) as f32 * 0.37 - 2.9 / (rank + 1) as f32)
+            .collect()
+    }
+
+    /// Runs `op` on every ring at once; each result, by rank.
+    async fn on_every_rank<R: Send + 'static, F>(rings: Vec<Ring>, op: F) -> Vec<R>
+    where
+        F: Fn(Ring) -> tokio::task::JoinHandle<R>,
+    {
+        let tasks: Vec<_> = rings.into_iter().map(op).collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn in_memory_rings_give_every_rank_the_same_bits_however_frames_are_cut() {
+        for (world, len, chunk_bytes, cut, zero_copy) in [
+            (2, 10_007, 4096, 7, true),
+            (3, 10_007, 4096, 4093, false),
+            (4, 1000, 64, 3, true),
+            (5, 3, 4096, 1 << 20, true),
+            (1, 10, 4096, 5, true),
+            (3, 0, 4096, 5, false),
+        ] {
+            let rings = Ring::in_memory(1, world, cut, memory_options(chunk_bytes));
+            let results = on_every_rank(rings, move |mut ring| {
+                tokio::spawn(async move {
+                    let mine = contribution(ring.rank(), len);
+                    let out = if zero_copy {
+                        let mut buffer = RingBuffer::from_vec(mine);
+                        ring.all_reduce_buffer(&mut buffer, ReduceOp::Avg)
+                            .await
+                            .unwrap();
+                        buffer.as_mut_slice().expect("nothing in flight").to_vec()
+                    } else {
+                        let mut data = mine;
+                        ring.all_reduce(&mut data, ReduceOp::Avg).await.unwrap();
+                        data
+                    };
+                    ring.close().await.unwrap();
+                    out
+                })
+            })
+            .await;
+            let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let case = format!("world {world}, {len} elements, cut every {cut} bytes");
+            for result in &results[1..] {
+                assert_eq!(bits(result), bits(&results[0]), "{case}");
+            }
+            for (i, x) in results[0].iter().enumerate() {
+                let exact: f64 = (0..world).map(|r| f64::from(contribution(r, len)[i])).sum();
+                assert!(
+                    (f64::from(*x) - exact / world as f64).abs() < 1e-5,
+                    "{case}: {i}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn in_memory_broadcast_and_all_gather_reach_every_rank() {
+        let rings = Ring::in_memory(1, 3, 5, memory_options(64));
+        let results = on_every_rank(rings, |mut ring| {
+            tokio::spawn(async move {
+                let mut data = if ring.rank() == 1 {
+                    contribution(1, 100)
+                } else {
+                    vec![0.0; 100]
+                };
+                ring.broadcast(&mut data, 1).await.unwrap();
+                let gathered = ring
+                    .all_gather(Bytes::from(format!("rank {}", ring.rank())))
+                    .await
+                    .unwrap();
+                ring.close().await.unwrap();
+                (data, gathered)
+            })
+        })
+        .await;
+        for (data, gathered) in results {
+            assert_eq!(data, contribution(1, 100));
+            let names: Vec<&[u8]> = gathered.iter().map(|b| b.as_ref()).collect();
+            assert_eq!(names, [&b"rank 0"[..], b"rank 1", b"rank 2"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn ranks_that_disagree_on_the_length_get_a_mismatch_not_corrupted_data() {
+        let rings = Ring::in_memory(1, 3, 100, memory_options(4096));
+        let errors = on_every_rank(rings, |mut ring| {
+            tokio::spawn(async move {
+                let len = if ring.rank() == 1 { 999 } else { 1000 };
+                let mut buffer = RingBuffer::from_vec(contribution(ring.rank(), len));
+                ring.all_reduce_buffer(&mut buffer, ReduceOp::Sum)
+                    .await
+                    .unwrap_err()
+            })
+        })
+        .await;
+        // Rank 1's successor and rank 1 itself see the other length.
+        for rank in [1, 2] {
+            let error = &errors[rank];
+            assert!(
+                matches!(
+                    error,
+                    CollectiveError::Mismatch {
+                        field: "length (elements)",
+                        ..
+                    }
+                ),
+                "rank {rank}: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_of_another_generation_are_refused_as_stale() {
+        let mut rings = Ring::in_memory(7, 2, 100, memory_options(4096));
+        rings[1].generation = 6;
+        let errors = on_every_rank(rings, |mut ring| {
+            tokio::spawn(async move {
+                let mut data = contribution(ring.rank(), 100);
+                ring.all_reduce(&mut data, ReduceOp::Sum).await.unwrap_err()
+            })
+        })
+        .await;
+        assert!(
+            matches!(
+                errors[0],
+                CollectiveError::StaleGeneration { got: 6, current: 7 }
+            ),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_peer_is_an_error_at_once_and_a_silent_one_after_the_timeout() {
+        // Rank 2 dies before the operation: its neighbours hear at once.
+        let mut rings = Ring::in_memory(1, 3, 100, memory_options(4096));
+        drop(rings.pop());
+        let started = tokio::time::Instant::now();
+        let errors = on_every_rank(rings, |mut ring| {
+            tokio::spawn(async move {
+                let mut data = contribution(ring.rank(), 1000);
+                ring.all_reduce(&mut data, ReduceOp::Sum).await.unwrap_err()
+            })
+        })
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no timeout waited"
+        );
+        assert!(
+            matches!(errors[0], CollectiveError::PeerLost { rank: 2, .. }),
+            "{}",
+            errors[0]
+        );
+        // Rank 1 stays alive but never takes part: the others wait out the
+        // timeout, then name it.
+        let rings = Ring::in_memory(1, 3, 100, memory_options(4096));
+        let started = tokio::time::Instant::now();
+        let errors = on_every_rank(rings, |mut ring| {
+            tokio::spawn(async move {
+                if ring.rank() == 1 {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return None;
+                }
+                let mut data = contribution(ring.rank(), 1000);
+                Some(ring.all_reduce(&mut data, ReduceOp::Sum).await.unwrap_err())
+            })
+        })
+        .await;
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(
+            matches!(errors[2], Some(CollectiveError::Timeout { rank: 1, .. })),
+            "{:?}",
+            errors[2]
+        );
     }
 
     #[tokio::test]

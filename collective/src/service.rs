@@ -35,24 +35,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ringleader_proto::collective::collective_server::Collective;
-use ringleader_proto::collective::{RingClosed, RingFrame};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
 use ringleader_security::{Role, Transport};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codegen::{http, BoxFuture};
+use tonic::{Request, Status};
 
 use crate::auth::{parse_proof, ProofError, RingSecret, RING_PROOF_METADATA_KEY};
 use crate::error::CollectiveError;
+use crate::link::{Inbound, RING_PATH};
+use crate::wire::{FrameDecoder, InFrame};
 
-/// Frames (or the reason the stream ended) from a ring's predecessor.
-pub type Inbound = mpsc::Receiver<Result<RingFrame, Status>>;
+/// Where a claimed stream's frames go: the registered ring's inbound link.
+type FrameSender = mpsc::Sender<Result<InFrame, CollectiveError>>;
 
 struct Waiting {
     predecessor: usize,
     /// This ring's rank here (the receiver of the link).
     rank: usize,
     secret: RingSecret,
-    frames: mpsc::Sender<Result<RingFrame, Status>>,
+    frames: FrameSender,
     /// Told when the predecessor's stream has arrived.
     attached: oneshot::Sender<()>,
 }
@@ -250,7 +257,7 @@ impl CollectiveService {
         generation: u64,
         sender: usize,
         proof: Option<&str>,
-    ) -> Result<mpsc::Sender<Result<RingFrame, Status>>, Status> {
+    ) -> Result<FrameSender, Status> {
         let refuse = |problem: ProofError| -> Status {
             CollectiveError::BadProof {
                 rank: sender,
@@ -310,7 +317,7 @@ impl CollectiveService {
     }
 }
 
-fn metadata_number(request: &Request<Streaming<RingFrame>>, key: &str) -> Result<u64, Status> {
+fn metadata_number<B>(request: &Request<B>, key: &str) -> Result<u64, Status> {
     request
         .metadata()
         .get(key)
@@ -319,12 +326,18 @@ fn metadata_number(request: &Request<Streaming<RingFrame>>, key: &str) -> Result
         .ok_or_else(|| Status::invalid_argument(format!("missing or bad {key} metadata")))
 }
 
-#[tonic::async_trait]
-impl Collective for CollectiveService {
-    async fn ring(
-        &self,
-        request: Request<Streaming<RingFrame>>,
-    ) -> Result<Response<RingClosed>, Status> {
+impl CollectiveService {
+    /// One `Ring` call: who is calling first, then its frames, decoded
+    /// from the HTTP/2 DATA frames as they come (see [`crate::wire`]) and
+    /// handed to the ring until the stream ends.
+    async fn serve_ring(&self, request: http::Request<tonic::body::Body>) -> Result<(), Status> {
+        if request.uri().path() != RING_PATH {
+            return Err(Status::unimplemented(format!(
+                "no method {} here",
+                request.uri().path()
+            )));
+        }
+        let request = Request::from_http(request);
         // Who is calling, before anything else: with TLS, only workers.
         self.transport.check_peer(&request, Role::Worker)?;
         let generation = metadata_number(&request, ringleader_proto::GENERATION_METADATA_KEY)?;
@@ -335,51 +348,130 @@ impl Collective for CollectiveService {
             .get(RING_PROOF_METADATA_KEY)
             .map(|value| value.to_str().unwrap_or("?"));
         let frames = self.claim(generation, sender, proof).await?;
-        let mut stream = request.into_inner();
+        let mut body = request.into_inner();
+        let mut decoder = FrameDecoder::new(self.limits.max_message_bytes);
+        // Tells the ring why its stream ended, and answers the sender.
+        let to_ring = &frames;
+        let end = |error: CollectiveError, status: Status| async move {
+            let _ = to_ring.send(Err(error)).await;
+            Err(status)
+        };
         loop {
-            match stream.message().await {
-                Ok(Some(frame)) => {
-                    if frame.generation != generation {
-                        let error = CollectiveError::StaleGeneration {
-                            got: frame.generation,
-                            current: generation,
-                        };
-                        let _ = frames.send(Err(error.clone_status())).await;
-                        return Err(error.into());
-                    }
-                    if frames.send(Ok(frame)).await.is_err() {
-                        return Err(Status::aborted("the receiving ring was closed"));
-                    }
+            let mut data = match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers
+                },
+                Some(Err(status)) => {
+                    let lost = CollectiveError::PeerLost {
+                        rank: sender,
+                        reason: status.message().to_string(),
+                    };
+                    return end(lost, status).await;
                 }
-                Ok(None) => {
-                    let _ = frames
-                        .send(Err(Status::unavailable(format!(
-                            "rank {sender} closed its stream"
-                        ))))
+                None => break,
+            };
+            loop {
+                let frame = match decoder.next(&mut data) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => {
+                        let reason = error.to_string();
+                        return end(
+                            CollectiveError::BadFrame {
+                                rank: sender,
+                                reason,
+                            },
+                            error.into(),
+                        )
                         .await;
-                    return Ok(Response::new(RingClosed {}));
+                    }
+                };
+                if frame.head.generation != generation {
+                    let stale = CollectiveError::StaleGeneration {
+                        got: frame.head.generation,
+                        current: generation,
+                    };
+                    let status = Status::failed_precondition(stale.to_string());
+                    return end(stale, status).await;
                 }
-                Err(status) => {
-                    let _ = frames.send(Err(status.clone())).await;
-                    return Err(status);
+                if frames.send(Ok(frame)).await.is_err() {
+                    return Err(Status::aborted("the receiving ring was closed"));
                 }
             }
         }
+        if let Err(error) = decoder.finish() {
+            let reason = error.to_string();
+            return end(
+                CollectiveError::BadFrame {
+                    rank: sender,
+                    reason,
+                },
+                error.into(),
+            )
+            .await;
+        }
+        let _ = frames
+            .send(Err(CollectiveError::PeerLost {
+                rank: sender,
+                reason: format!("rank {sender} closed its stream"),
+            }))
+            .await;
+        Ok(())
     }
 }
 
-impl CollectiveError {
-    fn clone_status(&self) -> Status {
-        Status::failed_precondition(self.to_string())
+/// The answer to a `Ring` call that ended well: one empty `RingClosed`
+/// message, then `grpc-status: 0`.
+fn ring_closed() -> http::Response<tonic::body::Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        Ok::<_, Status>(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let mut response = http::Response::new(tonic::body::Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The `Collective` gRPC service, served below tonic's codec: add it to a
+/// server from [`crate::ring::server_builder`].
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for CollectiveService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move {
+            Ok(match service.serve_ring(request).await {
+                Ok(()) => ring_closed(),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+impl tonic::server::NamedService for CollectiveService {
+    const NAME: &'static str = "ringleader.collective.v1.Collective";
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{collective_server, server_builder};
+    use crate::ring::server_builder;
     use crate::RingOptions;
     use ringleader_proto::collective::collective_client::CollectiveClient;
+    use ringleader_proto::collective::RingFrame;
     use tokio::time::Instant;
 
     async fn serve(service: CollectiveService, options: &RingOptions) -> String {
@@ -388,7 +480,7 @@ mod tests {
         tokio::spawn(
             server_builder(options)
                 .unwrap()
-                .add_service(collective_server(service))
+                .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         address
@@ -514,7 +606,7 @@ mod tests {
             .expect("the frame arrives")
             .unwrap()
             .unwrap();
-        assert_eq!(got.sequence, sequence);
+        assert_eq!(got.head.sequence, sequence);
     }
 
     #[tokio::test]

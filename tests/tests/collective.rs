@@ -15,7 +15,6 @@ use ringleader_collective::auth::RING_PROOF_METADATA_KEY;
 use ringleader_collective::{CollectiveService, InboundLink, RingOptions, RingSecret};
 use ringleader_coordinator::process::free_loopback_address;
 use ringleader_proto::collective::collective_client::CollectiveClient;
-use ringleader_proto::collective::collective_server::CollectiveServer;
 use ringleader_proto::collective::RingFrame;
 use ringleader_tests::bin_dir;
 use serde_json::Value;
@@ -491,7 +490,7 @@ async fn serve(service: CollectiveService) -> String {
     let listener = tokio::net::TcpListener::bind(&address).await.unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(CollectiveServer::new(service))
+            .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     address

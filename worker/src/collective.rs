@@ -1,10 +1,11 @@
 //! Ring collectives on libtorch tensors.
 //!
 //! A CPU tensor that is contiguous is reduced in place, straight in its own
-//! storage; anything else (CUDA, strided) goes through a contiguous host
-//! staging copy that is written back afterwards.
+//! storage, and its chunks leave for the ring from that storage without a
+//! copy ([`RingBuffer`]); anything else (CUDA, strided) goes through a
+//! contiguous host staging copy that is written back afterwards.
 
-use ringleader_collective::{CollectiveError, Element, ReduceOp, Ring};
+use ringleader_collective::{CollectiveError, Element, ReduceOp, Ring, RingBuffer};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,18 +80,41 @@ unsafe fn elements_mut<T: Element>(host: &mut Tensor) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(host.data_ptr().cast::<T>(), numel) }
 }
 
+/// Keeps a tensor's storage alive while chunks sent from it are in flight.
+struct KeepAlive {
+    _storage: Tensor,
+}
+
 async fn run_as<T: Element>(
     ring: &mut Ring,
     tensor: &mut Tensor,
     op: TensorOp,
 ) -> Result<(), TensorCollectiveError> {
     let (mut host, staged) = host_view(tensor);
-    // SAFETY: `tensor` is borrowed mutably for this whole call and `host` is
-    // either it (shallow) or a private contiguous CPU copy of its kind.
-    let data = unsafe { elements_mut::<T>(&mut host) };
     match op {
-        TensorOp::AllReduce(reduce) => ring.all_reduce(data, reduce).await?,
-        TensorOp::Broadcast { root } => ring.broadcast(data, root).await?,
+        TensorOp::AllReduce(reduce) => {
+            let numel = host.numel();
+            let data = host.data_ptr().cast::<T>();
+            // SAFETY: `host` is a contiguous CPU tensor of `T`'s kind with
+            // `numel` elements, kept alive by the buffer (a shallow clone
+            // shares the storage). Nothing else uses it meanwhile: `tensor`
+            // is borrowed mutably for this whole call, and the ring returns
+            // only once nothing sent from it is in flight — or with an
+            // error, after which the attempt (and its tensors) is abandoned.
+            let mut buffer = unsafe {
+                RingBuffer::from_raw_parts(data, numel, KeepAlive {
+                    _storage: host.shallow_clone(),
+                })
+            };
+            ring.all_reduce_buffer(&mut buffer, reduce).await?;
+        }
+        TensorOp::Broadcast { root } => {
+            // SAFETY: `tensor` is borrowed mutably for this whole call and
+            // `host` is either it (shallow) or a private contiguous CPU copy
+            // of its kind.
+            let data = unsafe { elements_mut::<T>(&mut host) };
+            ring.broadcast(data, root).await?;
+        }
     }
     if staged {
         tch::no_grad(|| tensor.f_copy_(&host))?;
@@ -102,14 +126,13 @@ async fn run_as<T: Element>(
 mod tests {
     use super::*;
     use ringleader_collective::{CollectiveService, RingOptions, RingPlan};
-    use ringleader_proto::collective::collective_server::CollectiveServer;
 
     async fn serve(service: CollectiveService) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(CollectiveServer::new(service))
+                .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         address

@@ -227,7 +227,7 @@ async fn run(args: Args) -> Result<()> {
     let peer_server = tokio::spawn(
         ring::server_builder(&ring_options)?
             .add_service(health_service)
-            .add_service(ring::collective_server(collectives.clone()))
+            .add_service(collectives.clone())
             .serve_with_incoming_shutdown(
                 ring::incoming(listener),
                 server_shutdown.cancelled_owned(),

@@ -59,7 +59,7 @@ fn must_connect_ring(runtime: &Runtime, world: usize) -> Vec<Ring> {
             tokio::spawn(
                 ring::server_builder(&options)
                     .unwrap()
-                    .add_service(ring::collective_server(service.clone()))
+                    .add_service(service.clone())
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
             );
             services.push(service);

@@ -20,7 +20,8 @@ use half::{bf16, f16};
 use ringleader_collective::plan::segment;
 use ringleader_collective::ring;
 use ringleader_collective::{
-    CollectiveService, Element, ReduceOp, Ring, RingOptions, RingPlan, RingSecret, Transport,
+    CollectiveService, Element, ReduceOp, Ring, RingBuffer, RingOptions, RingPlan, RingSecret,
+    Transport,
 };
 use ringleader_security::{Role, TlsDir};
 use serde_json::json;
@@ -175,7 +176,7 @@ async fn main() -> Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let stop_serving = tokio_util::sync::CancellationToken::new();
     let server = ring::server_builder(&options)?
-        .add_service(ring::collective_server(service.clone()))
+        .add_service(service.clone())
         .serve_with_incoming_shutdown(
             ring::incoming(listener),
             stop_serving.clone().cancelled_owned(),
@@ -272,17 +273,18 @@ async fn check_case<T: FromF64>(
     len: usize,
     claimed: usize,
 ) -> Result<()> {
-    let mut data: Vec<T> = inputs(ring.rank(), claimed);
-    let result = ring.all_reduce(&mut data, op).await;
+    let mut buffer = RingBuffer::from_vec(inputs::<T>(ring.rank(), claimed));
+    let result = ring.all_reduce_buffer(&mut buffer, op).await;
+    let data = buffer.as_slice();
     let case = format!("{:?}/{}/{len}", T::DTYPE, op.as_str_name());
     match result {
         Ok(()) => {
             let expected = reference::<T>(ring.world(), len, op);
             let ok =
-                bytemuck::cast_slice::<T, u8>(&data) == bytemuck::cast_slice::<T, u8>(&expected);
+                bytemuck::cast_slice::<T, u8>(data) == bytemuck::cast_slice::<T, u8>(&expected);
             println!(
                 "{}",
-                json!({"case": case, "ok": ok, "hash": fnv(bytemuck::cast_slice(&data))})
+                json!({"case": case, "ok": ok, "hash": fnv(bytemuck::cast_slice(data))})
             );
             Ok(())
         }
@@ -334,13 +336,13 @@ async fn check(ring: &mut Ring, args: &Args) -> Result<()> {
 
 async fn bench(ring: &mut Ring, args: &Args) -> Result<()> {
     for &size in &args.sizes {
-        let mut data = vec![1.0f32; size / 4];
-        ring.all_reduce(&mut data, ReduceOp::Sum).await?; // warm-up
+        let mut data = RingBuffer::from_vec(vec![1.0f32; size / 4]);
+        ring.all_reduce_buffer(&mut data, ReduceOp::Sum).await?; // warm-up
         let mut times = Vec::with_capacity(args.iterations);
         for _ in 0..args.iterations {
             ring.barrier().await?;
             let start = Instant::now();
-            ring.all_reduce(&mut data, ReduceOp::Sum).await?;
+            ring.all_reduce_buffer(&mut data, ReduceOp::Sum).await?;
             times.push(start.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
@@ -356,11 +358,11 @@ async fn bench(ring: &mut Ring, args: &Args) -> Result<()> {
 }
 
 async fn run_loop(ring: &mut Ring, args: &Args) -> Result<()> {
-    let mut data = vec![1.0f32; args.elements];
+    let mut data = RingBuffer::from_vec(vec![1.0f32; args.elements]);
     let mut last_ok = Instant::now();
     let mut rounds = 0u64;
     loop {
-        match ring.all_reduce(&mut data, ReduceOp::Avg).await {
+        match ring.all_reduce_buffer(&mut data, ReduceOp::Avg).await {
             Ok(()) => {
                 rounds += 1;
                 last_ok = Instant::now();

@@ -807,7 +807,7 @@ mod tests {
                 tokio::spawn(
                     ring::server_builder(&options)
                         .unwrap()
-                        .add_service(ring::collective_server(service.clone()))
+                        .add_service(service.clone())
                         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
                             listener,
                         )),
