@@ -7,10 +7,18 @@
 # interleaved round by round; medians, the ratio, scaling efficiency and
 # the test accuracy after the timed epochs.
 #
-# Usage: scripts/bench/train.sh [--rounds 3] [--epochs 1] [--limit 0] [--before DIR]
-#   --limit N trains on the first N examples only (0: all 60,000).
+# Usage: scripts/bench/train.sh [--rounds 3] [--epochs 1] [--limit N] [--before DIR]
+#            [--model cnn|mlp-wide] [--compression none|bf16|f16] [--worlds "1 2"]
+#   --limit N trains on the first N examples only (0: all 60,000; the
+#     default is 0 for cnn, 6400 for mlp-wide).
 #   --before DIR also runs the binaries in DIR (another build, e.g. of an
 #     earlier commit) in the same rounds, for a before/after comparison.
+#   --model mlp-wide: the MLP 784→4096→4096→10 (hidden = [4096, 4096],
+#     80 MB of gradients a step) instead of the reference CNN (0.9 MB).
+#   --compression bf16|f16: the job's gradient_compression, against DDP
+#     with its bf16_compress_hook / fp16_compress_hook (only at world > 1,
+#     where something is sent).
+#   --worlds: the world sizes to run (scaling efficiency needs 1 and 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 . "$ROOT/scripts/env.sh"
@@ -18,17 +26,38 @@ cd "$ROOT"
 
 ROUNDS=3
 EPOCHS=1
-LIMIT=0
+LIMIT=""
 BEFORE=""
+MODEL=cnn
+COMPRESSION=none
+WORLDS="1 2"
 while (($#)); do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --limit) LIMIT="$2"; shift 2 ;;
     --before) BEFORE="$(cd "$2" && pwd)"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    --compression) COMPRESSION="$2"; shift 2 ;;
+    --worlds) WORLDS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
+done
+case "$MODEL" in
+  cnn) LIMIT="${LIMIT:-0}" ;;
+  mlp-wide) LIMIT="${LIMIT:-6400}" ;;
+  *) echo "--model: expected cnn or mlp-wide, got '$MODEL'" >&2; exit 2 ;;
+esac
+case "$COMPRESSION" in
+  none|bf16|f16) ;;
+  *) echo "--compression: expected none, bf16 or f16, got '$COMPRESSION'" >&2; exit 2 ;;
+esac
+[[ "$LIMIT" =~ ^[0-9]+$ ]] || { echo "--limit: expected a count, got '$LIMIT'" >&2; exit 2; }
+[[ -n "${WORLDS// /}" ]] || { echo "--worlds: expected sizes such as \"1 2\"" >&2; exit 2; }
+for world in $WORLDS; do
+  [[ "$world" =~ ^[1-9][0-9]*$ ]] \
+    || { echo "--worlds: expected sizes such as \"1 2\", got '$WORLDS'" >&2; exit 2; }
 done
 
 cargo build --release --workspace --locked --quiet
@@ -37,14 +66,27 @@ TMP="$(mktemp -d -t ringleader-bench-train.XXXXXX)"
 trap 'rm -rf "$TMP"' EXIT
 RESULTS="$TMP/results.jsonl"
 
-# The example job with this run's world, epochs, data limit and 1 thread.
+# The example job with this run's world, epochs, data limit, model,
+# gradient compression (left out when none, so that a --before build that
+# predates the key still reads the job) and 1 thread.
 job_spec() {
-  local world="$1" out="$TMP/job-$1.toml"
+  local world="$1" out="$TMP/job-$1.toml" model='kind = "cnn"' compression=""
+  if [[ "$MODEL" == mlp-wide ]]; then
+    model='kind = "mlp"\nhidden = [4096, 4096]'
+  fi
+  if [[ "$COMPRESSION" != none ]]; then
+    compression="\ngradient_compression = \"$COMPRESSION\""
+  fi
   sed -e "s/^workers = .*/workers = $world/" \
       -e "s/^epochs = .*/epochs = $EPOCHS/" \
-      -e "s/^seed = \(.*\)/seed = \1\nthreads = 1/" \
+      -e "s/^seed = \(.*\)/seed = \1\nthreads = 1$compression/" \
       -e "s/^classes = \(.*\)/classes = \1\nlimit_train = $LIMIT/" \
+      -e "s/^kind = \"cnn\"$/$model/" \
       examples/fashion-mnist-cnn.toml > "$out"
+  if [[ "$MODEL" == mlp-wide ]] && ! grep -q '^hidden = \[4096, 4096\]$' "$out"; then
+    echo "could not make $out an mlp-wide job" >&2
+    exit 1
+  fi
   echo "$out"
 }
 
@@ -75,6 +117,7 @@ PY
 torch_ddp() {
   local world="$1"
   python3 scripts/bench/train_ddp.py --world "$world" --epochs "$EPOCHS" --limit "$LIMIT" \
+      --model "$MODEL" --compression "$COMPRESSION" \
     | tail -n 1 | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
@@ -84,7 +127,7 @@ print(json.dumps({"system": "pytorch-ddp", "world": r["world"],
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  for world in 1 2; do
+  for world in $WORLDS; do
     echo "round $round/$ROUNDS, world $world: ringleader" >&2
     ours "$world"
     if [[ -n "$BEFORE" ]]; then
@@ -96,29 +139,35 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$RESULTS" "$ROUNDS" "$EPOCHS" "$LIMIT" <<'PY'
+python3 - "$RESULTS" "$ROUNDS" "$EPOCHS" "$LIMIT" "$MODEL" "$COMPRESSION" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 systems = list(dict.fromkeys(r["system"] for r in rows))
+worlds = sorted({r["world"] for r in rows})
+model = {"cnn": "reference CNN", "mlp-wide": "MLP 784-4096-4096-10"}[sys.argv[5]]
+gradients = {"none": "f32 gradients",
+             "bf16": "bf16 gradients at world > 1 (DDP: bf16_compress_hook)",
+             "f16": "f16 gradients at world > 1 (DDP: fp16_compress_hook)"}[sys.argv[6]]
 print("every run, samples/s in round order:")
 for system in systems:
-    for world in (1, 2):
+    for world in worlds:
         runs = [round(r["samples_per_sec"]) for r in rows if r["system"] == system and r["world"] == world]
         print(f"  {system:>18} world {world}: {runs}")
 def med(system, world, key):
     return statistics.median(r[key] for r in rows if r["system"] == system and r["world"] == world)
-print(f"reference CNN, Fashion-MNIST, batch 64/rank, 1 thread/process, "
-      f"{sys.argv[3]} epoch(s), limit {sys.argv[4] or 'none'}, median of {sys.argv[2]} rounds")
+limit = sys.argv[4] if sys.argv[4] != "0" else "none"
+print(f"{model}, Fashion-MNIST, batch 64/rank, 1 thread/process, {gradients}, "
+      f"{sys.argv[3]} epoch(s), limit {limit}, median of {sys.argv[2]} rounds")
 print(f"{'world':>5}  {'ringleader sps':>15}  {'pytorch ddp sps':>16}  {'ratio':>6}  {'acc ours':>8}  {'acc ddp':>8}")
-for world in (1, 2):
+for world in worlds:
     ours, ddp = med("ringleader", world, "samples_per_sec"), med("pytorch-ddp", world, "samples_per_sec")
     print(f"{world:>5}  {ours:>15.0f}  {ddp:>16.0f}  {ours / ddp:>5.2f}x  "
           f"{med('ringleader', world, 'test_accuracy'):>8.4f}  {med('pytorch-ddp', world, 'test_accuracy'):>8.4f}")
 if "ringleader-before" in systems:
-    for world in (1, 2):
+    for world in worlds:
         now, before = med("ringleader", world, "samples_per_sec"), med("ringleader-before", world, "samples_per_sec")
         print(f"world {world}: this build {now:.0f} vs before {before:.0f} samples/s: {now / before:.2f}x")
-for system in systems:
+for system in systems if {1, 2} <= set(worlds) else []:
     eff = med(system, 2, "samples_per_sec") / (2 * med(system, 1, "samples_per_sec"))
     print(f"scaling efficiency world 1 -> 2, {system}: {eff:.2f}")
 PY

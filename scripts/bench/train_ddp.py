@@ -4,12 +4,20 @@ reference CNN and Fashion-MNIST, with the settings of Ringleader's test
 (batch 64 per rank, SGD lr 0.05 momentum 0.9, normalize 0.2860/0.3530, one
 thread per process, DistributedSampler shuffling).
 
-Prints one JSON line: {"world", "samples_per_sec", "epoch_seconds",
-"test_accuracy"} for the last epoch; samples_per_sec counts every rank's
-training samples over the training wall time (evaluation excluded), as
-Ringleader's `samples_per_sec` metric does.
+--model mlp-wide trains Ringleader's `mlp` with hidden = [4096, 4096]
+(784→4096→4096→10, ReLU) instead: 80 MB of gradients a step.
+--compression bf16|f16 registers DDP's bf16_compress_hook / fp16_compress_hook
+(gradients cast to 16 bits, divided by the world, all-reduced, cast back),
+the counterpart of Ringleader's `gradient_compression`; like Ringleader, only
+when there is more than one rank.
+
+Prints one JSON line: {"world", "model", "compression", "samples_per_sec",
+"epoch_seconds", "test_accuracy"} for the last epoch; samples_per_sec counts
+every rank's training samples over the training wall time (evaluation
+excluded), as Ringleader's `samples_per_sec` metric does.
 
 Usage: train_ddp.py [--world 2] [--epochs 1] [--limit N] [--data DIR]
+                    [--model cnn|mlp-wide] [--compression none|bf16|f16]
 """
 import argparse
 import gzip
@@ -21,6 +29,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,6 +76,20 @@ class ReferenceCnn(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+def wide_mlp():
+    """Ringleader's `mlp` with hidden = [4096, 4096]."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(28 * 28, 4096), nn.ReLU(),
+        nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, 10),
+    )
+
+
+MODELS = {"cnn": ReferenceCnn, "mlp-wide": wide_mlp}
+HOOKS = {"bf16": default_hooks.bf16_compress_hook, "f16": default_hooks.fp16_compress_hook}
+
+
 def rank_main(rank, args, port, results):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -74,7 +97,9 @@ def rank_main(rank, args, port, results):
     torch.manual_seed(0)
     train_x, train_y = load(args.data, "train", args.limit)
     test_x, test_y = load(args.data, "t10k", 0)
-    model = nn.parallel.DistributedDataParallel(ReferenceCnn())
+    model = nn.parallel.DistributedDataParallel(MODELS[args.model]())
+    if args.compression != "none" and args.world > 1:
+        model.register_comm_hook(dist.group.WORLD, HOOKS[args.compression])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sampler = torch.utils.data.DistributedSampler(
         torch.utils.data.TensorDataset(train_x, train_y), num_replicas=args.world, rank=rank, seed=0)
@@ -104,6 +129,8 @@ def rank_main(rank, args, port, results):
     if rank == 0:
         results.put({
             "world": args.world,
+            "model": args.model,
+            "compression": args.compression,
             "samples_per_sec": round(sums[0].item() / times[0].item(), 1),
             "epoch_seconds": round(times[1].item(), 2),
             "test_accuracy": round(sums[1].item() / sums[2].item(), 4),
@@ -117,6 +144,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="first N training examples (0: all)")
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    parser.add_argument("--compression", choices=["none", *sorted(HOOKS)], default="none",
+                        help="DDP's 16-bit gradient compression hook")
     args = parser.parse_args()
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
