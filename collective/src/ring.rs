@@ -92,6 +92,9 @@ pub struct RingPlan {
     pub rank: usize,
     /// Peer (collective service) addresses in rank order.
     pub peers: Vec<String>,
+    /// The successor's Unix socket when it runs on this machine (see
+    /// [`crate::local`]); `None` to dial its TCP address in `peers`.
+    pub successor_socket: Option<std::path::PathBuf>,
     /// The attempt's secret, the same at every rank (`Assignment.ring_secret`
     /// through [`RingSecret::new`]); proves to each successor that this
     /// rank was assigned to the ring (see [`crate::auth`]).
@@ -264,7 +267,20 @@ impl Ring {
             },
             ring.options.queue_depth,
         )?;
-        let channel = dial(&plan.peers[successor], successor, &ring.options).await?;
+        let channel = match &plan.successor_socket {
+            // Same machine: its Unix socket, or TCP if that fails.
+            Some(path) => match crate::local::dial(path, &ring.options).await {
+                Ok(channel) => {
+                    tracing::info!(socket = %path.display(), successor, "ring link to the successor over its Unix socket");
+                    channel
+                }
+                Err(reason) => {
+                    tracing::warn!(socket = %path.display(), %reason, "cannot reach the ring successor's Unix socket; using TCP");
+                    dial(&plan.peers[successor], successor, &ring.options).await?
+                }
+            },
+            None => dial(&plan.peers[successor], successor, &ring.options).await?,
+        };
         let mut metadata = tonic::metadata::MetadataMap::new();
         metadata.insert(
             ringleader_proto::GENERATION_METADATA_KEY,
@@ -555,14 +571,8 @@ async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Chann
         .transport
         .endpoint(address, Role::Worker)
         .map_err(|e| connect_error(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(options.timeout)
-        .initial_stream_window_size(options.stream_window)
-        .initial_connection_window_size(options.connection_window)
-        .max_frame_size(options.frame_bytes)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(options.timeout)
-        .keep_alive_while_idle(true);
+        .tcp_nodelay(true);
+    let endpoint = tune(endpoint, options);
     let deadline = tokio::time::Instant::now() + options.timeout;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
@@ -576,6 +586,22 @@ async fn dial(address: &str, rank: usize, options: &RingOptions) -> Result<Chann
         "not reachable within {:?}: {last}",
         options.timeout
     )))
+}
+
+/// A ring link's HTTP/2 settings, whatever it runs over: windows, frame
+/// size, keep-alive (so a dead peer is noticed), connect timeout.
+pub(crate) fn tune(
+    endpoint: tonic::transport::Endpoint,
+    options: &RingOptions,
+) -> tonic::transport::Endpoint {
+    endpoint
+        .connect_timeout(options.timeout)
+        .initial_stream_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window)
+        .max_frame_size(options.frame_bytes)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(options.timeout)
+        .keep_alive_while_idle(true)
 }
 
 fn still_in_flight(error: StillInFlight, successor: usize) -> CollectiveError {
@@ -866,6 +892,7 @@ mod tests {
                 generation: 1,
                 rank,
                 peers: peers.clone(),
+                successor_socket: None,
                 secret,
             };
             let (service, options) = (services[rank].clone(), options.clone());

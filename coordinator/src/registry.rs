@@ -166,10 +166,9 @@ impl WorkerRegistry {
         }
     }
 
-    pub fn peer_address(&self, worker_id: &str) -> Option<String> {
-        self.workers
-            .get(worker_id)
-            .map(|e| e.registration.peer_address.clone())
+    /// What `worker_id` registered (its peer addresses among it).
+    pub fn registration(&self, worker_id: &str) -> Option<&Register> {
+        self.workers.get(worker_id).map(|e| &e.registration)
     }
 
     /// The attempt `worker_id` runs, if any.
@@ -264,9 +263,7 @@ mod tests {
             worker_id: id.into(),
             host: "h".into(),
             peer_address: "127.0.0.1:1".into(),
-            resources: None,
-            running: None,
-            last_finished: None,
+            ..Register::default()
         }
     }
 

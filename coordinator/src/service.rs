@@ -282,6 +282,12 @@ fn validate_registration(reg: &Register) -> Result<(), Status> {
         ("worker_id", &reg.worker_id, MAX_WORKER_ID_BYTES),
         ("host", &reg.host, MAX_HOST_BYTES),
         ("peer_address", &reg.peer_address, MAX_ADDRESS_BYTES),
+        (
+            "local_peer_address",
+            &reg.local_peer_address,
+            MAX_ADDRESS_BYTES,
+        ),
+        ("machine_id", &reg.machine_id, MAX_HOST_BYTES),
     ] {
         if value.len() > max {
             return Err(too_long(field, value.len(), max));

@@ -33,7 +33,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-RING_MODES = {"tls": "TLS", "plain": "encryption off"}
+RING_MODES = {"tls": "TLS", "plain": "encryption off", "unix": "Unix sockets"}
 
 
 def gloo_rank(args):
@@ -82,12 +82,14 @@ def ring_security(bin_dir, work):
 
 def ringleader(bin_dir, world, iterations, sizes, mode, security):
     peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(world))
-    transport = f"--tls-dir={security['tls_dir']}" if mode == "tls" else "--insecure"
+    transport = ["--insecure"] if mode == "plain" else [f"--tls-dir={security['tls_dir']}"]
     sizes = ",".join(str(s) for s in sizes)
-    return run_ranks([[os.path.join(bin_dir, "ringleader-ring"), "--mode=bench", f"--rank={r}",
-                       f"--peers={peers}", f"--sizes={sizes}", f"--iterations={iterations}",
-                       transport, f"--ring-secret-file={security['secret']}"]
-                      for r in range(world)])
+    with tempfile.TemporaryDirectory(prefix="ringleader-sockets-") as sockets:
+        local = [f"--unix-socket-dir={sockets}"] if mode == "unix" else []
+        return run_ranks([[os.path.join(bin_dir, "ringleader-ring"), "--mode=bench", f"--rank={r}",
+                           f"--peers={peers}", f"--sizes={sizes}", f"--iterations={iterations}",
+                           f"--ring-secret-file={security['secret']}"] + transport + local
+                          for r in range(world)])
 
 
 def gloo(world, iterations, sizes):
@@ -136,7 +138,8 @@ def main():
                         help="buffer sizes in bytes, comma-separated")
     parser.add_argument("--ring", default="tls",
                         help="ring transports to time, comma-separated: tls (mutual TLS, "
-                             "what workers run), plain (ring encryption off)")
+                             "what workers on different machines run), plain (ring encryption "
+                             "off), unix (ranks on one machine: Unix sockets, as workers pick)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of each configuration, interleaved; the table shows the "
                              "median of their medians")
@@ -181,8 +184,8 @@ def main():
                 name = f"Ringleader ({RING_MODES[mode]})"
                 header += [f"{name} time", "algbw GB/s", "busbw GB/s"]
             if theirs:
-                header += ["Gloo time", "algbw GB/s", "busbw GB/s",
-                           f"busbw ratio ({RING_MODES[modes[0]]} / Gloo)"]
+                header += ["Gloo time", "algbw GB/s", "busbw GB/s"]
+                header += [f"busbw ratio ({RING_MODES[m]} / Gloo)" for m in modes]
             if "tls" in modes and "plain" in modes:
                 header += ["TLS / encryption off busbw"]
             print("| " + " | ".join(header) + " |")
@@ -193,9 +196,9 @@ def main():
                     a = ours[mode][size]
                     row += [f"{a * 1e3:.3f} ms", f"{size / a / 1e9:.2f}", f"{factor * size / a / 1e9:.2f}"]
                 if theirs:
-                    a, b = ours[modes[0]][size], theirs[size]
-                    row += [f"{b * 1e3:.3f} ms", f"{size / b / 1e9:.2f}", f"{factor * size / b / 1e9:.2f}",
-                            f"{b / a:.2f}x"]
+                    b = theirs[size]
+                    row += [f"{b * 1e3:.3f} ms", f"{size / b / 1e9:.2f}", f"{factor * size / b / 1e9:.2f}"]
+                    row += [f"{b / ours[m][size]:.2f}x" for m in modes]
                 if "tls" in modes and "plain" in modes:
                     row += [f"{ours['plain'][size] / ours['tls'][size]:.2f}x"]
                 print("| " + " | ".join(row) + " |")

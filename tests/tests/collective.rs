@@ -365,19 +365,34 @@ fn all_reduce_matches_the_reference_bit_for_bit_in_worlds_one_to_six() {
     let _serial = serial();
     let tls = Security::tls();
     let encryption_off = Security::encryption_off();
-    // Over mutual TLS in worlds 1 to 6; with ring encryption off in world 3.
+    // Over mutual TLS in worlds 1 to 6; with ring encryption off in world 3;
+    // over Unix sockets (ranks on one machine) in world 4.
     let worlds = (1..=6usize)
-        .map(|w| (w, &tls))
-        .chain([(3, &encryption_off)]);
-    for (world, security) in worlds {
+        .map(|w| (w, &tls, false))
+        .chain([(3, &encryption_off, false), (4, &tls, true)]);
+    for (world, security, unix) in worlds {
         // One world also reduces a 50M-element buffer (200 MB per rank).
         let big = if world == 3 && security.tls {
             "--big=50000000"
         } else {
             "--big=0"
         };
-        let ranks = RingProcesses::start(world, &security.with(&["--mode=check", big]), |_| vec![]);
+        let sockets = tempfile::tempdir().unwrap();
+        let mut args = vec!["--mode=check".to_string(), big.to_string()];
+        if unix {
+            args.push(format!("--unix-socket-dir={}", sockets.path().display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ranks = RingProcesses::start(world, &security.with(&args), |_| vec![]);
         let results = ranks.wait(Duration::from_secs(300));
+        if unix {
+            for (rank, (_, _, stderr)) in results.iter().enumerate() {
+                assert!(
+                    stderr.contains("over its Unix socket") && !stderr.contains("using TCP"),
+                    "world {world} rank {rank} did not use the Unix socket: {stderr}"
+                );
+            }
+        }
         let expected_cases = 4 * 4 * 4 + usize::from(big != "--big=0") + world + 1;
         let mut hashes: Option<Vec<Value>> = None;
         for (rank, (ok, lines, stderr)) in results.iter().enumerate() {

@@ -109,9 +109,7 @@ fn registration(id: &str, host: &str) -> Register {
         worker_id: id.into(),
         host: host.into(),
         peer_address: "127.0.0.1:9".into(),
-        resources: None,
-        running: None,
-        last_finished: None,
+        ..Register::default()
     }
 }
 

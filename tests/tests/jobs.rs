@@ -97,6 +97,16 @@ async fn reference_cnn_trains_on_two_workers_through_the_cluster() {
         std::path::Path::new(checkpoint).is_file(),
         "{checkpoint} missing"
     );
+    // Both ranks share this machine: each reached its successor over the
+    // Unix socket the successor registered, not TCP.
+    for worker in 0..2 {
+        let log = cluster.dir().join(format!("worker-{worker}.log"));
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            log.contains("over its Unix socket") && !log.contains("using TCP"),
+            "worker-{worker} did not use the Unix socket:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

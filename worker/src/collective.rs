@@ -102,9 +102,13 @@ async fn run_as<T: Element>(
             // only once nothing sent from it is in flight — or with an
             // error, after which the attempt (and its tensors) is abandoned.
             let mut buffer = unsafe {
-                RingBuffer::from_raw_parts(data, numel, KeepAlive {
-                    _storage: host.shallow_clone(),
-                })
+                RingBuffer::from_raw_parts(
+                    data,
+                    numel,
+                    KeepAlive {
+                        _storage: host.shallow_clone(),
+                    },
+                )
             };
             ring.all_reduce_buffer(&mut buffer, reduce).await?;
         }
@@ -149,6 +153,7 @@ mod tests {
         ];
         let secret = ringleader_collective::RingSecret::generate();
         let plan = |rank| RingPlan {
+            successor_socket: None,
             generation: 1,
             rank,
             peers: peers.clone(),

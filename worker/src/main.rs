@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_collective::ring;
-use ringleader_collective::{CollectiveService, RingOptions};
+use ringleader_collective::{CollectiveService, LocalSocket, RingOptions};
 use ringleader_coordinator::cli::{parse_duration, TlsArgs};
 use ringleader_coordinator::client::{self, Connection};
 use ringleader_coordinator::runtime;
@@ -152,6 +152,23 @@ struct Args {
     )]
     ring_encryption: RingEncryption,
 
+    /// How ring partners on this machine reach this worker: `unix` (a Unix
+    /// socket in a private directory, used automatically by a rank whose
+    /// successor shares its machine: no TCP, no TLS, the ring secret still
+    /// checked) or `tcp` (always the peer address).
+    #[arg(
+        long,
+        env = "RINGLEADER_CO_LOCATED_RINGS",
+        value_enum,
+        default_value = "unix"
+    )]
+    co_located_rings: CoLocatedRings,
+
+    /// Where the Unix socket's private directory is made (default: the
+    /// system's temporary directory).
+    #[arg(long, env = "RINGLEADER_RING_SOCKET_DIR")]
+    ring_socket_dir: Option<PathBuf>,
+
     /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
@@ -161,6 +178,12 @@ struct Args {
 enum RingEncryption {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CoLocatedRings {
+    Unix,
+    Tcp,
 }
 
 #[tokio::main]
@@ -234,6 +257,39 @@ async fn run(args: Args) -> Result<()> {
             ),
     );
 
+    // Ring partners on this machine: a Unix socket, served until the same
+    // stop as the TCP port.
+    let (local_peer_address, machine_id, local_server) = match (
+        args.co_located_rings,
+        ringleader_collective::local::machine_id(),
+    ) {
+        (CoLocatedRings::Unix, Some(machine_id)) => {
+            let parent = args
+                .ring_socket_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir);
+            let mut socket = LocalSocket::bind(&parent)?;
+            let path = socket.path().display().to_string();
+            info!(socket = %path, "ring partners on this machine connect over a Unix socket");
+            let (service, options, stop) = (
+                collectives.clone(),
+                ring_options.clone(),
+                server_stop.clone(),
+            );
+            let server = tokio::spawn(async move {
+                socket
+                    .serve(&service, &options, stop.cancelled_owned())
+                    .await
+            });
+            (path, Some(machine_id), Some(server))
+        }
+        (CoLocatedRings::Unix, None) => {
+            warn!("this kernel gives no boot id: ring partners on this machine use TCP");
+            (String::new(), None, None)
+        }
+        (CoLocatedRings::Tcp, _) => (String::new(), None, None),
+    };
+
     let options = AgentOptions {
         connection: Connection {
             coordinators: client::split_addresses(&args.coordinator),
@@ -246,8 +302,9 @@ async fn run(args: Args) -> Result<()> {
             host,
             peer_address: advertise,
             resources: Some(resources),
-            running: None,
-            last_finished: None,
+            local_peer_address,
+            machine_id: machine_id.clone().unwrap_or_default(),
+            ..Register::default()
         },
         min_backoff: Duration::from_millis(100),
         max_backoff: args.max_backoff,
@@ -268,6 +325,7 @@ async fn run(args: Args) -> Result<()> {
         device,
         threads: args.threads,
         confinement,
+        machine_id,
     });
     let agent_stop = CancellationToken::new();
     let agent = tokio::spawn(agent::run(
@@ -290,5 +348,8 @@ async fn run(args: Args) -> Result<()> {
     let _ = agent.await;
     server_stop.cancel();
     peer_server.await?.context("peer server")?;
+    if let Some(server) = local_server {
+        server.await?.context("peer server on the Unix socket")?;
+    }
     Ok(())
 }

@@ -32,6 +32,9 @@ pub struct TrialContext {
     /// write checkpoints (`--data-root`, `--checkpoint-root`). An attempt
     /// whose job or checkpoint directory points elsewhere fails, saying so.
     pub confinement: Confinement,
+    /// This machine's id when the worker serves a Unix socket for ring
+    /// partners on the same machine (`--ring-unix-socket`), else `None`.
+    pub machine_id: Option<String>,
 }
 
 struct Running {
@@ -268,6 +271,7 @@ async fn run_attempt(
     let plan = RingPlan {
         generation: assignment.generation,
         rank: assignment.rank as usize,
+        successor_socket: successor_socket(&assignment, trials.context.machine_id.as_deref()),
         peers: assignment.peers.clone(),
         secret,
     };
@@ -333,6 +337,16 @@ async fn run_attempt(
         ),
     };
     finished(attempt, outcome, epochs, checkpoint, error)
+}
+
+/// The successor's Unix socket if it registered one on this machine.
+fn successor_socket(assignment: &Assignment, machine_id: Option<&str>) -> Option<PathBuf> {
+    let world = assignment.peers.len();
+    let successor = (assignment.rank as usize + 1) % world.max(1);
+    let ours = machine_id?;
+    let theirs = assignment.machine_ids.get(successor)?;
+    let socket = assignment.local_peers.get(successor)?;
+    (theirs == ours && !socket.is_empty()).then(|| PathBuf::from(socket))
 }
 
 #[cfg(test)]

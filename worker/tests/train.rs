@@ -67,6 +67,7 @@ fn must_connect_ring(runtime: &Runtime, world: usize) -> Vec<Ring> {
         let secret = RingSecret::generate();
         let connects = services.iter().enumerate().map(|(rank, service)| {
             let plan = RingPlan {
+                successor_socket: None,
                 generation: 1,
                 rank,
                 peers: peers.clone(),

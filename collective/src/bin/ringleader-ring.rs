@@ -20,8 +20,8 @@ use half::{bf16, f16};
 use ringleader_collective::plan::segment;
 use ringleader_collective::ring;
 use ringleader_collective::{
-    CollectiveService, Element, ReduceOp, Ring, RingBuffer, RingOptions, RingPlan, RingSecret,
-    Transport,
+    CollectiveService, Element, LocalSocket, ReduceOp, Ring, RingBuffer, RingOptions, RingPlan,
+    RingSecret, Transport,
 };
 use ringleader_security::{Role, TlsDir};
 use serde_json::json;
@@ -93,6 +93,11 @@ struct Args {
     /// every rank).
     #[arg(long, env = "RINGLEADER_RING_SECRET_FILE")]
     ring_secret_file: Option<PathBuf>,
+
+    /// Also serve a Unix socket at DIR/rank-<rank>.sock and dial the
+    /// successor's there (co-located ranks; DIR should be private).
+    #[arg(long)]
+    unix_socket_dir: Option<PathBuf>,
 }
 
 /// Largest secret file read (a secret is at most 1 KiB, 2 KiB in hex).
@@ -182,7 +187,33 @@ async fn main() -> Result<()> {
             stop_serving.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
+    let socket_of = |rank: usize| {
+        let dir = args.unix_socket_dir.as_ref()?;
+        Some(dir.join(format!("rank-{rank}.sock")))
+    };
+    let local_server = match socket_of(args.rank) {
+        Some(path) => {
+            let mut socket = LocalSocket::bind_at(&path)?;
+            let (service, options, stop) = (service.clone(), options.clone(), stop_serving.clone());
+            Some(tokio::spawn(async move {
+                socket
+                    .serve(&service, &options, stop.cancelled_owned())
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let successor_socket = socket_of((args.rank + 1) % args.peers.len());
+    if let Some(path) = &successor_socket {
+        // Ranks start together here (a worker binds before it registers):
+        // give the successor until the timeout to bind.
+        let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
+        while !path.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let plan = RingPlan {
+        successor_socket,
         generation: args.generation,
         rank: args.rank,
         peers: args.peers.clone(),
@@ -203,6 +234,11 @@ async fn main() -> Result<()> {
     tokio::time::timeout(timeout, server)
         .await
         .context("the peer server did not stop in time")???;
+    if let Some(server) = local_server {
+        tokio::time::timeout(timeout, server)
+            .await
+            .context("the Unix socket's server did not stop in time")???;
+    }
     Ok(())
 }
 

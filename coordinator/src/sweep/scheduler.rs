@@ -610,10 +610,15 @@ impl Scheduler {
                     trial: work.trial,
                     attempt: attempt.number,
                 };
-                let peers: Vec<String> = gang
-                    .iter()
-                    .map(|w| self.registry.peer_address(w).unwrap_or_default())
-                    .collect();
+                let registered = |field: fn(&Register) -> &String| -> Vec<String> {
+                    gang.iter()
+                        .map(|w| self.registry.registration(w).map(field).cloned())
+                        .map(Option::unwrap_or_default)
+                        .collect()
+                };
+                let peers = registered(|r| &r.peer_address);
+                let local_peers = registered(|r| &r.local_peer_address);
+                let machine_ids = registered(|r| &r.machine_id);
                 let job_json = serde_json::to_string(&job).expect("job serialises");
                 let ring_secret = new_ring_secret();
                 for (rank, worker) in gang.iter().enumerate() {
@@ -630,6 +635,8 @@ impl Scheduler {
                             stop_epoch: work.stop_epoch,
                             checkpoint_dir: dir.display().to_string(),
                             ring_secret: ring_secret.clone(),
+                            local_peers: local_peers.clone(),
+                            machine_ids: machine_ids.clone(),
                         }),
                     );
                 }

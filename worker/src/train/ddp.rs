@@ -817,6 +817,7 @@ mod tests {
             let secret = RingSecret::generate();
             let connects = services.iter().enumerate().map(|(rank, service)| {
                 let plan = RingPlan {
+                    successor_socket: None,
                     generation: 1,
                     rank,
                     peers: peers.clone(),
