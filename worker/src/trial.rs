@@ -271,7 +271,7 @@ async fn run_attempt(
     let plan = RingPlan {
         generation: assignment.generation,
         rank: assignment.rank as usize,
-        successor_socket: successor_socket(&assignment, trials.context.machine_id.as_deref()),
+        successor_socket: successor_socket(assignment, trials.context.machine_id.as_deref()),
         peers: assignment.peers.clone(),
         secret,
     };
