@@ -62,6 +62,10 @@ struct Args {
     /// connection window is twice this.
     #[arg(long, env = "RINGLEADER_COLLECTIVE_STREAM_WINDOW")]
     stream_window: Option<u32>,
+
+    /// Largest HTTP/2 frame accepted (default: RingOptions' default).
+    #[arg(long)]
+    frame_bytes: Option<u32>,
     /// Most inbound streams waiting for their ring at once.
     #[arg(long, env = "RINGLEADER_COLLECTIVE_MAX_WAITING_STREAMS", default_value_t = ringleader_collective::service::DEFAULT_MAX_WAITING_STREAMS)]
     max_waiting_streams: usize,
@@ -176,6 +180,10 @@ async fn main() -> Result<()> {
             ..options
         },
         None => options,
+    };
+    let options = RingOptions {
+        frame_bytes: args.frame_bytes.unwrap_or(options.frame_bytes),
+        ..options
     };
     let service = CollectiveService::for_rings(&options);
     let listener = TcpListener::bind(listen).await?;
