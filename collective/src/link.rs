@@ -24,16 +24,70 @@ use tonic::Status;
 use crate::error::CollectiveError;
 use crate::wire::{FrameDecoder, InFrame, OutFrame};
 
-/// Frames from the predecessor, or why its stream ended.
-pub type Inbound = mpsc::Receiver<Result<InFrame, CollectiveError>>;
+/// Frames from the predecessor, or why its stream ended, over one or
+/// more streams (stripes): frame k of the link travels on stripe k mod n.
+pub struct Inbound {
+    stripes: Vec<mpsc::Receiver<Result<InFrame, CollectiveError>>>,
+    next: usize,
+}
+
+impl Inbound {
+    pub fn new(stripes: Vec<mpsc::Receiver<Result<InFrame, CollectiveError>>>) -> Self {
+        assert!(!stripes.is_empty(), "a link has at least one stream");
+        Self { stripes, next: 0 }
+    }
+
+    /// The link's next frame, from the stripe it was sent on. Cancel-safe:
+    /// a receive that did not complete does not move the link on.
+    pub async fn recv(&mut self) -> Option<Result<InFrame, CollectiveError>> {
+        let stripe = self.next % self.stripes.len();
+        let got = self.stripes[stripe].recv().await;
+        if matches!(got, Some(Ok(_))) {
+            self.next += 1;
+        }
+        got
+    }
+
+    /// After the last frame: every stripe's end, or the first thing that
+    /// is not one (a frame, which the caller reports).
+    pub async fn recv_ends(&mut self) -> Option<InFrame> {
+        for stripe in &mut self.stripes {
+            if let Some(Ok(frame)) = stripe.recv().await {
+                return Some(frame);
+            }
+        }
+        None
+    }
+}
+
+/// Frames to the successor, over one or more streams (see [`Inbound`]).
+pub struct Outbound {
+    stripes: Vec<mpsc::Sender<OutFrame>>,
+    next: usize,
+}
+
+impl Outbound {
+    pub fn new(stripes: Vec<mpsc::Sender<OutFrame>>) -> Self {
+        assert!(!stripes.is_empty(), "a link has at least one stream");
+        Self { stripes, next: 0 }
+    }
+
+    /// Queues `frame` on the next stripe; an error once that stream closed.
+    pub async fn send(&mut self, frame: OutFrame) -> Result<(), OutFrame> {
+        let stripe = self.next % self.stripes.len();
+        self.stripes[stripe].send(frame).await.map_err(|e| e.0)?;
+        self.next += 1;
+        Ok(())
+    }
+}
 
 /// A rank's two links.
 pub struct Links {
-    pub outbound: mpsc::Sender<OutFrame>,
+    pub outbound: Outbound,
     pub inbound: Inbound,
-    /// Carries `outbound`'s frames; ends once they are all delivered (or
-    /// with the reason they could not be).
-    pub carrier: JoinHandle<Result<(), Status>>,
+    /// Carry `outbound`'s frames, one per stripe; each ends once its
+    /// frames are all delivered (or with the reason they could not be).
+    pub carriers: Vec<JoinHandle<Result<(), Status>>>,
 }
 
 /// gRPC path of the `Collective.Ring` method.
@@ -149,7 +203,7 @@ pub fn memory_ring(world: usize, depth: usize, cut: usize, max_message_bytes: us
     }
     // Rank r's outgoing frames become rank r + 1's inbound ones.
     for (rank, (frames, delivered, inbound)) in pumps.into_iter().enumerate() {
-        inbounds[(rank + 1) % world] = Some(inbound);
+        inbounds[(rank + 1) % world] = Some(Inbound::new(vec![inbound]));
         carriers.push(tokio::spawn(pump(
             frames,
             delivered,
@@ -163,9 +217,9 @@ pub fn memory_ring(world: usize, depth: usize, cut: usize, max_message_bytes: us
         .zip(inbounds)
         .zip(carriers)
         .map(|((outbound, inbound), carrier)| Links {
-            outbound,
+            outbound: Outbound::new(vec![outbound]),
             inbound: inbound.expect("every rank has a predecessor"),
-            carrier,
+            carriers: vec![carrier],
         })
         .collect()
 }

@@ -40,9 +40,9 @@ use crate::buffer::{RingBuffer, StillInFlight, Target};
 use crate::element::{copy_parts, reduce_parts, Element};
 use crate::error::{CollectiveError, Result};
 use crate::frame::{chunk_elements, FrameCheck, OpHeader};
-use crate::link::{open_stream, Inbound, Links};
+use crate::link::{open_stream, Inbound, Links, Outbound};
 use crate::plan::{all_gather_step, chunks, reduce_scatter_step, ring_sub, segment};
-use crate::service::{CollectiveService, InboundLink};
+use crate::service::{CollectiveService, InboundLink, STRIPE_METADATA_KEY};
 use crate::wire::{HeadWriter, InFrame, OutFrame};
 
 /// A tonic server tuned for ring traffic (windows, frame size), bounded
@@ -121,6 +121,9 @@ pub struct RingOptions {
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept (hyper's default is 16 KiB).
     pub frame_bytes: u32,
+    /// Connections (each with one stream) per ring link; frames take them
+    /// in turn. Every rank of a ring must use the same.
+    pub stripes: usize,
     /// Most inbound streams waiting for their ring at once (see
     /// [`crate::service::ServiceLimits::max_waiting_streams`]).
     pub max_waiting_streams: usize,
@@ -173,6 +176,7 @@ impl Default for RingOptions {
             frame_bytes: (1 << 20) - 1,
             max_waiting_streams: crate::service::DEFAULT_MAX_WAITING_STREAMS,
             transport: Transport::Insecure,
+            stripes: 1,
         }
     }
 }
@@ -258,29 +262,17 @@ impl Ring {
         }
         let predecessor = ring_sub(plan.rank, 1, world);
         let successor = (plan.rank + 1) % world;
+        let stripes = ring.options.stripes.max(1);
         let registration = service.register(
             InboundLink {
                 generation: plan.generation,
                 rank: plan.rank,
                 predecessor,
                 secret: plan.secret.clone(),
+                stripes,
             },
             ring.options.queue_depth,
         )?;
-        let channel = match &plan.successor_socket {
-            // Same machine: its Unix socket, or TCP if that fails.
-            Some(path) => match crate::local::dial(path, &ring.options).await {
-                Ok(channel) => {
-                    tracing::info!(socket = %path.display(), successor, "ring link to the successor over its Unix socket");
-                    channel
-                }
-                Err(reason) => {
-                    tracing::warn!(socket = %path.display(), %reason, "cannot reach the ring successor's Unix socket; using TCP");
-                    dial(&plan.peers[successor], successor, &ring.options).await?
-                }
-            },
-            None => dial(&plan.peers[successor], successor, &ring.options).await?,
-        };
         let mut metadata = tonic::metadata::MetadataMap::new();
         metadata.insert(
             ringleader_proto::GENERATION_METADATA_KEY,
@@ -297,12 +289,22 @@ impl Ring {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("a proof is hex digits")),
         );
-        let (outbound, mut call) = open_stream(channel, metadata, ring.options.queue_depth);
-        // Every rank opened its outgoing stream before waiting here, so once
-        // our predecessor's stream is in, every link of the ring exists and a
+        // One connection, and one stream on it, per stripe.
+        let mut outbound = Vec::with_capacity(stripes);
+        let mut calls = Vec::with_capacity(stripes);
+        for stripe in 0..stripes {
+            let channel = dial_successor(&plan, successor, &ring.options).await?;
+            let mut metadata = metadata.clone();
+            metadata.insert(STRIPE_METADATA_KEY, (stripe as u64).into());
+            let (frames, call) = open_stream(channel, metadata, ring.options.queue_depth);
+            outbound.push(frames);
+            calls.push(call);
+        }
+        // Every rank opened its outgoing streams before waiting here, so
+        // once our predecessor's are in, every link of the ring exists and a
         // rank that dies later is noticed as a broken stream, not silence.
-        // A successor that refuses our stream (wrong secret, stale
-        // generation, not a worker certificate) ends our call meanwhile:
+        // A successor that refuses a stream (wrong secret, stale
+        // generation, not a worker certificate) ends that call meanwhile:
         // that is reported at once, with its reason.
         let inbound = registration.inbound;
         let waited = ring.options.timeout;
@@ -317,7 +319,7 @@ impl Ring {
                     return Err(did_not_arrive());
                 }
             }
-            answer = &mut call => {
+            (answer, _, _) = futures::future::select_all(calls.iter_mut()) => {
                 let reason = match answer {
                     Ok(Err(status)) => format!(
                         "it refused our stream ({:?}): {}",
@@ -335,9 +337,9 @@ impl Ring {
             }
         }
         ring.links = Some(Links {
-            outbound,
+            outbound: Outbound::new(outbound),
             inbound,
-            carrier: call,
+            carriers: calls,
         });
         Ok(ring)
     }
@@ -498,40 +500,43 @@ impl Ring {
         let Links {
             outbound,
             mut inbound,
-            carrier: call,
+            carriers,
         } = links;
         drop(outbound);
         let timeout = self.options.timeout;
         let successor = (self.rank + 1) % self.world;
         let predecessor = ring_sub(self.rank, 1, self.world);
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(status))) => {
-                return Err(CollectiveError::PeerLost {
-                    rank: successor,
-                    reason: status.message().to_string(),
-                })
-            }
-            Ok(Err(join)) => {
-                return Err(CollectiveError::PeerLost {
-                    rank: successor,
-                    reason: join.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(CollectiveError::Timeout {
-                    rank: successor,
-                    waited: timeout,
-                    step: 0,
-                    chunk: 0,
-                })
+        for call in carriers {
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(status))) => {
+                    return Err(CollectiveError::PeerLost {
+                        rank: successor,
+                        reason: status.message().to_string(),
+                    })
+                }
+                Ok(Err(join)) => {
+                    return Err(CollectiveError::PeerLost {
+                        rank: successor,
+                        reason: join.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(CollectiveError::Timeout {
+                        rank: successor,
+                        waited: timeout,
+                        step: 0,
+                        chunk: 0,
+                    })
+                }
             }
         }
-        // The predecessor's stream ends with an error status ("closed its
-        // stream") or by the channel closing; a data frame now is a bug.
-        match tokio::time::timeout(timeout, inbound.recv()).await {
-            Ok(None | Some(Err(_))) => Ok(()),
-            Ok(Some(Ok(frame))) => Err(CollectiveError::Mismatch {
+        // Each of the predecessor's streams ends with an error status
+        // ("closed its stream") or by the channel closing; a data frame now
+        // is a bug.
+        match tokio::time::timeout(timeout, inbound.recv_ends()).await {
+            Ok(None) => Ok(()),
+            Ok(Some(frame)) => Err(CollectiveError::Mismatch {
                 rank: predecessor,
                 field: "operation count",
                 ours: format!("{} operations", self.sequence),
@@ -556,6 +561,28 @@ impl Ring {
             self.links = None;
         }
         result
+    }
+}
+
+/// A new connection to the successor: over its Unix socket when it is on
+/// this machine (TCP if that fails), else to its TCP address.
+async fn dial_successor(
+    plan: &RingPlan,
+    successor: usize,
+    options: &RingOptions,
+) -> Result<Channel> {
+    let Some(path) = &plan.successor_socket else {
+        return dial(&plan.peers[successor], successor, options).await;
+    };
+    match crate::local::dial(path, options).await {
+        Ok(channel) => {
+            tracing::info!(socket = %path.display(), successor, "ring link to the successor over its Unix socket");
+            Ok(channel)
+        }
+        Err(reason) => {
+            tracing::warn!(socket = %path.display(), %reason, "cannot reach the ring successor's Unix socket; using TCP");
+            dial(&plan.peers[successor], successor, options).await
+        }
     }
 }
 
@@ -624,13 +651,13 @@ async fn writable<'d, T: Element, D: Target<T> + ?Sized>(
 
 /// Sends frames from `initial`, then from `forward`, until `forward` closes.
 async fn send_all(
-    links_out: &mpsc::Sender<OutFrame>,
+    links_out: &mut Outbound,
     initial: Vec<OutFrame>,
     mut forward: mpsc::UnboundedReceiver<OutFrame>,
     successor: usize,
     timeout: Duration,
 ) -> Result<()> {
-    let send = |frame: OutFrame| async move {
+    let mut send = async |frame: OutFrame| {
         let (step, chunk) = (frame.step, frame.chunk);
         match tokio::time::timeout(timeout, links_out.send(frame)).await {
             Ok(Ok(())) => Ok(()),
@@ -714,7 +741,7 @@ async fn all_reduce_ring<T: Element, D: Target<T> + ?Sized>(
         .collect();
     let (forward, forwarded) = mpsc::unbounded_channel();
     let sender = send_all(
-        &links.outbound,
+        &mut links.outbound,
         initial,
         forwarded,
         successor,
@@ -789,7 +816,7 @@ async fn broadcast_ring<T: Element>(
             .collect();
         drop(forward);
         return send_all(
-            &links.outbound,
+            &mut links.outbound,
             initial,
             forwarded,
             successor,
@@ -798,7 +825,7 @@ async fn broadcast_ring<T: Element>(
         .await;
     }
     let sender = send_all(
-        &links.outbound,
+        &mut links.outbound,
         Vec::new(),
         forwarded,
         successor,
@@ -836,7 +863,7 @@ async fn all_gather_ring(
     gathered[rank] = payload.clone();
     let (forward, forwarded) = mpsc::unbounded_channel();
     let sender = send_all(
-        &links.outbound,
+        &mut links.outbound,
         vec![heads.frame(&header.head(0, 0), payload.into())],
         forwarded,
         successor,

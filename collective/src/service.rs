@@ -51,6 +51,9 @@ use crate::error::CollectiveError;
 use crate::link::{Inbound, RING_PATH};
 use crate::wire::{FrameDecoder, InFrame};
 
+/// Which of a link's streams (connections) a stream is, from 0.
+pub const STRIPE_METADATA_KEY: &str = "ringleader-stripe";
+
 /// Where a claimed stream's frames go: the registered ring's inbound link.
 type FrameSender = mpsc::Sender<Result<InFrame, CollectiveError>>;
 
@@ -59,12 +62,14 @@ struct Waiting {
     /// This ring's rank here (the receiver of the link).
     rank: usize,
     secret: RingSecret,
-    frames: FrameSender,
-    /// Told when the predecessor's stream has arrived.
+    /// Per stripe, until its stream claims it.
+    frames: Vec<Option<FrameSender>>,
+    /// Told when the predecessor's streams have all arrived.
     attached: oneshot::Sender<()>,
 }
 
-/// The one stream a ring expects: from `predecessor` to `rank` (this
+/// The streams a ring expects: `stripes` of them (one per connection,
+/// see [`crate::RingOptions::stripes`]) from `predecessor` to `rank` (this
 /// process's rank) in `generation`, proven with `secret`.
 #[derive(Clone, Debug)]
 pub struct InboundLink {
@@ -72,10 +77,11 @@ pub struct InboundLink {
     pub rank: usize,
     pub predecessor: usize,
     pub secret: RingSecret,
+    pub stripes: usize,
 }
 
 /// A registered ring's side of the service: its predecessor's frames, and a
-/// signal that fires once that predecessor's stream has been accepted.
+/// signal that fires once all that predecessor's streams have been accepted.
 pub struct Registration {
     pub inbound: Inbound,
     pub attached: oneshot::Receiver<()>,
@@ -203,8 +209,8 @@ impl CollectiveService {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Expects one stream for `link`: from its predecessor, proven with its
-    /// secret.
+    /// Expects `link.stripes` streams for `link`: from its predecessor,
+    /// proven with its secret.
     pub fn register(
         &self,
         link: InboundLink,
@@ -215,8 +221,14 @@ impl CollectiveService {
             rank,
             predecessor,
             secret,
+            stripes,
         } = link;
-        let (tx, rx) = mpsc::channel(depth.max(1));
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..stripes.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(depth.max(1));
+                (Some(tx), rx)
+            })
+            .unzip();
         let (attached_tx, attached_rx) = oneshot::channel();
         {
             let mut registry = self.registry();
@@ -235,14 +247,14 @@ impl CollectiveService {
                     predecessor,
                     rank,
                     secret,
-                    frames: tx,
+                    frames: senders,
                     attached: attached_tx,
                 },
             );
         }
         self.registered.notify_waiters();
         Ok(Registration {
-            inbound: rx,
+            inbound: Inbound::new(receivers),
             attached: attached_rx,
         })
     }
@@ -256,6 +268,7 @@ impl CollectiveService {
         &self,
         generation: u64,
         sender: usize,
+        stripe: usize,
         proof: Option<&str>,
     ) -> Result<FrameSender, Status> {
         let refuse = |problem: ProofError| -> Status {
@@ -299,10 +312,25 @@ impl CollectiveService {
                             waiting.predecessor
                         )));
                     }
-                    if let Some(waiting) = registry.waiting.remove(&generation) {
-                        let _ = waiting.attached.send(());
-                        return Ok(waiting.frames);
+                    let Some(Some(frames)) = registry
+                        .waiting
+                        .get_mut(&generation)
+                        .map(|waiting| waiting.frames.get_mut(stripe).and_then(Option::take))
+                    else {
+                        return Err(Status::failed_precondition(format!(
+                            "stripe {stripe} of generation {generation} is connected already, or the ring has no such stripe"
+                        )));
+                    };
+                    let all_in = registry
+                        .waiting
+                        .get(&generation)
+                        .is_some_and(|waiting| waiting.frames.iter().all(Option::is_none));
+                    if all_in {
+                        if let Some(waiting) = registry.waiting.remove(&generation) {
+                            let _ = waiting.attached.send(());
+                        }
                     }
+                    return Ok(frames);
                 }
             }
             if slot.is_none() {
@@ -342,12 +370,17 @@ impl CollectiveService {
         self.transport.check_peer(&request, Role::Worker)?;
         let generation = metadata_number(&request, ringleader_proto::GENERATION_METADATA_KEY)?;
         let sender = metadata_number(&request, ringleader_proto::RANK_METADATA_KEY)? as usize;
+        // One stream per connection of a striped link; absent: stripe 0.
+        let stripe = match request.metadata().get(STRIPE_METADATA_KEY) {
+            Some(_) => metadata_number(&request, STRIPE_METADATA_KEY)? as usize,
+            None => 0,
+        };
         // A value that is not visible ASCII counts as malformed, not missing.
         let proof = request
             .metadata()
             .get(RING_PROOF_METADATA_KEY)
             .map(|value| value.to_str().unwrap_or("?"));
-        let frames = self.claim(generation, sender, proof).await?;
+        let frames = self.claim(generation, sender, stripe, proof).await?;
         let mut body = request.into_inner();
         let mut decoder = FrameDecoder::new(self.limits.max_message_bytes);
         // Tells the ring why its stream ended, and answers the sender.
@@ -588,6 +621,7 @@ mod tests {
             rank,
             predecessor: rank - 1,
             secret: secret.clone(),
+            stripes: 1,
         }
     }
 

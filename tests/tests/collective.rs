@@ -366,19 +366,27 @@ fn all_reduce_matches_the_reference_bit_for_bit_in_worlds_one_to_six() {
     let tls = Security::tls();
     let encryption_off = Security::encryption_off();
     // Over mutual TLS in worlds 1 to 6; with ring encryption off in world 3;
-    // over Unix sockets (ranks on one machine) in world 4.
-    let worlds = (1..=6usize)
-        .map(|w| (w, &tls, false))
-        .chain([(3, &encryption_off, false), (4, &tls, true)]);
-    for (world, security, unix) in worlds {
+    // over Unix sockets (ranks on one machine) in world 4; each link striped
+    // over 3 connections in world 3 (TCP) and 2 (Unix sockets).
+    let worlds = (1..=6usize).map(|w| (w, &tls, false, 1)).chain([
+        (3, &encryption_off, false, 1),
+        (4, &tls, true, 1),
+        (3, &tls, false, 3),
+        (2, &tls, true, 3),
+    ]);
+    for (world, security, unix, stripes) in worlds {
         // One world also reduces a 50M-element buffer (200 MB per rank).
-        let big = if world == 3 && security.tls {
+        let big = if world == 3 && security.tls && stripes == 1 {
             "--big=50000000"
         } else {
             "--big=0"
         };
         let sockets = tempfile::tempdir().unwrap();
-        let mut args = vec!["--mode=check".to_string(), big.to_string()];
+        let mut args = vec![
+            "--mode=check".to_string(),
+            big.to_string(),
+            format!("--stripes={stripes}"),
+        ];
         if unix {
             args.push(format!("--unix-socket-dir={}", sockets.path().display()));
         }
@@ -537,6 +545,7 @@ fn link(generation: u64, secret: &RingSecret) -> InboundLink {
         rank: 2,
         predecessor: 1,
         secret: secret.clone(),
+        stripes: 1,
     }
 }
 

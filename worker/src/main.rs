@@ -109,6 +109,18 @@ struct Args {
     )]
     collective_chunk_bytes: u64,
 
+    /// Connections per ring link; frames take them in turn. More than one
+    /// can help on real NICs where one TCP stream does not fill the link
+    /// (on loopback it does not: docs/BENCHMARKS.md). Every worker of a
+    /// cluster must use the same value.
+    #[arg(
+        long,
+        env = "RINGLEADER_COLLECTIVE_STRIPES",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u64).range(1..=16)
+    )]
+    collective_stripes: u64,
+
     /// libtorch threads per attempt when the job does not set `threads`
     /// (0: libtorch's default, one per core). Workers sharing a machine
     /// should split its cores (`ringleader local` does).
@@ -239,6 +251,7 @@ async fn run(args: Args) -> Result<()> {
         connection_window: args.collective_stream_window.saturating_mul(2),
         max_waiting_streams: args.collective_max_waiting_streams as usize,
         transport: ring_transport,
+        stripes: args.collective_stripes as usize,
         ..RingOptions::default()
     };
     // Rings built from coordinator plans register here.

@@ -66,6 +66,10 @@ struct Args {
     /// Largest HTTP/2 frame accepted (default: RingOptions' default).
     #[arg(long)]
     frame_bytes: Option<u32>,
+
+    /// Connections per ring link (frames take them in turn).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    stripes: u64,
     /// Most inbound streams waiting for their ring at once.
     #[arg(long, env = "RINGLEADER_COLLECTIVE_MAX_WAITING_STREAMS", default_value_t = ringleader_collective::service::DEFAULT_MAX_WAITING_STREAMS)]
     max_waiting_streams: usize,
@@ -183,6 +187,7 @@ async fn main() -> Result<()> {
     };
     let options = RingOptions {
         frame_bytes: args.frame_bytes.unwrap_or(options.frame_bytes),
+        stripes: args.stripes as usize,
         ..options
     };
     let service = CollectiveService::for_rings(&options);
