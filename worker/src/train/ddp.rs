@@ -13,17 +13,19 @@
 //! because every rank applies the same averaged gradient.
 //!
 //! With `gradient_compression = "bf16"` or `"f16"` (PyTorch DDP's
-//! `bf16_compress_hook` / `fp16_compress_hook`) a bucket is averaged
-//! through a 16-bit copy of itself:
+//! `bf16_compress_hook` / `fp16_compress_hook`) a bucket travels as a
+//! 16-bit copy of itself:
 //!
 //! ```text
-//!   f32 bucket ──÷ world, round──▶ 16-bit copy ──ring sum──▶ 16-bit sum
-//!        ▲   (each hop adds in f32, rounds once)                  │
-//!        └──────────────────── widen (exact) ◀────────────────────┘
+//!   f32 gradients ──÷ world, round──▶ 16-bit bucket ──ring sum──▶ 16-bit sum
+//!                    (each hop adds in f32, rounds once)               │
+//!   f32 bucket ◀──────────────────── widen (exact) ◀───────────────────┘
 //! ```
 //!
-//! The ring's all-gather hands every rank the same 16-bit bits, so the
-//! widened f32 average is bit-identical everywhere.
+//! The gradients are rounded straight into the 16-bit bucket as backward
+//! produces them (no f32 copy first). The ring's all-gather hands every
+//! rank the same 16-bit bits, so the widened f32 average is bit-identical
+//! everywhere.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
 
+use half::slice::HalfFloatSliceExt;
 use ringleader_collective::{ReduceOp, Ring};
 use tch::{Device, Kind, Reduction, Tensor};
 use tokio::runtime::Handle;
@@ -59,9 +62,16 @@ struct Buckets {
     /// Per group, the range of its members in `views` and of its buffers
     /// in `flats`.
     groups: Vec<(Range<usize>, Range<usize>)>,
+    /// Per member, the index of its flat buffer and its offset there.
+    places: Vec<(usize, i64)>,
     /// Per flat buffer, the 16-bit buffer it travels in when gradients are
     /// compressed (`None`: it travels as it is). Empty: no compression.
     wire: Vec<Option<Tensor>>,
+    /// Per member, its view in its `wire` buffer, if it has one: the
+    /// member's gradient is rounded straight into it (no f32 copy first).
+    wire_views: Vec<Option<Tensor>>,
+    /// What compressed members are divided by as they are rounded.
+    world: usize,
 }
 
 impl Buckets {
@@ -74,19 +84,22 @@ impl Buckets {
     fn grouped(like: &[Tensor], group_sizes: &[usize], cap_bytes: usize) -> Self {
         let mut flats = Vec::new();
         let mut views = Vec::new();
+        let mut places = Vec::new();
         let mut groups = Vec::new();
-        let close = |group: &mut Vec<&Tensor>, flats: &mut Vec<Tensor>, views: &mut Vec<Tensor>| {
-            let Some(first) = group.first() else { return };
-            let numel: i64 = group.iter().map(|t| t.numel() as i64).sum();
-            let flat = Tensor::zeros([numel], (first.kind(), first.device()));
-            let mut offset = 0;
-            for t in group.drain(..) {
-                let n = t.numel() as i64;
-                views.push(flat.narrow(0, offset, n).view(t.size().as_slice()));
-                offset += n;
-            }
-            flats.push(flat);
-        };
+        let mut close =
+            |group: &mut Vec<&Tensor>, flats: &mut Vec<Tensor>, views: &mut Vec<Tensor>| {
+                let Some(first) = group.first() else { return };
+                let numel: i64 = group.iter().map(|t| t.numel() as i64).sum();
+                let flat = Tensor::zeros([numel], (first.kind(), first.device()));
+                let mut offset = 0;
+                for t in group.drain(..) {
+                    let n = t.numel() as i64;
+                    views.push(flat.narrow(0, offset, n).view(t.size().as_slice()));
+                    places.push((flats.len(), offset));
+                    offset += n;
+                }
+                flats.push(flat);
+            };
         let mut members = like.iter();
         for &size in group_sizes {
             let (first_view, first_flat) = (views.len(), flats.len());
@@ -108,17 +121,26 @@ impl Buckets {
         Self {
             flats,
             views,
+            places,
             groups,
             wire: Vec::new(),
+            wire_views: Vec::new(),
+            world: 1,
         }
     }
 
-    /// Makes every f32 buffer travel as `compression` says from now on.
-    /// Buffers of other kinds (f64, or already 16-bit) travel as they are.
-    fn compress(&mut self, compression: GradientCompression) -> Result<(), TrainError> {
+    /// Makes every f32 buffer travel as `compression` says from now on,
+    /// averaged over `world` ranks. Buffers of other kinds (f64, or already
+    /// 16-bit) travel as they are.
+    fn compress(
+        &mut self,
+        compression: GradientCompression,
+        world: usize,
+    ) -> Result<(), TrainError> {
         let kind = match compression {
             GradientCompression::None => {
                 self.wire.clear();
+                self.wire_views.clear();
                 return Ok(());
             }
             GradientCompression::Bf16 => Kind::BFloat16,
@@ -133,6 +155,19 @@ impl Buckets {
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
+        self.wire_views = self
+            .places
+            .iter()
+            .zip(&self.views)
+            .map(|(&(flat, offset), view)| {
+                let wire = self.wire[flat].as_ref()?;
+                Some(
+                    wire.narrow(0, offset, view.numel() as i64)
+                        .view(view.size().as_slice()),
+                )
+            })
+            .collect();
+        self.world = world;
         Ok(())
     }
 
@@ -151,20 +186,27 @@ impl Buckets {
         &self,
         tensors: impl IntoIterator<Item = T>,
     ) -> Result<(), TrainError> {
-        Self::fill_views(&self.views, tensors)
+        self.fill_members(0..self.views.len(), tensors)
     }
 
-    fn fill_views<T: Borrow<Tensor>>(
-        views: &[Tensor],
+    /// Copies `tensors` into the members `members`; a compressed member is
+    /// divided by the world and rounded into its 16-bit view instead.
+    fn fill_members<T: Borrow<Tensor>>(
+        &self,
+        members: Range<usize>,
         tensors: impl IntoIterator<Item = T>,
     ) -> Result<(), TrainError> {
         tch::no_grad(|| {
-            for (view, t) in views.iter().zip(tensors) {
-                let (mut view, t) = (view.shallow_clone(), t.borrow());
-                if t.defined() {
-                    view.f_copy_(t)?;
-                } else {
-                    let _ = view.f_zero_()?;
+            for (member, t) in members.zip(tensors) {
+                let t = t.borrow();
+                let wire = self.wire_views.get(member).and_then(Option::as_ref);
+                let mut view = wire.unwrap_or(&self.views[member]).shallow_clone();
+                match (t.defined(), wire.is_some()) {
+                    (false, _) => {
+                        let _ = view.f_zero_()?;
+                    }
+                    (true, true) => narrow(t, &mut view, self.world)?,
+                    (true, false) => view.f_copy_(t)?,
                 }
             }
             Ok(())
@@ -283,7 +325,7 @@ impl<'a> Trainer<'a> {
                 compression = ?spec.gradient_compression,
                 "gradients travel in 16 bits"
             );
-            grads.compress(spec.gradient_compression)?;
+            grads.compress(spec.gradient_compression, segment.world)?;
         }
         let mut trainer = Self {
             grads,
@@ -604,10 +646,9 @@ fn backward_and_average(
 }
 
 /// Averages one gradient buffer over the ring, in place: as it is, or,
-/// when it has a 16-bit `wire` buffer, through that (see the module's
-/// comment). As DDP's compression hooks do, each rank divides by the world
-/// before rounding, so that a sum cannot overflow f16 where the average
-/// would not.
+/// when it has a 16-bit `wire` buffer (which [`Buckets::fill_members`]
+/// filled with the gradients divided by the world, rounded), by summing
+/// that and widening the sum into `flat` (see the module's comment).
 fn average(
     ring: &mut Ring,
     runtime: &Handle,
@@ -618,14 +659,144 @@ fn average(
         runtime.block_on(collective::all_reduce(ring, flat, ReduceOp::Avg))?;
         return Ok(());
     };
-    let world = Tensor::from(ring.world() as f32).f_to_device(flat.device())?;
-    tch::no_grad(|| -> Result<(), TrainError> {
-        // Divided in f32 and rounded to 16 bits in one pass.
-        let _ = flat.f_div_out(&wire, &world)?;
-        runtime.block_on(collective::all_reduce(ring, &mut wire, ReduceOp::Sum))?;
-        flat.f_copy_(&wire)?;
-        Ok(())
-    })
+    runtime.block_on(collective::all_reduce(ring, &mut wire, ReduceOp::Sum))?;
+    widen(&wire, flat)
+}
+
+/// Elements converted per pass of [`narrow`]'s host loop (16 KiB of f32,
+/// on the stack, in L1).
+const NARROW_CHUNK: usize = 4096;
+
+/// `wire = round(gradient / world)`, `wire` being a bf16 or f16 tensor of
+/// `gradient`'s shape. Dividing before rounding, as DDP's compression hooks
+/// do, keeps a sum from overflowing f16 where the average would not. A
+/// contiguous CPU gradient is converted here, in loops that vectorise
+/// (bf16) or with the `half` crate's slice conversions (f16: F16C where the
+/// CPU has it): libtorch's dtype-converting `div` took about 6 ns an
+/// element on one thread, more than the halved traffic saves. Elsewhere
+/// (CUDA, strided) libtorch does it; both round to nearest, ties to even.
+fn narrow(gradient: &Tensor, wire: &mut Tensor, world: usize) -> Result<(), TrainError> {
+    let world = world as f32;
+    if gradient.kind() != Kind::Float || !on_host(gradient) || !on_host(wire) {
+        let divisor = Tensor::from(world).f_to_device(gradient.device())?;
+        let _ = tch::no_grad(|| gradient.f_div_out(wire, &divisor))?;
+        return Ok(());
+    }
+    if gradient.size() != wire.size() {
+        return Err(TrainError::Torch(tch::TchError::Shape(format!(
+            "a gradient of shape {:?} for a bucket view of shape {:?}",
+            gradient.size(),
+            wire.size()
+        ))));
+    }
+    // SAFETY: both are contiguous CPU tensors of the kinds named and of the
+    // same number of elements, in distinct storage (the gradient is
+    // autograd's, the wire buffer the bucket's); the gradient is only read,
+    // and the thread that calls this is the only one to use that part of
+    // the wire buffer meanwhile (the communication thread takes a bucket
+    // only once it is filled).
+    let source: &[f32] = unsafe { host_slice(gradient) };
+    match wire.kind() {
+        Kind::BFloat16 => {
+            for (target, &x) in unsafe { host_slice_mut::<u16>(wire) }
+                .iter_mut()
+                .zip(source)
+            {
+                *target = bf16_bits(x / world);
+            }
+        }
+        Kind::Half => narrow_into(source, unsafe { host_slice_mut::<half::f16>(wire) }, world),
+        other => unreachable!("wire buffers are 16-bit floats, not {other:?}"),
+    }
+    Ok(())
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even; a NaN stays a NaN), as
+/// bits. Branch-free, so that the loop around it vectorises (the `half`
+/// crate converts bf16 one element at a time, with branches).
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    (if bits & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }) as u16
+}
+
+/// `flat = wire`, widened exactly to f32.
+fn widen(wire: &Tensor, flat: &mut Tensor) -> Result<(), TrainError> {
+    if !on_host(flat) || !on_host(wire) {
+        tch::no_grad(|| flat.f_copy_(wire))?;
+        return Ok(());
+    }
+    // SAFETY: both are contiguous CPU tensors of the kinds named, of the
+    // same length (`Buckets::compress`), in distinct storage; the
+    // communication thread that calls this holds the only handles to this
+    // bucket in use until the step's reductions are joined.
+    let target = unsafe { host_slice_mut::<f32>(flat) };
+    match wire.kind() {
+        Kind::BFloat16 => {
+            let wire: &[u16] = unsafe { host_slice(wire) };
+            for (target, &bits) in target.iter_mut().zip(wire) {
+                *target = f32::from_bits(u32::from(bits) << 16);
+            }
+        }
+        Kind::Half => unsafe { host_slice::<half::f16>(wire) }.convert_to_f32_slice(target),
+        other => unreachable!("wire buffers are 16-bit floats, not {other:?}"),
+    }
+    Ok(())
+}
+
+fn narrow_into<T>(source: &[f32], target: &mut [T], world: f32)
+where
+    [T]: HalfFloatSliceExt,
+{
+    let mut scaled = [0f32; NARROW_CHUNK];
+    for (source, target) in source
+        .chunks(NARROW_CHUNK)
+        .zip(target.chunks_mut(NARROW_CHUNK))
+    {
+        let scaled = &mut scaled[..source.len()];
+        for (scaled, &x) in scaled.iter_mut().zip(source) {
+            *scaled = x / world;
+        }
+        target.convert_from_f32_slice(scaled);
+    }
+}
+
+fn on_host(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.is_contiguous()
+}
+
+/// The elements of a contiguous CPU tensor, to read.
+///
+/// SAFETY: the caller guarantees that `t` is contiguous, on the CPU and of
+/// `T`'s kind, and that nothing writes its elements while the slice lives.
+unsafe fn host_slice<T>(t: &Tensor) -> &[T] {
+    let numel = t.numel();
+    if numel == 0 {
+        return &[];
+    }
+    // SAFETY: upheld by the caller, see above.
+    unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<T>(), numel) }
+}
+
+/// The elements of a contiguous CPU tensor, to write.
+///
+/// SAFETY: the caller guarantees that `t` is contiguous, on the CPU and of
+/// `T`'s kind, and that nothing else reads or writes its elements while the
+/// slice lives.
+#[allow(clippy::mut_from_ref)]
+unsafe fn host_slice_mut<T>(t: &Tensor) -> &mut [T] {
+    let numel = t.numel();
+    if numel == 0 {
+        return &mut [];
+    }
+    // SAFETY: upheld by the caller, see above.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<T>(), numel) }
 }
 
 /// Back-propagates `loss` one stage at a time, from the last, into `grads`
@@ -654,7 +825,7 @@ fn backward_by_stage(
         let inputs: Vec<&Tensor> = params[members.clone()].iter().chain(below).collect();
         let mut gradients = Tensor::f_run_backward(&[&objective], &inputs, false, false)?;
         upstream = below.and_then(|_| gradients.pop());
-        Buckets::fill_views(&grads.views[members.clone()], &gradients)?;
+        grads.fill_members(members.clone(), &gradients)?;
         if !stage_done(flats.clone()) {
             break;
         }
@@ -864,7 +1035,7 @@ mod tests {
         on_every_rank(rings, runtime, |rank, ring, runtime| {
             let input = [Tensor::from_slice(&inputs[rank])];
             let mut buckets = Buckets::new(&input, BUCKET_BYTES);
-            buckets.compress(compression).unwrap();
+            buckets.compress(compression, 2).unwrap();
             buckets.fill(&input).unwrap();
             let (mut flat, wire) = buckets.bucket(0);
             average(ring, runtime, &mut flat, wire).unwrap();
@@ -931,6 +1102,57 @@ mod tests {
     }
 
     #[test]
+    fn host_conversions_round_as_libtorch_does() {
+        let tie = 1.0 + 2f32.powi(-8); // halfway between two bf16 values
+        let values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            -3.75,
+            tie,
+            -tie,
+            1.0 + 3.0 * 2f32.powi(-9),
+            1.0 + 2f32.powi(-11), // an f16 tie
+            1e-5,                 // an f16 subnormal
+            -7e-8,                // rounds to f16's smallest subnormal
+            1e-9,                 // 0 in f16
+            65519.0,              // the largest that rounds to f16's largest
+            65520.0 * 2.0,        // f16 infinity (after the division)
+            3e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+        ];
+        for (kind, world) in [(Kind::BFloat16, 2), (Kind::Half, 2), (Kind::BFloat16, 3)] {
+            let flat = Tensor::from_slice(&values);
+            let mut wire = Tensor::empty([values.len() as i64], (kind, Device::Cpu));
+            narrow(&flat, &mut wire, world).unwrap();
+            let expected = (&flat / world as f64).to_kind(kind);
+            // Bits, but any NaN as one value (libtorch keeps x86's sign).
+            let as_bits = |t: &Tensor| -> Vec<i16> {
+                let bits = Vec::<i16>::try_from(t.view_dtype(Kind::Int16)).unwrap();
+                let nan = Vec::<bool>::try_from(t.isnan()).unwrap();
+                bits.into_iter()
+                    .zip(nan)
+                    .map(|(b, nan)| if nan { i16::MIN } else { b })
+                    .collect()
+            };
+            assert_eq!(as_bits(&wire), as_bits(&expected), "{kind:?} / {world}");
+            let mut back = flat.zeros_like();
+            widen(&wire, &mut back).unwrap();
+            let widened = Vec::<f32>::try_from(&back).unwrap();
+            let libtorch = Vec::<f32>::try_from(wire.to_kind(Kind::Float)).unwrap();
+            for (ours, theirs) in widened.iter().zip(&libtorch) {
+                assert!(
+                    ours.to_bits() == theirs.to_bits() || ours.is_nan() && theirs.is_nan(),
+                    "{kind:?}: {ours} vs {theirs}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn only_f32_buckets_are_compressed() {
         let tensors = [
             Tensor::from_slice(&[1.0f32, 2.0]),
@@ -938,13 +1160,13 @@ mod tests {
         ];
         let mut buckets = Buckets::new(&tensors, BUCKET_BYTES);
         assert!(buckets.wire.is_empty());
-        buckets.compress(GradientCompression::Bf16).unwrap();
+        buckets.compress(GradientCompression::Bf16, 2).unwrap();
         let kinds: Vec<Option<Kind>> = (0..2)
             .map(|i| buckets.bucket(i).1.map(|w| w.kind()))
             .collect();
         assert_eq!(kinds, [Some(Kind::BFloat16), None]);
         assert_eq!(buckets.bucket(0).1.unwrap().numel(), 2);
-        buckets.compress(GradientCompression::None).unwrap();
+        buckets.compress(GradientCompression::None, 2).unwrap();
         assert!(buckets.bucket(0).1.is_none());
     }
 
