@@ -119,7 +119,8 @@ pub struct RingOptions {
     pub stream_window: u32,
     /// HTTP/2 connection window (all streams of one connection together).
     pub connection_window: u32,
-    /// Largest HTTP/2 frame we accept (hyper's default is 16 KiB).
+    /// Largest HTTP/2 frame we accept (hyper's default is 16 KiB); see
+    /// [`frame_bytes_for`].
     pub frame_bytes: u32,
     /// Connections (each with one stream) per ring link; frames take them
     /// in turn. Every rank of a ring must use the same.
@@ -150,6 +151,16 @@ impl RingOptions {
     }
 }
 
+/// The HTTP/2 frame limit for chunks of `chunk_bytes`: a chunk's payload
+/// (its own DATA frame, the head travels in another) plus 4 KiB, so that a
+/// whole chunk fits one frame whenever the window allows, and is never cut
+/// into a full frame and a few stray bytes. Within HTTP/2's bounds
+/// (16 KiB to 16 MiB − 1).
+pub fn frame_bytes_for(chunk_bytes: usize) -> u32 {
+    let wanted = chunk_bytes.saturating_add(4096);
+    wanted.clamp(1 << 14, (1 << 24) - 1) as u32
+}
+
 /// Default [`RingOptions::stream_window`]: 1 MiB (the connection window is
 /// twice that).
 ///
@@ -173,7 +184,7 @@ impl Default for RingOptions {
             queue_depth: 8,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: 2 * DEFAULT_STREAM_WINDOW,
-            frame_bytes: (1 << 20) - 1,
+            frame_bytes: frame_bytes_for(1 << 20),
             max_waiting_streams: crate::service::DEFAULT_MAX_WAITING_STREAMS,
             transport: Transport::Insecure,
             stripes: 1,

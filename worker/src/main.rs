@@ -247,6 +247,7 @@ async fn run(args: Args) -> Result<()> {
     let ring_options = RingOptions {
         timeout: args.collective_timeout,
         chunk_bytes: args.collective_chunk_bytes as usize,
+        frame_bytes: ring::frame_bytes_for(args.collective_chunk_bytes as usize),
         stream_window: args.collective_stream_window,
         connection_window: args.collective_stream_window.saturating_mul(2),
         max_waiting_streams: args.collective_max_waiting_streams as usize,

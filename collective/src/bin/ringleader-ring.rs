@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, env = "RINGLEADER_COLLECTIVE_STREAM_WINDOW")]
     stream_window: Option<u32>,
 
-    /// Largest HTTP/2 frame accepted (default: RingOptions' default).
+    /// Largest HTTP/2 frame accepted (default: the chunk size plus 4 KiB,
+    /// see `ring::frame_bytes_for`).
     #[arg(long)]
     frame_bytes: Option<u32>,
 
@@ -186,7 +187,9 @@ async fn main() -> Result<()> {
         None => options,
     };
     let options = RingOptions {
-        frame_bytes: args.frame_bytes.unwrap_or(options.frame_bytes),
+        frame_bytes: args
+            .frame_bytes
+            .unwrap_or(ring::frame_bytes_for(args.chunk_bytes)),
         stripes: args.stripes as usize,
         ..options
     };
