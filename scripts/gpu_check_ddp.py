@@ -25,7 +25,7 @@ import argparse
 import gzip
 import json
 import os
-import socket
+import sys
 import time
 
 import torch
@@ -34,13 +34,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+from ddp_common import MODELS, free_port  # noqa: E402
+
 MEAN, STD = 0.2860, 0.3530
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_idx(path):
@@ -60,35 +57,6 @@ def load(data_dir, split, limit):
         images, labels = images[:limit], labels[:limit]
     x = (images.to(torch.float32).div(255.0).unsqueeze(1) - MEAN) / STD
     return x, labels.to(torch.int64)
-
-
-class ReferenceCnn(nn.Module):
-    """Ringleader's `cnn` model with its defaults (32, 64 channels, 128
-    hidden, k 3); the same module as scripts/bench/train_ddp.py's."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 32, 3), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64)
-        self.fc1, self.fc2 = nn.Linear(64 * 5 * 5, 128), nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def wide_mlp():
-    """Ringleader's `mlp` with hidden = [4096, 4096]."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(28 * 28, 4096), nn.ReLU(),
-        nn.Linear(4096, 4096), nn.ReLU(),
-        nn.Linear(4096, 10),
-    )
-
-
-MODELS = {"cnn": ReferenceCnn, "mlp-wide": wide_mlp}
 
 
 def rank_main(rank, args, port, results):

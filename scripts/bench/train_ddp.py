@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -33,14 +32,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from ddp_common import MODELS, free_port
 
 MEAN, STD = 0.2860, 0.3530
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_idx(path):
@@ -61,32 +55,6 @@ def load(data_dir, split, limit):
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-class ReferenceCnn(nn.Module):
-    """Ringleader's `cnn` model with its defaults (32, 64 channels, 128 hidden, k 3)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 32, 3), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64)
-        self.fc1, self.fc2 = nn.Linear(64 * 5 * 5, 128), nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def wide_mlp():
-    """Ringleader's `mlp` with hidden = [4096, 4096]."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(28 * 28, 4096), nn.ReLU(),
-        nn.Linear(4096, 4096), nn.ReLU(),
-        nn.Linear(4096, 10),
-    )
-
-
-MODELS = {"cnn": ReferenceCnn, "mlp-wide": wide_mlp}
 HOOKS = {"bf16": default_hooks.bf16_compress_hook, "f16": default_hooks.fp16_compress_hook}
 
 
