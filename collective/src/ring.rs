@@ -152,10 +152,10 @@ impl RingOptions {
 }
 
 /// The HTTP/2 frame limit for chunks of `chunk_bytes`: a chunk's payload
-/// (its own DATA frame, the head travels in another) plus 4 KiB, so that a
-/// whole chunk fits one frame whenever the window allows, and is never cut
-/// into a full frame and a few stray bytes. Within HTTP/2's bounds
-/// (16 KiB to 16 MiB − 1).
+/// (its own DATA frame, the head travels in another) plus 4 KiB, so that
+/// the frame limit never cuts a chunk into a full frame and a few stray
+/// bytes (flow control may still send it in pieces, as the window opens).
+/// Within HTTP/2's bounds (16 KiB to 16 MiB − 1).
 pub fn frame_bytes_for(chunk_bytes: usize) -> u32 {
     let wanted = chunk_bytes.saturating_add(4096);
     wanted.clamp(1 << 14, (1 << 24) - 1) as u32

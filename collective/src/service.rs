@@ -49,7 +49,7 @@ use tonic::{Request, Status};
 use crate::auth::{parse_proof, ProofError, RingSecret, RING_PROOF_METADATA_KEY};
 use crate::error::CollectiveError;
 use crate::link::{Inbound, RING_PATH};
-use crate::wire::{FrameDecoder, InFrame};
+use crate::wire::{FrameDecoder, InFrame, WireError};
 
 /// Which of a link's streams (connections) a stream is, from 0.
 pub const STRIPE_METADATA_KEY: &str = "ringleader-stripe";
@@ -389,6 +389,17 @@ impl CollectiveService {
             let _ = to_ring.send(Err(error)).await;
             Err(status)
         };
+        // Bytes that are not frames: the ring and the sender both hear why.
+        let undecodable = |error: WireError| {
+            let reason = error.to_string();
+            end(
+                CollectiveError::BadFrame {
+                    rank: sender,
+                    reason,
+                },
+                error.into(),
+            )
+        };
         loop {
             let mut data = match body.frame().await {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -408,17 +419,7 @@ impl CollectiveService {
                 let frame = match decoder.next(&mut data) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
-                    Err(error) => {
-                        let reason = error.to_string();
-                        return end(
-                            CollectiveError::BadFrame {
-                                rank: sender,
-                                reason,
-                            },
-                            error.into(),
-                        )
-                        .await;
-                    }
+                    Err(error) => return undecodable(error).await,
                 };
                 if frame.head.generation != generation {
                     let stale = CollectiveError::StaleGeneration {
@@ -434,15 +435,7 @@ impl CollectiveService {
             }
         }
         if let Err(error) = decoder.finish() {
-            let reason = error.to_string();
-            return end(
-                CollectiveError::BadFrame {
-                    rank: sender,
-                    reason,
-                },
-                error.into(),
-            )
-            .await;
+            return undecodable(error).await;
         }
         let _ = frames
             .send(Err(CollectiveError::PeerLost {
