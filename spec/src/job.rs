@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Document, FieldError, SpecError};
+use crate::prepare::{Augment, ClassWeights, CsvPreparation, Sampler};
+use crate::stopping::EarlyStopping;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +53,9 @@ pub struct JobSpec {
     /// The precision gradients travel in when the ranks average them.
     #[serde(default)]
     pub gradient_compression: GradientCompression,
+    /// Stop training once a metric stops improving (see [`EarlyStopping`]).
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
 }
 
 /// How gradients are sent for averaging, as PyTorch DDP's
@@ -148,6 +153,9 @@ impl JobSpec {
         self.model.validate()?;
         self.optimizer.validate()?;
         self.schedule.validate()?;
+        if let Some(early_stopping) = &self.early_stopping {
+            early_stopping.validate(&self.reported_metrics())?;
+        }
         at_least_one(
             self.checkpoint.interval_epochs,
             &["checkpoint", "interval_epochs"],
@@ -232,6 +240,52 @@ pub struct DatasetSpec {
     /// How the training split is divided among the workers.
     #[serde(default)]
     pub sharding: Sharding,
+    /// Hold out this fraction of the training split (after `limit_train`)
+    /// as the validation set, stratified by label and seeded by `seed`
+    /// (see the worker's `split` module). In (0, 1).
+    #[serde(default)]
+    pub validation_fraction: Option<f64>,
+    /// A separate validation split, read like `train` and `test`.
+    #[serde(default)]
+    pub validation: Option<SplitSpec>,
+    /// Validate on one of k stratified, seeded folds of the training split
+    /// and train on the others (one k-fold cross-validation attempt).
+    #[serde(default)]
+    pub folds: Option<FoldSpec>,
+    /// How CSV cells become features: missing cells, categorical columns.
+    #[serde(default)]
+    pub csv: Option<CsvPreparation>,
+    /// Weights of the classes in the training loss.
+    #[serde(default)]
+    pub class_weights: Option<ClassWeights>,
+    /// The order of the training examples in an epoch.
+    #[serde(default)]
+    pub sampler: Sampler,
+    /// Random crops and flips of training images.
+    #[serde(default)]
+    pub augment: Option<Augment>,
+}
+
+/// Fold `index` (0-based) of `count` stratified, seeded folds of the
+/// training split is the validation set; the job trains on the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoldSpec {
+    pub count: u32,
+    pub index: u32,
+}
+
+/// Where a job's validation examples come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Holdout<'a> {
+    /// No validation set.
+    None,
+    /// A stratified fraction of the training split.
+    Fraction(f64),
+    /// One stratified fold of the training split.
+    Fold(FoldSpec),
+    /// The separate split `dataset.validation`.
+    Split(&'a SplitSpec),
 }
 
 /// How the ranks of a job divide a split (see `ringleader_spec::shard`).
@@ -263,6 +317,13 @@ impl Default for DatasetSpec {
             drop_last: yes(),
             shuffle: yes(),
             sharding: Sharding::Auto,
+            validation_fraction: None,
+            validation: None,
+            folds: None,
+            csv: None,
+            class_weights: None,
+            sampler: Sampler::Uniform,
+            augment: None,
         }
     }
 }
@@ -278,6 +339,78 @@ impl DatasetSpec {
         }
     }
 
+    /// Where the validation set comes from ([`DatasetSpec::validate`]
+    /// allows at most one source).
+    pub fn holdout(&self) -> Holdout<'_> {
+        match (self.validation_fraction, self.folds, &self.validation) {
+            (Some(fraction), _, _) => Holdout::Fraction(fraction),
+            (None, Some(folds), _) => Holdout::Fold(folds),
+            (None, None, Some(split)) => Holdout::Split(split),
+            (None, None, None) => Holdout::None,
+        }
+    }
+
+    /// Whether the job reports `val_*` metrics.
+    pub fn has_validation(&self) -> bool {
+        self.holdout() != Holdout::None
+    }
+
+    /// At most one validation source, each within its range.
+    fn validate_holdout(&self) -> Result<(), FieldError> {
+        let given: Vec<&str> = [
+            ("validation_fraction", self.validation_fraction.is_some()),
+            ("validation", self.validation.is_some()),
+            ("folds", self.folds.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if let [first, second, ..] = given[..] {
+            return Err(FieldError::new(
+                &["dataset", second],
+                format!(
+                    "cannot be combined with dataset.{first}: a job has one validation set"
+                ),
+            ));
+        }
+        if let Some(fraction) = self.validation_fraction {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(FieldError::new(
+                    &["dataset", "validation_fraction"],
+                    format!("must lie strictly between 0 and 1, got {fraction}"),
+                ));
+            }
+        }
+        if let Some(validation) = &self.validation {
+            validation.validate(self.format, "validation")?;
+        }
+        if let Some(FoldSpec { count, index }) = self.folds {
+            if count < 2 {
+                return Err(FieldError::new(
+                    &["dataset", "folds", "count"],
+                    format!("must be at least 2, got {count}"),
+                ));
+            }
+            if index >= count {
+                return Err(FieldError::new(
+                    &["dataset", "folds", "index"],
+                    format!("must be below dataset.folds.count ({count}), got {index}"),
+                ));
+            }
+            if self.limit_train > 0 && u64::from(count) > self.limit_train {
+                return Err(FieldError::new(
+                    &["dataset", "folds", "count"],
+                    format!(
+                        "{count} folds of {} training examples (dataset.limit_train): \
+                         a fold would be empty",
+                        self.limit_train
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self, workers: u32) -> Result<(), FieldError> {
         if self.classes < 2 {
             return Err(FieldError::new(
@@ -289,6 +422,8 @@ impl DatasetSpec {
         if let Some(test) = &self.test {
             test.validate(self.format, "test")?;
         }
+        self.validate_holdout()?;
+        crate::prepare::validate(self, workers)?;
         if let Normalize::Fixed { mean, std } = self.normalize {
             if !mean.is_finite() {
                 return Err(FieldError::new(
@@ -367,7 +502,8 @@ pub struct SplitSpec {
 }
 
 impl SplitSpec {
-    /// The keys `format` reads must be set; `split` is `train` or `test`.
+    /// The keys `format` reads must be set; `split` is `train`, `test` or
+    /// `validation`.
     fn validate(&self, format: DatasetFormat, split: &str) -> Result<(), FieldError> {
         let missing = |key: &str, why: &str| {
             FieldError::new(
@@ -538,12 +674,48 @@ impl ModelSpec {
             .map(|value| value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32))
     }
 
-    /// The metrics a trial of this model reports, by name.
-    pub fn metrics(&self) -> &'static [&'static str] {
-        match self {
-            ModelSpec::Synthetic { .. } => &["objective"],
-            _ => &["train_loss", "test_loss", "test_accuracy"],
+}
+
+/// Classes up to which every epoch report carries `*_recall_<class>`; with
+/// more, per-class recall is only in the checkpoint's sidecar, so that a
+/// report stays within the 64 metrics a report may hold (docs/LIMITS.md).
+pub const MAX_RECALL_CLASSES: u32 = 20;
+
+/// The prefixes of the evaluated splits' metrics.
+pub const VALIDATION_PREFIX: &str = "val";
+pub const TEST_PREFIX: &str = "test";
+
+impl JobSpec {
+    /// The metrics each epoch of this job reports that a sweep objective or
+    /// an early stop may watch: `objective` for synthetic models; else
+    /// `train_loss` and, per evaluated split (`val_` with a validation set,
+    /// `test_` with a test split), `loss`, `accuracy`, `macro_f1`,
+    /// `roc_auc` (2 classes only) and `recall_<class>` (for each class, up
+    /// to [`MAX_RECALL_CLASSES`]).
+    pub fn reported_metrics(&self) -> Vec<String> {
+        if let ModelSpec::Synthetic { .. } = self.model {
+            return vec!["objective".into()];
         }
+        let dataset = &self.dataset;
+        let splits = [
+            (VALIDATION_PREFIX, dataset.has_validation()),
+            (TEST_PREFIX, dataset.test.is_some()),
+        ];
+        let mut names = vec!["train_loss".to_string()];
+        for (prefix, _) in splits.into_iter().filter(|(_, present)| *present) {
+            names.extend(
+                ["loss", "accuracy", "macro_f1"]
+                    .into_iter()
+                    .map(|m| format!("{prefix}_{m}")),
+            );
+            if dataset.classes == 2 {
+                names.push(format!("{prefix}_roc_auc"));
+            }
+            if dataset.classes <= MAX_RECALL_CLASSES {
+                names.extend((0..dataset.classes).map(|c| format!("{prefix}_recall_{c}")));
+            }
+        }
+        names
     }
 }
 
@@ -972,6 +1144,135 @@ momentum = 0.9
             "{err}"
         );
         job(&format!("limit_train = 10\nsharding = \"examples\"\n{two}")).unwrap();
+    }
+
+    #[test]
+    fn validation_sources_parse_and_report_val_metrics() {
+        let with = |line: &str| {
+            JobSpec::parse(
+                &GOOD.replacen("classes = 10\n", &format!("classes = 10\n{line}\n"), 1),
+                "job.toml",
+            )
+            .unwrap()
+        };
+        let plain = JobSpec::parse(GOOD, "job.toml").unwrap();
+        assert_eq!(plain.dataset.holdout(), Holdout::None);
+        assert!(!plain.reported_metrics().iter().any(|m| m.starts_with("val_")));
+        let fraction = with("validation_fraction = 0.1");
+        assert_eq!(fraction.dataset.holdout(), Holdout::Fraction(0.1));
+        let folds = with("folds = { count = 5, index = 4 }");
+        assert_eq!(
+            folds.dataset.holdout(),
+            Holdout::Fold(FoldSpec { count: 5, index: 4 })
+        );
+        let split = with("validation = { images = \"v-images.gz\", labels = \"v-labels.gz\" }");
+        assert!(matches!(split.dataset.holdout(), Holdout::Split(s) if s.images.is_some()));
+        for job in [&fraction, &folds, &split] {
+            let metrics = job.reported_metrics();
+            for name in ["train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_recall_0"] {
+                assert!(metrics.iter().any(|m| m == name), "{name} in {metrics:?}");
+            }
+            assert!(metrics.iter().any(|m| m == "val_recall_9"));
+            assert!(!metrics.iter().any(|m| m == "val_recall_10"), "only real classes");
+            assert!(!metrics.iter().any(|m| m.ends_with("roc_auc")), "10 classes");
+            let json = serde_json::to_string(job).unwrap();
+            assert_eq!(&serde_json::from_str::<JobSpec>(&json).unwrap(), job);
+        }
+        let binary = JobSpec::parse(
+            &GOOD.replacen("classes = 10\n", "classes = 2\nvalidation_fraction = 0.5\n", 1),
+            "job.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            binary.reported_metrics(),
+            [
+                "train_loss",
+                "val_loss",
+                "val_accuracy",
+                "val_macro_f1",
+                "val_roc_auc",
+                "val_recall_0",
+                "val_recall_1",
+                "test_loss",
+                "test_accuracy",
+                "test_macro_f1",
+                "test_roc_auc",
+                "test_recall_0",
+                "test_recall_1",
+            ]
+        );
+        // Many classes: recall only in the checkpoint, the report stays small.
+        let many = JobSpec::parse(
+            &GOOD.replacen("classes = 10\n", "classes = 1000\nvalidation_fraction = 0.5\n", 1),
+            "job.toml",
+        )
+        .unwrap();
+        assert_eq!(many.reported_metrics().len(), 7);
+    }
+
+    #[test]
+    fn bad_validation_settings_name_the_field_and_line() {
+        for (line, expected) in [
+            (
+                "validation_fraction = 0.0",
+                "job.toml:8:1: dataset.validation_fraction: must lie strictly between 0 and 1, got 0",
+            ),
+            (
+                "validation_fraction = 1.0",
+                "job.toml:8:1: dataset.validation_fraction: must lie strictly between 0 and 1, got 1",
+            ),
+            (
+                "validation_fraction = -0.2",
+                "job.toml:8:1: dataset.validation_fraction: must lie strictly between 0 and 1, got -0.2",
+            ),
+            (
+                "validation_fraction = nan",
+                "job.toml:8:1: dataset.validation_fraction: must lie strictly between 0 and 1, got NaN",
+            ),
+            (
+                "validation_fraction = \"10%\"",
+                "job.toml:8:23: dataset.validation_fraction: invalid type: string",
+            ),
+            (
+                "folds = { count = 1, index = 0 }",
+                "job.toml:8:11: dataset.folds.count: must be at least 2, got 1",
+            ),
+            (
+                "folds = { count = 3, index = 3 }",
+                "job.toml:8:22: dataset.folds.index: must be below dataset.folds.count (3), got 3",
+            ),
+            (
+                "folds = { count = 3 }",
+                "job.toml:8:1: dataset.folds.index: missing field `index`",
+            ),
+            (
+                "folds = { count = 3, index = 0, seed = 1 }",
+                "job.toml:8:33: dataset.folds.seed: unknown field `seed`",
+            ),
+            (
+                "limit_train = 4\nfolds = { count = 5, index = 0 }",
+                "job.toml:9:11: dataset.folds.count: 5 folds of 4 training examples",
+            ),
+            (
+                "validation_fraction = 0.1\nfolds = { count = 5, index = 0 }",
+                "job.toml:9:1: dataset.folds: cannot be combined with dataset.validation_fraction",
+            ),
+            (
+                "validation = { images = \"v.gz\", labels = \"vl.gz\" }\nvalidation_fraction = 0.1",
+                "job.toml:8:1: dataset.validation: cannot be combined with \
+                 dataset.validation_fraction",
+            ),
+            (
+                "validation = { images = \"v.gz\" }",
+                "job.toml:8:1: dataset.validation.labels: required (format Idx)",
+            ),
+        ] {
+            let message = error("classes = 10\n", &format!("classes = 10\n{line}\n"));
+            assert!(
+                message.starts_with(expected),
+                "{message}\nexpected {expected}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@
 pub mod error;
 pub mod job;
 pub mod overrides;
+pub mod prepare;
 pub mod shard;
+pub mod stopping;
 pub mod synthetic;
 
 pub use error::{Document, FieldError, FieldPath, Location, SpecError};

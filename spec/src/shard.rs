@@ -135,7 +135,7 @@ impl FileDeal {
 
 /// A generator keyed on (seed, epoch, stream): the same triple always
 /// gives the same order, on every rank and after a restart.
-fn rng(seed: u64, epoch: u64, stream: u64) -> ChaCha8Rng {
+pub(crate) fn rng(seed: u64, epoch: u64, stream: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     for (chunk, word) in key.chunks_exact_mut(8).zip([seed, epoch, stream]) {
         chunk.copy_from_slice(&word.to_le_bytes());
