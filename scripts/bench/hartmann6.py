@@ -1,5 +1,6 @@
-"""Hartmann-6 (Surjanovic & Bingham), the benchmarks' objective: the same
-constants as spec/src/synthetic.rs. Minimum -3.32237."""
+"""The benchmarks' test objectives, Hartmann-6 (Surjanovic & Bingham) and
+Branin: the same constants as spec/src/synthetic.rs. Hartmann-6's minimum
+is -3.32237."""
 import math
 
 ALPHA = [1.0, 1.2, 3.0, 3.2]
@@ -22,3 +23,12 @@ def hartmann6(x):
         ALPHA[i] * math.exp(-sum(A[i][j] * (x[j] - P[i][j]) ** 2 for j in range(6)))
         for i in range(4)
     )
+
+
+def branin(x1, x2):
+    """Branin on x1 in [-5, 10], x2 in [0, 15] (the constants of
+    spec/src/synthetic.rs). Minimum 0.397887."""
+    b = 5.1 / (4.0 * math.pi**2)
+    c = 5.0 / math.pi
+    t = 1.0 / (8.0 * math.pi)
+    return (x2 - b * x1 * x1 + c * x1 - 6.0) ** 2 + 10.0 * (1.0 - t) * math.cos(x1) + 10.0

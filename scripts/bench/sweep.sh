@@ -6,13 +6,10 @@
 #      record (finished_unix_ms - submitted_unix_ms), beside the wall time
 #      of `sweep submit --watch`;
 #   2. the same objective with Optuna (journal file, then SQLite; 4 threads)
-#      and Ray Tune (4 concurrent trials), scripts/bench/sweep_baselines.py;
-#   3. TPE quality: best Hartmann-6 value after 100 TPE trials, median of
-#      seeds 1..5, ours (bench-tpe) against Optuna's TPESampler
-#      (scripts/bench/tpe_quality.py).
+#      and Ray Tune (4 concurrent trials), scripts/bench/sweep_baselines.py.
+# (TPE's quality against Optuna's is scripts/bench/tpe.sh.)
 #
 # Usage: scripts/bench/sweep.sh [--trials 2000] [--ray-trials 200] [--skip-ray]
-#                               [--tpe-trials 100] [--tpe-seeds 5]
 # Optuna and Ray are installed into .venv (the RINGLEADER_CACHE venv) on
 # first use. Scratch files live in a temp dir, removed at exit
 # (KEEP_TMP=1 keeps it).
@@ -24,16 +21,12 @@ cd "$ROOT"
 TRIALS=2000
 RAY_TRIALS=200
 SKIP_RAY=0
-TPE_TRIALS=100
-TPE_SEEDS=5
 while (($#)); do
   case "$1" in
     --trials) TRIALS="$2"; shift 2 ;;
     --ray-trials) RAY_TRIALS="$2"; shift 2 ;;
     --skip-ray) SKIP_RAY=1; shift ;;
-    --tpe-trials) TPE_TRIALS="$2"; shift 2 ;;
-    --tpe-seeds) TPE_SEEDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -144,19 +137,11 @@ python "$ROOT/scripts/bench/sweep_baselines.py" --dir "$TMP/baselines" --trials 
   exit 1
 }
 
-# ---- 3. TPE quality --------------------------------------------------------
-echo "==> TPE quality: $TPE_TRIALS trials, seeds 1..$TPE_SEEDS"
-{
-  "$BIN/bench-tpe" "$TPE_TRIALS" "$TPE_SEEDS" --json
-  python "$ROOT/scripts/bench/tpe_quality.py" --trials "$TPE_TRIALS" --seeds "$TPE_SEEDS" --json
-} >"$TMP/tpe.jsonl"
-
 # ---- summary ---------------------------------------------------------------
-python - "$TMP/results.jsonl" "$TMP/tpe.jsonl" <<'EOF'
+python - "$TMP/results.jsonl" <<'EOF'
 import json, sys
 # Only the JSON lines: Ray Tune prints its banner on stdout too.
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-tpe = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 ref = next((r["rate"] for r in rows if r["system"] == "optuna-journal"), None)
 print("\nSweep throughput (Hartmann-6, random search, 4 at a time, durable state)\n")
 print("| system | trials | seconds | trials/s | vs Optuna journal |")
@@ -169,15 +154,4 @@ for r in rows:
         print(f"  {r['system']}: {r['note']}")
 ours = next(r for r in rows if r["system"] == "ringleader")
 print(f"\ntarget >= 500 trials/s: {'met' if ours['rate'] >= 500 else 'NOT met'} ({ours['rate']:.1f}/s)")
-print(f"\nTPE quality: best Hartmann-6 after {tpe[0]['trials']} trials, "
-      f"seeds {tpe[0]['seeds'][0]}..{tpe[0]['seeds'][-1]} (optimum {tpe[0]['optimum']})\n")
-print("| searcher | " + " | ".join(f"seed {s}" for s in tpe[0]["seeds"]) + " | median |")
-print("|---|" + "---|" * (len(tpe[0]["seeds"]) + 1))
-for t in tpe:
-    print(f"| {t['system']} | " + " | ".join(f"{b:.4f}" for b in t["best"]) + f" | {t['median']:.4f} |")
-ours_tpe = tpe[0]["median"]
-others = {t["system"]: t["median"] for t in tpe[1:]}
-for name, med in others.items():
-    verdict = "at least as good" if ours_tpe <= med else "worse"
-    print(f"  ours {ours_tpe:.4f} vs {name} {med:.4f}: {verdict} (lower is better)")
 EOF

@@ -1,17 +1,24 @@
 //! TPE, the Tree-structured Parzen Estimator (Bergstra et al., "Algorithms
-//! for Hyper-Parameter Optimization", NeurIPS 2011), in its usual
-//! independent-parameter form.
+//! for Hyper-Parameter Optimization", NeurIPS 2011), by default in the
+//! multivariate form of Falkner et al. (BOHB, ICML 2018) that Optuna's
+//! `TPESampler` uses by default since 5.0.
 //!
 //! ```text
 //!  observations ──sort by objective──▶ best γ·n  = "good" ──▶ l(x)  (Parzen)
 //!                                      the rest = "bad"  ──▶ g(x)  (Parzen)
-//!  per parameter: draw candidates from l, keep the one maximising l(x)/g(x)
+//!  draw candidates from l, keep the one maximising l(x)/g(x)
 //! ```
 //!
-//! Continuous and integer parameters use truncated Gaussian mixtures (in log
-//! space for log scales) with one component per observation plus a wide
-//! prior component; choices use smoothed frequencies. The first
-//! `startup_trials` configurations are random.
+//! Each estimator is a mixture with one component per observation plus a
+//! wide prior component. Multivariate: a component is a product of one
+//! kernel per parameter, so a candidate keeps the parameter combination of
+//! the observation it was drawn around, and l/g is the ratio of joint
+//! densities. Independent (`multivariate = false`): one mixture per
+//! parameter, each parameter chosen on its own. Continuous and integer
+//! parameters use truncated Gaussian kernels (in log space for log scales);
+//! choices use categorical kernels that put one extra count on the observed
+//! option. Older observations weigh less once there are more than 25, and
+//! the first `startup_trials` configurations are random, all as Optuna.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +30,7 @@ use super::asha::Mode;
 use super::space::{Param, Space};
 
 /// TPE settings (defaults as Optuna's: the best 10% count as good, at most
-/// 25 of them).
+/// 25 of them; parameters modelled jointly).
 #[derive(Clone, Debug)]
 pub struct TpeOptions {
     pub startup_trials: usize,
@@ -31,8 +38,11 @@ pub struct TpeOptions {
     pub gamma: f64,
     /// At most this many observations count as good.
     pub max_good: usize,
-    /// Candidates drawn from l(x) per parameter.
+    /// Candidates drawn from l(x) per suggestion.
     pub candidates: usize,
+    /// Model the parameters jointly (one mixture over all of them) rather
+    /// than one independent mixture per parameter.
+    pub multivariate: bool,
 }
 
 impl Default for TpeOptions {
@@ -42,24 +52,31 @@ impl Default for TpeOptions {
             gamma: 0.1,
             max_good: 25,
             candidates: 24,
+            multivariate: true,
         }
     }
 }
 
 /// A TPE searcher over `space`.
 pub struct Tpe {
-    space: Space,
+    params: Vec<(String, Param)>,
     mode: Mode,
     options: TpeOptions,
     rng: ChaCha8Rng,
-    /// (configuration, objective) of finished trials.
-    observations: Vec<(BTreeMap<String, Value>, f64)>,
+    /// Finished trials in the order they were observed: each parameter's
+    /// value in the estimators' coordinates (see [`Coordinate`]), and the
+    /// objective.
+    observations: Vec<(Vec<f64>, f64)>,
 }
 
 impl Tpe {
     pub fn new(space: Space, mode: Mode, options: TpeOptions, seed: u64) -> Self {
         Self {
-            space,
+            params: space
+                .params()
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
             mode,
             options,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -67,104 +84,381 @@ impl Tpe {
         }
     }
 
-    /// Feeds back a finished trial. NaN objectives are ignored.
+    /// Feeds back a finished trial. NaN objectives, and configurations
+    /// that are not points of the space, are ignored.
     pub fn observe(&mut self, config: BTreeMap<String, Value>, objective: f64) {
-        if !objective.is_nan() {
-            self.observations.push((config, objective));
+        if objective.is_nan() {
+            return;
+        }
+        let point: Option<Vec<f64>> = self
+            .params
+            .iter()
+            .map(|(name, param)| param.coordinate(config.get(name)?))
+            .collect();
+        if let Some(point) = point {
+            self.observations.push((point, objective));
         }
     }
 
     /// The next configuration to try.
     pub fn next_config(&mut self) -> BTreeMap<String, Value> {
-        let params: Vec<(String, Param)> = self
-            .space
-            .params()
-            .iter()
-            .map(|(n, p)| (n.clone(), p.clone()))
-            .collect();
-        if self.observations.len() < self.options.startup_trials {
-            return params
+        // Two observations at least: one good, one bad.
+        if self.observations.len() < self.options.startup_trials.max(2) {
+            return self
+                .params
                 .iter()
                 .map(|(n, p)| (n.clone(), p.sample(&mut self.rng)))
                 .collect();
         }
-        let mut ranked: Vec<&(BTreeMap<String, Value>, f64)> = self.observations.iter().collect();
-        ranked.sort_by(|a, b| {
-            let order = a.1.total_cmp(&b.1);
+        let (good, bad) = self.split();
+        let all: Vec<usize> = (0..self.params.len()).collect();
+        let groups: Vec<Vec<usize>> = if self.options.multivariate {
+            vec![all]
+        } else {
+            all.into_iter().map(|i| vec![i]).collect()
+        };
+        let estimators: Vec<(Vec<usize>, Parzen, Parzen)> = groups
+            .into_iter()
+            .map(|dims| {
+                let estimator = |set: &[&(Vec<f64>, f64)]| {
+                    Parzen::new(&self.params, &dims, set)
+                };
+                let (l, g) = (estimator(&good), estimator(&bad));
+                (dims, l, g)
+            })
+            .collect();
+        let mut point = vec![0.0; self.params.len()];
+        for (dims, l, g) in estimators {
+            let chosen = (0..self.options.candidates.max(1))
+                .map(|_| l.sample(&mut self.rng))
+                .map(|x| {
+                    let score = l.log_pdf(&x) - g.log_pdf(&x);
+                    (x, score)
+                })
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(x, _)| x)
+                .expect("at least one candidate");
+            for (&dim, x) in dims.iter().zip(chosen) {
+                point[dim] = x;
+            }
+        }
+        self.params
+            .iter()
+            .zip(point)
+            .map(|((name, param), x)| (name.clone(), param.value_at(x)))
+            .collect()
+    }
+
+    /// The good and the bad observations, each in observation order (which
+    /// decides their weights).
+    fn split(&self) -> (Vec<&(Vec<f64>, f64)>, Vec<&(Vec<f64>, f64)>) {
+        let n = self.observations.len();
+        let mut ranked: Vec<usize> = (0..n).collect();
+        ranked.sort_by(|&a, &b| {
+            let order = self.observations[a].1.total_cmp(&self.observations[b].1);
             if self.mode == Mode::Max {
                 order.reverse()
             } else {
                 order
             }
         });
-        let good_count = ((self.options.gamma * ranked.len() as f64).ceil() as usize)
+        let good_count = ((self.options.gamma * n as f64).ceil() as usize)
             .min(self.options.max_good)
-            .clamp(1, ranked.len() - 1);
-        let (good, bad) = ranked.split_at(good_count);
-        let mut config = BTreeMap::new();
-        for (name, param) in &params {
-            let values = |set: &[&(BTreeMap<String, Value>, f64)]| -> Vec<Value> {
-                set.iter()
-                    .filter_map(|(c, _)| c.get(name).cloned())
-                    .collect()
-            };
-            let chosen = suggest(
-                param,
-                &values(good),
-                &values(bad),
-                self.options.candidates,
-                &mut self.rng,
-            );
-            config.insert(name.clone(), chosen);
+            .clamp(1, n - 1);
+        let mut is_good = vec![false; n];
+        for &i in &ranked[..good_count] {
+            is_good[i] = true;
         }
-        config
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for (observation, is_good) in self.observations.iter().zip(is_good) {
+            if is_good {
+                good.push(observation);
+            } else {
+                bad.push(observation);
+            }
+        }
+        (good, bad)
     }
 }
 
-/// Picks one parameter value by maximising l(x)/g(x) over candidates drawn
-/// from l.
-fn suggest(
-    param: &Param,
-    good: &[Value],
-    bad: &[Value],
-    candidates: usize,
-    rng: &mut impl Rng,
-) -> Value {
-    match param {
-        Param::Choice(options) => {
-            let index_of = |v: &Value| options.iter().position(|o| o == v);
-            let weights = |set: &[Value]| -> Vec<f64> {
-                let mut w = vec![1.0; options.len()]; // prior: one pseudo-count each
-                for i in set.iter().filter_map(index_of) {
-                    w[i] += 1.0;
-                }
-                let total: f64 = w.iter().sum();
-                w.into_iter().map(|x| x / total).collect()
-            };
-            let (l, g) = (weights(good), weights(bad));
-            let best = (0..candidates.max(1))
-                .map(|_| sample_index(&l, rng))
-                .max_by(|a, b| (l[*a] / g[*a]).total_cmp(&(l[*b] / g[*b])))
-                .unwrap_or(0);
-            options[best].clone()
-        }
-        Param::Uniform { low, high } => {
-            continuous(*low, *high, false, good, bad, candidates, rng).into()
-        }
-        Param::LogUniform { low, high } => {
-            continuous(*low, *high, true, good, bad, candidates, rng).into()
-        }
-        Param::Int {
-            low,
-            high,
-            step,
-            log,
-        } => {
-            let x = continuous(*low as f64, *high as f64, *log, good, bad, candidates, rng);
-            let index = ((x - *low as f64) / *step as f64).round() as i64;
-            Value::from((low + index * step).clamp(*low, *high))
+/// Where a parameter's values live for the estimators: the value itself,
+/// its logarithm on log scales, an option's index for choices.
+trait Coordinate {
+    fn coordinate(&self, value: &Value) -> Option<f64>;
+    /// The parameter's value nearest to coordinate `x`.
+    fn value_at(&self, x: f64) -> Value;
+    /// Continuous coordinates: their range; `None` for choices.
+    fn range(&self) -> Option<(f64, f64)>;
+}
+
+impl Coordinate for Param {
+    fn coordinate(&self, value: &Value) -> Option<f64> {
+        match self {
+            Param::Uniform { .. } => value.as_f64(),
+            Param::LogUniform { .. } => value.as_f64().filter(|x| *x > 0.0).map(f64::ln),
+            Param::Int { log: false, .. } => value.as_f64(),
+            Param::Int { log: true, .. } => value.as_f64().filter(|x| *x > 0.0).map(f64::ln),
+            Param::Choice(options) => options.iter().position(|o| o == value).map(|i| i as f64),
         }
     }
+
+    fn value_at(&self, x: f64) -> Value {
+        match self {
+            Param::Uniform { low, high } => x.clamp(*low, *high).into(),
+            Param::LogUniform { low, high } => x.exp().clamp(*low, *high).into(),
+            Param::Int {
+                low,
+                high,
+                step,
+                log,
+            } => {
+                let x = if *log { x.exp() } else { x };
+                let index = ((x - *low as f64) / *step as f64).round() as i64;
+                Value::from((low + index * step).clamp(*low, *high))
+            }
+            Param::Choice(options) => {
+                let index = (x.round().max(0.0) as usize).min(options.len() - 1);
+                options[index].clone()
+            }
+        }
+    }
+
+    fn range(&self) -> Option<(f64, f64)> {
+        match self {
+            Param::Uniform { low, high } => Some((*low, *high)),
+            Param::LogUniform { low, high } => Some((low.ln(), high.ln())),
+            Param::Int {
+                low,
+                high,
+                log: false,
+                ..
+            } => Some((*low as f64, *high as f64)),
+            Param::Int {
+                low,
+                high,
+                log: true,
+                ..
+            } => Some(((*low as f64).ln(), (*high as f64).ln())),
+            Param::Choice(_) => None,
+        }
+    }
+}
+
+/// One parameter's kernels, one per component of a [`Parzen`] mixture.
+enum Kernels {
+    /// Gaussians truncated to `[low, high]`, with the log of the mass each
+    /// keeps inside it.
+    Continuous {
+        mus: Vec<f64>,
+        sigmas: Vec<f64>,
+        log_masses: Vec<f64>,
+        low: f64,
+        high: f64,
+    },
+    /// Per component, the probability of each option.
+    Choice { probabilities: Vec<Vec<f64>> },
+}
+
+/// A Parzen estimator over some of the parameters: a mixture with one
+/// component per observation and a last, wide prior component; each
+/// component a product of one kernel per parameter.
+struct Parzen {
+    /// Component weights, summing to 1.
+    weights: Vec<f64>,
+    kernels: Vec<Kernels>,
+}
+
+/// The newest observations that keep full weight (Optuna's default).
+const FULL_WEIGHT_OBSERVATIONS: usize = 25;
+
+impl Parzen {
+    /// The estimator of `set` (observations in the order they happened)
+    /// over the parameters `dims` of `params`.
+    fn new(
+        params: &[(String, Param)],
+        dims: &[usize],
+        set: &[&(Vec<f64>, f64)],
+    ) -> Self {
+        let n = set.len();
+        let components = n + 1;
+        // Older observations ramp up to full weight; the prior weighs 1.
+        let mut weights: Vec<f64> = (0..n)
+            .map(|i| {
+                let ramp = n.saturating_sub(FULL_WEIGHT_OBSERVATIONS);
+                if i >= ramp {
+                    1.0
+                } else if ramp == 1 {
+                    1.0 / n as f64
+                } else {
+                    let t = i as f64 / (ramp - 1) as f64;
+                    1.0 / n as f64 + t * (1.0 - 1.0 / n as f64)
+                }
+            })
+            .collect();
+        weights.push(1.0);
+        let total: f64 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= total);
+        let kernels = dims
+            .iter()
+            .map(|&dim| {
+                let values: Vec<f64> = set.iter().map(|(point, _)| point[dim]).collect();
+                match (&params[dim].1, params[dim].1.range()) {
+                    (_, Some((low, high))) => Kernels::continuous(values, low, high),
+                    (Param::Choice(options), None) => Kernels::choice(&values, options.len()),
+                    (_, None) => unreachable!("only choices have no range"),
+                }
+            })
+            .collect();
+        debug_assert_eq!(weights.len(), components);
+        Self { weights, kernels }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> Vec<f64> {
+        let k = sample_index(&self.weights, rng);
+        self.kernels
+            .iter()
+            .map(|kernels| match kernels {
+                Kernels::Continuous {
+                    mus,
+                    sigmas,
+                    low,
+                    high,
+                    ..
+                } => {
+                    let (mu, sigma) = (mus[k], sigmas[k]);
+                    (0..100)
+                        .map(|_| mu + sigma * standard_normal(rng))
+                        .find(|x| (*low..=*high).contains(x))
+                        .unwrap_or_else(|| mu.clamp(*low, *high))
+                }
+                Kernels::Choice { probabilities } => sample_index(&probabilities[k], rng) as f64,
+            })
+            .collect()
+    }
+
+    /// log of the mixture's density at `x` (one coordinate per dimension).
+    fn log_pdf(&self, x: &[f64]) -> f64 {
+        let per_component: Vec<f64> = (0..self.weights.len())
+            .map(|k| {
+                self.weights[k].ln()
+                    + self
+                        .kernels
+                        .iter()
+                        .zip(x)
+                        .map(|(kernels, &x)| kernels.log_pdf(k, x))
+                        .sum::<f64>()
+            })
+            .collect();
+        let max = per_component
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        if max == f64::NEG_INFINITY {
+            return max;
+        }
+        max + per_component
+            .iter()
+            .map(|l| (l - max).exp())
+            .sum::<f64>()
+            .ln()
+    }
+}
+
+impl Kernels {
+    /// One Gaussian per value plus the prior N(mid, span). Bandwidths: each
+    /// value's larger gap to its neighbours ([`neighbour_gaps`]), clipped to
+    /// [span / min(100, 1 + components), span] (Optuna's rule, in both of
+    /// its modes).
+    fn continuous(values: Vec<f64>, low: f64, high: f64) -> Self {
+        let span = high - low;
+        let n = values.len();
+        let mut sigmas = neighbour_gaps(&values, low, high);
+        let min_sigma = span / (100.0f64).min(1.0 + (n + 1) as f64);
+        sigmas.iter_mut().for_each(|s| *s = s.clamp(min_sigma, span));
+        let mut mus = values;
+        mus.push(low + span / 2.0);
+        sigmas.push(span);
+        let log_masses = mus
+            .iter()
+            .zip(&sigmas)
+            .map(|(&mu, &sigma)| {
+                let mass = normal_cdf((high - mu) / sigma) - normal_cdf((low - mu) / sigma);
+                mass.max(1e-12).ln()
+            })
+            .collect();
+        Kernels::Continuous {
+            mus,
+            sigmas,
+            log_masses,
+            low,
+            high,
+        }
+    }
+
+    /// Each observed option's component puts one extra count on it over a
+    /// prior of 1 spread across the options; the prior component is
+    /// uniform.
+    fn choice(values: &[f64], options: usize) -> Self {
+        let components = values.len() + 1;
+        let flat = 1.0 / components as f64;
+        let mut probabilities: Vec<Vec<f64>> = values
+            .iter()
+            .map(|&v| {
+                let mut row = vec![flat; options];
+                row[v as usize] += 1.0;
+                let total: f64 = row.iter().sum();
+                row.iter().map(|p| p / total).collect()
+            })
+            .collect();
+        probabilities.push(vec![1.0 / options as f64; options]);
+        Kernels::Choice { probabilities }
+    }
+
+    fn log_pdf(&self, component: usize, x: f64) -> f64 {
+        match self {
+            Kernels::Continuous {
+                mus,
+                sigmas,
+                log_masses,
+                ..
+            } => {
+                let (mu, sigma) = (mus[component], sigmas[component]);
+                let z = (x - mu) / sigma;
+                -0.5 * z * z
+                    - sigma.ln()
+                    - 0.5 * (2.0 * std::f64::consts::PI).ln()
+                    - log_masses[component]
+            }
+            Kernels::Choice { probabilities } => {
+                probabilities[component][x as usize].max(1e-300).ln()
+            }
+        }
+    }
+}
+
+/// Each value's larger distance to its neighbours in sorted order, the
+/// range's ends bounding the outermost ones (Optuna's univariate rule).
+/// With more than one value, the outermost values' gaps ignore the ends.
+fn neighbour_gaps(values: &[f64], low: f64, high: f64) -> Vec<f64> {
+    let n = values.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    let sorted: Vec<f64> = std::iter::once(low)
+        .chain(order.iter().map(|&i| values[i]))
+        .chain(std::iter::once(high))
+        .collect();
+    let mut gaps: Vec<f64> = (1..=n)
+        .map(|i| (sorted[i] - sorted[i - 1]).max(sorted[i + 1] - sorted[i]))
+        .collect();
+    if n >= 2 {
+        gaps[0] = sorted[2] - sorted[1];
+        gaps[n - 1] = sorted[n] - sorted[n - 1];
+    }
+    let mut by_value = vec![0.0; n];
+    for (rank, &i) in order.iter().enumerate() {
+        by_value[i] = gaps[rank];
+    }
+    by_value
 }
 
 fn sample_index(weights: &[f64], rng: &mut impl Rng) -> usize {
@@ -176,108 +470,6 @@ fn sample_index(weights: &[f64], rng: &mut impl Rng) -> usize {
         u -= w;
     }
     weights.len() - 1
-}
-
-/// A truncated Gaussian mixture on [low, high]: one component per
-/// observation plus a prior spanning the whole range.
-struct Parzen {
-    mus: Vec<f64>,
-    sigmas: Vec<f64>,
-    low: f64,
-    high: f64,
-}
-
-impl Parzen {
-    fn new(points: &[f64], low: f64, high: f64) -> Self {
-        let span = high - low;
-        let prior_mu = low + span / 2.0;
-        let mut mus: Vec<f64> = points.to_vec();
-        mus.push(prior_mu);
-        let mut sorted = mus.clone();
-        sorted.sort_by(f64::total_cmp);
-        // Bandwidth: distance to the farther neighbour (Optuna's rule),
-        // clipped so no component is a spike or wider than the range.
-        let min_sigma = span / (100.0f64).min(1.0 + mus.len() as f64);
-        let prior = mus.len() - 1; // the prior is the last component
-        let sigmas = mus
-            .iter()
-            .enumerate()
-            .map(|(k, &m)| {
-                if k == prior {
-                    return span;
-                }
-                let i = sorted.partition_point(|&x| x < m);
-                let left = if i > 0 { m - sorted[i - 1] } else { m - low };
-                let right = if i + 1 < sorted.len() {
-                    sorted[i + 1] - m
-                } else {
-                    high - m
-                };
-                left.max(right).clamp(min_sigma, span)
-            })
-            .collect();
-        Self {
-            mus,
-            sigmas,
-            low,
-            high,
-        }
-    }
-
-    fn sample(&self, rng: &mut impl Rng) -> f64 {
-        let k = rng.random_range(0..self.mus.len());
-        let (mu, sigma) = (self.mus[k], self.sigmas[k]);
-        for _ in 0..100 {
-            let x = mu + sigma * standard_normal(rng);
-            if (self.low..=self.high).contains(&x) {
-                return x;
-            }
-        }
-        mu.clamp(self.low, self.high)
-    }
-
-    fn log_pdf(&self, x: f64) -> f64 {
-        let n = self.mus.len() as f64;
-        let density: f64 = self
-            .mus
-            .iter()
-            .zip(&self.sigmas)
-            .map(|(&mu, &sigma)| {
-                let mass =
-                    normal_cdf((self.high - mu) / sigma) - normal_cdf((self.low - mu) / sigma);
-                let z = (x - mu) / sigma;
-                (-0.5 * z * z).exp()
-                    / (sigma * (2.0 * std::f64::consts::PI).sqrt() * mass.max(1e-12))
-            })
-            .sum::<f64>()
-            / n;
-        density.max(1e-300).ln()
-    }
-}
-
-fn continuous(
-    low: f64,
-    high: f64,
-    log: bool,
-    good: &[Value],
-    bad: &[Value],
-    candidates: usize,
-    rng: &mut impl Rng,
-) -> f64 {
-    let to = |x: f64| if log { x.ln() } else { x };
-    let from = |x: f64| if log { x.exp() } else { x };
-    let points =
-        |set: &[Value]| -> Vec<f64> { set.iter().filter_map(Value::as_f64).map(to).collect() };
-    let (lo, hi) = (to(low), to(high));
-    let l = Parzen::new(&points(good), lo, hi);
-    let g = Parzen::new(&points(bad), lo, hi);
-    let best = (0..candidates.max(1))
-        .map(|_| l.sample(rng))
-        .map(|x| (x, l.log_pdf(x) - g.log_pdf(x)))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(x, _)| x)
-        .unwrap_or((lo + hi) / 2.0);
-    from(best).clamp(low, high)
 }
 
 fn standard_normal(rng: &mut impl Rng) -> f64 {
@@ -298,7 +490,6 @@ fn normal_cdf(z: f64) -> f64 {
     let erf = 1.0 - poly * (-x * x).exp();
     0.5 * (1.0 + if x >= 0.0 { erf } else { -erf })
 }
-
 #[cfg(test)]
 mod tests {
     use super::super::space::Random;
@@ -363,6 +554,151 @@ mod tests {
             "median best after 100 trials: TPE {tpe:.4}, random {random:.4} (optimum -3.3224)"
         );
         assert!(tpe < random, "TPE {tpe} should beat random {random}");
+    }
+
+    /// Good points at (0.2, 0.2) and (0.8, 0.8), bad ones at the other two
+    /// corners: each coordinate alone looks the same in both sets, so only
+    /// an estimator that keeps the coordinates together tells them apart.
+    #[test]
+    fn the_multivariate_estimator_keeps_parameters_together() {
+        let corners = |pairs: &[(f64, f64)]| -> Vec<(Vec<f64>, f64)> {
+            (0..8)
+                .flat_map(|_| pairs.iter().map(|&(x, y)| (vec![x, y], 0.0)))
+                .collect()
+        };
+        let good = corners(&[(0.2, 0.2), (0.8, 0.8)]);
+        let bad = corners(&[(0.2, 0.8), (0.8, 0.2)]);
+        let params: Vec<(String, Param)> = unit_cube(2)
+            .params()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        fn refs(set: &[(Vec<f64>, f64)]) -> Vec<&(Vec<f64>, f64)> {
+            set.iter().collect()
+        }
+        let (l, g) = (
+            Parzen::new(&params, &[0, 1], &refs(&good)),
+            Parzen::new(&params, &[0, 1], &refs(&bad)),
+        );
+        let ratio = |x: f64, y: f64| l.log_pdf(&[x, y]) - g.log_pdf(&[x, y]);
+        assert!(ratio(0.2, 0.2) > 1.0 && ratio(0.8, 0.8) > 1.0);
+        assert!(ratio(0.2, 0.8) < -1.0 && ratio(0.8, 0.2) < -1.0);
+        // Drawn from l, a candidate stays on the diagonal unless it comes
+        // from the prior component (1 in 17).
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let off_diagonal = (0..1000)
+            .map(|_| l.sample(&mut rng))
+            .filter(|x| (x[0] - 0.5).signum() != (x[1] - 0.5).signum())
+            .count();
+        assert!(off_diagonal < 100, "{off_diagonal} of 1000 off the diagonal");
+        // One mixture per coordinate cannot see the difference.
+        let (lx, gx) = (
+            Parzen::new(&params, &[0], &refs(&good)),
+            Parzen::new(&params, &[0], &refs(&bad)),
+        );
+        let marginal = lx.log_pdf(&[0.2]) - gx.log_pdf(&[0.2]);
+        assert!(marginal.abs() < 1e-9, "{marginal}");
+    }
+
+    /// The mixture is a density: it integrates to 1 over its domain (by the
+    /// midpoint rule on a grid), jointly and per parameter, with the
+    /// weights of more than 25 observations ramped.
+    #[test]
+    fn parzen_estimators_integrate_to_one() {
+        let params: Vec<(String, Param)> = vec![
+            (
+                "a".into(),
+                Param::Uniform {
+                    low: -1.0,
+                    high: 2.0,
+                },
+            ),
+            (
+                "b".into(),
+                Param::LogUniform {
+                    low: 1e-3,
+                    high: 1.0,
+                },
+            ),
+            (
+                "c".into(),
+                Param::Choice(vec![Value::from(1), Value::from(2), Value::from(3)]),
+            ),
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let observations: Vec<(Vec<f64>, f64)> = (0..30)
+            .map(|i| {
+                let point = params
+                    .iter()
+                    .map(|(_, p)| p.coordinate(&p.sample(&mut rng)).unwrap())
+                    .collect();
+                (point, i as f64)
+            })
+            .collect();
+        let set: Vec<&(Vec<f64>, f64)> = observations.iter().collect();
+        let steps = 400;
+        let grid = |(low, high): (f64, f64)| -> Vec<(f64, f64)> {
+            let h = (high - low) / steps as f64;
+            (0..steps).map(|i| (low + (i as f64 + 0.5) * h, h)).collect()
+        };
+        let (a, b) = (
+            grid(params[0].1.range().unwrap()),
+            grid(params[1].1.range().unwrap()),
+        );
+        let joint = Parzen::new(&params, &[0, 1, 2], &set);
+        let mut total = 0.0;
+        for &(x, hx) in &a {
+            for &(y, hy) in &b {
+                for c in 0..3 {
+                    total += joint.log_pdf(&[x, y, c as f64]).exp() * hx * hy;
+                }
+            }
+        }
+        assert!((total - 1.0).abs() < 1e-3, "joint mass {total}");
+        let alone = Parzen::new(&params, &[1], &set);
+        let mass: f64 = b.iter().map(|&(y, h)| alone.log_pdf(&[y]).exp() * h).sum();
+        assert!((mass - 1.0).abs() < 1e-4, "marginal mass {mass}");
+    }
+
+    #[test]
+    fn weights_ramp_as_optunas_and_gaps_follow_the_neighbours() {
+        // Optuna's default_weights(30): linspace(1/30, 1, 5) then 25 ones,
+        // then the prior's 1, normalised.
+        let params = vec![(
+            "x".to_string(),
+            Param::Uniform {
+                low: 0.0,
+                high: 1.0,
+            },
+        )];
+        let observations: Vec<(Vec<f64>, f64)> =
+            (0..30).map(|i| (vec![i as f64 / 30.0], 0.0)).collect();
+        let set: Vec<&(Vec<f64>, f64)> = observations.iter().collect();
+        let parzen = Parzen::new(&params, &[0], &set);
+        let first = 1.0 / 30.0;
+        let ramp: Vec<f64> = (0..5).map(|i| first + i as f64 * (1.0 - first) / 4.0).collect();
+        let total: f64 = ramp.iter().sum::<f64>() + 26.0;
+        for (i, expected) in ramp.iter().chain(&[1.0; 26]).enumerate() {
+            assert!(
+                (parzen.weights[i] - expected / total).abs() < 1e-12,
+                "weight {i}: {} vs {}",
+                parzen.weights[i],
+                expected / total
+            );
+        }
+        // Values 0.5, 0.1, 0.3 on [0, 1]: sorted 0.1, 0.3, 0.5; the ends'
+        // gaps ignore the range's ends; the middle one takes its larger gap.
+        let gaps = neighbour_gaps(&[0.5, 0.1, 0.3], 0.0, 1.0);
+        let expected = [0.2, 0.2, 0.2];
+        for (g, e) in gaps.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-12, "{gaps:?}");
+        }
+        let gaps = neighbour_gaps(&[0.7, 0.1, 0.2], 0.0, 1.0);
+        let expected = [0.5, 0.1, 0.5];
+        for (g, e) in gaps.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-12, "{gaps:?}");
+        }
+        assert_eq!(neighbour_gaps(&[0.3], 0.0, 1.0), vec![0.7]);
     }
 
     #[test]

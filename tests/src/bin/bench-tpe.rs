@@ -1,65 +1,103 @@
-//! TPE quality benchmark: the best Hartmann-6 value after 100 sequential
-//! trials of our TPE (default options: 10 random start-up trials, γ 0.25,
-//! 24 candidates), for seeds 1..=5, and the median. Run through
-//! scripts/bench/sweep.sh, which puts Optuna's TPESampler beside it
-//! (scripts/bench/tpe_quality.py).
+//! TPE quality benchmark: the best value of a test function after
+//! `--trials` sequential suggest → evaluate → observe rounds of our TPE
+//! (default options unless told), for each seed of `--seeds`, and the
+//! median. Run through scripts/bench/tpe.sh, which puts Optuna's
+//! TPESampler beside it (scripts/bench/tpe_quality.py).
 //!
-//! Usage: bench-tpe [TRIALS] [SEEDS] [--gamma G] [--json]
-//! (`--gamma` overrides the good fraction, to compare with Optuna's rule of
-//! the best 10 %, at most 25.)
+//! Usage: bench-tpe [--trials N] [--seeds FIRST..LAST] [--function hartmann6|branin]
+//!                  [--independent] [--gamma G] [--json]
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context};
 use ringleader_coordinator::search::{Mode, Param, Space, Tpe, TpeOptions};
+use ringleader_spec::synthetic::{branin, hartmann6};
 use serde_json::{json, Value};
 
-// The objective the workers evaluate, compiled in from its one source
-// (ringleader-spec is not a dependency of this crate; this file has no
-// imports of its own).
-#[path = "../../../spec/src/synthetic.rs"]
-#[allow(dead_code)]
-mod synthetic;
+const USAGE: &str = "usage: bench-tpe [--trials N] [--seeds FIRST..LAST] \
+                     [--function hartmann6|branin] [--independent] [--gamma G] [--json]";
 
-const DIMS: usize = 6;
-/// Hartmann-6's global minimum (Surjanovic & Bingham).
-const OPTIMUM: f64 = -3.32237;
-
-fn unit_cube() -> anyhow::Result<Space> {
-    let params = (1..=DIMS)
-        .map(|i| {
-            (
-                format!("x{i}"),
-                Param::Uniform {
-                    low: 0.0,
-                    high: 1.0,
-                },
-            )
-        })
-        .collect();
-    Ok(Space::new(params)?)
+/// A test function with its domain and known minimum.
+#[derive(Clone, Copy)]
+enum Function {
+    /// 6 parameters in [0, 1]; minimum −3.32237 (Surjanovic & Bingham).
+    Hartmann6,
+    /// x1 ∈ [−5, 10], x2 ∈ [0, 15]; minimum 0.397887, reached three times.
+    Branin,
 }
 
-fn point(config: &BTreeMap<String, Value>) -> anyhow::Result<[f64; DIMS]> {
-    let mut x = [0.0; DIMS];
-    for (i, v) in x.iter_mut().enumerate() {
-        let name = format!("x{}", i + 1);
-        *v = config
-            .get(&name)
-            .and_then(Value::as_f64)
-            .with_context(|| format!("TPE suggested no number for {name}: {config:?}"))?;
+impl Function {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "hartmann6" => Ok(Self::Hartmann6),
+            "branin" => Ok(Self::Branin),
+            other => bail!("--function: expected hartmann6 or branin, got {other:?}"),
+        }
     }
-    Ok(x)
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Hartmann6 => "hartmann6",
+            Self::Branin => "branin",
+        }
+    }
+
+    fn optimum(self) -> f64 {
+        match self {
+            Self::Hartmann6 => -3.32237,
+            Self::Branin => 0.397887,
+        }
+    }
+
+    /// Parameter names and ranges, as Optuna's side of the benchmark
+    /// declares them.
+    fn bounds(self) -> Vec<(String, f64, f64)> {
+        match self {
+            Self::Hartmann6 => (1..=6).map(|i| (format!("x{i}"), 0.0, 1.0)).collect(),
+            Self::Branin => vec![("x1".into(), -5.0, 10.0), ("x2".into(), 0.0, 15.0)],
+        }
+    }
+
+    fn space(self) -> anyhow::Result<Space> {
+        let params = self
+            .bounds()
+            .into_iter()
+            .map(|(name, low, high)| (name, Param::Uniform { low, high }))
+            .collect();
+        Ok(Space::new(params)?)
+    }
+
+    fn value(self, config: &BTreeMap<String, Value>) -> anyhow::Result<f64> {
+        let x: Vec<f64> = self
+            .bounds()
+            .iter()
+            .map(|(name, _, _)| {
+                config
+                    .get(name)
+                    .and_then(Value::as_f64)
+                    .with_context(|| format!("TPE suggested no number for {name}: {config:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(match self {
+            Self::Hartmann6 => hartmann6(&x.try_into().expect("six parameters")),
+            Self::Branin => branin(x[0], x[1]),
+        })
+    }
 }
 
-/// The best value seen in `trials` sequential suggest → evaluate → observe
-/// rounds.
-fn best_of_tpe(seed: u64, trials: usize, options: &TpeOptions) -> anyhow::Result<f64> {
-    let mut tpe = Tpe::new(unit_cube()?, Mode::Min, options.clone(), seed);
+/// The best value seen in `trials` rounds.
+fn best_of_tpe(
+    function: Function,
+    seed: u64,
+    trials: usize,
+    options: &TpeOptions,
+) -> anyhow::Result<f64> {
+    let mut tpe = Tpe::new(function.space()?, Mode::Min, options.clone(), seed);
     let mut best = f64::INFINITY;
     for _ in 0..trials {
         let config = tpe.next_config();
-        let y = synthetic::hartmann6(&point(&config)?);
+        let y = function.value(&config)?;
         best = best.min(y);
         tpe.observe(config, y);
     }
@@ -77,56 +115,81 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
+fn seed_range(text: &str) -> anyhow::Result<RangeInclusive<u64>> {
+    let (first, last) = text
+        .split_once("..")
+        .with_context(|| format!("--seeds: expected FIRST..LAST, got {text:?}"))?;
+    let parse = |s: &str| {
+        s.parse::<u64>()
+            .with_context(|| format!("--seeds: {s:?} is not a seed"))
+    };
+    let (first, last) = (parse(first)?, parse(last)?);
+    if first > last {
+        bail!("--seeds: {first}..{last} is empty");
+    }
+    Ok(first..=last)
+}
+
 fn main() -> anyhow::Result<()> {
     let mut trials = 100usize;
-    let mut seeds = 5u64;
+    let mut seeds = 1..=5u64;
+    let mut function = Function::Hartmann6;
     let mut as_json = false;
     let mut options = TpeOptions::default();
-    let mut positional = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--json" {
-            as_json = true;
-            continue;
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--json" => as_json = true,
+            "--independent" => options.multivariate = false,
+            "--trials" => {
+                let v = value()?;
+                trials = v.parse().with_context(|| format!("--trials: {v:?}"))?;
+            }
+            "--seeds" => seeds = seed_range(&value()?)?,
+            "--function" => function = Function::parse(&value()?)?,
+            "--gamma" => {
+                let v = value()?;
+                options.gamma = v.parse().with_context(|| format!("--gamma: {v:?}"))?;
+            }
+            _ => bail!("{USAGE}"),
         }
-        if arg == "--gamma" {
-            let g = args.next().context("--gamma needs a value")?;
-            options.gamma = g.parse().with_context(|| format!("--gamma: {g:?}"))?;
-            continue;
-        }
-        match positional {
-            0 => trials = arg.parse().with_context(|| format!("TRIALS: {arg:?}"))?,
-            1 => seeds = arg.parse().with_context(|| format!("SEEDS: {arg:?}"))?,
-            _ => bail!("usage: bench-tpe [TRIALS] [SEEDS] [--gamma G] [--json]"),
-        }
-        positional += 1;
     }
+    let system = if options.multivariate {
+        "ringleader-tpe-multivariate"
+    } else {
+        "ringleader-tpe-independent"
+    };
     let start = std::time::Instant::now();
-    let best = (1..=seeds)
-        .map(|s| best_of_tpe(s, trials, &options))
+    let best = seeds
+        .clone()
+        .map(|s| best_of_tpe(function, s, trials, &options))
         .collect::<anyhow::Result<Vec<f64>>>()?;
     let med = median(&best);
     if as_json {
         println!(
             "{}",
             json!({
-                "system": "ringleader-tpe",
+                "system": system,
+                "function": function.name(),
                 "trials": trials,
                 "gamma": options.gamma,
                 "startup_trials": options.startup_trials,
-                "seeds": (1..=seeds).collect::<Vec<_>>(),
+                "seeds": seeds.collect::<Vec<_>>(),
                 "best": best,
                 "median": med,
-                "optimum": OPTIMUM,
+                "optimum": function.optimum(),
                 "seconds": start.elapsed().as_secs_f64(),
             })
         );
     } else {
         println!(
-            "Ringleader TPE (gamma {}), Hartmann-6, {trials} trials (optimum {OPTIMUM})",
-            options.gamma
+            "{system} (gamma {}), {}, {trials} trials (optimum {})",
+            options.gamma,
+            function.name(),
+            function.optimum()
         );
-        for (s, b) in (1..=seeds).zip(&best) {
+        for (s, b) in seeds.zip(&best) {
             println!("  seed {s}: best {b:.5}");
         }
         println!("  median: {med:.5}");
