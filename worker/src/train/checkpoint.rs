@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use ringleader_spec::stopping::Plateau;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::error::{unreadable, TrainError};
+use super::metrics::Evaluation;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sidecar {
@@ -24,6 +26,20 @@ pub struct Sidecar {
     pub rng_seed: u64,
     pub world: usize,
     pub metrics: BTreeMap<String, f64>,
+    /// Early stopping's standing after this epoch (jobs with
+    /// `early_stopping` only): a resumed trial carries on counting from it.
+    #[serde(default)]
+    pub plateau: Option<Plateau>,
+    /// The epoch's evaluated splits by metric prefix (`val`, `test`), with
+    /// per-class recall and the confusion matrix that the epoch report
+    /// leaves out (`metrics::Evaluation`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evaluations: BTreeMap<String, Evaluation>,
+    /// The shape of one example as the network takes it (after any CSV
+    /// encoding), for `ringleader model export`; empty for synthetic
+    /// models and checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_shape: Vec<i64>,
 }
 
 pub fn tensors_path(dir: &Path, epoch: u32) -> PathBuf {
@@ -78,7 +94,7 @@ pub fn save(
     })
 }
 
-fn write_atomic(
+pub(super) fn write_atomic(
     path: &Path,
     durability: Durability,
     write: impl FnOnce(&Path) -> Result<(), TrainError>,
@@ -101,6 +117,48 @@ pub fn load_sidecar(dir: &Path, epoch: u32) -> Result<Sidecar, TrainError> {
         path,
         what: format!("bad sidecar: {e}"),
     })
+}
+
+/// Copies the tensor `name` of a checkpoint read from `path` into
+/// `target`, taking it out of `saved`; refused when it is missing or its
+/// shape differs (`copy_` would broadcast a mismatched shape silently).
+pub fn copy_saved(
+    saved: &mut BTreeMap<String, Tensor>,
+    path: &Path,
+    name: &str,
+    target: &mut Tensor,
+) -> Result<(), TrainError> {
+    let failed = |what: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        what,
+    };
+    let source = saved.remove(name).ok_or_else(|| {
+        failed(format!(
+            "no tensor {name} (was it written for another model?)"
+        ))
+    })?;
+    if source.size() != target.size() {
+        return Err(failed(format!(
+            "{name} has shape {:?}, the model's is {:?}",
+            source.size(),
+            target.size()
+        )));
+    }
+    tch::no_grad(|| target.f_copy_(&source)).map_err(|e| failed(format!("{name}: {e}")))?;
+    Ok(())
+}
+
+/// Copies a checkpoint's `model.<name>` tensors into every variable of
+/// `vs` (parameters and buffers).
+pub fn restore_model(
+    saved: &mut BTreeMap<String, Tensor>,
+    path: &Path,
+    vs: &tch::nn::VarStore,
+) -> Result<(), TrainError> {
+    for (name, mut t) in vs.variables() {
+        copy_saved(saved, path, &format!("model.{name}"), &mut t)?;
+    }
+    Ok(())
 }
 
 /// The named tensors of the checkpoint after `epoch`.

@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 
 use ringleader_collective::ReduceOp;
 use ringleader_spec::job::{DatasetFormat, DatasetSpec, Normalize, SplitSpec};
+use ringleader_spec::prepare::{is_missing, Column, CsvPreparation};
 use tch::{Kind, Tensor};
 
 use super::error::{unreadable, CsvRole, Found, Position, TrainError};
+use super::prepare::{Cell, CsvColumns, Normalization, Preparation};
 use crate::confine::PathRoots;
 
 /// One split, resident in memory.
@@ -56,7 +58,15 @@ impl Split {
 #[derive(Debug)]
 pub struct Dataset {
     pub train: Split,
+    /// Held out of `train` or read from `dataset.validation` (the `split`
+    /// module); [`load`] leaves it empty.
+    pub validation: Option<Split>,
     pub test: Option<Split>,
+    /// CSV read for `dataset.csv`: cells as read (NaN where missing,
+    /// category codes), waiting for [`prepare_csv`]; `None` otherwise.
+    pub columns: Option<CsvColumns>,
+    /// What was fitted on the training examples so far.
+    pub preparation: Preparation,
 }
 
 /// Which of a split's `files` a rank reads.
@@ -77,12 +87,21 @@ pub fn load(
     train_files: Files,
     test_files: Files,
 ) -> Result<Dataset, TrainError> {
-    let train =
-        load_split(spec, roots, "dataset.train", &spec.train, train_files)?.limit(spec.limit_train);
+    let mut columns = None;
+    let train = load_split(
+        spec,
+        roots,
+        "dataset.train",
+        &spec.train,
+        train_files,
+        &mut columns,
+    )?
+    .limit(spec.limit_train);
     let test = match &spec.test {
-        Some(split) => {
-            Some(load_split(spec, roots, "dataset.test", split, test_files)?.limit(spec.limit_test))
-        }
+        Some(split) => Some(
+            load_split(spec, roots, "dataset.test", split, test_files, &mut columns)?
+                .limit(spec.limit_test),
+        ),
         None => None,
     };
     if let Some(test) = &test {
@@ -93,16 +112,84 @@ pub fn load(
             )));
         }
     }
-    Ok(Dataset { train, test })
+    Ok(Dataset {
+        train,
+        validation: None,
+        test,
+        columns,
+        preparation: Preparation::default(),
+    })
+}
+
+/// Fits `dataset.csv`'s fill values and categories on `data.train` (the
+/// examples the model trains on: call it after any validation hold-out)
+/// and encodes every split with them; records the fit in
+/// `data.preparation`. Nothing to do for other datasets, or twice.
+pub fn prepare_csv(data: &mut Dataset) -> Result<(), TrainError> {
+    let Some(columns) = data.columns.take() else {
+        return Ok(());
+    };
+    let fit = columns.fit(&data.train)?;
+    for (name, split) in [
+        ("train", Some(&mut data.train)),
+        ("validation", data.validation.as_mut()),
+        ("test", data.test.as_mut()),
+    ] {
+        let Some(split) = split else { continue };
+        for (column, examples) in fit.apply(split)? {
+            tracing::warn!(
+                split = name,
+                column,
+                examples,
+                "categories never seen in training: encoded as all zeros"
+            );
+        }
+    }
+    data.preparation.csv = Some(fit);
+    Ok(())
+}
+
+/// Reads the separate validation split (`dataset.validation`), whole or
+/// only the files given; `None` when the job has none.
+pub fn load_validation(
+    spec: &DatasetSpec,
+    roots: &PathRoots,
+    files: Files,
+    data: &mut Dataset,
+) -> Result<Option<Split>, TrainError> {
+    let Some(split) = &spec.validation else {
+        return Ok(None);
+    };
+    let validation = load_split(
+        spec,
+        roots,
+        "dataset.validation",
+        split,
+        files,
+        &mut data.columns,
+    )?;
+    let (a, b) = (
+        &data.train.features.size()[1..],
+        &validation.features.size()[1..],
+    );
+    if a != b {
+        return Err(TrainError::DatasetSpec(format!(
+            "validation examples have shape {b:?}, training examples {a:?}"
+        )));
+    }
+    Ok(Some(validation))
 }
 
 /// `name`: the split's place in the job (`dataset.train`), for errors.
+/// `columns`: with `dataset.csv`, the CSV layout and categories so far
+/// (set by the first file read).
 fn load_split(
     spec: &DatasetSpec,
     roots: &PathRoots,
     name: &str,
     split: &SplitSpec,
     files: Files,
+    columns: &mut Option<CsvColumns>,
 ) -> Result<Split, TrainError> {
     let classes = spec.classes;
     let read = |key: &str, path: &Path| read(roots, &format!("{name}.{key}"), path);
@@ -135,7 +222,11 @@ fn load_split(
             safetensors_split(path, &read(&format!("files[{i}]"), path)?, split, classes)
         }),
         DatasetFormat::Csv => concat(&split.files, files, "csv", |i, path| {
-            csv(path, &read(&format!("files[{i}]"), path)?, split, classes)
+            let bytes = read(&format!("files[{i}]"), path)?;
+            match &spec.csv {
+                Some(policy) => csv(path, &bytes, split, classes, Some((policy, &mut *columns))),
+                None => csv(path, &bytes, split, classes, None),
+            }
         }),
     }
 }
@@ -155,7 +246,7 @@ fn concat(
     files: &[PathBuf],
     chosen: Files,
     format: &str,
-    load: impl Fn(usize, &Path) -> Result<Split, TrainError>,
+    mut load: impl FnMut(usize, &Path) -> Result<Split, TrainError>,
 ) -> Result<Split, TrainError> {
     if files.is_empty() {
         return Err(TrainError::DatasetSpec(format!(
@@ -255,7 +346,7 @@ pub fn decode(format: DatasetFormat, bytes: &[u8]) -> Result<usize, TrainError> 
             }
         }
         DatasetFormat::Safetensors => Ok(safetensors_split(path, &bytes, &split, classes)?.len()),
-        DatasetFormat::Csv => Ok(csv(path, &bytes, &split, classes)?.len()),
+        DatasetFormat::Csv => Ok(csv(path, &bytes, &split, classes, None)?.len()),
     }
 }
 
@@ -831,8 +922,21 @@ fn safetensor<'a>(
 /// Numeric CSV (the `csv` crate; cells trimmed, `"` quoting, blank lines
 /// skipped): every column a feature except `label_column`. A header is
 /// recognised when the split says so or, unset, when the first record has
-/// a cell that is not a number.
-fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Split, TrainError> {
+/// a cell that is not a number. A missing cell (see
+/// [`ringleader_spec::prepare::MISSING_MARKERS`]) is an error.
+///
+/// `prepared`: the job's `dataset.csv` and the layout so far. Then
+/// categorical columns are read as category codes, and, unless missing
+/// cells are errors, a missing cell is read as NaN (see
+/// [`prepare_csv`]); a header is also recognised when a categorical
+/// column is named (and otherwise only by the cells of the other columns).
+fn csv(
+    path: &Path,
+    bytes: &[u8],
+    split: &SplitSpec,
+    classes: u32,
+    mut prepared: Option<(&CsvPreparation, &mut Option<CsvColumns>)>,
+) -> Result<Split, TrainError> {
     let mut reader = ::csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -840,6 +944,7 @@ fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Spl
         .from_reader(bytes);
     let mut record = ::csv::ByteRecord::new();
     let mut layout: Option<(usize, usize)> = None; // (columns, label column)
+    let mut header: Option<Vec<String>> = None;
     let mut features = Vec::new();
     let mut labels = Vec::new();
     let mut first = true;
@@ -856,16 +961,31 @@ fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Spl
         if record.len() == 1 && record[0].is_empty() {
             continue;
         }
-        if std::mem::take(&mut first)
-            && split
-                .header
-                .unwrap_or_else(|| record.iter().any(|cell| number::<f64>(cell).is_err()))
-        {
+        if std::mem::take(&mut first) && is_header(&record, split, prepared.as_ref().map(|p| p.0)) {
+            header = Some(
+                record
+                    .iter()
+                    .map(|cell| String::from_utf8_lossy(cell).into_owned())
+                    .collect(),
+            );
             continue;
         }
         let (columns, label_column) = match layout {
             Some(layout) => layout,
-            None => *layout.insert((record.len(), label_column(path, split, record.len())?)),
+            None => {
+                let width = record.len();
+                let label = label_column(path, split, width)?;
+                if let Some((policy, columns)) = &mut prepared {
+                    match columns {
+                        Some(columns) => columns.check(path, header.as_deref(), width, label)?,
+                        None => {
+                            **columns =
+                                Some(CsvColumns::new(policy, path, header.take(), width, label)?)
+                        }
+                    }
+                }
+                *layout.insert((width, label))
+            }
         };
         if record.len() != columns {
             return Err(TrainError::CsvColumns {
@@ -888,23 +1008,77 @@ fn csv(path: &Path, bytes: &[u8], split: &SplitSpec, classes: u32) -> Result<Spl
                 let value = label(cell).map_err(|found| bad(CsvRole::Label, found))?;
                 let position = Position::Cell { line, column };
                 labels.push(check_label(path, position, value, classes)?);
+                continue;
+            }
+            let feature = if index < label_column {
+                index
             } else {
-                let value = number::<f32>(cell)
-                    .and_then(|x| {
+                index - 1
+            };
+            let fitting = prepared.as_mut().and_then(|(_, columns)| columns.as_mut());
+            let role = match fitting.as_ref().map(|columns| columns.kind(feature)) {
+                Some(Cell::Category) => CsvRole::Category,
+                _ => CsvRole::Feature,
+            };
+            let value = if is_missing(cell) {
+                match &fitting {
+                    Some(columns) if !columns.missing_is_error() => f32::NAN,
+                    _ if cell.is_empty() => return Err(bad(role, Found::Empty)),
+                    _ => return Err(bad(role, Found::Missing)),
+                }
+            } else {
+                match (role, fitting) {
+                    (CsvRole::Category, Some(columns)) => columns.code(feature, cell),
+                    _ => number::<f32>(cell).and_then(|x| {
                         if x.is_finite() {
                             Ok(x)
                         } else {
                             Err(Found::NotFinite)
                         }
-                    })
-                    .map_err(|found| bad(CsvRole::Feature, found))?;
-                features.push(value);
-            }
+                    }),
+                }
+                .map_err(|found| bad(role, found))?
+            };
+            features.push(value);
         }
     }
     let width = layout.map_or(0, |(columns, _)| columns as i64 - 1);
     let features = Tensor::from_slice(&features).f_view([labels.len() as i64, width])?;
     paired(path, features, labels)
+}
+
+/// Whether a file's first record is a header: as the split says, else
+/// when a categorical column is named, else when a cell (outside the
+/// categorical columns) is neither a number nor a missing value.
+fn is_header(
+    record: &::csv::ByteRecord,
+    split: &SplitSpec,
+    prepared: Option<&CsvPreparation>,
+) -> bool {
+    if let Some(header) = split.header {
+        return header;
+    }
+    let categorical: Vec<usize> = match prepared {
+        None => Vec::new(),
+        Some(policy)
+            if policy
+                .categorical
+                .iter()
+                .any(|c| matches!(c, Column::Name(_))) =>
+        {
+            return true
+        }
+        Some(policy) => policy
+            .categorical
+            .iter()
+            .filter_map(|c| c.resolve(None, record.len()))
+            .collect(),
+    };
+    record.iter().enumerate().any(|(index, cell)| {
+        !categorical.contains(&index)
+            && number::<f64>(cell).is_err()
+            && !(prepared.is_some() && is_missing(cell))
+    })
 }
 
 /// The label column's index among `columns`.
@@ -996,8 +1170,9 @@ pub fn statistics(
 /// Rows per block when summing the training split in f64.
 const STATISTICS_BLOCK_ROWS: i64 = 4096;
 
-/// `(x - shift) / scale` on both splits, with shift and scale from the spec
-/// or from the training split's `statistics` (see [`statistics`]).
+/// `(x - shift) / scale` on every split, with shift and scale from the spec
+/// or from the training split's `statistics` (see [`statistics`]);
+/// recorded in `dataset.preparation`.
 pub fn normalize(
     kind: &Normalize,
     statistics: Option<&Tensor>,
@@ -1031,9 +1206,22 @@ pub fn normalize(
             (per_feature(min)?, per_feature(range)?)
         }
     };
-    for split in std::iter::once(&mut dataset.train).chain(dataset.test.as_mut()) {
+    for split in std::iter::once(&mut dataset.train)
+        .chain(dataset.validation.as_mut())
+        .chain(dataset.test.as_mut())
+    {
         split.features = (&split.features - &shift) / &scale;
     }
+    let values = |t: &Tensor| Vec::<f32>::try_from(t.f_contiguous()?.f_view([-1])?);
+    dataset.preparation.normalize = Some(Normalization {
+        kind: match kind {
+            Normalize::None | Normalize::Fixed { .. } => "fixed",
+            Normalize::Standard => "standard",
+            Normalize::MinMax => "minmax",
+        },
+        shift: values(&shift)?,
+        scale: values(&scale)?,
+    });
     Ok(())
 }
 
@@ -1060,7 +1248,10 @@ mod tests {
             assert!(combined.allclose(&whole, 1e-9, 1e-9, false), "{kind:?}");
             let mut dataset = Dataset {
                 train: part(0, 40),
+                validation: None,
                 test: None,
+                columns: None,
+                preparation: Preparation::default(),
             };
             normalize(&kind, Some(&combined), &mut dataset).unwrap();
             let x = &dataset.train.features;

@@ -39,14 +39,23 @@ use ringleader_collective::{ReduceOp, Ring};
 use tch::{Device, Kind, Reduction, Tensor};
 use tokio::runtime::Handle;
 
+use super::augment::{self, Augmenter};
+use super::balance::{self, Balance};
 use super::checkpoint::{self, Durability, Sidecar};
 use super::dataset::{self, Dataset, Files, Split};
+use super::metrics::{self, Counts, Evaluation, MAX_CONFUSION_CLASSES};
 use super::model::Model;
 use super::optim::{learning_rate, Optimizer};
+use super::prepare;
+use super::split::{self, Partition};
 use super::{epoch_seed, Epochs, Segment, TrainError};
 use crate::collective;
-use ringleader_spec::job::{GradientCompression, SplitSpec};
+use ringleader_spec::job::{
+    GradientCompression, Holdout, SplitSpec, MAX_RECALL_CLASSES, TEST_PREFIX, VALIDATION_PREFIX,
+};
+use ringleader_spec::prepare::Augment;
 use ringleader_spec::shard::{FileDeal, ShardPlan};
+use ringleader_spec::stopping::Plateau;
 
 /// Largest fused gradient buffer, as PyTorch DDP's `bucket_cap_mb`.
 const BUCKET_BYTES: usize = 25 << 20;
@@ -277,6 +286,11 @@ pub(crate) struct Trainer<'a> {
     buffer_buckets: Buckets,
     share: Share,
     steps_per_epoch: u64,
+    /// The last epoch's evaluations, by metric prefix (`val`, `test`), for
+    /// the checkpoint sidecar.
+    evaluations: BTreeMap<String, Evaluation>,
+    /// Class weights and the balanced sampler.
+    balance: Balance,
 }
 
 /// How this rank's part of the data relates to the whole.
@@ -288,6 +302,36 @@ struct Share {
     /// The test files were dealt: this rank evaluates all it holds (else it
     /// holds the whole test split and evaluates its contiguous slice).
     test_dealt: bool,
+    /// Likewise for the validation set (held out of dealt training files,
+    /// or a separate split whose files were dealt).
+    validation_dealt: bool,
+}
+
+/// A split that is evaluated each epoch.
+#[derive(Clone, Copy, Debug)]
+enum Evaluated {
+    Validation,
+    Test,
+}
+
+impl Evaluated {
+    fn prefix(self) -> &'static str {
+        match self {
+            Evaluated::Validation => VALIDATION_PREFIX,
+            Evaluated::Test => TEST_PREFIX,
+        }
+    }
+}
+
+/// One rank's part of an evaluation, before the ranks add theirs up.
+struct LocalEvaluation {
+    /// Loss sum, examples, then per class hits, labels and predictions,
+    /// then the confusion matrix row by row (when it is kept).
+    sums: Vec<f64>,
+    /// Two classes: each example's score (logit of 1 minus logit of 0)
+    /// and label, for the exact ROC-AUC.
+    scores: Vec<f64>,
+    positive: Vec<f64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -301,8 +345,24 @@ impl<'a> Trainer<'a> {
         let spec = &segment.spec;
         let (mut data, share) = load_share(segment, ring, runtime)?;
         to_device(&mut data.train, segment.device)?;
-        if let Some(test) = &mut data.test {
-            to_device(test, segment.device)?;
+        for held_out in data.validation.iter_mut().chain(data.test.as_mut()) {
+            to_device(held_out, segment.device)?;
+        }
+        if spec.dataset.augment.is_some() {
+            augment::check_images(&data.train.features.size()[1..])?;
+        }
+        let balance = Balance::new(
+            &spec.dataset,
+            &data.train,
+            |counts| match share.train_dealt {
+                true => reduce(ring, runtime, &counts, ReduceOp::Sum),
+                false => Ok(counts),
+            },
+            segment.device,
+        )?;
+        if segment.rank == 0 {
+            // Before the first checkpoint: an exported model needs it.
+            prepare::save(&segment.checkpoint_dir, &data.preparation)?;
         }
         let input = &data.train.features.size()[1..];
         let model = Model::build(
@@ -340,6 +400,8 @@ impl<'a> Trainer<'a> {
             params,
             buffers,
             optimizer,
+            evaluations: BTreeMap::new(),
+            balance,
         };
         if segment.start_epoch > 0 {
             trainer.restore(segment.start_epoch)?;
@@ -353,32 +415,9 @@ impl<'a> Trainer<'a> {
         let sidecar = checkpoint::load_sidecar(dir, epoch)?;
         let mut saved = checkpoint::load_tensors(dir, epoch)?;
         let path = checkpoint::tensors_path(dir, epoch);
-        let mut take = |name: String, target: &mut Tensor| -> Result<(), TrainError> {
-            let source = saved.remove(&name).ok_or_else(|| TrainError::Checkpoint {
-                path: path.clone(),
-                what: format!("no tensor {name} (was it written for another model?)"),
-            })?;
-            // copy_ would broadcast a mismatched shape silently.
-            if source.size() != target.size() {
-                return Err(TrainError::Checkpoint {
-                    path: path.clone(),
-                    what: format!(
-                        "{name} has shape {:?}, the model's is {:?}",
-                        source.size(),
-                        target.size()
-                    ),
-                });
-            }
-            tch::no_grad(|| target.f_copy_(&source)).map_err(|e| TrainError::Checkpoint {
-                path: path.clone(),
-                what: format!("{name}: {e}"),
-            })
-        };
-        for (name, mut t) in self.model.vs.variables() {
-            take(format!("model.{name}"), &mut t)?;
-        }
+        checkpoint::restore_model(&mut saved, &path, &self.model.vs)?;
         for (name, t) in self.optimizer.named_state_mut() {
-            take(format!("optim.{name}"), t)?;
+            checkpoint::copy_saved(&mut saved, &path, &format!("optim.{name}"), t)?;
         }
         self.optimizer.step = sidecar.step;
         Ok(())
@@ -414,9 +453,16 @@ impl<'a> Trainer<'a> {
         };
         let indices = if self.share.train_dealt {
             plan.own_indices(u64::from(epoch), self.share.per_rank)
+        } else if let Some(balanced) = self.balance.order(&plan, u64::from(epoch)) {
+            balanced
         } else {
             plan.indices(u64::from(epoch))
         };
+        let mut augmenter = spec
+            .dataset
+            .augment
+            .filter(Augment::is_active)
+            .map(|a| Augmenter::new(a, epoch_seed(spec.seed, epoch, segment.rank)));
         let indices: Vec<i64> = indices.into_iter().map(|i| i as i64).collect();
         let order = Tensor::from_slice(&indices).f_to_device(self.segment.device)?;
         let batch = i64::from(spec.batch_size.max(1));
@@ -426,16 +472,14 @@ impl<'a> Trainer<'a> {
         let mut lr = spec.optimizer.lr;
         for (step, begin) in (first_step..).zip((0..total).step_by(batch as usize)) {
             let index = order.narrow(0, begin, batch.min(total - begin));
-            let xs = train.features.f_index_select(0, &index)?;
+            let mut xs = train.features.f_index_select(0, &index)?;
+            if let Some(augmenter) = &mut augmenter {
+                xs = augmenter.apply(&xs)?;
+            }
             let ys = train.labels.f_index_select(0, &index)?;
             let outputs = self.model.forward_stages(&xs, true)?;
             let logits = outputs.last().expect("a model has at least one stage");
-            let loss = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
-                &ys,
-                None::<Tensor>,
-                Reduction::Mean,
-                -100,
-            )?;
+            let loss = balance::loss(logits, &ys, self.balance.weights.as_ref())?;
             backward_and_average(
                 &self.grads,
                 &self.params,
@@ -465,44 +509,140 @@ impl<'a> Trainer<'a> {
         ))
     }
 
-    /// Loss sum, correct predictions and examples on this rank's contiguous
-    /// shard of the test split.
-    fn evaluate(&mut self) -> Result<[f64; 3], TrainError> {
-        let Some(test) = &self.data.test else {
-            return Ok([0.0; 3]);
+    /// This rank's part of `which`: the examples it holds when the split's
+    /// files were dealt, else its contiguous slice of the whole split.
+    /// `None` when the job has no such split.
+    fn evaluate_own(&mut self, which: Evaluated) -> Result<Option<LocalEvaluation>, TrainError> {
+        let (split, dealt) = match which {
+            Evaluated::Validation => (&self.data.validation, self.share.validation_dealt),
+            Evaluated::Test => (&self.data.test, self.share.test_dealt),
         };
+        let Some(split) = split else {
+            return Ok(None);
+        };
+        let classes = i64::from(self.segment.spec.dataset.classes);
         let (world, rank) = (self.segment.world as i64, self.segment.rank as i64);
-        let n = test.len() as i64;
-        let (begin, end) = if self.share.test_dealt {
+        let n = split.len() as i64;
+        let (begin, end) = if dealt {
             (0, n)
         } else {
             (n * rank / world, n * (rank + 1) / world)
         };
+        let confusion = classes <= i64::from(MAX_CONFUSION_CLASSES);
+        let device = self.segment.device;
+        let zeros = |len: i64| Tensor::zeros([len], (Kind::Int64, device));
+        let (mut hits, mut actual, mut predicted) =
+            (zeros(classes), zeros(classes), zeros(classes));
+        let mut cells = zeros(if confusion { classes * classes } else { 0 });
+        let mut loss_sum = 0.0;
+        let (mut scores, mut positive) = (Vec::new(), Vec::new());
         let batch = i64::from(self.segment.spec.eval_batch_size.max(1));
-        let mut sums = [0.0; 3];
         tch::no_grad(|| -> Result<(), TrainError> {
             for start in (begin..end).step_by(batch as usize) {
                 let len = batch.min(end - start);
-                let xs = test.features.narrow(0, start, len);
-                let ys = test.labels.narrow(0, start, len);
+                let xs = split.features.narrow(0, start, len);
+                let ys = split.labels.narrow(0, start, len);
                 let logits = self.model.forward(&xs, false)?;
+                if logits.size().get(1) != Some(&classes) {
+                    return Err(TrainError::Model(format!(
+                        "the model gives outputs of shape {:?} for {classes} classes",
+                        logits.size()
+                    )));
+                }
                 let loss = logits.f_log_softmax(-1, Kind::Float)?.f_nll_loss(
                     &ys,
                     None::<Tensor>,
                     Reduction::Sum,
                     -100,
                 )?;
-                let correct = logits
-                    .f_argmax(-1, false)?
-                    .f_eq_tensor(&ys)?
-                    .f_sum(Kind::Int64)?;
-                sums[0] += loss.f_double_value(&[])?;
-                sums[1] += correct.f_double_value(&[])?;
-                sums[2] += len as f64;
+                loss_sum += loss.f_double_value(&[])?;
+                let guess = logits.f_argmax(-1, false)?;
+                let count = |t: &Tensor, bins: i64| t.f_bincount(None::<Tensor>, bins);
+                let right = ys.f_masked_select(&guess.f_eq_tensor(&ys)?)?;
+                let _ = hits.f_add_(&count(&right, classes)?)?;
+                let _ = actual.f_add_(&count(&ys, classes)?)?;
+                let _ = predicted.f_add_(&count(&guess, classes)?)?;
+                if confusion {
+                    let cell = ys.f_mul_scalar(classes)?.f_add(&guess)?;
+                    let _ = cells.f_add_(&count(&cell, classes * classes)?)?;
+                }
+                if classes == 2 {
+                    let margin = logits.f_select(1, 1)?.f_sub(&logits.f_select(1, 0)?)?;
+                    scores.extend(Vec::<f64>::try_from(margin.f_to_kind(Kind::Double)?)?);
+                    positive.extend(Vec::<f64>::try_from(ys.f_to_kind(Kind::Double)?)?);
+                }
             }
             Ok(())
         })?;
-        Ok(sums)
+        let mut sums = vec![loss_sum, (end - begin) as f64];
+        for counts in [&hits, &actual, &predicted, &cells] {
+            sums.extend(Vec::<f64>::try_from(counts.f_to_kind(Kind::Double)?)?);
+        }
+        Ok(Some(LocalEvaluation {
+            sums,
+            scores,
+            positive,
+        }))
+    }
+
+    /// Evaluates `which` on every rank and combines the parts: every rank
+    /// gets the metrics of the whole split.
+    fn evaluate(&mut self, which: Evaluated) -> Result<Option<Evaluation>, TrainError> {
+        let Some(local) = self.evaluate_own(which)? else {
+            return Ok(None);
+        };
+        let classes = self.segment.spec.dataset.classes as usize;
+        let sums = self.reduce(&local.sums, ReduceOp::Sum)?;
+        // Sums of whole numbers below 2^53: exact in f64.
+        let whole = |range: std::ops::Range<usize>| -> Vec<u64> {
+            sums[range].iter().map(|&x| x as u64).collect()
+        };
+        let per_class = |k: usize| whole(2 + k * classes..2 + (k + 1) * classes);
+        let counts = Counts {
+            loss_sum: sums[0],
+            examples: sums[1] as u64,
+            hits: per_class(0),
+            actual: per_class(1),
+            predicted: per_class(2),
+        };
+        let confusion = (classes <= MAX_CONFUSION_CLASSES as usize).then(|| {
+            whole(2 + 3 * classes..sums.len())
+                .chunks(classes)
+                .map(<[u64]>::to_vec)
+                .collect()
+        });
+        let roc_auc = if classes == 2 {
+            let (scores, positive) = self.gather_scores(&local)?;
+            let positive: Vec<bool> = positive.iter().map(|&p| p > 0.5).collect();
+            metrics::roc_auc(&scores, &positive)
+        } else {
+            None
+        };
+        Ok(Evaluation::new(&counts, roc_auc, confusion))
+    }
+
+    /// Every rank's scores and labels, in rank order (an all-gather made of
+    /// two sums: the sizes, then each rank's values at its offset).
+    fn gather_scores(
+        &mut self,
+        local: &LocalEvaluation,
+    ) -> Result<(Vec<f64>, Vec<f64>), TrainError> {
+        let (world, rank) = (self.segment.world, self.segment.rank);
+        let mut sizes = vec![0.0; world];
+        sizes[rank] = local.scores.len() as f64;
+        let sizes = self.reduce(&sizes, ReduceOp::Sum)?;
+        let total = sizes.iter().sum::<f64>() as usize;
+        if total == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let offset = sizes[..rank].iter().sum::<f64>() as usize;
+        let mut values = vec![0.0; 2 * total];
+        values[offset..offset + local.scores.len()].copy_from_slice(&local.scores);
+        values[total + offset..total + offset + local.positive.len()]
+            .copy_from_slice(&local.positive);
+        let mut values = self.reduce(&values, ReduceOp::Sum)?;
+        let positive = values.split_off(total);
+        Ok((values, positive))
     }
 
     fn reduce(&mut self, values: &[f64], op: ReduceOp) -> Result<Vec<f64>, TrainError> {
@@ -523,9 +663,10 @@ fn reduce(
 }
 
 /// Reads this rank's data — every file, or under file sharding only the
-/// files dealt to it — agrees with the other ranks on how many examples
-/// each trains on per epoch, and normalises with statistics of the whole
-/// training split.
+/// files dealt to it — holds out its validation examples (the `split`
+/// module) or reads the validation split, agrees with the other ranks on
+/// how many examples each trains on per epoch, and normalises with
+/// statistics of the whole training part (validation excluded).
 fn load_share(
     segment: &Segment,
     ring: &mut Ring,
@@ -549,6 +690,10 @@ fn load_share(
         Some(test) => deal(test, false)?,
         None => None,
     };
+    let validation_files = match &spec.dataset.validation {
+        Some(validation) => deal(validation, false)?,
+        None => None,
+    };
     fn chosen(files: &Option<Vec<usize>>) -> Files<'_> {
         files.as_deref().map_or(Files::All, Files::Only)
     }
@@ -567,6 +712,33 @@ fn load_share(
         chosen(&train_files),
         chosen(&test_files),
     )?;
+    let validation_dealt = match spec.dataset.holdout() {
+        Holdout::None => false,
+        Holdout::Split(_) => {
+            data.validation = dataset::load_validation(
+                &spec.dataset,
+                &segment.confinement.data,
+                chosen(&validation_files),
+                &mut data,
+            )?;
+            validation_files.is_some()
+        }
+        Holdout::Fraction(fraction) => {
+            hold_out(
+                &mut data,
+                spec,
+                split::Holdout::Fraction(fraction),
+                &train_files,
+            )?;
+            sharded
+        }
+        Holdout::Fold(folds) => {
+            hold_out(&mut data, spec, split::Holdout::Fold(folds), &train_files)?;
+            sharded
+        }
+    };
+    // After the hold-out: fitted on the examples the model trains on only.
+    dataset::prepare_csv(&mut data)?;
     let own = data.train.len() as f64;
     let per_rank = if sharded {
         let extremes = reduce(ring, runtime, &[own, -own], ReduceOp::Max)?;
@@ -602,8 +774,47 @@ fn load_share(
         per_rank,
         train_dealt: sharded,
         test_dealt: test_files.is_some(),
+        validation_dealt,
     };
     Ok((data, share))
+}
+
+/// Moves the `holdout` of the loaded training examples into
+/// `data.validation`. `own_files`: the training files this rank holds
+/// under file sharding (its examples are split alone, seeded by them).
+fn hold_out(
+    data: &mut Dataset,
+    spec: &ringleader_spec::JobSpec,
+    holdout: split::Holdout,
+    own_files: &Option<Vec<usize>>,
+) -> Result<(), TrainError> {
+    let labels = Vec::<i64>::try_from(&data.train.labels)?;
+    let (stream, place) = match own_files {
+        Some(files) => (
+            split::stream_of_files(files),
+            format!(" in this rank's training files {files:?}"),
+        ),
+        None => (0, String::new()),
+    };
+    let Partition { train, validation } = split::partition(
+        &labels,
+        spec.dataset.classes,
+        holdout,
+        spec.seed,
+        stream,
+        &place,
+    )
+    .map_err(|e| TrainError::DatasetSpec(e.to_string()))?;
+    let take = |split: &Split, positions: Vec<i64>| -> Result<Split, TrainError> {
+        let index = Tensor::from_slice(&positions).f_to_device(split.labels.device())?;
+        Ok(Split {
+            features: split.features.f_index_select(0, &index)?,
+            labels: split.labels.f_index_select(0, &index)?,
+        })
+    };
+    data.validation = Some(take(&data.train, validation)?);
+    data.train = take(&data.train, train)?;
+    Ok(())
 }
 
 /// Back-propagates one stage at a time, from the last, and hands each
@@ -860,19 +1071,14 @@ impl Epochs for Trainer<'_> {
                 .all_reduce(self.ring, self.runtime, ReduceOp::Avg)?;
             self.buffer_buckets.drain_into(&self.buffers)?;
         }
-        let [test_loss, correct, count] = self.evaluate()?;
+        let mut evaluations = BTreeMap::new();
+        for which in [Evaluated::Validation, Evaluated::Test] {
+            if let Some(evaluation) = self.evaluate(which)? {
+                evaluations.insert(which.prefix().to_string(), evaluation);
+            }
+        }
         let epoch_seconds = started.elapsed().as_secs_f64();
-        let sums = self.reduce(
-            &[
-                loss_sum,
-                steps as f64,
-                samples as f64,
-                test_loss,
-                correct,
-                count,
-            ],
-            ReduceOp::Sum,
-        )?;
+        let sums = self.reduce(&[loss_sum, steps as f64, samples as f64], ReduceOp::Sum)?;
         let times = self.reduce(&[train_seconds, epoch_seconds], ReduceOp::Max)?;
         let mut metrics = BTreeMap::from([
             ("train_loss".to_string(), sums[0] / sums[1]),
@@ -880,10 +1086,11 @@ impl Epochs for Trainer<'_> {
             ("epoch_seconds".to_string(), times[1]),
             ("lr".to_string(), lr),
         ]);
-        if self.data.test.is_some() && sums[5] > 0.0 {
-            metrics.insert("test_loss".into(), sums[3] / sums[5]);
-            metrics.insert("test_accuracy".into(), sums[4] / sums[5]);
+        let recall = self.segment.spec.dataset.classes <= MAX_RECALL_CLASSES;
+        for (prefix, evaluation) in &evaluations {
+            evaluation.report(prefix, recall, &mut metrics);
         }
+        self.evaluations = evaluations;
         Ok(metrics)
     }
 
@@ -891,6 +1098,7 @@ impl Epochs for Trainer<'_> {
         &mut self,
         epoch: u32,
         metrics: &BTreeMap<String, f64>,
+        plateau: Option<Plateau>,
     ) -> Result<PathBuf, TrainError> {
         let dir = &self.segment.checkpoint_dir;
         let path = if self.segment.rank == 0 {
@@ -912,6 +1120,9 @@ impl Epochs for Trainer<'_> {
                 rng_seed: epoch_seed(seed, epoch + 1, 0),
                 world: self.segment.world,
                 metrics: metrics.clone(),
+                plateau,
+                evaluations: self.evaluations.clone(),
+                input_shape: self.data.train.features.size()[1..].to_vec(),
             };
             checkpoint::save(dir, &tensors, &sidecar, Durability::Synced)?
         } else {
@@ -1244,6 +1455,82 @@ mod tests {
         }
         std::fs::write(dir.join("x.npy"), npy("<f4", "256, 1, 12, 12", &features)).unwrap();
         std::fs::write(dir.join("y.npy"), npy("|u1", "256,", &labels)).unwrap();
+        // Two classes: the brightest third or not.
+        let binary: Vec<u8> = labels.iter().map(|&l| u8::from(l == 2)).collect();
+        std::fs::write(dir.join("y2.npy"), npy("|u1", "256,", &binary)).unwrap();
+    }
+
+    /// Each rank's evaluations of the validation and the test split of a
+    /// job (`validation_fraction` 0.25, the same files as test) on `world`
+    /// ranks, with the untrained model every rank builds from the seed.
+    fn evaluate_on(
+        dir: &std::path::Path,
+        world: usize,
+        classes: u32,
+        labels: &str,
+    ) -> Vec<[Evaluation; 2]> {
+        use ringleader_spec::JobSpec;
+        let split = serde_json::json!({"features": dir.join("x.npy"), "labels": dir.join(labels)});
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "evaluate", "workers": world, "epochs": 1, "seed": 11,
+            "eval_batch_size": 7,
+            "dataset": {"format": "npy", "classes": classes, "train": split, "test": split,
+                        "validation_fraction": 0.25},
+            "model": {"kind": "mlp", "hidden": [8]},
+        }))
+        .unwrap();
+        let confinement = crate::confine::Confinement::new([dir], [dir]).unwrap();
+        let (runtime, mut rings) = must_connect_ring(world);
+        on_every_rank(&mut rings, &runtime, |rank, ring, runtime| {
+            let segment = Segment {
+                spec: spec.clone(),
+                rank,
+                world,
+                start_epoch: 0,
+                stop_epoch: 1,
+                checkpoint_dir: dir.join("checkpoints"),
+                device: Device::Cpu,
+                confinement: confinement.clone(),
+            };
+            let mut trainer = Trainer::new(&segment, ring, runtime).unwrap();
+            assert_eq!(trainer.data.validation.as_ref().unwrap().len(), 64);
+            assert_eq!(trainer.data.train.len(), 192);
+            [Evaluated::Validation, Evaluated::Test]
+                .map(|which| trainer.evaluate(which).unwrap().expect("a split"))
+        })
+    }
+
+    #[test]
+    fn ranks_together_evaluate_as_one_rank_does() {
+        let dir = tempfile::tempdir().unwrap();
+        write_npy_dataset(dir.path());
+        for (classes, labels) in [(3, "y.npy"), (2, "y2.npy")] {
+            let one = evaluate_on(dir.path(), 1, classes, labels).remove(0);
+            let two = evaluate_on(dir.path(), 2, classes, labels);
+            let three = evaluate_on(dir.path(), 3, classes, labels);
+            let [validation, test] = &one;
+            assert_eq!((validation.examples, test.examples), (64, 256));
+            assert_eq!(validation.roc_auc.is_some(), classes == 2);
+            let confusion = test.confusion.as_ref().unwrap();
+            assert_eq!(confusion.len(), classes as usize);
+            let labelled: Vec<u64> = confusion.iter().map(|row| row.iter().sum()).collect();
+            assert_eq!(labelled.iter().sum::<u64>(), 256);
+            for (world, ranks) in [(2, &two), (3, &three)] {
+                for (rank, evaluations) in ranks.iter().enumerate() {
+                    for (many, alone) in evaluations.iter().zip(&one) {
+                        let what = format!("{classes} classes, rank {rank} of {world}");
+                        // Counts, and what they give, exactly; the loss up to
+                        // the order of the summation.
+                        assert_eq!(many.confusion, alone.confusion, "{what}");
+                        assert_eq!(many.recall, alone.recall, "{what}");
+                        assert_eq!(many.accuracy, alone.accuracy, "{what}");
+                        assert_eq!(many.macro_f1, alone.macro_f1, "{what}");
+                        assert_eq!(many.roc_auc, alone.roc_auc, "{what}");
+                        assert!((many.loss - alone.loss).abs() < 1e-5, "{what}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

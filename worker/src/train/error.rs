@@ -4,6 +4,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use ringleader_spec::prepare::{MAX_CATEGORIES, MAX_CATEGORY_BYTES};
+
 use crate::collective::TensorCollectiveError;
 use crate::confine::ConfineError;
 
@@ -31,6 +33,8 @@ impl fmt::Display for Position {
 pub enum CsvRole {
     Feature,
     Label,
+    /// A column `dataset.csv.categorical` names.
+    Category,
 }
 
 impl CsvRole {
@@ -38,6 +42,7 @@ impl CsvRole {
         match self {
             CsvRole::Feature => "a number",
             CsvRole::Label => "an integer label",
+            CsvRole::Category => "a category",
         }
     }
 }
@@ -47,6 +52,7 @@ impl fmt::Display for CsvRole {
         f.write_str(match self {
             CsvRole::Feature => "feature",
             CsvRole::Label => "label",
+            CsvRole::Category => "categorical",
         })
     }
 }
@@ -71,6 +77,15 @@ pub enum Found {
     IntegerOutOfRange,
     /// A feature that is NaN, infinite, or beyond `f32`'s range.
     NotFinite,
+    /// A missing-value marker (`NA`, `N/A`, `NaN`, `null`) where
+    /// `dataset.csv.missing` is `error`.
+    Missing,
+    /// A category longer than `MAX_CATEGORY_BYTES`.
+    LongCategory {
+        bytes: usize,
+    },
+    /// A new category in a column that already holds `MAX_CATEGORIES`.
+    TooManyCategories,
 }
 
 impl fmt::Display for Found {
@@ -82,6 +97,15 @@ impl fmt::Display for Found {
             Found::NotInteger => write!(f, "a number that is not an integer"),
             Found::IntegerOutOfRange => write!(f, "an integer out of range"),
             Found::NotFinite => write!(f, "a number that is not finite as f32"),
+            Found::Missing => write!(f, "a missing value (dataset.csv.missing is error)"),
+            Found::LongCategory { bytes } => write!(
+                f,
+                "text of {bytes} bytes (a category may have {MAX_CATEGORY_BYTES})"
+            ),
+            Found::TooManyCategories => write!(
+                f,
+                "a new category beyond the {MAX_CATEGORIES} a column may hold"
+            ),
         }
     }
 }

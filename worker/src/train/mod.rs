@@ -11,17 +11,25 @@
 //!                   → on_epoch → Continue | Stop (agreed by all ranks)
 //!                   → a NaN/infinite loss with on_divergence = "stop":
 //!                     every rank returns `diverged` (same metrics, same call)
+//!                   → early_stopping: `patience` epochs without improvement
+//!                     → checkpoint, every rank returns `early_stopped`
 //! ```
 //!
 //! A synthetic model skips all of it: it sleeps and reports its test
 //! function's value, so sweeps can be exercised without data.
 
+mod augment;
+mod balance;
 mod checkpoint;
 pub mod dataset;
 mod ddp;
 mod error;
+pub mod export;
+mod metrics;
 mod model;
 mod optim;
+pub mod prepare;
+mod split;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use ringleader_collective::Ring;
 use ringleader_spec::job::{ModelSpec, OnDivergence};
+use ringleader_spec::stopping::{EarlyStop, Plateau};
 use ringleader_spec::JobSpec;
 
 use crate::confine::Confinement;
@@ -81,6 +90,9 @@ pub struct SegmentOutcome {
     /// Set when the segment stopped because a loss turned non-finite and
     /// the job's `on_divergence` is `stop`: then `last_epoch` is that epoch.
     pub diverged: Option<Divergence>,
+    /// Set when the job's `early_stopping` rule ended training after
+    /// `last_epoch` (checkpointed): the trial is finished.
+    pub early_stopped: Option<EarlyStop>,
 }
 
 /// A loss that turned NaN or infinite after an epoch. Every rank sees the
@@ -127,7 +139,9 @@ pub fn divergence(epoch: u32, metrics: &BTreeMap<String, f64>) -> Option<Diverge
 /// [`Control::Stop`], every rank checkpoints and returns. When a loss turns
 /// NaN or infinite and the job's `on_divergence` is `stop`, every rank
 /// returns right after `on_epoch` has seen that epoch, with
-/// [`SegmentOutcome::diverged`] set (and no further checkpoint).
+/// [`SegmentOutcome::diverged`] set (and no further checkpoint). When the
+/// job's `early_stopping` rule fires, every rank checkpoints that epoch and
+/// returns with [`SegmentOutcome::early_stopped`] set.
 ///
 /// Files outside the segment's [`Confinement`] are neither read nor
 /// written: such a data set, module or checkpoint directory fails the
@@ -232,11 +246,13 @@ fn check(segment: &Segment) -> Result<(), TrainError> {
 /// What a segment does per epoch; [`drive`] owns the loop around it.
 trait Epochs {
     fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError>;
-    /// Writes (rank 0) the checkpoint after `epoch`; returns once it exists.
+    /// Writes (rank 0) the checkpoint after `epoch`, with early stopping's
+    /// standing after it; returns once it exists.
     fn checkpoint(
         &mut self,
         epoch: u32,
         metrics: &BTreeMap<String, f64>,
+        plateau: Option<Plateau>,
     ) -> Result<PathBuf, TrainError>;
     /// Whether any rank wants to stop.
     fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError>;
@@ -248,17 +264,40 @@ fn drive(
     on_epoch: &mut dyn FnMut(&EpochReport) -> Control,
 ) -> Result<SegmentOutcome, TrainError> {
     let interval = segment.spec.checkpoint.interval_epochs;
+    let early_stopping = segment.spec.early_stopping.as_ref();
+    // A resumed trial counts on from where its checkpoint left off, so it
+    // stops at the same epoch as one never interrupted.
+    let mut plateau = match early_stopping {
+        Some(_) if segment.start_epoch > 0 => {
+            checkpoint::load_sidecar(&segment.checkpoint_dir, segment.start_epoch)?
+                .plateau
+                .unwrap_or_default()
+        }
+        _ => Plateau::default(),
+    };
     let mut outcome = SegmentOutcome {
         last_epoch: segment.start_epoch,
         metrics: BTreeMap::new(),
         checkpoint: None,
         diverged: None,
+        early_stopped: None,
     };
     for epoch in segment.start_epoch + 1..=segment.stop_epoch {
         let metrics = run.epoch(epoch)?;
-        let due = epoch == segment.stop_epoch || (interval > 0 && epoch % interval == 0);
+        let diverged = match segment.spec.on_divergence {
+            OnDivergence::Stop => divergence(epoch, &metrics),
+            OnDivergence::Continue => None,
+        };
+        // Every rank holds the same (all-reduced) metrics, so every rank
+        // takes the same decision: no agreement needed.
+        let early_stopped = early_stopping
+            .filter(|_| diverged.is_none())
+            .and_then(|rule| rule.observe(&mut plateau, epoch, metrics.get(&rule.metric).copied()));
+        let due = epoch == segment.stop_epoch
+            || (interval > 0 && epoch % interval == 0)
+            || early_stopped.is_some();
         let checkpoint = if due {
-            Some(run.checkpoint(epoch, &metrics)?)
+            Some(run.checkpoint(epoch, &metrics, early_stopping.map(|_| plateau))?)
         } else {
             None
         };
@@ -268,21 +307,21 @@ fn drive(
             checkpoint,
         };
         let asked_to_stop = on_epoch(&report) == Control::Stop;
-        if segment.spec.on_divergence == OnDivergence::Stop {
-            if let Some(diverged) = divergence(epoch, &report.metrics) {
-                // Every rank holds the same metrics, so every rank is here:
-                // no agreement (and no checkpoint of diverged weights) needed.
-                return Ok(SegmentOutcome {
-                    last_epoch: epoch,
-                    metrics: report.metrics,
-                    checkpoint: report.checkpoint.or(outcome.checkpoint),
-                    diverged: Some(diverged),
-                });
-            }
+        if diverged.is_some() || early_stopped.is_some() {
+            // No checkpoint of diverged weights beyond one already due.
+            return Ok(SegmentOutcome {
+                last_epoch: epoch,
+                metrics: report.metrics,
+                checkpoint: report.checkpoint.or(outcome.checkpoint),
+                diverged,
+                early_stopped,
+            });
         }
         let stop = run.agree_to_stop(asked_to_stop)?;
         let checkpoint = match report.checkpoint {
-            None if stop => Some(run.checkpoint(epoch, &report.metrics)?),
+            None if stop => {
+                Some(run.checkpoint(epoch, &report.metrics, early_stopping.map(|_| plateau))?)
+            }
             written => written.or(outcome.checkpoint),
         };
         outcome = SegmentOutcome {
@@ -290,6 +329,7 @@ fn drive(
             metrics: report.metrics,
             checkpoint,
             diverged: None,
+            early_stopped: None,
         };
         if stop {
             break;
@@ -339,6 +379,7 @@ impl Epochs for Synthetic<'_> {
         &mut self,
         epoch: u32,
         metrics: &BTreeMap<String, f64>,
+        plateau: Option<Plateau>,
     ) -> Result<PathBuf, TrainError> {
         let dir = &self.segment.checkpoint_dir;
         if self.segment.rank != 0 {
@@ -352,6 +393,9 @@ impl Epochs for Synthetic<'_> {
             rng_seed: epoch_seed(seed, epoch + 1, 0),
             world: self.segment.world,
             metrics: metrics.clone(),
+            plateau,
+            evaluations: BTreeMap::new(),
+            input_shape: Vec::new(),
         };
         checkpoint::save(dir, &[], &sidecar, Durability::Cached)
     }
@@ -364,6 +408,135 @@ impl Epochs for Synthetic<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reports `val_loss` from a script (epoch n → `losses[n - 1]`) and
+    /// writes sidecar-only checkpoints, as the synthetic model does.
+    struct Scripted<'a> {
+        segment: &'a Segment,
+        losses: &'a [f64],
+        checkpoints: Vec<u32>,
+    }
+
+    impl Epochs for Scripted<'_> {
+        fn epoch(&mut self, epoch: u32) -> Result<BTreeMap<String, f64>, TrainError> {
+            let loss = self.losses[epoch as usize - 1];
+            Ok(BTreeMap::from([("val_loss".to_string(), loss)]))
+        }
+
+        fn checkpoint(
+            &mut self,
+            epoch: u32,
+            metrics: &BTreeMap<String, f64>,
+            plateau: Option<Plateau>,
+        ) -> Result<PathBuf, TrainError> {
+            self.checkpoints.push(epoch);
+            let sidecar = Sidecar {
+                epoch,
+                step: 0,
+                seed: 0,
+                rng_seed: 0,
+                world: 1,
+                metrics: metrics.clone(),
+                plateau,
+                evaluations: BTreeMap::new(),
+                input_shape: Vec::new(),
+            };
+            checkpoint::save(
+                &self.segment.checkpoint_dir,
+                &[],
+                &sidecar,
+                Durability::Cached,
+            )
+        }
+
+        fn agree_to_stop(&mut self, stop: bool) -> Result<bool, TrainError> {
+            Ok(stop)
+        }
+    }
+
+    fn scripted_segment(dir: &Path, start_epoch: u32, stop_epoch: u32) -> Segment {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "scripted", "epochs": 12,
+            "model": {"kind": "synthetic", "function": "branin"},
+            "checkpoint": {"interval_epochs": 4},
+            "early_stopping": {"metric": "val_loss", "mode": "min", "patience": 3, "min_delta": 0.01},
+        }))
+        .unwrap();
+        Segment {
+            spec,
+            rank: 0,
+            world: 1,
+            start_epoch,
+            stop_epoch,
+            checkpoint_dir: dir.to_path_buf(),
+            device: tch::Device::Cpu,
+            confinement: crate::confine::Confinement::new([dir], [dir]).unwrap(),
+        }
+    }
+
+    /// Best 0.5 at epoch 3; epochs 4 (better by less than min_delta), 5
+    /// and 6 do not improve on it: training stops after epoch 6.
+    const LOSSES: [f64; 12] = [
+        1.0, 0.7, 0.5, 0.495, 0.6, 0.55, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+    ];
+
+    fn run_scripted(segment: &Segment) -> (SegmentOutcome, Vec<u32>, Vec<u32>) {
+        let mut run = Scripted {
+            segment,
+            losses: &LOSSES,
+            checkpoints: Vec::new(),
+        };
+        let mut reported = Vec::new();
+        let outcome = drive(segment, &mut run, &mut |r| {
+            reported.push(r.epoch);
+            Control::Continue
+        })
+        .unwrap();
+        (outcome, reported, run.checkpoints)
+    }
+
+    #[test]
+    fn early_stopping_ends_the_segment_at_the_plateau_with_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outcome, reported, checkpoints) = run_scripted(&scripted_segment(dir.path(), 0, 12));
+        assert_eq!(reported, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            checkpoints,
+            [4, 6],
+            "the interval's, then the stopping epoch's"
+        );
+        assert_eq!(outcome.last_epoch, 6);
+        assert_eq!(
+            outcome.checkpoint,
+            Some(checkpoint::sidecar_path(dir.path(), 6))
+        );
+        assert_eq!(
+            outcome.early_stopped.unwrap().to_string(),
+            "early stopped at epoch 6: val_loss did not improve by 0.01 for 3 epochs \
+             (best 0.5000 at epoch 3)"
+        );
+    }
+
+    #[test]
+    fn a_trial_resumed_from_its_checkpoint_stops_at_the_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        // First segment: epochs 1..=4 (as ASHA's rung, or a failover after
+        // the checkpoint of epoch 4); the plateau is one stale epoch in.
+        let (first, _, _) = run_scripted(&scripted_segment(dir.path(), 0, 4));
+        assert_eq!((first.last_epoch, first.early_stopped), (4, None));
+        let saved = checkpoint::load_sidecar(dir.path(), 4).unwrap().plateau;
+        assert_eq!(
+            saved,
+            Some(Plateau {
+                best: Some(0.5),
+                best_epoch: 3,
+                stale_epochs: 1
+            })
+        );
+        let (resumed, reported, _) = run_scripted(&scripted_segment(dir.path(), 4, 12));
+        assert_eq!(reported, [5, 6]);
+        assert_eq!(resumed.early_stopped.map(|s| s.epoch), Some(6));
+    }
 
     #[test]
     fn divergence_is_the_first_non_finite_loss() {
