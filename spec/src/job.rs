@@ -368,9 +368,7 @@ impl DatasetSpec {
         if let [first, second, ..] = given[..] {
             return Err(FieldError::new(
                 &["dataset", second],
-                format!(
-                    "cannot be combined with dataset.{first}: a job has one validation set"
-                ),
+                format!("cannot be combined with dataset.{first}: a job has one validation set"),
             ));
         }
         if let Some(fraction) = self.validation_fraction {
@@ -673,7 +671,6 @@ impl ModelSpec {
         self.synthetic_value()
             .map(|value| value + (1.0 + value.abs()) * 0.5f64.powi(epoch as i32))
     }
-
 }
 
 /// Classes up to which every epoch report carries `*_recall_<class>`; with
@@ -1157,7 +1154,10 @@ momentum = 0.9
         };
         let plain = JobSpec::parse(GOOD, "job.toml").unwrap();
         assert_eq!(plain.dataset.holdout(), Holdout::None);
-        assert!(!plain.reported_metrics().iter().any(|m| m.starts_with("val_")));
+        assert!(!plain
+            .reported_metrics()
+            .iter()
+            .any(|m| m.starts_with("val_")));
         let fraction = with("validation_fraction = 0.1");
         assert_eq!(fraction.dataset.holdout(), Holdout::Fraction(0.1));
         let folds = with("folds = { count = 5, index = 4 }");
@@ -1169,17 +1169,33 @@ momentum = 0.9
         assert!(matches!(split.dataset.holdout(), Holdout::Split(s) if s.images.is_some()));
         for job in [&fraction, &folds, &split] {
             let metrics = job.reported_metrics();
-            for name in ["train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_recall_0"] {
+            for name in [
+                "train_loss",
+                "val_loss",
+                "val_accuracy",
+                "val_macro_f1",
+                "val_recall_0",
+            ] {
                 assert!(metrics.iter().any(|m| m == name), "{name} in {metrics:?}");
             }
             assert!(metrics.iter().any(|m| m == "val_recall_9"));
-            assert!(!metrics.iter().any(|m| m == "val_recall_10"), "only real classes");
-            assert!(!metrics.iter().any(|m| m.ends_with("roc_auc")), "10 classes");
+            assert!(
+                !metrics.iter().any(|m| m == "val_recall_10"),
+                "only real classes"
+            );
+            assert!(
+                !metrics.iter().any(|m| m.ends_with("roc_auc")),
+                "10 classes"
+            );
             let json = serde_json::to_string(job).unwrap();
             assert_eq!(&serde_json::from_str::<JobSpec>(&json).unwrap(), job);
         }
         let binary = JobSpec::parse(
-            &GOOD.replacen("classes = 10\n", "classes = 2\nvalidation_fraction = 0.5\n", 1),
+            &GOOD.replacen(
+                "classes = 10\n",
+                "classes = 2\nvalidation_fraction = 0.5\n",
+                1,
+            ),
             "job.toml",
         )
         .unwrap();
@@ -1203,7 +1219,11 @@ momentum = 0.9
         );
         // Many classes: recall only in the checkpoint, the report stays small.
         let many = JobSpec::parse(
-            &GOOD.replacen("classes = 10\n", "classes = 1000\nvalidation_fraction = 0.5\n", 1),
+            &GOOD.replacen(
+                "classes = 10\n",
+                "classes = 1000\nvalidation_fraction = 0.5\n",
+                1,
+            ),
             "job.toml",
         )
         .unwrap();

@@ -149,6 +149,79 @@ async fn asha_sweep_stops_some_trials_early() {
     }
 }
 
+/// Early stopping with ASHA: the synthetic objective f + (1 + |f|)·2^−e
+/// improves by (1 + |f|)·2^−e at epoch e, so with `min_delta = 0.5` and
+/// `patience = 1` a trial stops at the first epoch e ≥ 2 whose
+/// improvement is at most 0.5, wherever ASHA's segments (and resumes from
+/// checkpoints) fall; one that gets there is early stopped, says so, and
+/// never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asha_sweep_with_early_stopping_stops_trials_at_their_plateau() {
+    let cluster = TestCluster::must_start_formed(1, 3).await;
+    let args = client(&cluster);
+    let text = branin_sweep(12, 1, 3, 5)
+        .replace(
+            "searcher = \"random\"",
+            "searcher = \"asha\"\neta = 3\nmin_epochs = 1",
+        )
+        .replace("max_epochs = 3", "max_epochs = 9")
+        .replace(
+            "[job.model]",
+            "[job.early_stopping]\nmetric = \"objective\"\nmode = \"min\"\npatience = 1\nmin_delta = 0.5\n\n[job.model]",
+        );
+    let spec = write_spec(&cluster, "asha-early.toml", &text);
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(120)).await;
+    assert_eq!(view.record.state, SweepState::Completed);
+    let template =
+        ringleader_coordinator::sweep::Template::parse(SweepKind::Sweep, &text, "t.toml").unwrap();
+    let plateau_epoch = |t: &ringleader_coordinator::sweep::TrialRecord| {
+        let value = |e| ringleader_tests::sweeps::synthetic_objective(&template, &t.config, e);
+        (2..=9).find(|&e| value(e - 1) - value(e) <= 0.5)
+    };
+    let mut early = 0;
+    for t in &view.trials {
+        let reached = t.metrics.last().map_or(0, |m| m.epoch);
+        match (t.state, plateau_epoch(t)) {
+            (TrialState::EarlyStopped, Some(epoch)) => {
+                early += 1;
+                assert_eq!(
+                    (t.epochs_done, reached),
+                    (epoch, epoch),
+                    "trial {}",
+                    t.number
+                );
+                let reason = t.stop_reason.as_deref().unwrap_or_default();
+                let expected = format!(
+                    "early stopped at epoch {epoch}: objective did not improve by 0.5 for 1 epoch (best "
+                );
+                assert!(
+                    reason.starts_with(&expected),
+                    "trial {}: {reason}",
+                    t.number
+                );
+                assert!(
+                    t.attempts.iter().all(|a| a.start_epoch < epoch),
+                    "trial {} ran on after stopping: {:?}",
+                    t.number,
+                    t.attempts
+                );
+            }
+            (TrialState::Completed | TrialState::Stopped, plateau) => assert!(
+                plateau.is_none_or(|epoch| epoch > reached),
+                "trial {} trained past its plateau (epoch {plateau:?}) to epoch {reached}",
+                t.number
+            ),
+            (state, _) => panic!("trial {}: {state:?} {:?}", t.number, t.error),
+        }
+    }
+    assert!(early > 0, "no trial stopped early");
+    let status = sweeps::status_text(&view);
+    assert!(status.contains("early-stopped"), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_survives_the_leader_being_killed() {
     let mut cluster = TestCluster::must_start_formed(2, 3).await;

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::confine::Confinement;
 use crate::device::DeviceRequest;
+use crate::lineage;
 use crate::train::{self, Control, Segment};
 
 /// What every attempt on this worker shares.
@@ -215,14 +216,16 @@ fn finished(
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         error,
+        lineage: None,
     }
 }
 
 /// How a segment that returned ended: done (every assigned epoch),
-/// abandoned (stopped early on request) or diverged. A diverged trial ends
-/// without retries: its report carries the epoch it diverged at (what a
-/// person wants to see), the newest checkpoint if any, and the error
-/// `loss is NaN at epoch 2`.
+/// abandoned (stopped early on request), diverged or early stopped. A
+/// diverged trial ends without retries: its report carries the epoch it
+/// diverged at (what a person wants to see), the newest checkpoint if any,
+/// and the error `loss is NaN at epoch 2`. An early-stopped one carries
+/// the epoch it stopped after, its checkpoint and the reason.
 fn segment_end(
     done: train::SegmentOutcome,
     stop_epoch: u32,
@@ -233,6 +236,14 @@ fn segment_end(
             done.last_epoch,
             done.checkpoint,
             diverged.to_string(),
+        );
+    }
+    if let Some(stopped) = done.early_stopped {
+        return (
+            AttemptOutcome::EarlyStopped,
+            done.last_epoch,
+            done.checkpoint,
+            stopped.to_string(),
         );
     }
     let outcome = if done.last_epoch >= stop_epoch {
@@ -259,6 +270,14 @@ async fn run_attempt(
     if spec.threads == 0 {
         spec.threads = trials.context.threads;
     }
+    // Hashed beside training, not before it: a large data set would keep
+    // this rank's ring partners waiting.
+    let started_unix_ms = lineage::unix_ms();
+    let digests = {
+        let (spec, roots) = (spec.clone(), trials.context.confinement.data.clone());
+        tokio::task::spawn_blocking(move || lineage::digests(&spec, &roots))
+    };
+    let seed = spec.seed;
     let device = match spec.device.parse::<DeviceRequest>() {
         Ok(DeviceRequest::Cpu) => tch::Device::Cpu,
         Ok(_) => trials.context.device,
@@ -336,7 +355,17 @@ async fn run_attempt(
             format!("training panicked: {panic}"),
         ),
     };
-    finished(attempt, outcome, epochs, checkpoint, error)
+    let digests = digests.await.unwrap_or_default();
+    TrialFinished {
+        lineage: Some(lineage::report(
+            seed,
+            &assignment.job_json,
+            digests,
+            started_unix_ms,
+            lineage::unix_ms(),
+        )),
+        ..finished(attempt, outcome, epochs, checkpoint, error)
+    }
 }
 
 /// The successor's Unix socket if it registered one on this machine.
@@ -362,7 +391,31 @@ mod tests {
             metrics: BTreeMap::new(),
             checkpoint: Some(PathBuf::from("epoch-00001.ot")),
             diverged,
+            early_stopped: None,
         }
+    }
+
+    #[test]
+    fn an_early_stopped_segment_ends_as_early_stopped_with_its_reason() {
+        let stopped = ringleader_spec::stopping::EarlyStop {
+            epoch: 3,
+            metric: "val_loss".into(),
+            min_delta: 0.0,
+            patience: 1,
+            best: Some(0.25),
+            best_epoch: 2,
+        };
+        let mut done = outcome(3, None);
+        done.early_stopped = Some(stopped);
+        let (result, epochs, checkpoint, reason) = segment_end(done, 5);
+        assert_eq!(result, AttemptOutcome::EarlyStopped);
+        assert_eq!(epochs, 3);
+        assert_eq!(checkpoint, Some(PathBuf::from("epoch-00001.ot")));
+        assert_eq!(
+            reason,
+            "early stopped at epoch 3: val_loss did not improve by 0 for 1 epoch \
+             (best 0.2500 at epoch 2)"
+        );
     }
 
     #[test]

@@ -36,9 +36,7 @@ impl SweepView {
 
     pub fn best(&self) -> Option<&TrialRecord> {
         best_trial(
-            self.trials
-                .iter()
-                .filter(|t| matches!(t.state, TrialState::Completed | TrialState::Stopped)),
+            self.trials.iter().filter(|t| t.state.has_result()),
             self.mode(),
         )
     }
@@ -255,6 +253,9 @@ fn job_progress(view: &SweepView, printed: &mut BTreeSet<(u32, u32)>) -> Vec<Str
     }
     if trial.state.is_terminal() {
         lines.push(format!("{}: {}", view.record.id, state_name(trial.state)));
+        if let Some(reason) = &trial.stop_reason {
+            lines.push(reason.clone());
+        }
         if let Some(error) = &trial.error {
             lines.push(format!("error: {error}"));
         }
@@ -275,7 +276,7 @@ fn sweep_progress(view: &SweepView) -> Vec<String> {
         })
         .unwrap_or_default();
     vec![format!(
-        "{}: {} completed, {} stopped, {} failed, {}{} running, {} paused, of {}{}",
+        "{}: {} completed, {} stopped, {} failed, {}{}{} running, {} paused, of {}{}",
         view.record.id,
         view.count(TrialState::Completed),
         view.count(TrialState::Stopped),
@@ -284,6 +285,10 @@ fn sweep_progress(view: &SweepView) -> Vec<String> {
             0 => String::new(),
             n => format!("{n} diverged, "),
         },
+        match view.count(TrialState::EarlyStopped) {
+            0 => String::new(),
+            n => format!("{n} early-stopped, "),
+        },
         view.count(TrialState::Running),
         view.count(TrialState::Paused),
         view.record.max_trials,
@@ -291,9 +296,12 @@ fn sweep_progress(view: &SweepView) -> Vec<String> {
     )]
 }
 
+/// The metrics on one line; per-class recall (`*_recall_<class>`, one per
+/// class and split) is left to `--json`.
 fn metrics_text(metrics: &BTreeMap<String, f64>) -> String {
     metrics
         .iter()
+        .filter(|(k, _)| !k.contains("_recall_"))
         .map(|(k, v)| format!("{k} {}", number(*v)))
         .collect::<Vec<_>>()
         .join("  ")
@@ -316,6 +324,7 @@ pub fn state_name(state: TrialState) -> &'static str {
         TrialState::Stopped => "stopped",
         TrialState::Failed => "failed",
         TrialState::Diverged => "diverged",
+        TrialState::EarlyStopped => "early-stopped",
         TrialState::Cancelled => "cancelled",
     }
 }
@@ -450,6 +459,7 @@ pub fn results_table(view: &SweepView) -> String {
             .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
+    out.push_str(&final_estimate_text(view));
     out
 }
 
@@ -503,9 +513,77 @@ fn csv_cell(text: &str) -> String {
     }
 }
 
+/// The best trial's test metrics (from its last epoch): the final estimate
+/// of how it does on unseen data, as long as the objective did not choose
+/// on the test split itself.
+pub struct FinalEstimate<'a> {
+    pub trial: u64,
+    pub epoch: u32,
+    /// Whether the objective is a test metric (then the estimate is biased).
+    pub selected_on_test: bool,
+    pub metrics: BTreeMap<&'a str, f64>,
+}
+
+/// `None` when there is no best trial yet or it reports no test metrics.
+pub fn final_estimate(view: &SweepView) -> Option<FinalEstimate<'_>> {
+    let best = view.best()?;
+    let last = best.metrics.last()?;
+    let metrics: BTreeMap<&str, f64> = last
+        .metrics
+        .iter()
+        .filter(|(name, _)| name.starts_with("test_"))
+        .map(|(name, value)| (name.as_str(), *value))
+        .collect();
+    (!metrics.is_empty()).then(|| FinalEstimate {
+        trial: best.number,
+        epoch: last.epoch,
+        selected_on_test: view.record.objective_metric.starts_with("test_"),
+        metrics,
+    })
+}
+
+/// [`final_estimate`] as a line for people ("" when there is none).
+fn final_estimate_text(view: &SweepView) -> String {
+    let Some(estimate) = final_estimate(view) else {
+        return String::new();
+    };
+    let label = if estimate.selected_on_test {
+        format!(
+            "test metrics of the best trial (chosen on {}, so they overstate the result)",
+            view.record.objective_metric
+        )
+    } else {
+        "final estimate on the test split (not used to choose the trial)".to_string()
+    };
+    let metrics = estimate
+        .metrics
+        .iter()
+        .map(|(name, value)| (name.to_string(), *value))
+        .collect();
+    format!(
+        "{label}: trial {} epoch {}: {}\n",
+        estimate.trial,
+        estimate.epoch,
+        metrics_text(&metrics)
+    )
+}
+
+/// [`final_estimate`] for `--json` / `--format json` (null when none).
+pub fn final_estimate_json(view: &SweepView) -> Value {
+    final_estimate(view).map_or(Value::Null, |e| {
+        json!({
+            "trial": e.trial,
+            "epoch": e.epoch,
+            "selected_on_test": e.selected_on_test,
+            "metrics": e.metrics.iter().map(|(k, v)| (*k, Float(*v))).collect::<BTreeMap<_, _>>(),
+        })
+    })
+}
+
 pub fn results_json(view: &SweepView) -> Value {
     json!({
         "sweep": view.record,
+        "final_estimate": final_estimate_json(view),
         "leaderboard": leaderboard(view).into_iter().map(|t| json!({
             "trial": t.number,
             "state": t.state,
@@ -515,8 +593,83 @@ pub fn results_json(view: &SweepView) -> Value {
             "metrics": t.metrics.last().map(|m| m.metrics.iter().map(|(k, v)| (k, Float(*v))).collect::<BTreeMap<_, _>>()),
             "attempts": t.attempts.len(),
             "error": t.error,
+            "stop_reason": t.stop_reason,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `job status` / `sweep status --trial N`: one trial in full: its
+/// parameters, state, every epoch's metrics and its lineage.
+pub fn trial_text(view: &SweepView, number: u64) -> Result<String> {
+    let t = find_trial(view, number)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} trial {}: {}, {} epochs, {} attempts{}",
+        view.record.id,
+        t.number,
+        state_name(t.state),
+        t.epochs_done,
+        t.attempts.len(),
+        t.error
+            .as_deref()
+            .map(|e| format!("  error: {e}"))
+            .unwrap_or_default()
+    );
+    if let Some(reason) = &t.stop_reason {
+        let _ = writeln!(out, "  {reason}");
+    }
+    for (path, value) in &t.config {
+        let _ = writeln!(out, "  {path} = {}", value_text(value));
+    }
+    for m in &t.metrics {
+        let _ = writeln!(out, "  epoch {:>3}  {}", m.epoch, metrics_text(&m.metrics));
+    }
+    if let Some(checkpoint) = &t.checkpoint {
+        let _ = writeln!(out, "  checkpoint {checkpoint}");
+    }
+    match &t.lineage {
+        None => {
+            let _ = writeln!(out, "  lineage: none reported yet");
+        }
+        Some(l) => {
+            let _ = writeln!(
+                out,
+                "  lineage: spec sha256 {}  seed {}  worker {} (commit {})",
+                l.spec_sha256, l.seed, l.worker_version, l.worker_commit
+            );
+            let _ = writeln!(
+                out,
+                "    trained {} .. {} (unix ms)",
+                l.started_unix_ms, l.ended_unix_ms
+            );
+            for f in &l.files {
+                let _ = writeln!(
+                    out,
+                    "    {}  {} bytes  sha256 {}",
+                    f.path, f.bytes, f.sha256
+                );
+            }
+            if l.files_left_out > 0 {
+                let _ = writeln!(out, "    ({} more files not listed)", l.files_left_out);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Trial `number` of the sweep, or an error naming what exists.
+pub fn find_trial(view: &SweepView, number: u64) -> Result<&TrialRecord> {
+    view.trials
+        .iter()
+        .find(|t| t.number == number)
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "{} has no trial {number} (it has {} trials, numbered from 0)",
+                view.record.id,
+                view.trials.len()
+            ))
+        })
 }
 
 /// `job status` / `sweep status`: the record, then the trials.
@@ -552,8 +705,10 @@ pub fn status_text(view: &SweepView) -> String {
             t.error
                 .as_deref()
                 .map(|e| format!("  error: {e}"))
+                .or_else(|| t.stop_reason.as_deref().map(|r| format!("  {r}")))
                 .unwrap_or_default()
         );
     }
+    out.push_str(&final_estimate_text(view));
     out
 }

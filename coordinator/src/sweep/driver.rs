@@ -11,15 +11,20 @@
 //!     │ retry            │   ▼                                     │ (next_work)
 //!     └── finished(Failed)  Completed      Paused at the end ──▶ Stopped
 //!         (≤ max_failures)   (> max_failures ──▶ Failed)
+//!
+//!  Running ── finished(EarlyStopped) ──▶ EarlyStopped (finished; its last
+//!             value goes into the ASHA rung it was climbing, never promoted)
 //! ```
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::records::{AttemptOutcome, AttemptRecord, EpochMetrics, TrialRecord, TrialState};
+use super::records::{
+    AttemptOutcome, AttemptRecord, EpochMetrics, Lineage, TrialRecord, TrialState,
+};
 use crate::limits::MAX_TRIAL_RECORD_BYTES;
-use crate::search::{Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions};
+use crate::search::{Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions, TrialOutcome};
 
 /// Where configurations come from.
 #[derive(Clone, Debug)]
@@ -133,15 +138,8 @@ impl Driver {
     pub fn restore(config: DriverConfig, records: Vec<TrialRecord>) -> Result<Self, AshaError> {
         let mut driver = Self::new(config)?;
         for record in records {
-            let _ = driver.next_config();
+            driver.skip_config();
             let mode = driver.config.mode;
-            if record.state == TrialState::Diverged {
-                driver.observe(&record.config, mode.worst());
-            } else if record.state.is_terminal() {
-                if let Some(objective) = record.objective {
-                    driver.observe(&record.config, objective);
-                }
-            }
             if let Some(asha) = driver.brackets.get_mut(record.bracket) {
                 for (rung, metric) in record.rung_results.iter().enumerate() {
                     asha.record(record.number, rung, mode.ranked(*metric))?;
@@ -190,7 +188,8 @@ impl Driver {
             .filter_map(|(n, _)| self.trials.get(n))
     }
 
-    /// Keeps [`Driver::active`] in step with trial `number`'s state.
+    /// Keeps [`Driver::active`] and the searcher in step with trial
+    /// `number`'s state.
     fn index(&mut self, number: u64) {
         match self.trials.get(&number).map(|t| t.state) {
             Some(state @ (TrialState::Pending | TrialState::Running)) => {
@@ -198,6 +197,12 @@ impl Driver {
             }
             _ => {
                 self.active.remove(&number);
+            }
+        }
+        if let (Configs::Tpe(tpe), Some(t)) = (&mut self.configs, self.trials.get(&number)) {
+            match searcher_outcome(t, self.config.mode) {
+                Some(outcome) => tpe.observe(number, &t.config, outcome),
+                None => tpe.forget(number),
             }
         }
     }
@@ -244,7 +249,7 @@ impl Driver {
             return None;
         }
         let number = self.trials.len() as u64;
-        let Some(config) = self.next_config() else {
+        let Some(config) = self.next_config(number) else {
             self.exhausted = true;
             return None;
         };
@@ -267,6 +272,8 @@ impl Driver {
             objective: None,
             checkpoint: None,
             error: None,
+            stop_reason: None,
+            lineage: None,
         };
         let stop_epoch = self.target_epoch(&record);
         self.trials.insert(number, record);
@@ -347,6 +354,18 @@ impl Driver {
         true
     }
 
+    /// Records the lineage the live `attempt` reported; the first
+    /// attempt's start time is kept (the model's training began then).
+    pub fn lineage(&mut self, trial: u64, attempt: u32, mut lineage: Lineage) {
+        let Some(t) = self.live(trial, attempt) else {
+            return;
+        };
+        if let Some(first) = &t.lineage {
+            lineage.started_unix_ms = first.started_unix_ms;
+        }
+        t.lineage = Some(lineage);
+    }
+
     fn live(&mut self, trial: u64, attempt: u32) -> Option<&mut TrialRecord> {
         self.trials.get_mut(&trial).filter(|t| {
             t.state == TrialState::Running && t.live_attempt().is_some_and(|a| a.number == attempt)
@@ -389,11 +408,14 @@ impl Driver {
         let stop_epoch = a.stop_epoch;
         t.epochs_done = t.epochs_done.max(epochs_done.min(stop_epoch));
         // A segment whose last epoch is checkpointed is done, whatever
-        // happened to the attempt afterwards (unless it diverged).
+        // happened to the attempt afterwards (unless it diverged or its
+        // early stopping rule ended it there).
         let outcome = if t.epochs_done >= stop_epoch
             && t.objective.is_some()
-            && outcome != AttemptOutcome::Diverged
-        {
+            && !matches!(
+                outcome,
+                AttemptOutcome::Diverged | AttemptOutcome::EarlyStopped
+            ) {
             AttemptOutcome::Done
         } else {
             outcome
@@ -411,8 +433,7 @@ impl Driver {
                 ));
                 // The searchers learn that this configuration is as bad
                 // as it gets; ASHA counts it in the rung it was climbing.
-                let (number, bracket, rung, config) =
-                    (t.number, t.bracket, t.rung_results.len(), t.config.clone());
+                let (number, bracket, rung) = (t.number, t.bracket, t.rung_results.len());
                 let worst = mode.worst();
                 if let Some(asha) = self.brackets.get_mut(bracket) {
                     if asha.record(number, rung, worst).is_ok() {
@@ -421,7 +442,6 @@ impl Driver {
                         }
                     }
                 }
-                self.observe(&config, worst);
             }
             AttemptOutcome::Failed => {
                 t.failures += 1;
@@ -432,21 +452,31 @@ impl Driver {
                     t.state = TrialState::Pending;
                 }
             }
-            AttemptOutcome::Done => {
+            AttemptOutcome::Done | AttemptOutcome::EarlyStopped => {
                 let Some(value) = t.objective.map(|v| mode.ranked(v)) else {
+                    let last = match outcome {
+                        AttemptOutcome::EarlyStopped => t.epochs_done,
+                        _ => stop_epoch,
+                    };
                     t.state = TrialState::Failed;
                     t.error = Some(format!(
-                        "the objective metric `{metric}` was not reported by epoch {stop_epoch}"
+                        "the objective metric `{metric}` was not reported by epoch {last}"
                     ));
                     return true;
                 };
-                if stop_epoch >= max_epochs {
-                    t.state = TrialState::Completed;
+                // An early-stopped trial is finished: ASHA gets its last
+                // value in the rung it was climbing (so it counts towards
+                // that rung's quota, as any result there does) and the
+                // driver never promotes it, as it is not paused.
+                t.state = if outcome == AttemptOutcome::EarlyStopped {
+                    t.stop_reason = error;
+                    TrialState::EarlyStopped
+                } else if stop_epoch >= max_epochs {
+                    TrialState::Completed
                 } else {
-                    t.state = TrialState::Paused;
-                }
-                let (number, bracket, rung, config) =
-                    (t.number, t.bracket, t.rung_results.len(), t.config.clone());
+                    TrialState::Paused
+                };
+                let (number, bracket, rung) = (t.number, t.bracket, t.rung_results.len());
                 if let Some(asha) = self.brackets.get_mut(bracket) {
                     let top = asha.resources().len() - 1;
                     if rung <= top && asha.record(number, rung, value).is_ok() {
@@ -454,9 +484,6 @@ impl Driver {
                             t.rung_results.push(value);
                         }
                     }
-                }
-                if self.trials[&number].state == TrialState::Completed {
-                    self.observe(&config, value);
                 }
             }
         }
@@ -526,10 +553,9 @@ impl Driver {
     }
 
     /// Stops the trials still paused at a rung; returns their numbers.
+    /// (The searcher already knows them as pruned at that rung.)
     pub fn stop_paused(&mut self) -> Vec<u64> {
         let mut stopped = Vec::new();
-        let mut observed = Vec::new();
-        let mode = self.config.mode;
         for t in self
             .trials
             .values_mut()
@@ -537,28 +563,33 @@ impl Driver {
         {
             t.state = TrialState::Stopped;
             stopped.push(t.number);
-            if let Some(v) = t.objective {
-                observed.push((t.config.clone(), mode.ranked(v)));
-            }
-        }
-        for (config, v) in observed {
-            self.observe(&config, v);
         }
         stopped
     }
 
-    fn next_config(&mut self) -> Option<BTreeMap<String, Value>> {
+    /// The configuration of new trial `number`.
+    fn next_config(&mut self, number: u64) -> Option<BTreeMap<String, Value>> {
         match &mut self.configs {
             Configs::Fixed => (self.trials.is_empty()).then(BTreeMap::new),
             Configs::Grid(grid) => grid.next_config(),
             Configs::Random(random) => Some(random.next_config()),
-            Configs::Tpe(tpe) => Some(tpe.next_config()),
+            Configs::Tpe(tpe) => Some(tpe.next_config(number)),
         }
     }
 
-    fn observe(&mut self, config: &BTreeMap<String, Value>, objective: f64) {
-        if let Configs::Tpe(tpe) = &mut self.configs {
-            tpe.observe(config.clone(), objective);
+    /// Moves the source past a stored trial's configuration on restore:
+    /// grid and random search draw theirs from one stream; TPE's
+    /// suggestions depend on trial numbers, and the records tell it the
+    /// rest (see [`Driver::index`]).
+    fn skip_config(&mut self) {
+        match &mut self.configs {
+            Configs::Fixed | Configs::Tpe(_) => {}
+            Configs::Grid(grid) => {
+                grid.next_config();
+            }
+            Configs::Random(random) => {
+                random.next_config();
+            }
         }
     }
 
@@ -579,6 +610,24 @@ fn keep_record_small(t: &mut TrialRecord) {
         }
         let drop = (t.metrics.len() / 10).clamp(1, t.metrics.len() - 1);
         t.metrics.drain(..drop);
+    }
+}
+
+/// What TPE should know of a trial, from its record: diverged trials count
+/// as the worst value, paused and stopped ones as pruned at the epochs
+/// they reached, pending and running ones as running; failed and cancelled
+/// ones not at all.
+fn searcher_outcome(t: &TrialRecord, mode: Mode) -> Option<TrialOutcome> {
+    let value = t.objective.map(|v| mode.ranked(v));
+    match t.state {
+        TrialState::Pending | TrialState::Running => Some(TrialOutcome::Running),
+        TrialState::Diverged => Some(TrialOutcome::Completed(mode.worst())),
+        TrialState::Completed | TrialState::EarlyStopped => value.map(TrialOutcome::Completed),
+        TrialState::Paused | TrialState::Stopped => value.map(|value| TrialOutcome::Pruned {
+            epochs: t.epochs_done,
+            value,
+        }),
+        TrialState::Failed | TrialState::Cancelled => None,
     }
 }
 
@@ -784,6 +833,104 @@ mod tests {
             Driver::restore(config(Source::Random, Some(stopping), 6), records).unwrap();
         assert!(restored.is_done());
         assert!(restored.next_work().is_none());
+    }
+
+    /// Starts `work`, reports `value` at `epoch` (with its checkpoint) and
+    /// ends the attempt as early stopped there.
+    fn early_stop(driver: &mut Driver, work: &Work, epoch: u32, value: f64) {
+        let attempt = driver.start(work, 1, vec!["w".into()], 0);
+        let metrics = BTreeMap::from([("objective".to_string(), value)]);
+        assert!(driver.epoch(
+            work.trial,
+            attempt.number,
+            epoch,
+            metrics,
+            Some("ckpt".into())
+        ));
+        let reason = format!("early stopped at epoch {epoch}: objective did not improve");
+        assert!(driver.finished(
+            work.trial,
+            attempt.number,
+            AttemptOutcome::EarlyStopped,
+            epoch,
+            Some(reason),
+            0
+        ));
+    }
+
+    #[test]
+    fn an_early_stopped_trial_is_finished_with_its_last_value_and_reason() {
+        let mut driver = Driver::new(config(Source::Random, None, 2)).unwrap();
+        let work = driver.next_work().unwrap();
+        assert_eq!(work.stop_epoch, 9);
+        early_stop(&mut driver, &work, 4, 0.75);
+        let t = driver.trial(work.trial).unwrap();
+        assert_eq!(t.state, TrialState::EarlyStopped);
+        assert_eq!((t.epochs_done, t.objective), (4, Some(0.75)));
+        assert_eq!(
+            t.stop_reason.as_deref(),
+            Some("early stopped at epoch 4: objective did not improve")
+        );
+        assert_eq!(t.error, None, "not a failure");
+        assert_eq!(t.attempts[0].outcome, Some(AttemptOutcome::EarlyStopped));
+        // Stopping on the segment's last epoch is still early stopping,
+        // not a finished segment.
+        let work = driver.next_work().unwrap();
+        early_stop(&mut driver, &work, 9, 0.5);
+        assert_eq!(
+            driver.trial(work.trial).unwrap().state,
+            TrialState::EarlyStopped
+        );
+        assert!(driver.is_done());
+        assert_eq!(driver.best().unwrap().number, 0);
+    }
+
+    #[test]
+    fn with_asha_an_early_stopped_trial_counts_in_its_rung_and_is_never_promoted() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 1,
+        };
+        // Trial 0 stops early at the best value of rung 0; ASHA's quota
+        // would promote it first, and the driver must pass it over.
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 6)).unwrap();
+        let mut segments = Vec::new();
+        while let Some(work) = driver.next_work() {
+            segments.push((work.trial, work.start_epoch));
+            if work.trial == 0 {
+                early_stop(&mut driver, &work, 1, 100.0);
+            } else {
+                run(&mut driver, &work, work.trial as f64);
+            }
+        }
+        while !driver.is_done() {
+            let work = driver.next_work().expect("promotion pending");
+            segments.push((work.trial, work.start_epoch));
+            run(&mut driver, &work, work.trial as f64);
+        }
+        assert!(
+            segments.iter().all(|(t, start)| *t != 0 || *start == 0),
+            "an early-stopped trial ran again: {segments:?}"
+        );
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::EarlyStopped);
+        assert_eq!(t.rung_results, [100.0], "its last value, in rung 0");
+        // Rung 0 holds 100, 1, 2, 3, 4, 5: a quota of two, the first taken
+        // by trial 0 (never run), the second promotes 5.
+        assert!(segments.contains(&(5, 1)), "{segments:?}");
+        assert!(
+            !segments.iter().any(|(t, s)| *s > 0 && *t != 5),
+            "{segments:?}"
+        );
+        driver.stop_paused();
+        assert_eq!(driver.best().unwrap().number, 0, "ranked by its last value");
+        // A new leader replays the rungs: still nothing to run.
+        let records: Vec<TrialRecord> = driver.trials().values().cloned().collect();
+        let mut restored =
+            Driver::restore(config(Source::Random, Some(stopping), 6), records).unwrap();
+        assert!(restored.next_work().is_none());
+        assert!(restored.is_done());
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub enum TrialState {
     /// (`on_divergence = "stop"`): ended at once, never retried; searchers
     /// count it as the worst value.
     Diverged,
+    /// The job's `early_stopping` rule ended it on a plateau: finished
+    /// (never promoted), its objective the last value it reported;
+    /// `stop_reason` says why.
+    #[serde(rename = "early_stopped")]
+    EarlyStopped,
     Cancelled,
 }
 
@@ -101,7 +106,16 @@ impl TrialState {
                 | TrialState::Stopped
                 | TrialState::Failed
                 | TrialState::Diverged
+                | TrialState::EarlyStopped
                 | TrialState::Cancelled
+        )
+    }
+
+    /// Finished with a result that counts (a candidate for the best trial).
+    pub fn has_result(self) -> bool {
+        matches!(
+            self,
+            TrialState::Completed | TrialState::Stopped | TrialState::EarlyStopped
         )
     }
 }
@@ -116,6 +130,9 @@ pub enum AttemptOutcome {
     Abandoned,
     /// The loss became non-finite and the job stops on that.
     Diverged,
+    /// The job's early stopping rule ended training on a plateau.
+    #[serde(rename = "early_stopped")]
+    EarlyStopped,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +191,43 @@ pub struct TrialRecord {
     pub checkpoint: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Why an early-stopped trial ended ("early stopped at epoch 7:
+    /// val_loss did not improve by 0.001 for 3 epochs (best 0.3120 at
+    /// epoch 4)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// Where the model came from, as the latest attempt that trained it
+    /// reported (docs/MODELS.md); `started_unix_ms` is kept from the
+    /// first such attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// A trial's lineage: the data and code a model was trained from. Every
+/// list and string is bounded where the worker's report arrives
+/// (`crate::limits`, docs/LIMITS.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The job's data files (and TorchScript module) with their SHA-256.
+    pub files: Vec<FileDigest>,
+    /// Files the worker left out of `files` (past the limit).
+    #[serde(default)]
+    pub files_left_out: u32,
+    /// SHA-256 of the job spec (JSON) the attempt ran.
+    pub spec_sha256: String,
+    pub worker_version: String,
+    /// Git commit the worker binary was built from, or "unknown".
+    pub worker_commit: String,
+    pub seed: u64,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 impl TrialRecord {
@@ -329,6 +383,8 @@ mod tests {
             objective,
             checkpoint: None,
             error: Some("diverged: loss is NaN at epoch 2".into()),
+            stop_reason: None,
+            lineage: None,
         }
     }
 

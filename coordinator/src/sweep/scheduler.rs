@@ -21,13 +21,14 @@ use tracing::{info, warn};
 
 use super::driver::{Driver, Work};
 use super::records::{
-    sweep_key, trial_key, AttemptOutcome, SweepKind, SweepRecord, SweepState, TrialRecord,
-    TrialState,
+    sweep_key, trial_key, AttemptOutcome, FileDigest, Lineage, SweepKind, SweepRecord, SweepState,
+    TrialRecord, TrialState,
 };
 use super::template::Template;
 use crate::error::Error;
 use crate::limits::{
-    truncated, MAX_ERROR_BYTES, MAX_METRICS_PER_EPOCH, MAX_METRIC_NAME_BYTES, MAX_PATH_BYTES,
+    truncated, MAX_ERROR_BYTES, MAX_LINEAGE_FILES, MAX_LINEAGE_PATHS_BYTES,
+    MAX_LINEAGE_VERSION_BYTES, MAX_METRICS_PER_EPOCH, MAX_METRIC_NAME_BYTES, MAX_PATH_BYTES,
 };
 use crate::registry::{Outbound, WorkerRegistry};
 
@@ -359,6 +360,9 @@ impl Scheduler {
             ringleader_proto::coordinator::AttemptOutcome::Done => AttemptOutcome::Done,
             ringleader_proto::coordinator::AttemptOutcome::Abandoned => AttemptOutcome::Abandoned,
             ringleader_proto::coordinator::AttemptOutcome::Diverged => AttemptOutcome::Diverged,
+            ringleader_proto::coordinator::AttemptOutcome::EarlyStopped => {
+                AttemptOutcome::EarlyStopped
+            }
             _ => AttemptOutcome::Failed,
         };
         // We only stop attempts after ending them, so a live attempt that
@@ -367,9 +371,10 @@ impl Scheduler {
         if outcome == AttemptOutcome::Abandoned {
             self.registry.drain(worker);
         }
-        // Rank 0 speaks for a finished gang; any rank's failure ends it.
+        // Rank 0 speaks for a finished gang (its epoch report with the
+        // last checkpoint comes first); any rank's failure ends it.
         let rank0 = live.workers.first().map(String::as_str) == Some(worker);
-        if outcome == AttemptOutcome::Done && !rank0 {
+        if matches!(outcome, AttemptOutcome::Done | AttemptOutcome::EarlyStopped) && !rank0 {
             return effects;
         }
         // Only rank 0 writes checkpoints: another rank's epoch count may be
@@ -378,10 +383,25 @@ impl Scheduler {
         // A divergence is the trial's (every rank sees the same loss); a
         // failure names the worker it happened on.
         let reported = truncated(&report.error, MAX_ERROR_BYTES);
-        let error = (!reported.is_empty()).then(|| match outcome {
-            AttemptOutcome::Diverged => reported,
+        let mut error = (!reported.is_empty()).then(|| match outcome {
+            AttemptOutcome::Diverged | AttemptOutcome::EarlyStopped => reported,
             _ => format!("{worker}: {reported}"),
         });
+        let mut outcome = outcome;
+        if let Some(reported) = &report.lineage {
+            match lineage_of(reported) {
+                Ok(lineage) => {
+                    if let Some(run) = self.run_mut(&attempt.sweep_id) {
+                        run.driver.lineage(attempt.trial, attempt.attempt, lineage);
+                    }
+                }
+                Err(problem) => {
+                    warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, %problem, "refused a lineage");
+                    outcome = AttemptOutcome::Failed;
+                    error = Some(format!("{worker} sent a lineage that {problem}"));
+                }
+            }
+        }
         self.end_attempt(&attempt, outcome, epochs_done, error, &mut effects);
         effects
     }
@@ -659,9 +679,7 @@ impl Scheduler {
                 }
             }
             let trials = run.driver.trials();
-            let any_good = trials
-                .values()
-                .any(|t| matches!(t.state, TrialState::Completed | TrialState::Stopped));
+            let any_good = trials.values().any(|t| t.state.has_result());
             run.record.state = if any_good || trials.is_empty() {
                 SweepState::Completed
             } else {
@@ -719,6 +737,73 @@ fn check_epoch_report(
     Ok(())
 }
 
+/// A worker's lineage report as a record, or what breaks the limits.
+fn lineage_of(reported: &ringleader_proto::coordinator::Lineage) -> Result<Lineage, String> {
+    if reported.files.len() > MAX_LINEAGE_FILES {
+        return Err(format!(
+            "lists {} files; at most {MAX_LINEAGE_FILES} are accepted",
+            reported.files.len()
+        ));
+    }
+    let paths: usize = reported.files.iter().map(|f| f.path.len()).sum();
+    if paths > MAX_LINEAGE_PATHS_BYTES {
+        return Err(format!(
+            "has {paths} bytes of paths; at most {MAX_LINEAGE_PATHS_BYTES} are accepted"
+        ));
+    }
+    if let Some(path) = reported
+        .files
+        .iter()
+        .find(|f| f.path.len() > MAX_PATH_BYTES)
+    {
+        return Err(format!(
+            "names a path of {} bytes; at most {MAX_PATH_BYTES} are accepted",
+            path.path.len()
+        ));
+    }
+    let is_sha256 = |text: &str| {
+        text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    if let Some(file) = reported.files.iter().find(|f| !is_sha256(&f.sha256)) {
+        return Err(format!(
+            "gives {} a digest that is not 64 lowercase hex digits",
+            file.path
+        ));
+    }
+    if !is_sha256(&reported.spec_sha256) {
+        return Err("gives a spec digest that is not 64 lowercase hex digits".into());
+    }
+    for (name, text) in [
+        ("worker version", &reported.worker_version),
+        ("worker commit", &reported.worker_commit),
+    ] {
+        if text.len() > MAX_LINEAGE_VERSION_BYTES {
+            return Err(format!(
+                "has a {name} of {} bytes; at most {MAX_LINEAGE_VERSION_BYTES} are accepted",
+                text.len()
+            ));
+        }
+    }
+    Ok(Lineage {
+        files: reported
+            .files
+            .iter()
+            .map(|f| FileDigest {
+                path: f.path.clone(),
+                bytes: f.bytes,
+                sha256: f.sha256.clone(),
+            })
+            .collect(),
+        files_left_out: reported.files_left_out,
+        spec_sha256: reported.spec_sha256.clone(),
+        worker_version: reported.worker_version.clone(),
+        worker_commit: reported.worker_commit.clone(),
+        seed: reported.seed,
+        started_unix_ms: reported.started_unix_ms,
+        ended_unix_ms: reported.ended_unix_ms,
+    })
+}
+
 /// A trial's checkpoint directory: under the job's `checkpoint.dir`, or
 /// the coordinator's default root.
 fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, trial: u64) -> PathBuf {
@@ -751,6 +836,48 @@ mod tests {
         (0..count)
             .map(|i| (format!("{i:0>name_bytes$}"), 0.5))
             .collect()
+    }
+
+    #[test]
+    fn lineages_over_the_limits_are_refused_naming_the_limit() {
+        use ringleader_proto::coordinator::{FileDigest, Lineage};
+        let digest = "ab".repeat(32);
+        let file = |path: String| FileDigest {
+            path,
+            bytes: 1,
+            sha256: digest.clone(),
+        };
+        let lineage = |files: Vec<FileDigest>| Lineage {
+            files,
+            spec_sha256: digest.clone(),
+            worker_version: "0.1.0".into(),
+            worker_commit: "unknown".into(),
+            ..Lineage::default()
+        };
+        let fine = lineage_of(&lineage(vec![file("/data/a.csv".into())])).unwrap();
+        assert_eq!(fine.files[0].sha256, digest);
+        let many = lineage((0..129).map(|i| file(format!("/d/{i}"))).collect());
+        assert_eq!(
+            lineage_of(&many).unwrap_err(),
+            "lists 129 files; at most 128 are accepted"
+        );
+        let long = lineage(vec![file("p".repeat(MAX_PATH_BYTES + 1))]);
+        assert!(lineage_of(&long)
+            .unwrap_err()
+            .contains("path of 4097 bytes"));
+        let wide = lineage((0..17).map(|i| file(format!("{i:0>4000}"))).collect());
+        assert!(lineage_of(&wide).unwrap_err().contains("bytes of paths"));
+        let mut upper = lineage(vec![file("/a".into())]);
+        upper.files[0].sha256 = digest.to_uppercase();
+        assert!(lineage_of(&upper).unwrap_err().contains("/a a digest"));
+        let mut version = lineage(Vec::new());
+        version.worker_commit = "c".repeat(129);
+        assert!(lineage_of(&version)
+            .unwrap_err()
+            .contains("worker commit of 129"));
+        let mut spec = lineage(Vec::new());
+        spec.spec_sha256 = String::new();
+        assert!(lineage_of(&spec).unwrap_err().contains("spec digest"));
     }
 
     #[test]
