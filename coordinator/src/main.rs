@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_coordinator::cli::{
-    CertsCommand, CertsInitArgs, Cli, Command, JobCommand, LocalArgs, ResultsFormat, ServeArgs,
-    StatusArgs, SubmitArgs, SweepCommand, TokenCommand,
+    CertsCommand, CertsInitArgs, Cli, Command, JobCommand, LocalArgs, LookupArgs, ModelCommand,
+    ResultsFormat, ServeArgs, StatusArgs, SubmitArgs, SweepCommand, TokenCommand,
 };
-use ringleader_coordinator::client::{self, Connection};
+use ringleader_coordinator::client;
 use ringleader_coordinator::client_config;
+use ringleader_coordinator::export::{self, Target};
 use ringleader_coordinator::local::{LocalCluster, LocalClusterOptions};
 use ringleader_coordinator::server::{self, ServeOptions};
 use ringleader_coordinator::sweep::client::{self as sweeps, SweepView};
@@ -32,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => show_status(args).await,
         Command::Job(command) => job(command).await,
         Command::Sweep(command) => sweep(command).await,
+        Command::Model(command) => model(command).await,
         Command::Certs(CertsCommand::Init(args)) => certs_init(&args),
         Command::Token(command) => token(command).await,
     };
@@ -103,7 +105,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 async fn job(command: JobCommand) -> Result<ExitCode> {
     match command {
         JobCommand::Submit(args) => submit(&args, SweepKind::Job).await,
-        JobCommand::Status(args) => show(&args.client.connection()?, &args.id, args.json).await,
+        JobCommand::Status(args) => show(&args).await,
     }
 }
 
@@ -119,7 +121,7 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        SweepCommand::Status(args) => show(&args.client.connection()?, &args.id, args.json).await,
+        SweepCommand::Status(args) => show(&args).await,
         SweepCommand::Results(args) => {
             let view = sweeps::get(&args.client.connection()?, &args.id).await?;
             match args.format {
@@ -143,9 +145,23 @@ async fn sweep(command: SweepCommand) -> Result<ExitCode> {
     }
 }
 
+async fn model(command: ModelCommand) -> Result<ExitCode> {
+    match command {
+        ModelCommand::Export(args) => {
+            let target = Target::parse(&args.target, args.best)?;
+            let printed = export::export(&args.client.connection()?, &target, &args.out).await?;
+            print!("{printed}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 async fn submit(args: &SubmitArgs, kind: SweepKind) -> Result<ExitCode> {
+    let (_, template) = sweeps::check(kind, &args.file)?;
+    for warning in template.warnings() {
+        eprintln!("warning: {warning}");
+    }
     if args.dry_run {
-        let (_, template) = sweeps::check(kind, &args.file)?;
         println!("valid: {}", sweeps::summary(&template));
         return Ok(ExitCode::SUCCESS);
     }
@@ -192,14 +208,22 @@ fn exit_code(view: &SweepView) -> ExitCode {
     }
 }
 
-async fn show(client: &Connection, id: &str, json: bool) -> Result<ExitCode> {
-    let view = sweeps::get(client, id).await?;
-    if json {
+async fn show(args: &LookupArgs) -> Result<ExitCode> {
+    let view = sweeps::get(&args.client.connection()?, &args.id).await?;
+    if let Some(number) = args.trial {
+        let trial = sweeps::find_trial(&view, number)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(trial)?);
+        } else {
+            print!("{}", sweeps::trial_text(&view, number)?);
+        }
+    } else if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "sweep": view.record,
                 "trials": view.trials,
+                "final_estimate": sweeps::final_estimate_json(&view),
             }))?
         );
     } else {

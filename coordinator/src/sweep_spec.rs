@@ -107,6 +107,22 @@ pub struct Objective {
     pub mode: Mode,
 }
 
+impl Objective {
+    /// The default objective of a sweep whose job holds out validation.
+    fn validation_accuracy() -> Self {
+        Self {
+            metric: "val_accuracy".into(),
+            mode: Mode::Max,
+        }
+    }
+
+    /// Whether trials are chosen on the test split, which then no longer
+    /// gives an unbiased estimate of the chosen trial.
+    pub fn selects_on_test(&self) -> bool {
+        self.metric.starts_with("test_")
+    }
+}
+
 impl SweepSpec {
     /// Reads and checks a sweep file.
     pub fn load(path: &Path) -> Result<Self, SpecError> {
@@ -149,7 +165,20 @@ impl SweepSpec {
             }
             _ => {}
         }
-        let mode = sweep.objective.mode.into();
+        let objective = match &sweep.objective {
+            Some(raw) => Objective {
+                metric: raw.metric.clone(),
+                mode: raw.mode.into(),
+            },
+            None if base.dataset.has_validation() => Objective::validation_accuracy(),
+            None => {
+                let message = "required when the job holds out no validation set \
+                               (with dataset.validation_fraction, dataset.validation or \
+                               dataset.folds it defaults to val_accuracy, max)";
+                return Err(at(&["sweep", "objective"], message.into()));
+            }
+        };
+        let mode = objective.mode;
         let searcher = sweep.searcher(&at)?;
         let stopper = match sweep.stopper {
             Stopper::None => None,
@@ -176,7 +205,7 @@ impl SweepSpec {
                 ),
             })?;
         }
-        check_metric(&sweep.objective.metric, &base)
+        check_metric(&objective.metric, &base)
             .map_err(|e| at(&["sweep", "objective", "metric"], e))?;
 
         if sweep.params.is_empty() {
@@ -235,10 +264,7 @@ impl SweepSpec {
             workers_per_trial: base.workers,
             max_epochs: base.epochs,
             max_failures: sweep.max_failures,
-            objective: Objective {
-                metric: sweep.objective.metric,
-                mode,
-            },
+            objective,
             params,
             job: file.job,
             origin: origin.into(),
@@ -273,19 +299,22 @@ impl SearcherSpec {
 
 /// `metric` must be one the base job's trials report.
 fn check_metric(metric: &str, base: &JobSpec) -> Result<(), String> {
-    let metrics = base.model.metrics();
-    if !metrics.contains(&metric) {
-        return Err(format!(
-            "the job's model does not report `{metric}`; it reports {}",
-            metrics.join(", ")
-        ));
+    let metrics = base.reported_metrics();
+    if metrics.iter().any(|m| m == metric) {
+        return Ok(());
     }
-    if metric.starts_with("test_") && base.dataset.test.is_none() {
-        return Err(format!(
-            "`{metric}` needs a test split ([job.dataset.test])"
-        ));
-    }
-    Ok(())
+    let needs = if metric.starts_with("test_") && base.dataset.test.is_none() {
+        " (test_* metrics need a test split, [job.dataset.test])"
+    } else if metric.starts_with("val_") && !base.dataset.has_validation() {
+        " (val_* metrics need a validation set: dataset.validation_fraction, \
+         dataset.validation or dataset.folds)"
+    } else {
+        ""
+    };
+    Err(format!(
+        "the job does not report `{metric}`{needs}; it reports {}",
+        metrics.join(", ")
+    ))
 }
 
 /// Checks one parameter's domain, and that the job accepts its path with
@@ -392,7 +421,10 @@ struct RawSweep {
     max_epochs: Option<u32>,
     #[serde(default = "default_max_failures")]
     max_failures: u32,
-    objective: RawObjective,
+    /// Omitted: `val_accuracy` (max) when the job holds out a validation
+    /// set; required otherwise.
+    #[serde(default)]
+    objective: Option<RawObjective>,
     #[serde(default = "default_eta")]
     eta: u32,
     #[serde(default = "default_min_epochs")]
@@ -453,6 +485,7 @@ impl RawSweep {
                         startup_trials: tpe.startup_trials,
                         gamma: tpe.gamma,
                         candidates: tpe.candidates,
+                        multivariate: tpe.multivariate,
                         ..TpeOptions::default()
                     },
                 }
@@ -509,6 +542,7 @@ struct RawTpe {
     startup_trials: usize,
     candidates: usize,
     gamma: f64,
+    multivariate: bool,
 }
 
 impl Default for RawTpe {
@@ -517,12 +551,14 @@ impl Default for RawTpe {
             startup_trials,
             gamma,
             candidates,
+            multivariate,
             ..
         } = TpeOptions::default();
         Self {
             startup_trials,
             candidates,
             gamma,
+            multivariate,
         }
     }
 }
@@ -592,6 +628,7 @@ fn default_step() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sweep::template::Template;
 
     const GOOD: &str = r#"[sweep]
 name = "fmnist"
@@ -747,6 +784,93 @@ kind = "cnn"
     }
 
     #[test]
+    fn the_objective_defaults_to_validation_accuracy_when_the_job_holds_out_validation() {
+        let objective_line = "objective = { metric = \"test_accuracy\", mode = \"max\" }\n";
+        let held_out = GOOD.replacen(objective_line, "", 1).replacen(
+            "classes = 10",
+            "classes = 10\nvalidation_fraction = 0.1",
+            1,
+        );
+        let spec = SweepSpec::parse(&held_out, "sweep.toml").unwrap();
+        assert_eq!(spec.objective, Objective::validation_accuracy());
+        assert!(!spec.objective.selects_on_test());
+        assert!(Template::Sweep(Box::new(spec)).warnings().is_empty());
+        // Without a validation set there is nothing to default to.
+        assert_error(
+            objective_line,
+            "",
+            "sweep.toml:1:2: sweep.objective: required when the job holds out no validation set",
+        );
+        // A test objective is allowed, with a warning.
+        let on_test = GOOD.replacen("classes = 10", "classes = 10\nvalidation_fraction = 0.1", 1);
+        let spec = SweepSpec::parse(&on_test, "sweep.toml").unwrap();
+        assert!(spec.objective.selects_on_test());
+        let warnings = Template::Sweep(Box::new(spec)).warnings();
+        assert!(
+            warnings.len() == 1
+                && warnings[0].contains("test_accuracy chooses trials on the test split"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn objectives_must_be_metrics_this_job_reports() {
+        let with = |dataset_line: &str, metric: &str| {
+            let text = GOOD
+                .replacen("classes = 10", &format!("classes = 10\n{dataset_line}"), 1)
+                .replacen("\"test_accuracy\"", &format!("\"{metric}\""), 1);
+            SweepSpec::parse(&text, "sweep.toml").map(|s| s.objective.metric)
+        };
+        for metric in [
+            "val_accuracy",
+            "val_loss",
+            "val_macro_f1",
+            "val_recall_9",
+            "test_recall_0",
+        ] {
+            assert_eq!(with("validation_fraction = 0.2", metric).unwrap(), metric);
+        }
+        for (line, metric, expected) in [
+            (
+                "",
+                "val_accuracy",
+                "sweep.toml:7:15: sweep.objective.metric: the job does not report `val_accuracy` \
+                 (val_* metrics need a validation set",
+            ),
+            (
+                "validation_fraction = 0.2",
+                "val_recall_10",
+                "sweep.toml:7:15: sweep.objective.metric: the job does not report `val_recall_10`;",
+            ),
+            (
+                "validation_fraction = 0.2",
+                "val_roc_auc",
+                "sweep.toml:7:15: sweep.objective.metric: the job does not report `val_roc_auc`;",
+            ),
+            (
+                "folds = { count = 5, index = 0 }",
+                "val_acc",
+                "sweep.toml:7:15: sweep.objective.metric: the job does not report `val_acc`;",
+            ),
+        ] {
+            let message = with(line, metric).unwrap_err().to_string();
+            assert!(
+                message.starts_with(expected),
+                "{message}\nexpected {expected}"
+            );
+        }
+        let binary = GOOD.replacen("classes = 10", "classes = 2\nvalidation_fraction = 0.2", 1);
+        let text = binary.replacen("\"test_accuracy\"", "\"val_roc_auc\"", 1);
+        assert_eq!(
+            SweepSpec::parse(&text, "sweep.toml")
+                .unwrap()
+                .objective
+                .metric,
+            "val_roc_auc"
+        );
+    }
+
+    #[test]
     fn bad_sweep_settings_point_at_the_setting() {
         assert_error(
             "searcher = \"asha\"",
@@ -761,12 +885,14 @@ kind = "cnn"
         assert_error(
             "metric = \"test_accuracy\"",
             "metric = \"objective\"",
-            "sweep.toml:7:15: sweep.objective.metric: the job's model does not report `objective`",
+            "sweep.toml:7:15: sweep.objective.metric: the job does not report `objective`; \
+             it reports train_loss, test_loss, test_accuracy, test_macro_f1, test_recall_0,",
         );
         assert_error(
             "test = { images = \"ti.gz\", labels = \"tl.gz\" }\n",
             "",
-            "sweep.toml:7:15: sweep.objective.metric: `test_accuracy` needs a test split",
+            "sweep.toml:7:15: sweep.objective.metric: the job does not report `test_accuracy` \
+             (test_* metrics need a test split, [job.dataset.test])",
         );
         assert_error(
             "max_trials = 12",

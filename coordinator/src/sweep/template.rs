@@ -49,16 +49,33 @@ impl Template {
         }
     }
 
-    /// The metric a job optimises: a synthetic model's value, else test
+    /// The metric a job is ranked by: a synthetic model's value, else
+    /// validation accuracy when it holds out a validation set, else test
     /// accuracy when there is a test split, else the training loss.
     pub fn objective(&self) -> (String, Mode) {
         match self {
-            Template::Job(job) => match (&job.model, &job.dataset.test) {
+            Template::Job(job) => match (&job.model, &job.dataset) {
                 (ModelSpec::Synthetic { .. }, _) => ("objective".into(), Mode::Min),
-                (_, Some(_)) => ("test_accuracy".into(), Mode::Max),
-                (_, None) => ("train_loss".into(), Mode::Min),
+                (_, dataset) if dataset.has_validation() => ("val_accuracy".into(), Mode::Max),
+                (_, dataset) if dataset.test.is_some() => ("test_accuracy".into(), Mode::Max),
+                (_, _) => ("train_loss".into(), Mode::Min),
             },
             Template::Sweep(sweep) => (sweep.objective.metric.clone(), sweep.objective.mode),
+        }
+    }
+
+    /// What a person should know before the sweep runs: an objective on a
+    /// test metric chooses trials on the test split, so the chosen trial's
+    /// test metrics overstate how well it does on unseen data.
+    pub fn warnings(&self) -> Vec<String> {
+        match self {
+            Template::Sweep(sweep) if sweep.objective.selects_on_test() => vec![format!(
+                "the objective {} chooses trials on the test split, so the best trial's test \
+                 metrics are no longer an unbiased estimate (they overstate the result); hold \
+                 out validation (dataset.validation_fraction = 0.1) and optimise val_accuracy",
+                sweep.objective.metric
+            )],
+            _ => Vec::new(),
         }
     }
 
