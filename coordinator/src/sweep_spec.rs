@@ -6,7 +6,8 @@
 //! searcher = "asha"          # grid | random | asha | hyperband | tpe
 //! max_trials = 24
 //! max_epochs = 9             # replaces job.epochs
-//! objective = { metric = "test_accuracy", mode = "max" }
+//! objective = { metric = "val_accuracy", mode = "max" }   # the default
+//!                            # when the job holds out validation
 //!
 //! [sweep.params]             # dotted paths into the job
 //! "optimizer.lr" = { kind = "log_uniform", low = 0.001, high = 0.3 }
@@ -36,7 +37,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ringleader_spec::error::{Document, FieldError, FieldPath, SpecError};
-use ringleader_spec::job::read_spec;
+use ringleader_spec::job::{read_spec, FoldSpec, ModelSpec};
 use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -63,6 +64,8 @@ pub struct SweepSpec {
     /// Failed attempts a trial may have before it counts as failed.
     pub max_failures: u32,
     pub objective: Objective,
+    /// Every trial trains `folds` folds and scores their mean objective.
+    pub cross_validation: Option<CrossValidation>,
     /// Dotted job paths (`optimizer.lr`) and their domains.
     pub params: BTreeMap<String, Param>,
     /// The base job, before any trial's overrides.
@@ -146,7 +149,7 @@ impl SweepSpec {
         .into_iter()
         .filter_map(|(key, value)| Some((key.to_string(), Value::from(value?))))
         .collect();
-        let base = apply_overrides(&file.job, &fixed).map_err(|e| {
+        let mut base = apply_overrides(&file.job, &fixed).map_err(|e| {
             let job_key = e.path.0.first().map(String::as_str).unwrap_or_default();
             match SET_BY_SWEEP
                 .iter()
@@ -164,6 +167,12 @@ impl SweepSpec {
                 return Err(at(&["sweep", "max_trials"], message));
             }
             _ => {}
+        }
+        // Checked with fold 0 in place, so that the objective defaults to
+        // (and is checked against) the validation metrics folds report.
+        if let Some(cross_validation) = sweep.cross_validation {
+            check_cross_validation(cross_validation, &mut base)
+                .map_err(|(path, message)| at(&path, message))?;
         }
         let objective = match &sweep.objective {
             Some(raw) => Objective {
@@ -192,6 +201,12 @@ impl SweepSpec {
                 min_epochs: sweep.min_epochs,
             }),
         };
+        if sweep.cross_validation.is_some() && (stopper.is_some() || searcher.stops_trials()) {
+            let message = "does not combine with asha, hyperband or stopper = \"asha\": a \
+                           rung would rank trials before every fold had reached it; use \
+                           grid, random or tpe";
+            return Err(at(&["sweep", "cross_validation"], message.into()));
+        }
         if stopper.is_some() || searcher.stops_trials() {
             // The rungs ASHA would build must exist.
             Asha::new(sweep.eta, sweep.min_epochs, base.epochs, mode).map_err(|e| match e {
@@ -265,6 +280,7 @@ impl SweepSpec {
             max_epochs: base.epochs,
             max_failures: sweep.max_failures,
             objective,
+            cross_validation: sweep.cross_validation,
             params,
             job: file.job,
             origin: origin.into(),
@@ -437,6 +453,51 @@ struct RawSweep {
     tpe: RawTpe,
     #[serde(default)]
     params: BTreeMap<String, ParamSpec>,
+    #[serde(default)]
+    cross_validation: Option<CrossValidation>,
+}
+
+/// `cross_validation = { folds = k }`: each trial trains k folds (fold i
+/// validates on the i-th of k stratified, seeded folds of the training
+/// split and trains on the rest), and its objective is their mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossValidation {
+    pub folds: u32,
+}
+
+/// Checks that `base` can be cross-validated with `cv` and puts fold 0 in
+/// it. Errors are (field path, message).
+fn check_cross_validation(
+    cv: CrossValidation,
+    base: &mut JobSpec,
+) -> Result<(), (Vec<&'static str>, String)> {
+    let folds_field = vec!["sweep", "cross_validation", "folds"];
+    if cv.folds < 2 {
+        return Err((folds_field, format!("must be at least 2, got {}", cv.folds)));
+    }
+    if let ModelSpec::Synthetic { .. } = base.model {
+        let message = "needs a job that trains on data (a synthetic model reads none)";
+        return Err((vec!["sweep", "cross_validation"], message.into()));
+    }
+    let dataset = &base.dataset;
+    let held_out = [
+        ("validation_fraction", dataset.validation_fraction.is_some()),
+        ("validation", dataset.validation.is_some()),
+        ("folds", dataset.folds.is_some()),
+    ];
+    if let Some((field, _)) = held_out.iter().find(|(_, given)| *given) {
+        let message = "cannot be combined with sweep.cross_validation, which validates \
+                       each fold on its own part of the training split"
+            .to_string();
+        return Err((vec!["job", "dataset", field], message));
+    }
+    base.dataset.folds = Some(FoldSpec {
+        count: cv.folds,
+        index: 0,
+    });
+    // More folds than training examples, and the like.
+    base.validate().map_err(|e| (folds_field, e.message))
 }
 
 impl RawSweep {

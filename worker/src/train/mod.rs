@@ -98,10 +98,10 @@ pub struct SegmentOutcome {
 /// A loss that turned NaN or infinite after an epoch. Every rank sees the
 /// same (all-reduced) metrics, so every rank finds the same divergence.
 /// Displays as `loss is NaN at epoch 2` (`inf`, `-inf` likewise; the test
-/// loss is `test loss`).
+/// loss is `test loss`, the validation loss `validation loss`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Divergence {
-    /// The metric that is not finite (`train_loss` or `test_loss`).
+    /// The metric that is not finite (`train_loss`, `val_loss` or `test_loss`).
     pub metric: String,
     pub value: f64,
     pub epoch: u32,
@@ -111,6 +111,7 @@ impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.metric.as_str() {
             "train_loss" => "loss",
+            "val_loss" => "validation loss",
             "test_loss" => "test loss",
             other => other,
         };
@@ -119,7 +120,7 @@ impl std::fmt::Display for Divergence {
 }
 
 /// The loss metrics checked for divergence, in the order they are named.
-const LOSS_METRICS: [&str; 2] = ["train_loss", "test_loss"];
+const LOSS_METRICS: [&str; 3] = ["train_loss", "val_loss", "test_loss"];
 
 /// The first loss in `metrics` that is NaN or infinite.
 pub fn divergence(epoch: u32, metrics: &BTreeMap<String, f64>) -> Option<Divergence> {
@@ -549,6 +550,11 @@ mod tests {
         assert_eq!(
             divergence(4, &both).unwrap().to_string(),
             "loss is inf at epoch 4"
+        );
+        let validation = metrics(&[("val_loss", f64::NEG_INFINITY), ("test_loss", f64::NAN)]);
+        assert_eq!(
+            divergence(3, &validation).unwrap().to_string(),
+            "validation loss is -inf at epoch 3"
         );
         let test = metrics(&[("train_loss", 0.5), ("test_loss", f64::NAN)]);
         assert_eq!(
