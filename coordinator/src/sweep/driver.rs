@@ -20,8 +20,10 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use ringleader_spec::job::FoldSpec;
+
 use super::records::{
-    AttemptOutcome, AttemptRecord, EpochMetrics, Lineage, TrialRecord, TrialState,
+    AttemptOutcome, AttemptRecord, EpochMetrics, FoldProgress, Lineage, TrialRecord, TrialState,
 };
 use crate::limits::MAX_TRIAL_RECORD_BYTES;
 use crate::search::{Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions, TrialOutcome};
@@ -60,6 +62,9 @@ pub struct DriverConfig {
     pub max_failures: u32,
     pub metric: String,
     pub mode: Mode,
+    /// Cross-validation: every trial trains this many folds, each as its
+    /// own attempts (never with ASHA: the sweep spec refuses it).
+    pub folds: Option<u32>,
 }
 
 /// A segment of a trial to start on a gang of workers.
@@ -68,6 +73,9 @@ pub struct Work {
     pub trial: u64,
     pub start_epoch: u32,
     pub stop_epoch: u32,
+    /// The cross-validation fold this segment trains (its job validates
+    /// on it); `None` without cross-validation.
+    pub fold: Option<FoldSpec>,
 }
 
 enum Configs {
@@ -173,19 +181,18 @@ impl Driver {
         self.trials.get(&number)
     }
 
+    /// Trials with an attempt under way (a cross-validated trial with
+    /// folds still waiting for workers is pending, yet running too).
     pub fn running(&self) -> usize {
-        self.active
-            .values()
-            .filter(|s| **s == TrialState::Running)
-            .count()
+        self.running_trials().count()
     }
 
-    /// The running trials.
+    /// The trials with an attempt under way.
     pub fn running_trials(&self) -> impl Iterator<Item = &TrialRecord> {
         self.active
-            .iter()
-            .filter(|(_, s)| **s == TrialState::Running)
-            .filter_map(|(n, _)| self.trials.get(n))
+            .keys()
+            .filter_map(|n| self.trials.get(n))
+            .filter(|t| t.live_attempts().next().is_some())
     }
 
     /// Keeps [`Driver::active`] and the searcher in step with trial
@@ -219,20 +226,20 @@ impl Driver {
     /// ASHA promotion, a new configuration. `None`: nothing to do now.
     /// The trial is not marked running until [`Driver::start`].
     pub fn next_work(&mut self) -> Option<Work> {
+        // The concurrency limit counts trials: the waiting folds of one
+        // already under way may start.
+        let under_way = self
+            .pending()
+            .filter(|t| t.live_attempts().next().is_some())
+            .find_map(|t| self.pending_work(t));
+        if under_way.is_some() {
+            return under_way;
+        }
         if !self.has_capacity() {
             return None;
         }
-        let pending = self
-            .active
-            .iter()
-            .find(|(_, s)| **s == TrialState::Pending)
-            .and_then(|(n, _)| self.trials.get(n));
-        if let Some(t) = pending {
-            return Some(Work {
-                trial: t.number,
-                start_epoch: t.epochs_done,
-                stop_epoch: self.target_epoch(t),
-            });
+        if let Some(work) = self.pending().find_map(|t| self.pending_work(t)) {
+            return Some(work);
         }
         if self.promoted.is_empty() {
             self.decide_promotion();
@@ -243,6 +250,7 @@ impl Driver {
                 trial,
                 start_epoch: start,
                 stop_epoch: resource,
+                fold: None,
             });
         }
         if self.exhausted || self.trials.len() as u64 >= self.config.max_trials {
@@ -273,15 +281,43 @@ impl Driver {
             checkpoint: None,
             error: None,
             stop_reason: None,
+            folds: vec![FoldProgress::default(); self.config.folds.unwrap_or(0) as usize],
+            objective_std: None,
             lineage: None,
         };
-        let stop_epoch = self.target_epoch(&record);
+        let work = self.pending_work(&record);
         self.trials.insert(number, record);
         self.index(number);
+        work
+    }
+
+    fn pending(&self) -> impl Iterator<Item = &TrialRecord> {
+        self.active
+            .iter()
+            .filter(|(_, s)| **s == TrialState::Pending)
+            .filter_map(|(n, _)| self.trials.get(n))
+    }
+
+    /// The segment a pending trial runs next: from its checkpoint to its
+    /// next rung, or, cross-validated, its first fold waiting for workers.
+    fn pending_work(&self, t: &TrialRecord) -> Option<Work> {
+        let Some(count) = self.config.folds else {
+            return Some(Work {
+                trial: t.number,
+                start_epoch: t.epochs_done,
+                stop_epoch: self.target_epoch(t),
+                fold: None,
+            });
+        };
+        let index = waiting_fold(t)?;
         Some(Work {
-            trial: number,
-            start_epoch: 0,
-            stop_epoch,
+            trial: t.number,
+            start_epoch: t.folds[index].epochs_done,
+            stop_epoch: self.config.max_epochs,
+            fold: Some(FoldSpec {
+                count,
+                index: index as u32,
+            }),
         })
     }
 
@@ -316,13 +352,17 @@ impl Driver {
             workers,
             start_epoch: work.start_epoch,
             stop_epoch: work.stop_epoch,
+            fold: work.fold.map(|f| f.index),
             started_unix_ms: now_ms,
             ended_unix_ms: None,
             outcome: None,
             error: None,
         };
-        trial.state = TrialState::Running;
         trial.attempts.push(attempt.clone());
+        trial.state = match waiting_fold(trial) {
+            Some(_) => TrialState::Pending,
+            None => TrialState::Running,
+        };
         self.index(work.trial);
         attempt
     }
@@ -341,6 +381,17 @@ impl Driver {
         let Some(t) = self.live(trial, attempt) else {
             return false;
         };
+        if let Some(fold) = fold_of(t, attempt) {
+            let f = &mut t.folds[fold];
+            f.objective = metrics.get(&metric).copied().or(f.objective);
+            f.metrics = metrics;
+            if let Some(path) = checkpoint {
+                f.checkpoint = Some(path);
+                f.epochs_done = epoch;
+            }
+            t.epochs_done = t.folds.iter().map(|f| f.epochs_done).min().unwrap_or(0);
+            return true;
+        }
         if let Some(value) = metrics.get(&metric) {
             t.objective = Some(*value);
         }
@@ -368,7 +419,7 @@ impl Driver {
 
     fn live(&mut self, trial: u64, attempt: u32) -> Option<&mut TrialRecord> {
         self.trials.get_mut(&trial).filter(|t| {
-            t.state == TrialState::Running && t.live_attempt().is_some_and(|a| a.number == attempt)
+            !t.state.is_terminal() && t.live_attempt_numbered(attempt).is_some()
         })
     }
 
@@ -404,6 +455,9 @@ impl Driver {
         let Some(t) = self.live(trial, attempt) else {
             return false;
         };
+        if let Some(fold) = fold_of(t, attempt) {
+            return self.end_fold_attempt(trial, attempt, fold, outcome, epochs_done, error, now_ms);
+        }
         let a = t.attempts.last_mut().expect("live attempt");
         let stop_epoch = a.stop_epoch;
         t.epochs_done = t.epochs_done.max(epochs_done.min(stop_epoch));
@@ -490,6 +544,93 @@ impl Driver {
         true
     }
 
+    /// Ends attempt `attempt` of cross-validation fold `fold`. A fold that
+    /// fails is retried from its checkpoint (each failure counts towards
+    /// `max_failures`, as any attempt's does); one that diverges, or
+    /// fails once too often, ends the trial, and its other folds' attempts
+    /// with it (the caller stops their workers). Once every fold is done
+    /// the trial completes with the mean of the folds' objectives.
+    #[allow(clippy::too_many_arguments)]
+    fn end_fold_attempt(
+        &mut self,
+        trial: u64,
+        attempt: u32,
+        fold: usize,
+        outcome: AttemptOutcome,
+        epochs_done: u32,
+        error: Option<String>,
+        now_ms: u64,
+    ) -> bool {
+        let max_failures = self.config.max_failures;
+        let metric = self.config.metric.clone();
+        let Some(t) = self.live(trial, attempt) else {
+            return false;
+        };
+        let Some(a) = t.attempts.iter_mut().find(|a| a.number == attempt) else {
+            return false;
+        };
+        let f = &mut t.folds[fold];
+        let stop_epoch = a.stop_epoch;
+        f.epochs_done = f.epochs_done.max(epochs_done.min(stop_epoch));
+        // As for a whole trial: a fold whose last epoch is checkpointed is
+        // done, whatever happened to the attempt afterwards.
+        let outcome = if f.epochs_done >= stop_epoch
+            && f.objective.is_some()
+            && !matches!(
+                outcome,
+                AttemptOutcome::Diverged | AttemptOutcome::EarlyStopped
+            ) {
+            AttemptOutcome::Done
+        } else {
+            outcome
+        };
+        a.outcome = Some(outcome);
+        a.ended_unix_ms = Some(now_ms);
+        a.error = error.clone();
+        match outcome {
+            AttemptOutcome::Abandoned => {}
+            AttemptOutcome::Failed => {
+                t.failures += 1;
+                if t.failures > max_failures {
+                    t.state = TrialState::Failed;
+                    t.error = error.map(|e| format!("fold {fold}: {e}"));
+                }
+            }
+            AttemptOutcome::Diverged => {
+                t.state = TrialState::Diverged;
+                t.error = Some(format!(
+                    "diverged in fold {fold}: {}",
+                    error.as_deref().unwrap_or("a loss became NaN or infinite")
+                ));
+            }
+            AttemptOutcome::Done | AttemptOutcome::EarlyStopped => {
+                if f.objective.is_some() {
+                    f.done = true;
+                } else {
+                    t.state = TrialState::Failed;
+                    t.error = Some(format!(
+                        "fold {fold}: the objective metric `{metric}` was not reported by epoch {}",
+                        f.epochs_done.max(1)
+                    ));
+                }
+            }
+        }
+        if t.state.is_terminal() {
+            for a in t.attempts.iter_mut().filter(|a| a.is_live()) {
+                a.outcome = Some(AttemptOutcome::Abandoned);
+                a.ended_unix_ms = Some(now_ms);
+            }
+        } else if t.folds.iter().all(|f| f.done) {
+            complete_cross_validated(t);
+        } else {
+            t.state = match waiting_fold(t) {
+                Some(_) => TrialState::Pending,
+                None => TrialState::Running,
+            };
+        }
+        true
+    }
+
     /// Fails a trial that cannot run at all (its configuration does not
     /// make a valid job): retrying would not help.
     pub fn reject(&mut self, trial: u64, error: String) {
@@ -506,7 +647,7 @@ impl Driver {
     pub fn cancel(&mut self, now_ms: u64) -> Vec<(u64, AttemptRecord)> {
         let mut live = Vec::new();
         for t in self.trials.values_mut().filter(|t| !t.state.is_terminal()) {
-            if let Some(a) = t.attempts.last_mut().filter(|a| a.is_live()) {
+            for a in t.attempts.iter_mut().filter(|a| a.is_live()) {
                 a.outcome = Some(AttemptOutcome::Abandoned);
                 a.ended_unix_ms = Some(now_ms);
                 live.push((t.number, a.clone()));
@@ -631,6 +772,56 @@ fn searcher_outcome(t: &TrialRecord, mode: Mode) -> Option<TrialOutcome> {
     }
 }
 
+/// The first cross-validation fold of `t` that is neither done nor
+/// training.
+fn waiting_fold(t: &TrialRecord) -> Option<usize> {
+    (0..t.folds.len()).find(|&i| {
+        !t.folds[i].done && !t.live_attempts().any(|a| a.fold == Some(i as u32))
+    })
+}
+
+/// The cross-validation fold live attempt `attempt` of `t` trains.
+fn fold_of(t: &TrialRecord, attempt: u32) -> Option<usize> {
+    let fold = t.live_attempt_numbered(attempt)?.fold? as usize;
+    (fold < t.folds.len()).then_some(fold)
+}
+
+/// Completes a cross-validated trial whose folds are all done: its
+/// objective is the mean of the folds' objectives, `objective_std` their
+/// population standard deviation, and its metrics the mean of each metric
+/// every fold reported at its last epoch.
+fn complete_cross_validated(t: &mut TrialRecord) {
+    let values: Vec<f64> = t.folds.iter().filter_map(|f| f.objective).collect();
+    let (mean, std) = mean_and_std(&values);
+    let mut metrics = BTreeMap::new();
+    if let Some((first, rest)) = t.folds.split_first() {
+        for name in first.metrics.keys() {
+            let each: Option<Vec<f64>> = std::iter::once(first)
+                .chain(rest)
+                .map(|f| f.metrics.get(name).copied())
+                .collect();
+            if let Some(each) = each {
+                metrics.insert(name.clone(), mean_and_std(&each).0);
+            }
+        }
+    }
+    let epoch = t.folds.iter().map(|f| f.epochs_done).max().unwrap_or(0);
+    t.objective = Some(mean);
+    t.objective_std = Some(std);
+    t.metrics = vec![EpochMetrics { epoch, metrics }];
+    t.epochs_done = epoch;
+    t.state = TrialState::Completed;
+}
+
+/// Mean and population standard deviation (NaN when any value is, or
+/// when there are none).
+fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, variance.sqrt())
+}
+
 /// The trial with the best latest objective among `trials`.
 pub fn best_trial<'a>(
     trials: impl Iterator<Item = &'a TrialRecord>,
@@ -677,6 +868,7 @@ mod tests {
             max_failures: 1,
             metric: "objective".into(),
             mode: Mode::Max,
+            folds: None,
         }
     }
 
@@ -833,6 +1025,133 @@ mod tests {
             Driver::restore(config(Source::Random, Some(stopping), 6), records).unwrap();
         assert!(restored.is_done());
         assert!(restored.next_work().is_none());
+    }
+
+    fn cross_validated(folds: u32, max_trials: u64) -> DriverConfig {
+        DriverConfig {
+            folds: Some(folds),
+            ..config(Source::Random, None, max_trials)
+        }
+    }
+
+    /// Reports fold values at the attempt's stop epoch (with a checkpoint)
+    /// and ends it as done.
+    fn finish_fold(driver: &mut Driver, work: &Work, attempt: u32, value: f64) -> bool {
+        let metrics = BTreeMap::from([
+            ("objective".to_string(), value),
+            ("val_loss".to_string(), 1.0 - value),
+        ]);
+        driver.epoch(work.trial, attempt, work.stop_epoch, metrics, Some("ckpt".into()));
+        driver.finished(work.trial, attempt, AttemptOutcome::Done, work.stop_epoch, None, 0)
+    }
+
+    #[test]
+    fn a_cross_validated_trial_runs_its_folds_at_once_and_scores_their_mean() {
+        let mut driver = Driver::new(cross_validated(3, 1)).unwrap();
+        let (mut works, mut attempts) = (Vec::new(), Vec::new());
+        for gang in ["a", "b", "c"] {
+            let work = driver.next_work().unwrap();
+            attempts.push(driver.start(&work, 1, vec![gang.into()], 0).number);
+            works.push(work);
+        }
+        let folds: Vec<_> = works.iter().map(|w| (w.trial, w.fold, w.start_epoch, w.stop_epoch)).collect();
+        let fold = |index| Some(FoldSpec { count: 3, index });
+        assert_eq!(folds, [(0, fold(0), 0, 9), (0, fold(1), 0, 9), (0, fold(2), 0, 9)]);
+        // Every fold runs: nothing waits, and the one trial was the budget.
+        assert_eq!(driver.next_work(), None);
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Running);
+        assert_eq!(t.live_attempts().count(), 3);
+        assert_eq!(driver.running(), 1, "one trial");
+        let values = [0.8, 0.9, 0.7];
+        for (i, (work, attempt)) in works.iter().zip(&attempts).enumerate() {
+            assert!(finish_fold(&mut driver, work, *attempt, values[i]));
+            let t = driver.trial(0).unwrap();
+            if i < 2 {
+                assert_eq!((t.state, t.objective), (TrialState::Running, None), "fold {i}");
+            }
+        }
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Completed);
+        let mean = (0.8 + 0.9 + 0.7) / 3.0;
+        assert_eq!(t.objective, Some(mean));
+        let std = (((0.8 - mean) * (0.8 - mean) + (0.9 - mean) * (0.9 - mean) + (0.7 - mean) * (0.7 - mean)) / 3.0f64).sqrt();
+        assert!((t.objective_std.unwrap() - std).abs() < 1e-12, "{:?}", t.objective_std);
+        assert!((std - 0.0816).abs() < 1e-4);
+        let per_fold: Vec<Option<f64>> = t.folds.iter().map(|f| f.objective).collect();
+        assert_eq!(per_fold, values.map(Some));
+        assert_eq!(t.metrics.len(), 1);
+        assert!((t.metrics[0].metrics["val_loss"] - (1.0 - mean)).abs() < 1e-12);
+        assert_eq!(t.epochs_done, 9);
+        assert!(driver.is_done());
+    }
+
+    #[test]
+    fn folds_of_a_started_trial_start_whatever_the_concurrency_limit() {
+        let mut cfg = cross_validated(3, 4);
+        cfg.max_concurrent = Some(1);
+        let mut driver = Driver::new(cfg).unwrap();
+        for index in 0..3 {
+            let work = driver.next_work().unwrap();
+            assert_eq!((work.trial, work.fold.map(|f| f.index)), (0, Some(index)));
+            driver.start(&work, 1, vec![], 0);
+        }
+        assert_eq!(driver.next_work(), None, "a second trial waits");
+    }
+
+    #[test]
+    fn a_restored_cross_validated_trial_runs_only_its_missing_folds() {
+        let mut driver = Driver::new(cross_validated(3, 1)).unwrap();
+        let first = driver.next_work().unwrap();
+        let a0 = driver.start(&first, 1, vec!["a".into()], 0).number;
+        assert!(finish_fold(&mut driver, &first, a0, 0.5));
+        let second = driver.next_work().unwrap();
+        let a1 = driver.start(&second, 2, vec!["b".into()], 0).number;
+        // Fold 1 checkpointed epoch 4, fold 2 never started: the leader dies.
+        let metrics = BTreeMap::from([("objective".to_string(), 0.25)]);
+        driver.epoch(0, a1, 4, metrics, Some("fold-1/epoch-4".into()));
+        assert_eq!(driver.trial(0).unwrap().state, TrialState::Pending);
+        let records: Vec<TrialRecord> = driver.trials().values().cloned().collect();
+        let mut restored = Driver::restore(cross_validated(3, 1), records).unwrap();
+        assert_eq!(restored.running(), 1);
+        let third = restored.next_work().unwrap();
+        assert_eq!((third.fold.unwrap().index, third.start_epoch), (2, 0));
+        let a2 = restored.start(&third, 3, vec!["c".into()], 0).number;
+        assert_eq!(restored.next_work(), None);
+        // Fold 1's attempt was re-attached; it and fold 2 finish.
+        assert!(finish_fold(&mut restored, &second, a1, 0.75));
+        assert!(finish_fold(&mut restored, &third, a2, 1.0));
+        let t = restored.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Completed);
+        assert_eq!(t.objective, Some(0.75));
+        assert_eq!(t.attempts.len(), 3, "no fold ran twice");
+    }
+
+    #[test]
+    fn a_failed_fold_resumes_and_counts_towards_max_failures() {
+        let mut driver = Driver::new(cross_validated(2, 1)).unwrap();
+        let fold0 = driver.next_work().unwrap();
+        let a0 = driver.start(&fold0, 1, vec!["a".into()], 0).number;
+        let fold1 = driver.next_work().unwrap();
+        let a1 = driver.start(&fold1, 2, vec!["b".into()], 0).number;
+        let metrics = BTreeMap::from([("objective".to_string(), 0.5)]);
+        driver.epoch(0, a1, 4, metrics, Some("fold-1/epoch-4".into()));
+        assert!(driver.finished(0, a1, AttemptOutcome::Failed, 4, Some("boom".into()), 0));
+        let t = driver.trial(0).unwrap();
+        assert_eq!((t.state, t.failures), (TrialState::Pending, 1));
+        let retry = driver.next_work().unwrap();
+        assert_eq!((retry.fold.unwrap().index, retry.start_epoch), (1, 4));
+        let a2 = driver.start(&retry, 3, vec!["b".into()], 0).number;
+        // max_failures = 1: a second failure fails the trial, and fold 0's
+        // attempt ends with it.
+        assert!(driver.finished(0, a2, AttemptOutcome::Failed, 4, Some("boom".into()), 0));
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Failed);
+        assert_eq!(t.error.as_deref(), Some("fold 1: boom"));
+        assert_eq!(t.live_attempts().count(), 0);
+        assert_eq!(t.attempts[0].outcome, Some(AttemptOutcome::Abandoned));
+        assert!(!finish_fold(&mut driver, &fold0, a0, 0.9), "a stale fold report");
+        assert!(driver.is_done());
     }
 
     /// Starts `work`, reports `value` at `epoch` (with its checkpoint) and

@@ -144,6 +144,10 @@ pub struct AttemptRecord {
     pub workers: Vec<String>,
     pub start_epoch: u32,
     pub stop_epoch: u32,
+    /// The cross-validation fold this attempt trains (0-based); `None`
+    /// without cross-validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<u32>,
     pub started_unix_ms: u64,
     #[serde(default)]
     pub ended_unix_ms: Option<u64>,
@@ -196,6 +200,20 @@ pub struct TrialRecord {
     /// epoch 4)").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// Cross-validation: each fold's progress, by fold index (empty
+    /// without). The trial's `objective` is the mean of the folds'
+    /// objectives once every fold is done, `objective_std` their spread
+    /// and `metrics` the per-metric mean of their last epochs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<FoldProgress>,
+    /// Cross-validation: the folds' objectives' (population) standard
+    /// deviation.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "float::option"
+    )]
+    pub objective_std: Option<f64>,
     /// Where the model came from, as the latest attempt that trained it
     /// reported (docs/MODELS.md); `started_unix_ms` is kept from the
     /// first such attempt.
@@ -231,9 +249,38 @@ pub struct FileDigest {
 }
 
 impl TrialRecord {
+    /// The live attempt of a trial without folds (the last one, if live).
     pub fn live_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts.last().filter(|a| a.is_live())
     }
+
+    /// Every live attempt: one at most, or one per running fold.
+    pub fn live_attempts(&self) -> impl Iterator<Item = &AttemptRecord> {
+        self.attempts.iter().filter(|a| a.is_live())
+    }
+
+    /// Attempt `number`, if it is live.
+    pub fn live_attempt_numbered(&self, number: u32) -> Option<&AttemptRecord> {
+        self.live_attempts().find(|a| a.number == number)
+    }
+}
+
+/// One cross-validation fold of a trial.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FoldProgress {
+    /// Epochs covered by `checkpoint`.
+    pub epochs_done: u32,
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// The objective at the fold's latest reported epoch.
+    #[serde(default, with = "float::option")]
+    pub objective: Option<f64>,
+    /// The fold's latest epoch's metrics.
+    #[serde(default, with = "float::map")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Trained to the end (or stopped early by its job's rule).
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// Non-finite numbers in records. JSON has no NaN or infinity, and
@@ -384,6 +431,8 @@ mod tests {
             checkpoint: None,
             error: Some("diverged: loss is NaN at epoch 2".into()),
             stop_reason: None,
+            folds: Vec::new(),
+            objective_std: None,
             lineage: None,
         }
     }

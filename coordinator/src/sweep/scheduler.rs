@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::driver::{Driver, Work};
 use super::records::{
     sweep_key, trial_key, AttemptOutcome, FileDigest, Lineage, SweepKind, SweepRecord, SweepState,
-    TrialRecord, TrialState,
+    TrialRecord,
 };
 use super::template::Template;
 use crate::error::Error;
@@ -290,9 +290,8 @@ impl Scheduler {
     fn live_attempt(&self, r: &AttemptRef) -> Option<&super::records::AttemptRecord> {
         self.run(&r.sweep_id)
             .and_then(|run| run.driver.trial(r.trial))
-            .filter(|t| t.state == TrialState::Running)
-            .and_then(TrialRecord::live_attempt)
-            .filter(|a| a.number == r.attempt)
+            .filter(|t| !t.state.is_terminal())
+            .and_then(|t| t.live_attempt_numbered(r.attempt))
     }
 
     fn run(&self, sweep: &str) -> Option<&SweepRun> {
@@ -423,11 +422,16 @@ impl Scheduler {
         else {
             return;
         };
-        let workers = run
+        // The trial's live attempts: ending one may end the others (a
+        // cross-validated trial's folds end with it).
+        let live_before: Vec<(u32, Vec<String>)> = run
             .driver
             .trial(attempt.trial)
-            .and_then(TrialRecord::live_attempt)
-            .map(|a| a.workers.clone())
+            .map(|t| {
+                t.live_attempts()
+                    .map(|a| (a.number, a.workers.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         if !run.driver.finished(
             attempt.trial,
@@ -439,22 +443,33 @@ impl Scheduler {
         ) {
             return;
         }
+        let mut ended = Vec::new();
         if let Some(t) = run.driver.trial(attempt.trial) {
             info!(sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, ?outcome, state = ?t.state, error = error.as_deref().unwrap_or(""), "attempt ended");
             effects.write_trial(t);
+            ended = live_before
+                .into_iter()
+                .filter(|(number, _)| t.live_attempt_numbered(*number).is_none())
+                .collect();
         }
         // The gang stays busy until each rank reports the attempt finished
         // (or re-registers): it still trains until the end of its epoch,
         // and would refuse a new assignment as a failure.
-        for worker in workers {
-            if self.registry.running(&worker) == Some(attempt) {
-                effects.send(
-                    self.registry.outbound(&worker),
-                    coordinator_message::Kind::Stop(StopAttempt {
-                        attempt: Some(attempt.clone()),
-                        reason: format!("the attempt ended ({outcome:?})"),
-                    }),
-                );
+        for (number, workers) in ended {
+            let reference = AttemptRef {
+                attempt: number,
+                ..attempt.clone()
+            };
+            for worker in workers {
+                if self.registry.running(&worker) == Some(&reference) {
+                    effects.send(
+                        self.registry.outbound(&worker),
+                        coordinator_message::Kind::Stop(StopAttempt {
+                            attempt: Some(reference.clone()),
+                            reason: format!("the attempt ended ({outcome:?})"),
+                        }),
+                    );
+                }
             }
         }
     }
@@ -553,19 +568,18 @@ impl Scheduler {
         let mut orphans = Vec::new();
         for run in self.sweeps.values() {
             for t in run.driver.running_trials() {
-                let Some(a) = t.live_attempt() else {
-                    continue;
-                };
-                let reference = AttemptRef {
-                    sweep_id: run.record.id.clone(),
-                    trial: t.number,
-                    attempt: a.number,
-                };
-                if a.workers
-                    .iter()
-                    .any(|w| self.registry.running(w) != Some(&reference))
-                {
-                    orphans.push((reference, t.epochs_done));
+                for a in t.live_attempts() {
+                    let reference = AttemptRef {
+                        sweep_id: run.record.id.clone(),
+                        trial: t.number,
+                        attempt: a.number,
+                    };
+                    if a.workers
+                        .iter()
+                        .any(|w| self.registry.running(w) != Some(&reference))
+                    {
+                        orphans.push((reference, t.epochs_done));
+                    }
                 }
             }
         }
@@ -597,7 +611,12 @@ impl Scheduler {
                     .map(|t| t.config.clone())
                     .unwrap_or_default();
                 let job = match run.template.job(&config) {
-                    Ok(job) => job,
+                    // A fold's job validates on its fold (the spec was
+                    // checked with fold 0 in place).
+                    Ok(mut job) => {
+                        job.dataset.folds = work.fold.or(job.dataset.folds);
+                        job
+                    }
                     Err(error) => {
                         warn!(sweep = %run.record.id, trial = work.trial, %error, "trial cannot be built");
                         run.driver.reject(work.trial, error);
@@ -621,7 +640,7 @@ impl Scheduler {
                 idle.retain(|(id, _)| !gang.contains(id));
                 self.generations += 1;
                 let generation = ((self.owner as u64) << 24) | self.generations;
-                let dir = checkpoint_dir(&self.checkpoint_root, &job, &run.record.id, work.trial);
+                let dir = checkpoint_dir(&self.checkpoint_root, &job, &run.record.id, &work);
                 let attempt = run.driver.start(&work, generation, gang.clone(), unix_ms());
                 let trial = run.driver.trial(work.trial).expect("started above");
                 effects.write_trial(trial);
@@ -804,15 +823,20 @@ fn lineage_of(reported: &ringleader_proto::coordinator::Lineage) -> Result<Linea
     })
 }
 
-/// A trial's checkpoint directory: under the job's `checkpoint.dir`, or
-/// the coordinator's default root.
-fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, trial: u64) -> PathBuf {
-    job.checkpoint
+/// A trial's checkpoint directory (a fold's: `fold-N` within it): under
+/// the job's `checkpoint.dir`, or the coordinator's default root.
+fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, work: &Work) -> PathBuf {
+    let trial = job
+        .checkpoint
         .dir
         .as_deref()
         .unwrap_or(root)
         .join(sweep)
-        .join(format!("trial-{trial:06}"))
+        .join(format!("trial-{:06}", work.trial));
+    match work.fold {
+        Some(fold) => trial.join(format!("fold-{}", fold.index)),
+        None => trial,
+    }
 }
 
 /// `need` idle workers able to run on `device` ("cuda…" needs GPU workers;

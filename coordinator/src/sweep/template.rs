@@ -101,6 +101,7 @@ impl Template {
                 max_failures: JOB_MAX_FAILURES,
                 metric,
                 mode,
+                folds: None,
             },
             Template::Sweep(spec) => {
                 let (source, stopping) = match &spec.searcher {
@@ -146,6 +147,7 @@ impl Template {
                     max_failures: spec.max_failures,
                     metric,
                     mode,
+                    folds: spec.cross_validation.map(|cv| cv.folds),
                 }
             }
         }
