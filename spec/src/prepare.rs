@@ -422,22 +422,53 @@ kind = "mlp"
 
     #[test]
     fn bad_preparation_names_the_field_and_line() {
-        let good = "sharding = \"examples\"\nclass_weights = \"balanced\"\nsampler = \"balanced\"\n\
+        let good =
+            "sharding = \"examples\"\nclass_weights = \"balanced\"\nsampler = \"balanced\"\n\
                     csv = { missing = \"median\", categorical = [0, \"colour\"] }";
         let text = CSV_JOB.replacen("classes = 2\n", &format!("classes = 2\n{good}\n"), 1);
         let job = crate::JobSpec::parse(&text, "job.toml").unwrap();
         assert_eq!(job.dataset.sampler, Sampler::Balanced);
         for (extra, expected) in [
-            ("class_weights = [1.0]", "job.toml:8:1: dataset.class_weights: lists 1 weights for 2 classes"),
-            ("class_weights = [1.0, -1]", "job.toml:8:1: dataset.class_weights: weights must be finite"),
-            ("class_weights = \"even\"", "job.toml:8:17: dataset.class_weights: invalid value"),
-            ("csv = { missing = \"constant\" }", "dataset.csv.fill_value: required with missing = \"constant\""),
-            ("csv = { missing = \"mean\", fill_value = 1 }", "dataset.csv.fill_value: is used only with"),
-            ("csv = { categorical = [1, 1] }", "dataset.csv.categorical: lists column 1 twice"),
-            ("csv = { missing = \"mean\" }", "job.toml:8:1: dataset.csv: fitting categories or fill values needs every worker"),
-            ("sampler = \"balanced\"", "job.toml:8:1: dataset.sampler: the balanced sampler needs every worker"),
-            ("augment = { horizontal_flip = true }", "job.toml:8:1: dataset.augment: needs image examples"),
-            ("sampler = \"random\"", "job.toml:8:11: dataset.sampler: unknown variant `random`"),
+            (
+                "class_weights = [1.0]",
+                "job.toml:8:1: dataset.class_weights: lists 1 weights for 2 classes",
+            ),
+            (
+                "class_weights = [1.0, -1]",
+                "job.toml:8:1: dataset.class_weights: weights must be finite",
+            ),
+            (
+                "class_weights = \"even\"",
+                "job.toml:8:17: dataset.class_weights: invalid value",
+            ),
+            (
+                "csv = { missing = \"constant\" }",
+                "dataset.csv.fill_value: required with missing = \"constant\"",
+            ),
+            (
+                "csv = { missing = \"mean\", fill_value = 1 }",
+                "dataset.csv.fill_value: is used only with",
+            ),
+            (
+                "csv = { categorical = [1, 1] }",
+                "dataset.csv.categorical: lists column 1 twice",
+            ),
+            (
+                "csv = { missing = \"mean\" }",
+                "job.toml:8:1: dataset.csv: fitting categories or fill values needs every worker",
+            ),
+            (
+                "sampler = \"balanced\"",
+                "job.toml:8:1: dataset.sampler: the balanced sampler needs every worker",
+            ),
+            (
+                "augment = { horizontal_flip = true }",
+                "job.toml:8:1: dataset.augment: needs image examples",
+            ),
+            (
+                "sampler = \"random\"",
+                "job.toml:8:11: dataset.sampler: unknown variant `random`",
+            ),
         ] {
             let message = error(extra);
             assert!(message.contains(expected), "{extra}: {message}");

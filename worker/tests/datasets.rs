@@ -95,7 +95,12 @@ fn csv_errors_name_file_line_and_column_and_describe_the_cell() {
         (
             "nan.csv",
             "1,2,0\n3,nan,1\n".to_string(),
-            "nan.csv:2:2: expected a number in column 2 (feature), found a number that is not finite as f32".to_string(),
+            "nan.csv:2:2: expected a number in column 2 (feature), found a missing value (see dataset.csv.missing)".to_string(),
+        ),
+        (
+            "inf.csv",
+            "1,2,0\n3,-inf,1\n".to_string(),
+            "inf.csv:2:2: expected a number in column 2 (feature), found a number that is not finite as f32".to_string(),
         ),
         (
             "columns.csv",

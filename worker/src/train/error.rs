@@ -97,7 +97,7 @@ impl fmt::Display for Found {
             Found::NotInteger => write!(f, "a number that is not an integer"),
             Found::IntegerOutOfRange => write!(f, "an integer out of range"),
             Found::NotFinite => write!(f, "a number that is not finite as f32"),
-            Found::Missing => write!(f, "a missing value (dataset.csv.missing is error)"),
+            Found::Missing => write!(f, "a missing value (see dataset.csv.missing)"),
             Found::LongCategory { bytes } => write!(
                 f,
                 "text of {bytes} bytes (a category may have {MAX_CATEGORY_BYTES})"
