@@ -1501,6 +1501,89 @@ mod tests {
     }
 
     #[test]
+    fn under_file_sharding_each_rank_holds_out_a_stratified_part_of_its_own_files() {
+        use ringleader_spec::JobSpec;
+        let dir = tempfile::tempdir().unwrap();
+        // 4 files of 40 rows: feature 0 is the file, feature 1 the row, the
+        // label row % 4 (10 of each class per file).
+        let files: Vec<PathBuf> = (0..4)
+            .map(|file| {
+                let path = dir.path().join(format!("part-{file}.csv"));
+                let rows: String = (0..40)
+                    .map(|row| format!("{file},{row},{}\n", row % 4))
+                    .collect();
+                std::fs::write(&path, rows).unwrap();
+                path
+            })
+            .collect();
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "sharded", "workers": 2, "epochs": 1, "seed": 3,
+            "dataset": {"format": "csv", "classes": 4, "sharding": "files",
+                        "train": {"files": files, "header": false},
+                        "validation_fraction": 0.25},
+            "model": {"kind": "mlp", "hidden": [4]},
+        }))
+        .unwrap();
+        let confinement = crate::confine::Confinement::new([dir.path()], [dir.path()]).unwrap();
+        let held_out = || {
+            let (runtime, mut rings) = must_connect_ring(2);
+            on_every_rank(&mut rings, &runtime, |rank, ring, runtime| {
+                let segment = Segment {
+                    spec: spec.clone(),
+                    rank,
+                    world: 2,
+                    start_epoch: 0,
+                    stop_epoch: 1,
+                    checkpoint_dir: dir.path().join("checkpoints"),
+                    device: Device::Cpu,
+                    confinement: confinement.clone(),
+                };
+                let mut trainer = Trainer::new(&segment, ring, runtime).unwrap();
+                let rows = |split: &Split| -> Vec<(i64, i64, i64)> {
+                    let x = Vec::<f32>::try_from(split.features.reshape([-1])).unwrap();
+                    let y = Vec::<i64>::try_from(&split.labels).unwrap();
+                    x.chunks(2)
+                        .zip(y)
+                        .map(|(f, y)| (f[0] as i64, f[1] as i64, y))
+                        .collect()
+                };
+                let validation = rows(trainer.data.validation.as_ref().unwrap());
+                let train = rows(&trainer.data.train);
+                let evaluation = trainer.evaluate(Evaluated::Validation).unwrap().unwrap();
+                (validation, train, evaluation.examples)
+            })
+        };
+        let ranks = held_out();
+        let mut files_seen = Vec::new();
+        for (validation, train, examples) in &ranks {
+            // Its own 2 files (80 rows): 20 held out, 5 of each class.
+            assert_eq!((validation.len(), train.len()), (20, 60));
+            for class in 0..4 {
+                assert_eq!(validation.iter().filter(|r| r.2 == class).count(), 5);
+            }
+            let own: std::collections::BTreeSet<i64> = train.iter().map(|r| r.0).collect();
+            assert_eq!(own.len(), 2, "two files per rank");
+            assert!(
+                validation.iter().all(|r| own.contains(&r.0)),
+                "only its own files"
+            );
+            assert!(
+                validation.iter().all(|r| !train.contains(r)),
+                "held out, not trained on"
+            );
+            assert_eq!(*examples, 40, "the ranks' parts together");
+            files_seen.extend(own);
+        }
+        files_seen.sort_unstable();
+        assert_eq!(files_seen, [0, 1, 2, 3], "the files are dealt disjointly");
+        assert_eq!(
+            held_out(),
+            ranks,
+            "the same seed and files, the same hold-out"
+        );
+    }
+
+    #[test]
     fn ranks_together_evaluate_as_one_rank_does() {
         let dir = tempfile::tempdir().unwrap();
         write_npy_dataset(dir.path());
@@ -1698,5 +1781,58 @@ mod tests {
         let written = std::fs::read(dir.join("checkpoints").join(prepare::PREPARATION_FILE));
         let preparation: serde_json::Value = serde_json::from_slice(&written.unwrap()).unwrap();
         assert!(preparation.is_object(), "rank 0 wrote {preparation}");
+    }
+
+    /// With a validation hold-out, fill values come from the examples
+    /// left for training, not from the whole training split.
+    #[test]
+    fn csv_fill_values_are_fitted_after_the_validation_hold_out() {
+        use super::prepare::FittedColumn;
+        use ringleader_spec::JobSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let mut text = String::from("x,label\n");
+        for i in 0..40u32 {
+            // Squares: any two halves have different means.
+            text.push_str(&format!("{},{}\n", i * i, i % 2));
+        }
+        std::fs::write(dir.join("train.csv"), text).unwrap();
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "held-out", "epochs": 1, "seed": 5,
+            "dataset": {"format": "csv", "classes": 2, "validation_fraction": 0.5,
+                        "train": {"files": [dir.join("train.csv")]},
+                        "csv": {"missing": "mean"}},
+            "model": {"kind": "mlp"},
+        }))
+        .unwrap();
+        let (runtime, mut rings) = must_connect_ring(1);
+        let segment = Segment {
+            spec,
+            rank: 0,
+            world: 1,
+            start_epoch: 0,
+            stop_epoch: 1,
+            checkpoint_dir: dir.join("checkpoints"),
+            device: Device::Cpu,
+            confinement: crate::confine::Confinement::new([dir], [dir]).unwrap(),
+        };
+        let (data, _) = load_share(&segment, &mut rings[0], runtime.handle()).unwrap();
+        let mean = |split: &Split| split.features.mean(Kind::Double).double_value(&[]);
+        let (train, validation) = (mean(&data.train), mean(data.validation.as_ref().unwrap()));
+        let fit = data.preparation.csv.as_ref().unwrap();
+        let FittedColumn::Numeric {
+            fill: Some(fill), ..
+        } = fit.columns[0]
+        else {
+            panic!("{fit:?}")
+        };
+        assert!(
+            (fill - train).abs() < 1e-3,
+            "fill {fill}, training part's mean {train}"
+        );
+        assert!(
+            (train - validation).abs() > 1.0,
+            "the halves differ: {train} vs {validation}"
+        );
     }
 }
