@@ -37,6 +37,9 @@ pub enum Command {
     /// Hyperparameter sweeps.
     #[command(subcommand)]
     Sweep(SweepCommand),
+    /// Trained models: export one for use outside Ringleader.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Certificates for mutual TLS between every component.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -123,6 +126,36 @@ pub enum SweepCommand {
     Cancel(CancelArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a trial's trained model into a directory: model.pt
+    /// (TorchScript, runs with PyTorch's torch.jit.load), model.safetensors
+    /// (the weights) and model.json (spec, hyperparameters, input and its
+    /// preparation, final metrics, lineage). See docs/MODELS.md.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// The trial: SWEEP/N (trial N of a sweep, from 0), a job id (its
+    /// only trial), or with --best a sweep id.
+    pub target: String,
+
+    /// Export the sweep's best completed trial by its objective.
+    #[arg(long)]
+    pub best: bool,
+
+    /// Directory to write into: new, or empty. The export runs here, with
+    /// `ringleader-export` from beside this binary: it reads the checkpoint
+    /// under RINGLEADER_CHECKPOINT_ROOT and the data under
+    /// RINGLEADER_DATA_ROOTS, as a worker does.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     #[command(flatten)]
@@ -152,6 +185,11 @@ pub struct LookupArgs {
 
     /// Job or sweep id (as `submit` printed it).
     pub id: String,
+
+    /// Show only this trial (numbered from 0), in full: every epoch's
+    /// metrics and its lineage (docs/MODELS.md).
+    #[arg(long)]
+    pub trial: Option<u64>,
 
     /// Print JSON instead of text.
     #[arg(long)]

@@ -29,6 +29,7 @@ pub mod client_config;
 pub mod election;
 pub mod error;
 pub mod etcd;
+pub mod export;
 pub mod limits;
 pub mod local;
 pub mod process;

@@ -41,6 +41,15 @@ pub const MAX_METRIC_NAME_BYTES: usize = 64;
 pub const MAX_ERROR_BYTES: usize = 4096;
 pub const MAX_PATH_BYTES: usize = 4096;
 
+/// A trial's lineage (docs/MODELS.md): data files it lists, the bytes of
+/// all their paths together (each path is also at most [`MAX_PATH_BYTES`]),
+/// and the length of the worker's version and commit strings. A worker
+/// lists files up to these limits and counts the rest; a report beyond
+/// them fails the attempt.
+pub const MAX_LINEAGE_FILES: usize = 128;
+pub const MAX_LINEAGE_PATHS_BYTES: usize = 64 * 1024;
+pub const MAX_LINEAGE_VERSION_BYTES: usize = 128;
+
 /// A trial record's JSON stays below this: past it, the oldest epochs'
 /// metrics are dropped from the record (the objective, rung results and
 /// latest metrics are always kept). etcd refuses requests over 1.5 MiB.

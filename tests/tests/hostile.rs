@@ -402,6 +402,7 @@ async fn duplicate_worker_ids_and_foreign_reports_are_refused() {
             epochs_done: 0,
             checkpoint: String::new(),
             error: "forged".into(),
+            lineage: None,
         }),
         worker_message::Kind::Heartbeat(Heartbeat { sequence: 1 }),
     ] {

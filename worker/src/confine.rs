@@ -95,6 +95,43 @@ impl Confinement {
     }
 }
 
+/// `--data-root` and `--checkpoint-root`, shared by the worker and
+/// `ringleader-export` (which reads checkpoints under the same rules).
+#[derive(Clone, Debug, clap::Args)]
+pub struct RootArgs {
+    /// Directories jobs may read data sets and TorchScript modules from
+    /// (repeat the flag, or comma-separate in the env var). Any other path
+    /// a job names is refused.
+    #[arg(
+        long = "data-root",
+        env = "RINGLEADER_DATA_ROOTS",
+        value_delimiter = ',',
+        default_values = ["/usr/share/datasets", "/var/tmp/ringleader"]
+    )]
+    pub data_roots: Vec<PathBuf>,
+
+    /// The directory checkpoints may be written (and read) under; a trial
+    /// whose checkpoint directory lies elsewhere fails. Default: the
+    /// coordinator's default --checkpoint-dir, <tmp>/ringleader-checkpoints.
+    #[arg(long, env = "RINGLEADER_CHECKPOINT_ROOT")]
+    pub checkpoint_root: Option<PathBuf>,
+}
+
+impl RootArgs {
+    pub fn confinement(&self) -> io::Result<Confinement> {
+        let checkpoint_root = self
+            .checkpoint_root
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("ringleader-checkpoints"));
+        Confinement::new(&self.data_roots, [&checkpoint_root]).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot make --data-root and --checkpoint-root absolute: {e}"),
+            )
+        })
+    }
+}
+
 /// A path that is not under the roots, or that cannot be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {

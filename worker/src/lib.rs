@@ -15,5 +15,6 @@ pub mod agent;
 pub mod collective;
 pub mod confine;
 pub mod device;
+pub mod lineage;
 pub mod train;
 pub mod trial;

@@ -15,7 +15,7 @@ use ringleader_coordinator::runtime;
 use ringleader_proto::coordinator::Register;
 use ringleader_security::{Role, Transport};
 use ringleader_worker::agent::{self, AgentOptions};
-use ringleader_worker::confine::Confinement;
+use ringleader_worker::confine::RootArgs;
 use ringleader_worker::device::{self, DeviceRequest};
 use ringleader_worker::trial::{TrialContext, Trials};
 use tokio::net::TcpListener;
@@ -132,22 +132,8 @@ struct Args {
     #[arg(long, env = "RINGLEADER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     drain_timeout: Duration,
 
-    /// Directories jobs may read data sets and TorchScript modules from
-    /// (repeat the flag, or comma-separate in the env var). Any other path
-    /// a job names is refused.
-    #[arg(
-        long = "data-root",
-        env = "RINGLEADER_DATA_ROOTS",
-        value_delimiter = ',',
-        default_values = ["/usr/share/datasets", "/var/tmp/ringleader"]
-    )]
-    data_roots: Vec<PathBuf>,
-
-    /// The directory checkpoints may be written under; a trial whose
-    /// checkpoint directory lies elsewhere fails. Default: the
-    /// coordinator's default --checkpoint-dir, <tmp>/ringleader-checkpoints.
-    #[arg(long, env = "RINGLEADER_CHECKPOINT_ROOT")]
-    checkpoint_root: Option<PathBuf>,
+    #[command(flatten)]
+    roots: RootArgs,
 
     #[command(flatten)]
     tls: TlsArgs,
@@ -323,11 +309,7 @@ async fn run(args: Args) -> Result<()> {
         min_backoff: Duration::from_millis(100),
         max_backoff: args.max_backoff,
     };
-    let checkpoint_root = args
-        .checkpoint_root
-        .unwrap_or_else(|| std::env::temp_dir().join("ringleader-checkpoints"));
-    let confinement = Confinement::new(&args.data_roots, [&checkpoint_root])
-        .context("cannot make --data-root and --checkpoint-root absolute")?;
+    let confinement = args.roots.confinement()?;
     info!(
         data_roots = ?confinement.data.roots(),
         checkpoint_root = ?confinement.checkpoints.roots(),
