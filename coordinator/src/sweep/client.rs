@@ -307,6 +307,24 @@ fn metrics_text(metrics: &BTreeMap<String, f64>) -> String {
         .join("  ")
 }
 
+/// A cross-validated trial's spread: `± 0.0125 over folds 0.8000 0.8200
+/// 0.7900` (empty for other trials).
+fn fold_spread(t: &TrialRecord) -> String {
+    if t.folds.is_empty() {
+        return String::new();
+    }
+    let values: Vec<String> = t
+        .folds
+        .iter()
+        .map(|f| f.objective.map(number).unwrap_or_else(|| "-".into()))
+        .collect();
+    let spread = t
+        .objective_std
+        .map(|s| format!("± {} ", number(s)))
+        .unwrap_or_default();
+    format!("{spread}over folds {}", values.join(" "))
+}
+
 fn number(v: f64) -> String {
     if v.abs() >= 1000.0 {
         format!("{v:.0}")
@@ -438,7 +456,11 @@ pub fn results_table(view: &SweepView) -> String {
             t.number.to_string(),
             state_name(t.state).to_string(),
             t.epochs_done.to_string(),
-            t.objective.map(number).unwrap_or_else(|| "-".into()),
+            match (t.objective, t.objective_std) {
+                (Some(v), Some(s)) => format!("{} ± {}", number(v), number(s)),
+                (Some(v), None) => number(v),
+                (None, _) => "-".into(),
+            },
         ];
         row.extend(
             params
@@ -594,14 +616,17 @@ pub fn results_json(view: &SweepView) -> Value {
             "attempts": t.attempts.len(),
             "error": t.error,
             "stop_reason": t.stop_reason,
+            "objective_std": t.objective_std.map(Float),
+            "fold_objectives": (!t.folds.is_empty())
+                .then(|| t.folds.iter().map(|f| f.objective.map(Float)).collect::<Vec<_>>()),
         })).collect::<Vec<_>>(),
     })
 }
 
 /// `job status` / `sweep status --trial N`: one trial in full: its
 /// parameters, state, every epoch's metrics and its lineage.
-pub fn trial_text(view: &SweepView, number: u64) -> Result<String> {
-    let t = find_trial(view, number)?;
+pub fn trial_text(view: &SweepView, trial: u64) -> Result<String> {
+    let t = find_trial(view, trial)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -618,6 +643,15 @@ pub fn trial_text(view: &SweepView, number: u64) -> Result<String> {
     );
     if let Some(reason) = &t.stop_reason {
         let _ = writeln!(out, "  {reason}");
+    }
+    if !t.folds.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {} {} {}",
+            view.record.objective_metric,
+            t.objective.map(self::number).unwrap_or_else(|| "-".into()),
+            fold_spread(t)
+        );
     }
     for (path, value) in &t.config {
         let _ = writeln!(out, "  {path} = {}", value_text(value));
@@ -708,6 +742,14 @@ pub fn status_text(view: &SweepView) -> String {
                 .or_else(|| t.stop_reason.as_deref().map(|r| format!("  {r}")))
                 .unwrap_or_default()
         );
+        if !t.folds.is_empty() {
+            let _ = writeln!(
+                out,
+                "             {} {}",
+                view.record.objective_metric,
+                fold_spread(t)
+            );
+        }
     }
     out.push_str(&final_estimate_text(view));
     out
