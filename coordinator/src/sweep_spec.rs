@@ -931,6 +931,61 @@ kind = "cnn"
         );
     }
 
+    /// GOOD as a random search cross-validated with `folds` folds, its
+    /// objective left to the default.
+    fn cross_validated(folds: &str) -> String {
+        GOOD.replacen("searcher = \"asha\"", "searcher = \"random\"", 1)
+            .replacen(
+                "objective = { metric = \"test_accuracy\", mode = \"max\" }",
+                &format!("cross_validation = {{ folds = {folds} }}"),
+                1,
+            )
+    }
+
+    #[test]
+    fn cross_validation_defaults_to_validation_accuracy_over_the_folds() {
+        let spec = SweepSpec::parse(&cross_validated("3"), "sweep.toml").unwrap();
+        assert_eq!(spec.cross_validation, Some(CrossValidation { folds: 3 }));
+        assert_eq!(spec.objective, Objective::validation_accuracy());
+        let template = Template::Sweep(Box::new(spec));
+        assert_eq!(template.driver_config("s").folds, Some(3));
+        // Trial jobs hold no fold: the leader sets each fold's.
+        let job = template.job(&BTreeMap::new()).unwrap();
+        assert_eq!(job.dataset.folds, None);
+    }
+
+    #[test]
+    fn bad_cross_validation_names_the_field_and_line() {
+        let cases = [
+            (
+                cross_validated("1"),
+                "sweep.toml:7:22: sweep.cross_validation.folds: must be at least 2, got 1",
+            ),
+            (
+                cross_validated("3").replacen("searcher = \"random\"", "searcher = \"asha\"", 1),
+                "sweep.toml:7:1: sweep.cross_validation: does not combine with asha, hyperband \
+                 or stopper",
+            ),
+            (
+                cross_validated("3").replacen("classes = 10\n", "classes = 10\nvalidation_fraction = 0.1\n", 1),
+                "sweep.toml:23:1: job.dataset.validation_fraction: cannot be combined with \
+                 sweep.cross_validation",
+            ),
+            (
+                cross_validated("3").replacen("classes = 10\n", "classes = 10\nlimit_train = 2\n", 1),
+                "sweep.toml:7:22: sweep.cross_validation.folds: 3 folds of 2 training examples",
+            ),
+            (
+                cross_validated("3, count = 2"),
+                "sweep.toml:7:33: sweep.cross_validation.count: unknown field `count`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = SweepSpec::parse(&text, "sweep.toml").unwrap_err().to_string();
+            assert!(message.starts_with(expected), "{message}\nexpected {expected}");
+        }
+    }
+
     #[test]
     fn bad_sweep_settings_point_at_the_setting() {
         assert_error(
