@@ -1584,6 +1584,46 @@ mod tests {
     }
 
     #[test]
+    fn a_separate_validation_split_is_read_whole_and_evaluated_by_every_rank() {
+        use ringleader_spec::JobSpec;
+        let dir = tempfile::tempdir().unwrap();
+        write_npy_dataset(dir.path());
+        let split = serde_json::json!({"features": dir.path().join("x.npy"),
+                                       "labels": dir.path().join("y.npy")});
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "separate", "workers": 2, "epochs": 1, "seed": 2,
+            "dataset": {"format": "npy", "classes": 3, "train": split,
+                        "validation": split, "limit_train": 100},
+            "model": {"kind": "mlp", "hidden": [4]},
+        }))
+        .unwrap();
+        let confinement = crate::confine::Confinement::new([dir.path()], [dir.path()]).unwrap();
+        let (runtime, mut rings) = must_connect_ring(2);
+        let sizes = on_every_rank(&mut rings, &runtime, |rank, ring, runtime| {
+            let segment = Segment {
+                spec: spec.clone(),
+                rank,
+                world: 2,
+                start_epoch: 0,
+                stop_epoch: 1,
+                checkpoint_dir: dir.path().join("checkpoints"),
+                device: Device::Cpu,
+                confinement: confinement.clone(),
+            };
+            let mut trainer = Trainer::new(&segment, ring, runtime).unwrap();
+            let evaluation = trainer.evaluate(Evaluated::Validation).unwrap().unwrap();
+            (
+                trainer.data.train.len(),
+                trainer.data.validation.as_ref().unwrap().len(),
+                evaluation.examples,
+            )
+        });
+        // limit_train cuts the training split only; each rank evaluates
+        // half of the validation split and the counts add up.
+        assert_eq!(sizes, [(100, 256, 256), (100, 256, 256)]);
+    }
+
+    #[test]
     fn ranks_together_evaluate_as_one_rank_does() {
         let dir = tempfile::tempdir().unwrap();
         write_npy_dataset(dir.path());
