@@ -15,7 +15,8 @@ use serde_json::Value;
 
 /// A `.npy` file of `shape` holding `data` (little-endian `descr`).
 fn npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -42,8 +43,18 @@ fn write_split(dir: &Path, name: &str, n: usize, mut state: u64) {
         labels.push(u8::from(x[0] + x[1] > 0.0));
         features.extend(x.iter().flat_map(|v| v.to_le_bytes()));
     }
-    npy(&dir.join(format!("{name}-x.npy")), "<f4", &format!("{n}, 4"), &features);
-    npy(&dir.join(format!("{name}-y.npy")), "|u1", &format!("{n},"), &labels);
+    npy(
+        &dir.join(format!("{name}-x.npy")),
+        "<f4",
+        &format!("{n}, 4"),
+        &features,
+    );
+    npy(
+        &dir.join(format!("{name}-y.npy")),
+        "|u1",
+        &format!("{n},"),
+        &labels,
+    );
 }
 
 fn sweep(dir: &Path, objective: &str) -> String {
@@ -99,7 +110,12 @@ async fn a_sweep_chooses_on_validation_and_reports_the_test_split_apart() {
     let id = must_submit(&cluster, "validated.toml", &sweep(&dir, "")).await;
     let args = client(&cluster);
     let view = must_finish_sweep(&args, &id, Duration::from_secs(240)).await;
-    assert_eq!(view.record.state, SweepState::Completed, "{:?}", view.trials);
+    assert_eq!(
+        view.record.state,
+        SweepState::Completed,
+        "{:?}",
+        view.trials
+    );
     assert_eq!(view.record.objective_metric, "val_accuracy", "the default");
     for trial in &view.trials {
         assert_eq!(trial.state, TrialState::Completed, "{:?}", trial.error);
@@ -118,7 +134,11 @@ async fn a_sweep_chooses_on_validation_and_reports_the_test_split_apart() {
             "test_roc_auc",
             "test_recall_1",
         ] {
-            assert!(last.contains_key(name), "trial {} lacks {name}: {last:?}", trial.number);
+            assert!(
+                last.contains_key(name),
+                "trial {} lacks {name}: {last:?}",
+                trial.number
+            );
         }
         assert_eq!(trial.objective, Some(last["val_accuracy"]));
     }
@@ -134,7 +154,10 @@ async fn a_sweep_chooses_on_validation_and_reports_the_test_split_apart() {
         best.number
     );
     assert!(table.contains(&line), "{table}");
-    assert!(!table.contains("test_recall_0"), "recall is left to --json: {table}");
+    assert!(
+        !table.contains("test_recall_0"),
+        "recall is left to --json: {table}"
+    );
     assert!(sweeps::status_text(&view).contains(&line));
     let json = sweeps::results_json(&view);
     let estimate = &json["final_estimate"];
@@ -146,9 +169,10 @@ async fn a_sweep_chooses_on_validation_and_reports_the_test_split_apart() {
     // The sidecar keeps what the report leaves out: confusion matrices of
     // the 100 validation and 200 test examples, summed over both ranks.
     let checkpoint = best.checkpoint.as_deref().expect("a checkpoint");
-    let sidecar: Value =
-        serde_json::from_slice(&std::fs::read(Path::new(checkpoint).with_extension("json")).unwrap())
-            .unwrap();
+    let sidecar: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(checkpoint).with_extension("json")).unwrap(),
+    )
+    .unwrap();
     for (split, examples) in [("val", 100), ("test", 200)] {
         let evaluation = &sidecar["evaluations"][split];
         let cells: u64 = evaluation["confusion"]
