@@ -222,6 +222,81 @@ async fn asha_sweep_with_early_stopping_stops_trials_at_their_plateau() {
     assert!(status.contains("early-stopped"), "{status}");
 }
 
+/// Cross-validation on real data (600 Fashion-MNIST images, an MLP, one
+/// epoch): each trial runs its three folds at once on the three workers,
+/// each validating on its own fold, and scores their mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_validated_sweep_runs_three_folds_per_trial_and_averages() {
+    const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+    let cluster = TestCluster::must_start_formed(1, 3).await;
+    let args = client(&cluster);
+    let text = format!(
+        r#"
+[sweep]
+name = "folds"
+searcher = "random"
+seed = 1
+max_trials = 2
+workers_per_trial = 1
+max_epochs = 1
+cross_validation = {{ folds = 3 }}
+
+[sweep.params]
+"optimizer.lr" = {{ kind = "log_uniform", low = 0.01, high = 0.1 }}
+
+[job]
+name = "mlp-folds"
+batch_size = 32
+seed = 9
+
+[job.dataset]
+format = "idx"
+classes = 10
+normalize = {{ kind = "fixed", mean = 0.2860, std = 0.3530 }}
+limit_train = 600
+train = {{ images = "{FASHION}/train-images-idx3-ubyte.gz", labels = "{FASHION}/train-labels-idx1-ubyte.gz" }}
+
+[job.model]
+kind = "mlp"
+hidden = [32]
+"#
+    );
+    let spec = write_spec(&cluster, "folds.toml", &text);
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(240)).await;
+    assert_eq!(view.record.state, SweepState::Completed, "{:?}", view.trials);
+    assert_eq!(view.record.objective_metric, "val_accuracy");
+    assert_eq!(view.trials.len(), 2);
+    for t in &view.trials {
+        assert_eq!(t.state, TrialState::Completed, "{:?}", t.error);
+        let folds: Vec<Option<u32>> = t.attempts.iter().map(|a| a.fold).collect();
+        assert_eq!(folds, [Some(0), Some(1), Some(2)], "one attempt per fold");
+        // Placed in one pass on three idle workers: they overlap.
+        let last_start = t.attempts.iter().map(|a| a.started_unix_ms).max().unwrap();
+        let first_end = t.attempts.iter().filter_map(|a| a.ended_unix_ms).min().unwrap();
+        assert!(last_start <= first_end, "folds ran one after another: {:?}", t.attempts);
+        let values: Vec<f64> = t.folds.iter().map(|f| f.objective.unwrap()).collect();
+        assert!(values.iter().all(|v| (0.3..=1.0).contains(v)), "{values:?}");
+        let mean = values.iter().sum::<f64>() / 3.0;
+        let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
+        assert!((t.objective.unwrap() - mean).abs() < 1e-12, "{:?} vs {values:?}", t.objective);
+        assert!((t.objective_std.unwrap() - std).abs() < 1e-12);
+        for (i, f) in t.folds.iter().enumerate() {
+            let checkpoint = f.checkpoint.as_deref().unwrap_or_default();
+            assert!(checkpoint.contains(&format!("/fold-{i}/")), "{checkpoint}");
+            assert_eq!(f.metrics.get("val_accuracy"), f.objective.as_ref());
+        }
+        assert_eq!(t.metrics.last().unwrap().metrics["val_accuracy"], t.objective.unwrap());
+    }
+    let status = sweeps::status_text(&view);
+    assert!(status.contains("val_accuracy ± "), "{status}");
+    assert!(status.contains(" over folds "), "{status}");
+    let json = sweeps::results_json(&view);
+    assert_eq!(json["leaderboard"][0]["fold_objectives"].as_array().unwrap().len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_survives_the_leader_being_killed() {
     let mut cluster = TestCluster::must_start_formed(2, 3).await;
