@@ -1875,4 +1875,43 @@ mod tests {
             "the halves differ: {train} vs {validation}"
         );
     }
+
+    /// Augmented training replays exactly from its seed (as a resumed
+    /// epoch does) and trains on other images than without augmentation.
+    #[test]
+    fn augmented_epochs_replay_from_the_seed() {
+        use ringleader_spec::JobSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        write_npy_dataset(dir);
+        let confinement = crate::confine::Confinement::new([dir], [dir]).unwrap();
+        let first_epoch_loss = |augment: serde_json::Value| -> f64 {
+            let spec: JobSpec = serde_json::from_value(serde_json::json!({
+                "name": "augmented", "epochs": 1, "batch_size": 32, "seed": 3,
+                "dataset": {"format": "npy", "classes": 3, "augment": augment,
+                            "train": {"features": dir.join("x.npy"), "labels": dir.join("y.npy")}},
+                "model": {"kind": "cnn", "channels": [4, 8], "hidden": 16},
+                "optimizer": {"kind": "sgd", "lr": 0.05},
+            }))
+            .unwrap();
+            let (runtime, mut rings) = must_connect_ring(1);
+            let segment = Segment {
+                spec,
+                rank: 0,
+                world: 1,
+                start_epoch: 0,
+                stop_epoch: 1,
+                checkpoint_dir: dir.join("checkpoints"),
+                device: Device::Cpu,
+                confinement: confinement.clone(),
+            };
+            let mut trainer = Trainer::new(&segment, &mut rings[0], runtime.handle()).unwrap();
+            trainer.epoch(1).unwrap()["train_loss"]
+        };
+        let both = serde_json::json!({"crop_padding": 2, "horizontal_flip": true});
+        let augmented = first_epoch_loss(both.clone());
+        assert_eq!(augmented, first_epoch_loss(both), "replayed bit for bit");
+        let plain = first_epoch_loss(serde_json::json!({}));
+        assert_ne!(augmented, plain, "augmentation changed the batches");
+    }
 }
