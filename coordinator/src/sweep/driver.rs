@@ -1128,6 +1128,30 @@ mod tests {
     }
 
     #[test]
+    fn an_early_stopped_fold_is_done_and_a_diverged_fold_ends_the_trial() {
+        let mut driver = Driver::new(cross_validated(2, 1)).unwrap();
+        let fold0 = driver.next_work().unwrap();
+        let a0 = driver.start(&fold0, 1, vec!["a".into()], 0).number;
+        let fold1 = driver.next_work().unwrap();
+        let a1 = driver.start(&fold1, 2, vec!["b".into()], 0).number;
+        let metrics = BTreeMap::from([("objective".to_string(), 0.5)]);
+        driver.epoch(0, a0, 3, metrics, Some("fold-0/epoch-3".into()));
+        let reason = Some("early stopped at epoch 3".to_string());
+        assert!(driver.finished(0, a0, AttemptOutcome::EarlyStopped, 3, reason, 0));
+        let t = driver.trial(0).unwrap();
+        assert!(t.folds[0].done);
+        assert_eq!((t.state, t.folds[0].epochs_done), (TrialState::Running, 3));
+        let metrics = BTreeMap::from([("objective".to_string(), f64::NAN)]);
+        driver.epoch(0, a1, 1, metrics, None);
+        let error = Some("loss is NaN at epoch 1".to_string());
+        assert!(driver.finished(0, a1, AttemptOutcome::Diverged, 1, error, 0));
+        let t = driver.trial(0).unwrap();
+        assert_eq!(t.state, TrialState::Diverged);
+        assert_eq!(t.error.as_deref(), Some("diverged in fold 1: loss is NaN at epoch 1"));
+        assert!(driver.is_done());
+    }
+
+    #[test]
     fn a_failed_fold_resumes_and_counts_towards_max_failures() {
         let mut driver = Driver::new(cross_validated(2, 1)).unwrap();
         let fold0 = driver.next_work().unwrap();
