@@ -3,10 +3,12 @@
 //!
 //! ```text
 //!   run_segment ──▶ checkpoint dir under the checkpoint root, else refused
-//!               ──▶ dataset::load (this rank's files, in memory; normalise)
+//!               ──▶ dataset::load (this rank's files, in memory)
+//!                   → hold out validation (split) → normalise
 //!               ──▶ Model::build (seeded) ──▶ restore checkpoint (resume)
 //!               ──▶ broadcast rank 0's tensors
-//!               ──▶ per epoch: train (ddp) → average BN stats → evaluate
+//!               ──▶ per epoch: train (ddp) → average BN stats
+//!                   → evaluate validation and test (metrics, all ranks' counts)
 //!                   → checkpoint when due (rank 0 writes, barrier)
 //!                   → on_epoch → Continue | Stop (agreed by all ranks)
 //!                   → a NaN/infinite loss with on_divergence = "stop":
