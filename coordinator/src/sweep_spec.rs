@@ -967,12 +967,20 @@ kind = "cnn"
                  or stopper",
             ),
             (
-                cross_validated("3").replacen("classes = 10\n", "classes = 10\nvalidation_fraction = 0.1\n", 1),
+                cross_validated("3").replacen(
+                    "classes = 10\n",
+                    "classes = 10\nvalidation_fraction = 0.1\n",
+                    1,
+                ),
                 "sweep.toml:23:1: job.dataset.validation_fraction: cannot be combined with \
                  sweep.cross_validation",
             ),
             (
-                cross_validated("3").replacen("classes = 10\n", "classes = 10\nlimit_train = 2\n", 1),
+                cross_validated("3").replacen(
+                    "classes = 10\n",
+                    "classes = 10\nlimit_train = 2\n",
+                    1,
+                ),
                 "sweep.toml:7:22: sweep.cross_validation.folds: 3 folds of 2 training examples",
             ),
             (
@@ -981,8 +989,13 @@ kind = "cnn"
             ),
         ];
         for (text, expected) in cases {
-            let message = SweepSpec::parse(&text, "sweep.toml").unwrap_err().to_string();
-            assert!(message.starts_with(expected), "{message}\nexpected {expected}");
+            let message = SweepSpec::parse(&text, "sweep.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(expected),
+                "{message}\nexpected {expected}"
+            );
         }
     }
 
