@@ -21,4 +21,4 @@ pub mod tpe;
 
 pub use asha::{Asha, AshaError, Mode, Promotion};
 pub use space::{Grid, Param, Random, Space, SpaceError};
-pub use tpe::{Tpe, TpeOptions};
+pub use tpe::{Tpe, TpeOptions, TrialOutcome};

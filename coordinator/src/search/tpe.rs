@@ -57,16 +57,36 @@ impl Default for TpeOptions {
     }
 }
 
+/// What TPE knows of a trial it proposed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TrialOutcome {
+    /// Proposed and not finished (running, queued, or waiting to resume):
+    /// counted among the bad, so parallel proposals spread out (Optuna's
+    /// constant liar).
+    Running,
+    /// Stopped, or paused, after `epochs` epochs with `value` as its latest
+    /// objective: ranked below every completed trial, those that got
+    /// further first, then by value (Optuna's pruned trials).
+    Pruned { epochs: u32, value: f64 },
+    /// Finished with this objective.
+    Completed(f64),
+}
+
 /// A TPE searcher over `space`.
+///
+/// Every suggestion is a function of the seed, the trial's number and what
+/// is known of the trials of lower numbers: trials weigh by number, not by
+/// when they were reported, and each suggestion draws from its own seeded
+/// stream. A searcher rebuilt from stored trial records after a failover
+/// therefore proposes exactly what the uninterrupted one would have.
 pub struct Tpe {
     params: Vec<(String, Param)>,
     mode: Mode,
     options: TpeOptions,
-    rng: ChaCha8Rng,
-    /// Finished trials in the order they were observed: each parameter's
-    /// value in the estimators' coordinates (see [`Coordinate`]), and the
-    /// objective.
-    observations: Vec<(Vec<f64>, f64)>,
+    seed: u64,
+    /// By trial number: each parameter's value in the estimators'
+    /// coordinates (see [`Coordinate`]), and what became of the trial.
+    trials: BTreeMap<u64, (Vec<f64>, TrialOutcome)>,
 }
 
 impl Tpe {
@@ -79,58 +99,78 @@ impl Tpe {
                 .collect(),
             mode,
             options,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            observations: Vec::new(),
+            seed,
+            trials: BTreeMap::new(),
         }
     }
 
-    /// Feeds back a finished trial. NaN objectives, and configurations
-    /// that are not points of the space, are ignored.
-    pub fn observe(&mut self, config: BTreeMap<String, Value>, objective: f64) {
-        if objective.is_nan() {
-            return;
-        }
+    /// Records (or updates) what is known of trial `number`. Completed
+    /// trials with a NaN objective, and configurations that are not points
+    /// of the space, are forgotten.
+    pub fn observe(
+        &mut self,
+        number: u64,
+        config: &BTreeMap<String, Value>,
+        outcome: TrialOutcome,
+    ) {
         let point: Option<Vec<f64>> = self
             .params
             .iter()
             .map(|(name, param)| param.coordinate(config.get(name)?))
             .collect();
-        if let Some(point) = point {
-            self.observations.push((point, objective));
+        match point {
+            Some(point) if !matches!(outcome, TrialOutcome::Completed(v) if v.is_nan()) => {
+                self.trials.insert(number, (point, outcome));
+            }
+            _ => self.forget(number),
         }
     }
 
-    /// The next configuration to try.
-    pub fn next_config(&mut self) -> BTreeMap<String, Value> {
-        // Two observations at least: one good, one bad.
-        if self.observations.len() < self.options.startup_trials.max(2) {
-            return self
+    /// Drops trial `number` (it failed, or was cancelled before it ran).
+    pub fn forget(&mut self, number: u64) {
+        self.trials.remove(&number);
+    }
+
+    /// The configuration of trial `number`, which counts as running until
+    /// it is observed.
+    pub fn next_config(&mut self, number: u64) -> BTreeMap<String, Value> {
+        let mut rng = ChaCha8Rng::seed_from_u64(suggestion_seed(self.seed, number));
+        let point = match self.split() {
+            Some((good, bad)) => self.suggest(&good, &bad, &mut rng),
+            None => self
                 .params
                 .iter()
-                .map(|(n, p)| (n.clone(), p.sample(&mut self.rng)))
-                .collect();
-        }
-        let (good, bad) = self.split();
+                .map(|(_, p)| {
+                    p.coordinate(&p.sample(&mut rng))
+                        .expect("a sampled value is a point of its parameter")
+                })
+                .collect(),
+        };
+        let config = self
+            .params
+            .iter()
+            .zip(&point)
+            .map(|((name, param), &x)| (name.clone(), param.value_at(x)))
+            .collect();
+        self.observe(number, &config, TrialOutcome::Running);
+        config
+    }
+
+    /// The candidate maximising l(x)/g(x), per group of parameters (all of
+    /// them together when multivariate).
+    fn suggest(&self, good: &[&[f64]], bad: &[&[f64]], rng: &mut ChaCha8Rng) -> Vec<f64> {
         let all: Vec<usize> = (0..self.params.len()).collect();
         let groups: Vec<Vec<usize>> = if self.options.multivariate {
             vec![all]
         } else {
             all.into_iter().map(|i| vec![i]).collect()
         };
-        let estimators: Vec<(Vec<usize>, Parzen, Parzen)> = groups
-            .into_iter()
-            .map(|dims| {
-                let estimator = |set: &[&(Vec<f64>, f64)]| {
-                    Parzen::new(&self.params, &dims, set)
-                };
-                let (l, g) = (estimator(&good), estimator(&bad));
-                (dims, l, g)
-            })
-            .collect();
         let mut point = vec![0.0; self.params.len()];
-        for (dims, l, g) in estimators {
+        for dims in groups {
+            let l = Parzen::new(&self.params, &dims, good);
+            let g = Parzen::new(&self.params, &dims, bad);
             let chosen = (0..self.options.candidates.max(1))
-                .map(|_| l.sample(&mut self.rng))
+                .map(|_| l.sample(rng))
                 .map(|x| {
                     let score = l.log_pdf(&x) - g.log_pdf(&x);
                     (x, score)
@@ -142,43 +182,75 @@ impl Tpe {
                 point[dim] = x;
             }
         }
-        self.params
-            .iter()
-            .zip(point)
-            .map(|((name, param), x)| (name.clone(), param.value_at(x)))
-            .collect()
+        point
     }
 
-    /// The good and the bad observations, each in observation order (which
-    /// decides their weights).
-    fn split(&self) -> (Vec<&(Vec<f64>, f64)>, Vec<&(Vec<f64>, f64)>) {
-        let n = self.observations.len();
-        let mut ranked: Vec<usize> = (0..n).collect();
-        ranked.sort_by(|&a, &b| {
-            let order = self.observations[a].1.total_cmp(&self.observations[b].1);
-            if self.mode == Mode::Max {
-                order.reverse()
-            } else {
-                order
-            }
+    /// The good and the bad trials' points, each in trial-number order
+    /// (which decides their weights), as Optuna splits them: the best
+    /// ⌈γ·n⌉ (at most `max_good`) of the n finished trials are good,
+    /// completed ones first, then pruned ones by epochs reached and value;
+    /// running trials are bad. `None` during start-up.
+    #[allow(clippy::type_complexity)]
+    fn split(&self) -> Option<(Vec<&[f64]>, Vec<&[f64]>)> {
+        let ranked = |value: f64| match self.mode {
+            Mode::Min => value,
+            Mode::Max => -value,
+        };
+        // Sort keys: completed trials before pruned ones; pruned ones that
+        // got further first; then the value (NaN last).
+        let mut finished: Vec<(u64, (u8, i64, f64))> = self
+            .trials
+            .iter()
+            .filter_map(|(&number, (_, outcome))| match *outcome {
+                TrialOutcome::Running => None,
+                TrialOutcome::Completed(v) => Some((number, (0, 0, ranked(v)))),
+                TrialOutcome::Pruned { epochs, value } => {
+                    let value = if value.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        ranked(value)
+                    };
+                    Some((number, (1, -i64::from(epochs), value)))
+                }
+            })
+            .collect();
+        let n = finished.len();
+        if n < self.options.startup_trials.max(2) {
+            return None;
+        }
+        finished.sort_by(|(a, ka), (b, kb)| {
+            (ka.0, ka.1)
+                .cmp(&(kb.0, kb.1))
+                .then(ka.2.total_cmp(&kb.2))
+                .then(a.cmp(b))
         });
         let good_count = ((self.options.gamma * n as f64).ceil() as usize)
             .min(self.options.max_good)
             .clamp(1, n - 1);
-        let mut is_good = vec![false; n];
-        for &i in &ranked[..good_count] {
-            is_good[i] = true;
-        }
-        let (mut good, mut bad) = (Vec::new(), Vec::new());
-        for (observation, is_good) in self.observations.iter().zip(is_good) {
-            if is_good {
-                good.push(observation);
+        let good: std::collections::BTreeSet<u64> = finished[..good_count]
+            .iter()
+            .map(|(number, _)| *number)
+            .collect();
+        let (mut l, mut g) = (Vec::new(), Vec::new());
+        for (number, (point, _)) in &self.trials {
+            if good.contains(number) {
+                l.push(point.as_slice());
             } else {
-                bad.push(observation);
+                g.push(point.as_slice());
             }
         }
-        (good, bad)
+        Some((l, g))
     }
+}
+
+/// The seed of trial `number`'s suggestion (SplitMix64 of both).
+fn suggestion_seed(seed: u64, number: u64) -> u64 {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    mix(mix(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)) ^ number)
 }
 
 /// Where a parameter's values live for the estimators: the value itself,
@@ -272,13 +344,9 @@ struct Parzen {
 const FULL_WEIGHT_OBSERVATIONS: usize = 25;
 
 impl Parzen {
-    /// The estimator of `set` (observations in the order they happened)
-    /// over the parameters `dims` of `params`.
-    fn new(
-        params: &[(String, Param)],
-        dims: &[usize],
-        set: &[&(Vec<f64>, f64)],
-    ) -> Self {
+    /// The estimator of `set` (points in trial-number order) over the
+    /// parameters `dims` of `params`.
+    fn new(params: &[(String, Param)], dims: &[usize], set: &[&[f64]]) -> Self {
         let n = set.len();
         let components = n + 1;
         // Older observations ramp up to full weight; the prior weighs 1.
@@ -301,7 +369,7 @@ impl Parzen {
         let kernels = dims
             .iter()
             .map(|&dim| {
-                let values: Vec<f64> = set.iter().map(|(point, _)| point[dim]).collect();
+                let values: Vec<f64> = set.iter().map(|point| point[dim]).collect();
                 match (&params[dim].1, params[dim].1.range()) {
                     (_, Some((low, high))) => Kernels::continuous(values, low, high),
                     (Param::Choice(options), None) => Kernels::choice(&values, options.len()),
@@ -374,7 +442,9 @@ impl Kernels {
         let n = values.len();
         let mut sigmas = neighbour_gaps(&values, low, high);
         let min_sigma = span / (100.0f64).min(1.0 + (n + 1) as f64);
-        sigmas.iter_mut().for_each(|s| *s = s.clamp(min_sigma, span));
+        sigmas
+            .iter_mut()
+            .for_each(|s| *s = s.clamp(min_sigma, span));
         let mut mus = values;
         mus.push(low + span / 2.0);
         sigmas.push(span);
@@ -531,11 +601,11 @@ mod tests {
     fn best_of_tpe(seed: u64, trials: usize) -> f64 {
         let mut tpe = Tpe::new(unit_cube(6), Mode::Min, TpeOptions::default(), seed);
         let mut best = f64::INFINITY;
-        for _ in 0..trials {
-            let config = tpe.next_config();
+        for number in 0..trials as u64 {
+            let config = tpe.next_config(number);
             let y = hartmann6(&point(&config));
             best = best.min(y);
-            tpe.observe(config, y);
+            tpe.observe(number, &config, TrialOutcome::Completed(y));
         }
         best
     }
@@ -573,8 +643,8 @@ mod tests {
             .iter()
             .map(|(n, p)| (n.clone(), p.clone()))
             .collect();
-        fn refs(set: &[(Vec<f64>, f64)]) -> Vec<&(Vec<f64>, f64)> {
-            set.iter().collect()
+        fn refs(set: &[(Vec<f64>, f64)]) -> Vec<&[f64]> {
+            set.iter().map(|(point, _)| point.as_slice()).collect()
         }
         let (l, g) = (
             Parzen::new(&params, &[0, 1], &refs(&good)),
@@ -590,7 +660,10 @@ mod tests {
             .map(|_| l.sample(&mut rng))
             .filter(|x| (x[0] - 0.5).signum() != (x[1] - 0.5).signum())
             .count();
-        assert!(off_diagonal < 100, "{off_diagonal} of 1000 off the diagonal");
+        assert!(
+            off_diagonal < 100,
+            "{off_diagonal} of 1000 off the diagonal"
+        );
         // One mixture per coordinate cannot see the difference.
         let (lx, gx) = (
             Parzen::new(&params, &[0], &refs(&good)),
@@ -635,11 +708,13 @@ mod tests {
                 (point, i as f64)
             })
             .collect();
-        let set: Vec<&(Vec<f64>, f64)> = observations.iter().collect();
+        let set: Vec<&[f64]> = observations.iter().map(|(p, _)| p.as_slice()).collect();
         let steps = 400;
         let grid = |(low, high): (f64, f64)| -> Vec<(f64, f64)> {
             let h = (high - low) / steps as f64;
-            (0..steps).map(|i| (low + (i as f64 + 0.5) * h, h)).collect()
+            (0..steps)
+                .map(|i| (low + (i as f64 + 0.5) * h, h))
+                .collect()
         };
         let (a, b) = (
             grid(params[0].1.range().unwrap()),
@@ -673,10 +748,12 @@ mod tests {
         )];
         let observations: Vec<(Vec<f64>, f64)> =
             (0..30).map(|i| (vec![i as f64 / 30.0], 0.0)).collect();
-        let set: Vec<&(Vec<f64>, f64)> = observations.iter().collect();
+        let set: Vec<&[f64]> = observations.iter().map(|(p, _)| p.as_slice()).collect();
         let parzen = Parzen::new(&params, &[0], &set);
         let first = 1.0 / 30.0;
-        let ramp: Vec<f64> = (0..5).map(|i| first + i as f64 * (1.0 - first) / 4.0).collect();
+        let ramp: Vec<f64> = (0..5)
+            .map(|i| first + i as f64 * (1.0 - first) / 4.0)
+            .collect();
         let total: f64 = ramp.iter().sum::<f64>() + 26.0;
         for (i, expected) in ramp.iter().chain(&[1.0; 26]).enumerate() {
             assert!(
@@ -699,6 +776,124 @@ mod tests {
             assert!((g - e).abs() < 1e-12, "{gaps:?}");
         }
         assert_eq!(neighbour_gaps(&[0.3], 0.0, 1.0), vec![0.7]);
+    }
+
+    /// Trial n's configuration is x0 = n / 100, so a point names its trial.
+    fn numbered(number: u64) -> BTreeMap<String, Value> {
+        BTreeMap::from([("x0".to_string(), Value::from(number as f64 / 100.0))])
+    }
+
+    fn trial_numbers(points: &[&[f64]]) -> Vec<u64> {
+        points
+            .iter()
+            .map(|p| (p[0] * 100.0).round() as u64)
+            .collect()
+    }
+
+    #[test]
+    fn pruned_trials_rank_below_completed_ones_and_running_ones_count_as_bad() {
+        let options = TpeOptions {
+            startup_trials: 2,
+            gamma: 0.5,
+            ..TpeOptions::default()
+        };
+        let mut tpe = Tpe::new(unit_cube(1), Mode::Max, options, 1);
+        let outcomes = [
+            (
+                0,
+                TrialOutcome::Pruned {
+                    epochs: 3,
+                    value: 0.1,
+                },
+            ),
+            (1, TrialOutcome::Completed(0.2)),
+            (
+                2,
+                TrialOutcome::Pruned {
+                    epochs: 9,
+                    value: 0.05,
+                },
+            ),
+            (
+                3,
+                TrialOutcome::Pruned {
+                    epochs: 9,
+                    value: 0.5,
+                },
+            ),
+            (4, TrialOutcome::Running),
+            (5, TrialOutcome::Completed(0.9)),
+            (
+                6,
+                TrialOutcome::Pruned {
+                    epochs: 1,
+                    value: 0.99,
+                },
+            ),
+            (
+                7,
+                TrialOutcome::Pruned {
+                    epochs: 9,
+                    value: f64::NAN,
+                },
+            ),
+        ];
+        for (number, outcome) in outcomes {
+            tpe.observe(number, &numbered(number), outcome);
+        }
+        // 7 finished, the best ⌈0.5·7⌉ = 4: both completed trials (5 then
+        // 1, though 6 and 3 reported more), then the pruned ones that got
+        // furthest (9 epochs: 3 before 2 by value, NaN last), in number order.
+        let (good, bad) = tpe.split().expect("past start-up");
+        assert_eq!(trial_numbers(&good), vec![1, 2, 3, 5]);
+        assert_eq!(trial_numbers(&bad), vec![0, 4, 6, 7]);
+        // Completing a paused trial moves it up; a NaN completion or a
+        // failure drops it.
+        tpe.observe(6, &numbered(6), TrialOutcome::Completed(0.3));
+        tpe.observe(7, &numbered(7), TrialOutcome::Completed(f64::NAN));
+        tpe.forget(4);
+        let (good, bad) = tpe.split().expect("past start-up");
+        assert_eq!(trial_numbers(&good), vec![1, 5, 6]);
+        assert_eq!(trial_numbers(&bad), vec![0, 2, 3]);
+    }
+
+    /// A sweep of 30 trials, 3 at a time, whose reports arrive out of
+    /// order; then a searcher rebuilt from the trials' final records (as a
+    /// new leader does after a failover) must propose what this one does.
+    #[test]
+    fn a_rebuilt_searcher_proposes_what_the_uninterrupted_one_would() {
+        let space = unit_cube(6);
+        let mut live = Tpe::new(space.clone(), Mode::Min, TpeOptions::default(), 5);
+        let mut records: BTreeMap<u64, (BTreeMap<String, Value>, TrialOutcome)> = BTreeMap::new();
+        let mut in_flight: Vec<u64> = Vec::new();
+        for number in 0..30u64 {
+            let config = live.next_config(number);
+            records.insert(number, (config, TrialOutcome::Running));
+            in_flight.push(number);
+            if in_flight.len() == 3 {
+                // The newest finishes first, then the oldest; one stays.
+                for finished in [in_flight.remove(2), in_flight.remove(0)] {
+                    let (config, outcome) = records.get_mut(&finished).unwrap();
+                    let y = hartmann6(&point(config));
+                    *outcome = if finished % 4 == 0 {
+                        TrialOutcome::Pruned {
+                            epochs: 1,
+                            value: y,
+                        }
+                    } else {
+                        TrialOutcome::Completed(y)
+                    };
+                    live.observe(finished, config, *outcome);
+                }
+            }
+        }
+        let mut rebuilt = Tpe::new(space, Mode::Min, TpeOptions::default(), 5);
+        for (number, (config, outcome)) in &records {
+            rebuilt.observe(*number, config, *outcome);
+        }
+        for number in 30..35 {
+            assert_eq!(live.next_config(number), rebuilt.next_config(number));
+        }
     }
 
     #[test]
@@ -729,13 +924,13 @@ mod tests {
         let run = |seed| {
             let mut tpe = Tpe::new(space.clone(), Mode::Max, TpeOptions::default(), seed);
             let mut seen = Vec::new();
-            for _ in 0..40 {
-                let c = tpe.next_config();
+            for number in 0..40 {
+                let c = tpe.next_config(number);
                 let lr = c["lr"].as_f64().unwrap();
                 assert!((1e-4..=1e-1).contains(&lr));
                 assert!((1..=8).contains(&c["layers"].as_i64().unwrap()));
                 let score = -lr.ln().abs() + if c["act"] == "gelu" { 1.0 } else { 0.0 };
-                tpe.observe(c.clone(), score);
+                tpe.observe(number, &c, TrialOutcome::Completed(score));
                 seen.push(c);
             }
             seen

@@ -418,9 +418,9 @@ impl Driver {
     }
 
     fn live(&mut self, trial: u64, attempt: u32) -> Option<&mut TrialRecord> {
-        self.trials.get_mut(&trial).filter(|t| {
-            !t.state.is_terminal() && t.live_attempt_numbered(attempt).is_some()
-        })
+        self.trials
+            .get_mut(&trial)
+            .filter(|t| !t.state.is_terminal() && t.live_attempt_numbered(attempt).is_some())
     }
 
     /// Ends the live `attempt` of `trial`. Returns whether anything changed
@@ -456,7 +456,15 @@ impl Driver {
             return false;
         };
         if let Some(fold) = fold_of(t, attempt) {
-            return self.end_fold_attempt(trial, attempt, fold, outcome, epochs_done, error, now_ms);
+            return self.end_fold_attempt(
+                trial,
+                attempt,
+                fold,
+                outcome,
+                epochs_done,
+                error,
+                now_ms,
+            );
         }
         let a = t.attempts.last_mut().expect("live attempt");
         let stop_epoch = a.stop_epoch;
@@ -775,9 +783,8 @@ fn searcher_outcome(t: &TrialRecord, mode: Mode) -> Option<TrialOutcome> {
 /// The first cross-validation fold of `t` that is neither done nor
 /// training.
 fn waiting_fold(t: &TrialRecord) -> Option<usize> {
-    (0..t.folds.len()).find(|&i| {
-        !t.folds[i].done && !t.live_attempts().any(|a| a.fold == Some(i as u32))
-    })
+    (0..t.folds.len())
+        .find(|&i| !t.folds[i].done && !t.live_attempts().any(|a| a.fold == Some(i as u32)))
 }
 
 /// The cross-validation fold live attempt `attempt` of `t` trains.
@@ -1041,8 +1048,21 @@ mod tests {
             ("objective".to_string(), value),
             ("val_loss".to_string(), 1.0 - value),
         ]);
-        driver.epoch(work.trial, attempt, work.stop_epoch, metrics, Some("ckpt".into()));
-        driver.finished(work.trial, attempt, AttemptOutcome::Done, work.stop_epoch, None, 0)
+        driver.epoch(
+            work.trial,
+            attempt,
+            work.stop_epoch,
+            metrics,
+            Some("ckpt".into()),
+        );
+        driver.finished(
+            work.trial,
+            attempt,
+            AttemptOutcome::Done,
+            work.stop_epoch,
+            None,
+            0,
+        )
     }
 
     #[test]
@@ -1054,9 +1074,15 @@ mod tests {
             attempts.push(driver.start(&work, 1, vec![gang.into()], 0).number);
             works.push(work);
         }
-        let folds: Vec<_> = works.iter().map(|w| (w.trial, w.fold, w.start_epoch, w.stop_epoch)).collect();
+        let folds: Vec<_> = works
+            .iter()
+            .map(|w| (w.trial, w.fold, w.start_epoch, w.stop_epoch))
+            .collect();
         let fold = |index| Some(FoldSpec { count: 3, index });
-        assert_eq!(folds, [(0, fold(0), 0, 9), (0, fold(1), 0, 9), (0, fold(2), 0, 9)]);
+        assert_eq!(
+            folds,
+            [(0, fold(0), 0, 9), (0, fold(1), 0, 9), (0, fold(2), 0, 9)]
+        );
         // Every fold runs: nothing waits, and the one trial was the budget.
         assert_eq!(driver.next_work(), None);
         let t = driver.trial(0).unwrap();
@@ -1068,15 +1094,27 @@ mod tests {
             assert!(finish_fold(&mut driver, work, *attempt, values[i]));
             let t = driver.trial(0).unwrap();
             if i < 2 {
-                assert_eq!((t.state, t.objective), (TrialState::Running, None), "fold {i}");
+                assert_eq!(
+                    (t.state, t.objective),
+                    (TrialState::Running, None),
+                    "fold {i}"
+                );
             }
         }
         let t = driver.trial(0).unwrap();
         assert_eq!(t.state, TrialState::Completed);
         let mean = (0.8 + 0.9 + 0.7) / 3.0;
         assert_eq!(t.objective, Some(mean));
-        let std = (((0.8 - mean) * (0.8 - mean) + (0.9 - mean) * (0.9 - mean) + (0.7 - mean) * (0.7 - mean)) / 3.0f64).sqrt();
-        assert!((t.objective_std.unwrap() - std).abs() < 1e-12, "{:?}", t.objective_std);
+        let std = (((0.8 - mean) * (0.8 - mean)
+            + (0.9 - mean) * (0.9 - mean)
+            + (0.7 - mean) * (0.7 - mean))
+            / 3.0f64)
+            .sqrt();
+        assert!(
+            (t.objective_std.unwrap() - std).abs() < 1e-12,
+            "{:?}",
+            t.objective_std
+        );
         assert!((std - 0.0816).abs() < 1e-4);
         let per_fold: Vec<Option<f64>> = t.folds.iter().map(|f| f.objective).collect();
         assert_eq!(per_fold, values.map(Some));
@@ -1147,7 +1185,10 @@ mod tests {
         assert!(driver.finished(0, a1, AttemptOutcome::Diverged, 1, error, 0));
         let t = driver.trial(0).unwrap();
         assert_eq!(t.state, TrialState::Diverged);
-        assert_eq!(t.error.as_deref(), Some("diverged in fold 1: loss is NaN at epoch 1"));
+        assert_eq!(
+            t.error.as_deref(),
+            Some("diverged in fold 1: loss is NaN at epoch 1")
+        );
         assert!(driver.is_done());
     }
 
@@ -1174,7 +1215,10 @@ mod tests {
         assert_eq!(t.error.as_deref(), Some("fold 1: boom"));
         assert_eq!(t.live_attempts().count(), 0);
         assert_eq!(t.attempts[0].outcome, Some(AttemptOutcome::Abandoned));
-        assert!(!finish_fold(&mut driver, &fold0, a0, 0.9), "a stale fold report");
+        assert!(
+            !finish_fold(&mut driver, &fold0, a0, 0.9),
+            "a stale fold report"
+        );
         assert!(driver.is_done());
     }
 
@@ -1436,6 +1480,73 @@ mod tests {
             );
             fresh.start(&work, 1, vec![], 0);
         }
+    }
+
+    /// A value for `work`'s configuration that grows with the epochs
+    /// trained, so rungs and pruned trials carry information.
+    fn bowl(driver: &Driver, work: &Work) -> f64 {
+        let x = driver.trial(work.trial).unwrap().config["model.x1"]
+            .as_f64()
+            .unwrap();
+        1.0 - (x - 0.3).powi(2) + 0.01 * f64::from(work.stop_epoch)
+    }
+
+    #[test]
+    fn a_restored_tpe_sweep_under_asha_proposes_what_an_uninterrupted_one_would() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 1,
+        };
+        let options = crate::search::TpeOptions {
+            startup_trials: 3,
+            ..Default::default()
+        };
+        let tpe = || config(Source::Tpe(options.clone()), Some(stopping), 24);
+        let mut uninterrupted = Driver::new(tpe()).unwrap();
+        for _ in 0..10 {
+            let work = uninterrupted.next_work().unwrap();
+            let value = bowl(&uninterrupted, &work);
+            run(&mut uninterrupted, &work, value);
+        }
+        // The leader dies with one trial running: the rest are completed,
+        // paused at a rung (pruned, to TPE) or promoted.
+        let running = uninterrupted.next_work().unwrap();
+        uninterrupted.start(&running, 9, vec!["w".into()], 0);
+        let records: Vec<TrialRecord> = uninterrupted.trials().values().cloned().collect();
+        assert!(
+            records.iter().any(|t| t.state == TrialState::Paused),
+            "some trial waits at a rung"
+        );
+        let mut restored = Driver::restore(tpe(), records).unwrap();
+        for driver in [&mut uninterrupted, &mut restored] {
+            let attempt = driver
+                .trial(running.trial)
+                .unwrap()
+                .live_attempt()
+                .unwrap()
+                .number;
+            let value = bowl(driver, &running);
+            let metrics = BTreeMap::from([("objective".to_string(), value)]);
+            assert!(driver.epoch(running.trial, attempt, running.stop_epoch, metrics, None));
+            assert!(driver.finished(
+                running.trial,
+                attempt,
+                AttemptOutcome::Done,
+                running.stop_epoch,
+                None,
+                0
+            ));
+            while let Some(work) = driver.next_work() {
+                let value = bowl(driver, &work);
+                run(driver, &work, value);
+            }
+            assert!(driver.is_done());
+        }
+        let configs =
+            |d: &Driver| -> Vec<_> { d.trials().values().map(|t| t.config.clone()).collect() };
+        assert_eq!(configs(&restored).len(), 24);
+        assert_eq!(configs(&restored), configs(&uninterrupted));
     }
 
     #[test]

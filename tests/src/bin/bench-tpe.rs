@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context};
-use ringleader_coordinator::search::{Mode, Param, Space, Tpe, TpeOptions};
+use ringleader_coordinator::search::{Mode, Param, Space, Tpe, TpeOptions, TrialOutcome};
 use ringleader_spec::synthetic::{branin, hartmann6};
 use serde_json::{json, Value};
 
@@ -95,11 +95,11 @@ fn best_of_tpe(
 ) -> anyhow::Result<f64> {
     let mut tpe = Tpe::new(function.space()?, Mode::Min, options.clone(), seed);
     let mut best = f64::INFINITY;
-    for _ in 0..trials {
-        let config = tpe.next_config();
+    for number in 0..trials as u64 {
+        let config = tpe.next_config(number);
         let y = function.value(&config)?;
         best = best.min(y);
-        tpe.observe(config, y);
+        tpe.observe(number, &config, TrialOutcome::Completed(y));
     }
     Ok(best)
 }
