@@ -343,3 +343,195 @@ async fn an_exported_model_predicts_in_pytorch_as_the_worker_did_and_carries_its
         text(&output)
     );
 }
+
+/// A user's TorchScript network (scripted by PyTorch) for 6 features and
+/// 3 classes.
+const SCRIPTED: &str = r#"
+import sys, torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(6, 16)
+        self.out = torch.nn.Linear(16, 3)
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+torch.manual_seed(0)
+torch.jit.script(Net()).save(sys.argv[1])
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeps_best_torchscript_trial_exports_and_predicts_as_the_worker_did() {
+    let cluster = TestCluster::must_start_formed(1, 1).await;
+    let dir = cluster.dir().to_path_buf();
+    write_split(&dir, "train", 300, 0x2545_f491_4f6c_dd1d);
+    write_split(&dir, "test", 120, 0x9e37_79b9_7f4a_7c15);
+    let module = dir.join("net.pt");
+    // TorchScript reads the class's source: a file, not `python -c`.
+    let script = dir.join("script_net.py");
+    std::fs::write(&script, SCRIPTED).unwrap();
+    let made = Command::new(python())
+        .arg(&script)
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    let train = dir.join("train-x.npy").display().to_string();
+    let job = job(&dir, &train).replace(
+        "kind = \"mlp\"\nhidden = [16]",
+        &format!("kind = \"torchscript\"\npath = \"{}\"", module.display()),
+    );
+    let body: String = job
+        .lines()
+        .map(|line| match line.strip_prefix('[') {
+            Some(table) => format!("[job.{table}\n"),
+            None => format!("{line}\n"),
+        })
+        .collect();
+    let spec = format!(
+        "[sweep]\nname = \"scripted\"\nsearcher = \"grid\"\nworkers_per_trial = 1\nmax_epochs = 3\n\
+         objective = {{ metric = \"test_accuracy\", mode = \"max\" }}\n\n\
+         [sweep.params]\n\"optimizer.lr\" = {{ kind = \"choice\", values = [0.0001, 0.05] }}\n\n\
+         [job]\n{body}"
+    );
+    let path = write_spec(&cluster, "sweep.toml", &spec);
+    let id = sweeps::submit(&client(&cluster), SweepKind::Sweep, &path)
+        .await
+        .unwrap_or_else(|e| panic!("submit: {e}"));
+    let view = must_finish_sweep(&client(&cluster), &id, Duration::from_secs(240)).await;
+    assert_eq!(
+        view.record.state,
+        SweepState::Completed,
+        "{:?}",
+        view.trials
+    );
+    let best = view.best().expect("a best trial");
+    let reported = best.metrics.last().unwrap().metrics["test_accuracy"];
+
+    let out = dir.join("best");
+    let output = export(
+        &cluster,
+        &[&id, "--best", "--out", &out.display().to_string()],
+        &cluster.cluster.checkpoint_root(),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["trial"], best.number);
+    assert_eq!(
+        card["hyperparameters"],
+        serde_json::to_value(&best.config).unwrap()
+    );
+    let run = Command::new(python())
+        .args(["-c", PREDICT])
+        .arg(&out)
+        .arg(dir.join("test-x.npy"))
+        .arg(dir.join("test-y.npy"))
+        .arg("50")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let accuracy = torch["correct"].as_f64().unwrap() / torch["examples"].as_f64().unwrap();
+    assert_eq!(accuracy, reported, "PyTorch's test accuracy");
+    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
+    // The module file is part of the lineage.
+    let lineage = best.lineage.as_ref().unwrap();
+    let last = lineage.files.last().unwrap();
+    assert_eq!(
+        (last.path.as_str(), last.sha256.as_str()),
+        (
+            module.display().to_string().as_str(),
+            sha256sum(&module).as_str()
+        )
+    );
+    let mut names = safetensors_names(&out.join("model.safetensors"));
+    names.sort();
+    assert_eq!(
+        names,
+        ["hidden_bias", "hidden_weight", "out_bias", "out_weight"]
+    );
+}
+
+/// `n` single-channel 12×12 images in 3 classes: class c brightens rows
+/// 4c..4c+4, over noise.
+fn write_images(dir: &Path, name: &str, n: usize, mut state: u64) {
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let class = i % 3;
+        for row in 0..12 {
+            for _ in 0..12 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let noise = (state >> 40) as f32 / (1u64 << 24) as f32;
+                let signal = if row / 4 == class { 0.6 } else { 0.0 };
+                pixels.extend((0.3 * noise + signal).to_le_bytes());
+            }
+        }
+        labels.push(class as u8);
+    }
+    npy(
+        &dir.join(format!("{name}-x.npy")),
+        "<f4",
+        &format!("{n}, 1, 12, 12"),
+        &pixels,
+    );
+    npy(
+        &dir.join(format!("{name}-y.npy")),
+        "|u1",
+        &format!("{n},"),
+        &labels,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_cnn_with_batch_norm_predicts_in_pytorch_as_the_worker_did() {
+    let cluster = TestCluster::must_start_formed(1, 1).await;
+    let dir = cluster.dir().to_path_buf();
+    write_images(&dir, "train", 240, 0x2545_f491_4f6c_dd1d);
+    write_images(&dir, "test", 90, 0x9e37_79b9_7f4a_7c15);
+    let train = dir.join("train-x.npy").display().to_string();
+    let job = job(&dir, &train)
+        .replace(
+            "kind = \"mlp\"\nhidden = [16]",
+            "kind = \"cnn\"\nchannels = [4, 8]\nhidden = 16",
+        )
+        .replace(
+            "normalize = { kind = \"standard\" }",
+            "normalize = { kind = \"fixed\", mean = 0.3, std = 0.25 }",
+        );
+    let view = must_run_job(&cluster, "cnn.toml", &job).await;
+    assert_eq!(
+        view.record.state,
+        SweepState::Completed,
+        "{:?}",
+        view.trials
+    );
+    let reported = view.trials[0].metrics.last().unwrap().metrics["test_accuracy"];
+    let out = dir.join("cnn");
+    let output = export(
+        &cluster,
+        &[&view.record.id, "--out", &out.display().to_string()],
+        &cluster.cluster.checkpoint_root(),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["input"]["shape"], serde_json::json!([1, 12, 12]));
+    assert_eq!(card["preparation"]["normalize"]["kind"], "fixed");
+    let run = Command::new(python())
+        .args(["-c", PREDICT])
+        .arg(&out)
+        .arg(dir.join("test-x.npy"))
+        .arg(dir.join("test-y.npy"))
+        .arg("50")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let accuracy = torch["correct"].as_f64().unwrap() / torch["examples"].as_f64().unwrap();
+    assert_eq!(accuracy, reported, "PyTorch's test accuracy");
+    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
+    let names = safetensors_names(&out.join("model.safetensors"));
+    assert!(names.iter().any(|n| n == "bn1.running_mean"), "{names:?}");
+}

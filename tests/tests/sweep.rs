@@ -266,7 +266,12 @@ hidden = [32]
         .await
         .unwrap();
     let view = must_finish_sweep(&args, &id, Duration::from_secs(240)).await;
-    assert_eq!(view.record.state, SweepState::Completed, "{:?}", view.trials);
+    assert_eq!(
+        view.record.state,
+        SweepState::Completed,
+        "{:?}",
+        view.trials
+    );
     assert_eq!(view.record.objective_metric, "val_accuracy");
     assert_eq!(view.trials.len(), 2);
     for t in &view.trials {
@@ -275,26 +280,48 @@ hidden = [32]
         assert_eq!(folds, [Some(0), Some(1), Some(2)], "one attempt per fold");
         // Placed in one pass on three idle workers: they overlap.
         let last_start = t.attempts.iter().map(|a| a.started_unix_ms).max().unwrap();
-        let first_end = t.attempts.iter().filter_map(|a| a.ended_unix_ms).min().unwrap();
-        assert!(last_start <= first_end, "folds ran one after another: {:?}", t.attempts);
+        let first_end = t
+            .attempts
+            .iter()
+            .filter_map(|a| a.ended_unix_ms)
+            .min()
+            .unwrap();
+        assert!(
+            last_start <= first_end,
+            "folds ran one after another: {:?}",
+            t.attempts
+        );
         let values: Vec<f64> = t.folds.iter().map(|f| f.objective.unwrap()).collect();
         assert!(values.iter().all(|v| (0.3..=1.0).contains(v)), "{values:?}");
         let mean = values.iter().sum::<f64>() / 3.0;
         let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
-        assert!((t.objective.unwrap() - mean).abs() < 1e-12, "{:?} vs {values:?}", t.objective);
+        assert!(
+            (t.objective.unwrap() - mean).abs() < 1e-12,
+            "{:?} vs {values:?}",
+            t.objective
+        );
         assert!((t.objective_std.unwrap() - std).abs() < 1e-12);
         for (i, f) in t.folds.iter().enumerate() {
             let checkpoint = f.checkpoint.as_deref().unwrap_or_default();
             assert!(checkpoint.contains(&format!("/fold-{i}/")), "{checkpoint}");
             assert_eq!(f.metrics.get("val_accuracy"), f.objective.as_ref());
         }
-        assert_eq!(t.metrics.last().unwrap().metrics["val_accuracy"], t.objective.unwrap());
+        assert_eq!(
+            t.metrics.last().unwrap().metrics["val_accuracy"],
+            t.objective.unwrap()
+        );
     }
     let status = sweeps::status_text(&view);
     assert!(status.contains("val_accuracy ± "), "{status}");
     assert!(status.contains(" over folds "), "{status}");
     let json = sweeps::results_json(&view);
-    assert_eq!(json["leaderboard"][0]["fold_objectives"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        json["leaderboard"][0]["fold_objectives"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
