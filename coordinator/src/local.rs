@@ -376,10 +376,16 @@ impl LocalCluster {
 
     /// Starts one more worker on a fresh peer port.
     pub fn add_worker(&mut self) -> Result<&mut Member> {
+        self.add_worker_with(&[])
+    }
+
+    /// [`LocalCluster::add_worker`] with extra `ringleader-worker`
+    /// arguments for this worker alone (say, `--gpus=2` to test placement).
+    pub fn add_worker_with(&mut self, extra_args: &[&str]) -> Result<&mut Member> {
         let index = self.workers.len();
         let id = format!("worker-{index}");
         let address = free_loopback_address()?;
-        let process = self.spawn_worker(&id, &address)?;
+        let process = self.spawn_worker(&id, &address, extra_args)?;
         self.workers.push(Member {
             id,
             address,
@@ -389,18 +395,19 @@ impl LocalCluster {
     }
 
     /// Starts worker `index` again with its old id and peer address (after
-    /// a kill or a shutdown), as a machine coming back would.
+    /// a kill or a shutdown), as a machine coming back would (without the
+    /// extra arguments of [`LocalCluster::add_worker_with`]).
     pub fn restart_worker(&mut self, index: usize) -> Result<()> {
         let (id, address) = (
             self.workers[index].id.clone(),
             self.workers[index].address.clone(),
         );
         self.workers[index].process.kill();
-        self.workers[index].process = self.spawn_worker(&id, &address)?;
+        self.workers[index].process = self.spawn_worker(&id, &address, &[])?;
         Ok(())
     }
 
-    fn spawn_worker(&self, id: &str, address: &str) -> Result<ManagedChild> {
+    fn spawn_worker(&self, id: &str, address: &str, extra_args: &[&str]) -> Result<ManagedChild> {
         let mut command = Command::new(&self.worker_bin);
         command
             .arg(format!("--id={id}"))
@@ -420,6 +427,7 @@ impl LocalCluster {
         for root in &self.options.data_roots {
             command.arg(format!("--data-root={}", root.display()));
         }
+        command.args(extra_args);
         let log = self.options.dir.join(format!("{id}.log"));
         ManagedChild::spawn(id.to_string(), command, &log)
     }

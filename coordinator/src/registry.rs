@@ -115,9 +115,9 @@ impl WorkerRegistry {
         self.workers.get(worker_id).and_then(|e| e.outbound.clone())
     }
 
-    /// Connected workers with nothing to run, in id order, with their
-    /// training device ("cpu", "cuda:0", …).
-    pub fn idle(&self) -> Vec<(String, String)> {
+    /// Connected workers with nothing to run, in id order, with the
+    /// number of GPUs each has (detected, or declared with `--gpus`).
+    pub fn idle(&self) -> Vec<(String, usize)> {
         self.workers
             .iter()
             .filter(|(_, e)| {
@@ -127,8 +127,12 @@ impl WorkerRegistry {
                     && !e.draining
             })
             .map(|(id, e)| {
-                let device = e.registration.resources.as_ref().map(|r| r.device.clone());
-                (id.clone(), device.unwrap_or_default())
+                let gpus = e
+                    .registration
+                    .resources
+                    .as_ref()
+                    .map_or(0, |r| r.gpus.len());
+                (id.clone(), gpus)
             })
             .collect()
     }

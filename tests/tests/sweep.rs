@@ -149,6 +149,65 @@ async fn asha_sweep_stops_some_trials_early() {
     }
 }
 
+/// Hyperband end to end: three brackets of ASHA (first rungs at 1, 3 and
+/// 9 epochs), trials dealt to them in turn, promotions inside a bracket
+/// resuming from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyperband_sweep_runs_its_brackets_and_promotes_within_them() {
+    let cluster = TestCluster::must_start_formed(1, 3).await;
+    let args = client(&cluster);
+    let spec = branin_sweep(18, 1, 3, 5)
+        .replace(
+            "searcher = \"random\"",
+            "searcher = \"hyperband\"\neta = 3\nmin_epochs = 1",
+        )
+        .replace("max_epochs = 3", "max_epochs = 9");
+    let spec = write_spec(&cluster, "hyperband.toml", &spec);
+    let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
+        .await
+        .unwrap();
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(180)).await;
+    assert_eq!(view.record.state, SweepState::Completed);
+    assert_eq!(view.trials.len(), 18);
+    let mut promoted = 0;
+    for t in &view.trials {
+        assert_eq!(t.bracket, t.number as usize % 3, "trial {}", t.number);
+        let first_rung = [1, 3, 9][t.bracket];
+        let first = &t.attempts[0];
+        assert_eq!(
+            (first.start_epoch, first.stop_epoch),
+            (0, first_rung),
+            "trial {}",
+            t.number
+        );
+        // Every later attempt resumes where the previous one stopped, at
+        // a rung of its own bracket.
+        for pair in t.attempts.windows(2) {
+            assert_eq!(
+                pair[1].start_epoch, pair[0].stop_epoch,
+                "trial {}",
+                t.number
+            );
+            assert!(
+                [3, 9].contains(&pair[1].stop_epoch),
+                "trial {}: {:?}",
+                t.number,
+                t.attempts
+            );
+            promoted += 1;
+        }
+        match t.state {
+            TrialState::Completed => assert_eq!(t.epochs_done, 9, "trial {}", t.number),
+            TrialState::Stopped => assert!(t.epochs_done < 9, "trial {}", t.number),
+            other => panic!("trial {} ended {other:?}", t.number),
+        }
+        if t.bracket == 2 {
+            assert_eq!((t.state, t.attempts.len()), (TrialState::Completed, 1));
+        }
+    }
+    assert!(promoted > 0, "no promotion in brackets 0 and 1");
+}
+
 /// Early stopping with ASHA: the synthetic objective f + (1 + |f|)·2^−e
 /// improves by (1 + |f|)·2^−e at epoch e, so with `min_delta = 0.5` and
 /// `patience = 1` a trial stops at the first epoch e ≥ 2 whose
@@ -541,4 +600,42 @@ async fn cancelling_a_sweep_stops_its_trials_and_frees_the_workers() {
         .flat_map(|t| t.attempts.iter().flat_map(|a| a.workers.iter()))
         .collect();
     assert_eq!(workers.len(), 2, "both workers took new work: {workers:?}");
+}
+
+/// Placement by GPUs: a job on `cuda:1` goes only to a worker with two
+/// GPUs (declared with `--gpus=2`: this machine has none), never to the CPU
+/// workers; the worker honours the job's device, and since libtorch sees
+/// no GPU here the attempt fails saying so instead of training on the CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_job_goes_only_to_a_worker_with_that_gpu_and_fails_loudly_without_it() {
+    let mut cluster = TestCluster::start(1, 2).await;
+    cluster
+        .cluster
+        .add_worker_with(&["--gpus=1"])
+        .expect("one-GPU worker starts");
+    cluster
+        .cluster
+        .add_worker_with(&["--gpus=2"])
+        .expect("two-GPU worker starts");
+    cluster.must_form(Duration::from_secs(60)).await;
+    let args = client(&cluster);
+    let job = write_spec(
+        &cluster,
+        "gpu.toml",
+        "name = \"on-gpu-1\"\nepochs = 2\nworkers = 1\ndevice = \"cuda:1\"\n\
+         [model]\nkind = \"synthetic\"\nfunction = \"branin\"\nx1 = 3.0\nx2 = 2.0\n",
+    );
+    let id = sweeps::submit(&args, SweepKind::Job, &job).await.unwrap();
+    let view = must_finish_sweep(&args, &id, Duration::from_secs(60)).await;
+    assert_eq!(view.record.state, SweepState::Failed, "{:?}", view.trials);
+    let attempts = &view.trials[0].attempts;
+    assert!(!attempts.is_empty());
+    for attempt in attempts {
+        assert_eq!(attempt.workers, ["worker-3"], "{attempts:?}");
+        let error = attempt.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("device cuda:1 requested, but libtorch sees 0 CUDA device(s)"),
+            "{error}"
+        );
+    }
 }

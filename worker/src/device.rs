@@ -49,6 +49,8 @@ impl fmt::Display for DeviceRequest {
 pub enum DeviceError {
     #[error("device cuda:{requested} requested, but libtorch sees {available} CUDA device(s)")]
     NoSuchCuda { requested: usize, available: usize },
+    #[error("{0}")]
+    Unknown(String),
 }
 
 impl DeviceRequest {
@@ -67,6 +69,33 @@ impl DeviceRequest {
     }
 }
 
+/// The device a job asking for `job_device` trains on here, where the
+/// worker's own device is `worker` and libtorch sees `cuda_devices`: `cpu`
+/// the CPU; `auto` the worker's device; `cuda` the worker's GPU (the
+/// first one if the worker itself trains on the CPU); `cuda:N` GPU N. A
+/// GPU this machine lacks is an error, never a silent fall-back.
+pub fn for_job(
+    job_device: &str,
+    worker: tch::Device,
+    cuda_devices: usize,
+) -> Result<tch::Device, DeviceError> {
+    let request: DeviceRequest = job_device.parse().map_err(DeviceError::Unknown)?;
+    match (job_device.trim(), request) {
+        ("cuda", _) if matches!(worker, tch::Device::Cuda(_)) => Ok(worker),
+        (_, DeviceRequest::Auto) => Ok(worker),
+        (_, request) => request.resolve(cuda_devices),
+    }
+}
+
+/// How many CUDA devices libtorch sees.
+pub fn cuda_device_count() -> usize {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// `cpu` or `cuda:N`, as reported to the leader.
 pub fn device_name(device: tch::Device) -> String {
     match device {
@@ -75,14 +104,9 @@ pub fn device_name(device: tch::Device) -> String {
     }
 }
 
-/// CUDA devices with names and memory. libtorch gives the count; NVML (when
-/// the driver is present) names them and sizes their memory.
-pub fn detect_gpus() -> Vec<GpuInfo> {
-    let count = if tch::Cuda::is_available() {
-        tch::Cuda::device_count().max(0) as usize
-    } else {
-        0
-    };
+/// The `count` CUDA devices libtorch sees, with names and memory where
+/// NVML (present with the driver) tells them.
+pub fn detect_gpus(count: usize) -> Vec<GpuInfo> {
     let nvml = if count > 0 {
         nvml_wrapper::Nvml::init().ok()
     } else {
@@ -109,6 +133,18 @@ pub fn detect_gpus() -> Vec<GpuInfo> {
         .collect()
 }
 
+/// `count` GPUs declared with `--gpus` instead of detected (hosts without
+/// NVML, tests of placement): named by index, memory unknown (0).
+pub fn declared_gpus(count: u32) -> Vec<GpuInfo> {
+    (0..count)
+        .map(|index| GpuInfo {
+            index,
+            name: format!("declared GPU {index}"),
+            memory_bytes: 0,
+        })
+        .collect()
+}
+
 /// This worker's resources for registration.
 pub fn resources(device: tch::Device, gpus: Vec<GpuInfo>) -> WorkerResources {
     WorkerResources {
@@ -123,6 +159,36 @@ pub fn resources(device: tch::Device, gpus: Vec<GpuInfo>) -> WorkerResources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_gets_the_gpu_it_names_or_an_error() {
+        use tch::Device::{Cpu, Cuda};
+        // A CPU worker on a machine without CUDA.
+        assert_eq!(for_job("cpu", Cpu, 0).unwrap(), Cpu);
+        assert_eq!(for_job("auto", Cpu, 0).unwrap(), Cpu);
+        let err = for_job("cuda:1", Cpu, 0).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "device cuda:1 requested, but libtorch sees 0 CUDA device(s)"
+        );
+        assert!(for_job("cuda", Cpu, 0).is_err(), "no silent CPU fall-back");
+        // A worker on GPU 1 of a two-GPU machine.
+        assert_eq!(for_job("auto", Cuda(1), 2).unwrap(), Cuda(1));
+        assert_eq!(for_job("cuda", Cuda(1), 2).unwrap(), Cuda(1));
+        assert_eq!(for_job("cuda:0", Cuda(1), 2).unwrap(), Cuda(0));
+        assert_eq!(for_job("cpu", Cuda(1), 2).unwrap(), Cpu);
+        assert_eq!(for_job("cuda", Cpu, 2).unwrap(), Cuda(0));
+        let err = for_job("tpu", Cpu, 2).unwrap_err().to_string();
+        assert!(err.contains("tpu"), "{err}");
+    }
+
+    #[test]
+    fn declared_gpus_are_numbered() {
+        let gpus = declared_gpus(2);
+        let indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
+        assert_eq!(indices, [0, 1]);
+        assert_eq!(gpus[1].name, "declared GPU 1");
+    }
 
     #[test]
     fn parses_every_form() {

@@ -57,6 +57,14 @@ struct Args {
     #[arg(long, env = "RINGLEADER_DEVICE", default_value = "auto")]
     device: DeviceRequest,
 
+    /// Declare this many GPUs to the leader instead of detecting them
+    /// (hosts without NVML; tests of placement). Jobs still train on the
+    /// CUDA devices libtorch sees: a job on a GPU this machine lacks fails,
+    /// saying so. Without it a worker offers the GPUs libtorch sees, or
+    /// none with `--device cpu`.
+    #[arg(long, env = "RINGLEADER_GPUS")]
+    gpus: Option<u32>,
+
     /// Stable worker id (the pod name in Kubernetes); defaults to
     /// <hostname>-<advertised port>.
     #[arg(long, env = "RINGLEADER_WORKER_ID")]
@@ -209,8 +217,19 @@ async fn run(args: Args) -> Result<()> {
             Transport::Insecure
         }
     };
-    let gpus = device::detect_gpus();
-    let device = args.device.resolve(gpus.len())?;
+    let cuda_devices = device::cuda_device_count();
+    let device = args.device.resolve(cuda_devices)?;
+    let gpus = match args.gpus {
+        Some(declared) => {
+            if declared as usize != cuda_devices {
+                warn!(declared, cuda_devices, "--gpus declares {declared} GPU(s) but libtorch sees {cuda_devices}: jobs placed on a GPU this machine lacks will fail");
+            }
+            device::declared_gpus(declared)
+        }
+        // A worker told to train on the CPU offers no GPU to the leader.
+        None if device == tch::Device::Cpu => Vec::new(),
+        None => device::detect_gpus(cuda_devices),
+    };
     let advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
     let host = hostname::get()
         .map(|h| h.to_string_lossy().into_owned())
@@ -319,6 +338,7 @@ async fn run(args: Args) -> Result<()> {
         collectives: collectives.clone(),
         ring_options: ring_options.clone(),
         device,
+        cuda_devices,
         threads: args.threads,
         confinement,
         machine_id,

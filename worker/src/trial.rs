@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::confine::Confinement;
-use crate::device::DeviceRequest;
+use crate::device;
 use crate::lineage;
 use crate::train::{self, Control, Segment};
 
@@ -25,8 +25,10 @@ use crate::train::{self, Control, Segment};
 pub struct TrialContext {
     pub collectives: CollectiveService,
     pub ring_options: RingOptions,
-    /// The device this worker trains on unless a job asks for the CPU.
+    /// The device this worker trains on unless a job names another.
     pub device: tch::Device,
+    /// CUDA devices libtorch sees on this machine.
+    pub cuda_devices: usize,
     /// Threads for jobs that leave `threads` at 0 (0: libtorch's default).
     pub threads: u32,
     /// Where attempts may read data sets and TorchScript modules, and
@@ -278,9 +280,12 @@ async fn run_attempt(
         tokio::task::spawn_blocking(move || lineage::digests(&spec, &roots))
     };
     let seed = spec.seed;
-    let device = match spec.device.parse::<DeviceRequest>() {
-        Ok(DeviceRequest::Cpu) => tch::Device::Cpu,
-        Ok(_) => trials.context.device,
+    let device = match device::for_job(
+        &spec.device,
+        trials.context.device,
+        trials.context.cuda_devices,
+    ) {
+        Ok(device) => device,
         Err(error) => return fail(format!("job device: {error}")),
     };
     let secret = match RingSecret::new(assignment.ring_secret.clone()) {

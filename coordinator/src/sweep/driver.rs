@@ -1566,4 +1566,64 @@ mod tests {
             .collect();
         assert_eq!(stops, [1, 3, 9]);
     }
+
+    #[test]
+    fn hyperband_promotes_within_each_bracket_only() {
+        let stopping = Stopping {
+            eta: 3,
+            min_epochs: 1,
+            brackets: 3,
+        };
+        let mut driver = Driver::new(config(Source::Random, Some(stopping), 9)).unwrap();
+        // Trial n scores n at every rung: the higher, the better (max).
+        let mut segments = Vec::new();
+        while let Some(work) = driver.next_work() {
+            segments.push((work.trial, work.start_epoch, work.stop_epoch));
+            run(&mut driver, &work, work.trial as f64);
+        }
+        let brackets: Vec<usize> = driver.trials().values().map(|t| t.bracket).collect();
+        assert_eq!(brackets, [0, 1, 2, 0, 1, 2, 0, 1, 2], "dealt in turn");
+        // Hand-worked: bracket 0 (rungs at 1, 3, 9 epochs) ranks 0, 3, 6 at
+        // epoch 1 and promotes 6; bracket 1 (rungs at 3, 9) ranks 1, 4, 7
+        // and promotes 7 to the end; bracket 2 trains 2, 5, 8 to 9 epochs.
+        // Trial 8 beats 6 and 7 but is in another bracket: no rung mixes
+        // brackets.
+        let promotions: Vec<_> = segments
+            .iter()
+            .filter(|(_, s, _)| *s > 0)
+            .copied()
+            .collect();
+        assert_eq!(promotions, [(6, 1, 3), (7, 3, 9)], "{segments:?}");
+        let first: Vec<_> = segments
+            .iter()
+            .filter(|(_, s, _)| *s == 0)
+            .map(|(t, _, e)| (*t, *e))
+            .collect();
+        assert_eq!(
+            first,
+            [
+                (0, 1),
+                (1, 3),
+                (2, 9),
+                (3, 1),
+                (4, 3),
+                (5, 9),
+                (6, 1),
+                (7, 3),
+                (8, 9)
+            ]
+        );
+        // Rung 1 of bracket 0 holds 6 alone: ⌊1/3⌋ = 0 go on.
+        assert!(driver.is_done());
+        let stopped = driver.stop_paused();
+        assert_eq!(stopped, [0, 1, 3, 4, 6]);
+        let trial = |n: u64| {
+            let t = driver.trial(n).unwrap();
+            (t.state, t.epochs_done)
+        };
+        assert_eq!(trial(6), (TrialState::Stopped, 3));
+        assert_eq!(trial(7), (TrialState::Completed, 9));
+        assert_eq!(trial(2), (TrialState::Completed, 9));
+        assert_eq!(driver.best().unwrap().number, 8);
+    }
 }

@@ -839,13 +839,21 @@ fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, work: &Work) -> PathB
     }
 }
 
-/// `need` idle workers able to run on `device` ("cuda…" needs GPU workers;
-/// "cpu" and "auto" take any), or `None`.
-fn pick_gang(idle: &[(String, String)], need: usize, device: &str) -> Option<Vec<String>> {
-    let wants_gpu = device.starts_with("cuda");
+/// `need` idle workers able to run on `device`, or `None`: `cuda` needs a
+/// worker with a GPU, `cuda:N` one with N + 1 GPUs at least; `cpu` and
+/// `auto` take any.
+fn pick_gang(idle: &[(String, usize)], need: usize, device: &str) -> Option<Vec<String>> {
+    let gpus_needed = match device.strip_prefix("cuda") {
+        Some("") => 1,
+        Some(index) => index
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .map_or(usize::MAX, |n| n.saturating_add(1)),
+        None => 0,
+    };
     let fit: Vec<String> = idle
         .iter()
-        .filter(|(_, d)| !wants_gpu || d.starts_with("cuda"))
+        .filter(|(_, gpus)| *gpus >= gpus_needed)
         .map(|(id, _)| id.clone())
         .take(need)
         .collect();
@@ -855,6 +863,25 @@ fn pick_gang(idle: &[(String, String)], need: usize, device: &str) -> Option<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_jobs_go_only_to_workers_with_enough_gpus() {
+        let idle: Vec<(String, usize)> = [("a-cpu", 0), ("b-one", 1), ("c-two", 2), ("d-cpu", 0)]
+            .iter()
+            .map(|(id, gpus)| (id.to_string(), *gpus))
+            .collect();
+        let pick = |need, device| pick_gang(&idle, need, device);
+        assert_eq!(pick(2, "cpu"), Some(vec!["a-cpu".into(), "b-one".into()]));
+        assert_eq!(pick(4, "auto").map(|g| g.len()), Some(4));
+        assert_eq!(pick(2, "cuda"), Some(vec!["b-one".into(), "c-two".into()]));
+        assert_eq!(pick(3, "cuda"), None, "two GPU workers only");
+        assert_eq!(pick(1, "cuda:0"), Some(vec!["b-one".into()]));
+        assert_eq!(pick(1, "cuda:1"), Some(vec!["c-two".into()]));
+        assert_eq!(pick(2, "cuda:1"), None);
+        assert_eq!(pick(1, "cuda:2"), None);
+        assert_eq!(pick(1, "cuda:x"), None, "never valid (the spec refuses it)");
+        assert_eq!(pick(0, "cpu"), None);
+    }
 
     fn metrics(count: usize, name_bytes: usize) -> BTreeMap<String, f64> {
         (0..count)
