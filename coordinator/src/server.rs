@@ -22,7 +22,7 @@ use crate::service::{CoordinatorService, CoordinatorState};
 use crate::store::{load_prefix, load_trials, FencedStore, ReadLimit, StateWriter, Unreadable};
 use crate::sweep::driver::Driver;
 use crate::sweep::records::{sweep_key, SWEEPS_PREFIX};
-use crate::sweep::scheduler::Stored;
+use crate::sweep::scheduler::{Effects, Stored};
 use crate::sweep::{SweepRecord, SweepRun, Template};
 
 /// Everything `ringleader serve` needs.
@@ -174,7 +174,7 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
             }
         }
     };
-    {
+    let set_aside = {
         let (sweeps, unreadable) = runs;
         let mut scheduler = state.scheduler();
         info!(
@@ -185,11 +185,21 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
         for bad in unreadable {
             scheduler.unreadable_record(bad.to_string());
         }
+        let mut writes = Effects::default();
         for sweep in sweeps {
-            scheduler.restore(sweep);
+            writes.writes.extend(scheduler.restore(sweep).writes);
         }
-    }
+        writes
+    };
     state.loaded(StateWriter::spawn(store, term.token.clone()));
+    if !set_aside.is_empty() {
+        let (_, durable) = state.apply(|_| (set_aside, ()));
+        tokio::spawn(async move {
+            if let Ok(Err(error)) = durable.await {
+                error!(%error, "could not mark the sweeps that cannot be taken over failed");
+            }
+        });
+    }
     let mut tick = tokio::time::interval(SCHEDULE_EVERY.min(options.heartbeat_interval));
     loop {
         tokio::select! {

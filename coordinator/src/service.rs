@@ -523,6 +523,7 @@ impl Coordinator for CoordinatorService {
                 objective_mode: mode_name(mode).into(),
                 max_trials: template.max_trials(),
                 owner: caller.user.clone(),
+                failure: None,
             };
             (s.submit(SweepRun::new(record, driver, template)), Ok(id))
         });

@@ -105,6 +105,35 @@ fn export(cluster: &TestCluster, args: &[&str], checkpoint_root: &Path) -> Outpu
         .unwrap()
 }
 
+/// Exports `what` (a job, or a sweep and `--best`) to `out`, runs the
+/// exported model.pt in PyTorch on the test split in `dir`, and checks
+/// that it predicts exactly as the export recorded and scores the test
+/// accuracy the worker `reported`. Returns the model card.
+fn export_and_predict(cluster: &TestCluster, what: &[&str], out: &Path, reported: f64) -> Value {
+    let out_arg = out.display().to_string();
+    let args: Vec<&str> = what.iter().copied().chain(["--out", &out_arg]).collect();
+    let output = export(cluster, &args, &cluster.cluster.checkpoint_root());
+    assert!(output.status.success(), "{}", text(&output));
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let dir = cluster.dir();
+    let run = Command::new(python())
+        .args(["-c", PREDICT])
+        .arg(out)
+        .arg(dir.join("test-x.npy"))
+        .arg(dir.join("test-y.npy"))
+        .arg("50")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let accuracy = torch["correct"].as_f64().unwrap() / torch["examples"].as_f64().unwrap();
+    assert_eq!(accuracy, reported, "PyTorch's test accuracy");
+    // Every prediction equals the trained model's, as the export saw it.
+    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
+    card
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -240,29 +269,7 @@ async fn an_exported_model_predicts_in_pytorch_as_the_worker_did_and_carries_its
     // Export, then PyTorch on the test split.
     let out = dir.join("exported");
     let checkpoints = cluster.cluster.checkpoint_root();
-    let output = export(
-        &cluster,
-        &[&view.record.id, "--out", &out.display().to_string()],
-        &checkpoints,
-    );
-    assert!(output.status.success(), "{}", text(&output));
-    let card: Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
-    let run = Command::new(python())
-        .args(["-c", PREDICT])
-        .arg(&out)
-        .arg(dir.join("test-x.npy"))
-        .arg(dir.join("test-y.npy"))
-        .arg("50")
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", text(&run));
-    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
-    let correct = torch["correct"].as_u64().unwrap() as f64;
-    let examples = torch["examples"].as_u64().unwrap() as f64;
-    assert_eq!(correct / examples, reported, "PyTorch's test accuracy");
-    // Every prediction equals the trained model's, as the export saw it.
-    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
+    let card = export_and_predict(&cluster, &[&view.record.id], &out, reported);
     assert_eq!(card["check"]["accuracy"].as_f64(), Some(reported));
     assert_eq!(card["check"]["examples"], 120);
 
@@ -408,32 +415,12 @@ async fn a_sweeps_best_torchscript_trial_exports_and_predicts_as_the_worker_did(
     let reported = best.metrics.last().unwrap().metrics["test_accuracy"];
 
     let out = dir.join("best");
-    let output = export(
-        &cluster,
-        &[&id, "--best", "--out", &out.display().to_string()],
-        &cluster.cluster.checkpoint_root(),
-    );
-    assert!(output.status.success(), "{}", text(&output));
-    let card: Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let card = export_and_predict(&cluster, &[&id, "--best"], &out, reported);
     assert_eq!(card["trial"], best.number);
     assert_eq!(
         card["hyperparameters"],
         serde_json::to_value(&best.config).unwrap()
     );
-    let run = Command::new(python())
-        .args(["-c", PREDICT])
-        .arg(&out)
-        .arg(dir.join("test-x.npy"))
-        .arg(dir.join("test-y.npy"))
-        .arg("50")
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", text(&run));
-    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
-    let accuracy = torch["correct"].as_f64().unwrap() / torch["examples"].as_f64().unwrap();
-    assert_eq!(accuracy, reported, "PyTorch's test accuracy");
-    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
     // The module file is part of the lineage.
     let lineage = best.lineage.as_ref().unwrap();
     let last = lineage.files.last().unwrap();
@@ -509,29 +496,9 @@ async fn an_exported_cnn_with_batch_norm_predicts_in_pytorch_as_the_worker_did()
     );
     let reported = view.trials[0].metrics.last().unwrap().metrics["test_accuracy"];
     let out = dir.join("cnn");
-    let output = export(
-        &cluster,
-        &[&view.record.id, "--out", &out.display().to_string()],
-        &cluster.cluster.checkpoint_root(),
-    );
-    assert!(output.status.success(), "{}", text(&output));
-    let card: Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+    let card = export_and_predict(&cluster, &[&view.record.id], &out, reported);
     assert_eq!(card["input"]["shape"], serde_json::json!([1, 12, 12]));
     assert_eq!(card["preparation"]["normalize"]["kind"], "fixed");
-    let run = Command::new(python())
-        .args(["-c", PREDICT])
-        .arg(&out)
-        .arg(dir.join("test-x.npy"))
-        .arg(dir.join("test-y.npy"))
-        .arg("50")
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", text(&run));
-    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
-    let accuracy = torch["correct"].as_f64().unwrap() / torch["examples"].as_f64().unwrap();
-    assert_eq!(accuracy, reported, "PyTorch's test accuracy");
-    assert_eq!(torch["sha256"], card["check"]["predictions_sha256"]);
     let names = safetensors_names(&out.join("model.safetensors"));
     assert!(names.iter().any(|n| n == "bn1.running_mean"), "{names:?}");
 }

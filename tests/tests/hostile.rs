@@ -630,6 +630,11 @@ async fn unreadable_records_are_named_and_set_aside() {
     running["finished_unix_ms"] = serde_json::Value::Null;
     put("/ringleader/sweeps/sweep-901", &running.to_string());
     put(&trial_key("sweep-901", 0), "[1, 2");
+    // And a running sweep whose stored spec no longer parses.
+    running["id"] = "sweep-902".into();
+    running["seq"] = 902.into();
+    running["spec"] = "[sweep\nname =".into();
+    put("/ringleader/sweeps/sweep-902", &running.to_string());
 
     // A new leader loads everything else and serves.
     let old = cluster.kill_leader().await;
@@ -678,6 +683,57 @@ async fn unreadable_records_are_named_and_set_aside() {
     assert!(
         error.to_string().contains(&trial_key("sweep-901", 0)),
         "{error}"
+    );
+    // Neither running sweep can be taken over: each is marked failed in
+    // etcd with the reason, naming the key, so a watcher stops waiting
+    // and the next leader loads it as finished.
+    for (id, problem) in [
+        ("sweep-901", trial_key("sweep-901", 0)),
+        (
+            "sweep-902",
+            "/ringleader/sweeps/sweep-902: its spec no longer parses".into(),
+        ),
+    ] {
+        let key = format!("/ringleader/sweeps/{id}");
+        let record = wait_until(
+            &format!("{id} marked failed"),
+            Duration::from_secs(30),
+            || async {
+                let raw = cluster.etcdctl(&["get", "--print-value-only", &key]);
+                let record: serde_json::Value =
+                    serde_json::from_slice(&raw.stdout).map_err(|e| e.to_string())?;
+                match record["state"].as_str() {
+                    Some("failed") => Ok(record),
+                    other => Err(format!("state {other:?}")),
+                }
+            },
+        )
+        .await;
+        let failure = record["failure"].as_str().unwrap_or_default();
+        assert!(failure.contains(&problem), "{id}: {failure}");
+    }
+    // The leader after that loads both as finished: sweep-902 reads back
+    // whole, failed, with the reason.
+    let index = cluster
+        .cluster
+        .coordinators()
+        .iter()
+        .position(|m| m.address == old)
+        .unwrap();
+    cluster
+        .cluster
+        .restart_coordinator(index)
+        .expect("coordinator restarts");
+    let second = cluster.kill_leader().await;
+    cluster
+        .must_fail_over(&second, 1, Duration::from_secs(60))
+        .await;
+    let view = sweeps::get(&args, "sweep-902").await.unwrap();
+    assert_eq!(view.record.state, SweepState::Failed);
+    let shown = sweeps::status_text(&view);
+    assert!(
+        shown.contains("cannot be taken over: stored sweep /ringleader/sweeps/sweep-902: its spec no longer parses"),
+        "{shown}"
     );
     // The next normal sweep runs.
     let next = must_submit(&cluster, "b.toml", &normal_sweep(2)).await;

@@ -30,6 +30,17 @@ fn branin_sweep(
     .spec()
 }
 
+/// A `searcher` ("asha" or "hyperband") sweep of `max_trials` over Branin:
+/// eta 3, rungs from 1 epoch up to 9, three trials at a time.
+fn halving_sweep(searcher: &str, max_trials: u32) -> String {
+    branin_sweep(max_trials, 1, 3, 5)
+        .replace(
+            "searcher = \"random\"",
+            &format!("searcher = \"{searcher}\"\neta = 3\nmin_epochs = 1"),
+        )
+        .replace("max_epochs = 3", "max_epochs = 9")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_sweep_of_20_trials_on_3_workers_accounts_for_every_trial() {
     let cluster = TestCluster::must_start_formed(1, 3).await;
@@ -110,12 +121,7 @@ async fn gangs_of_two_workers_run_together_on_distinct_workers() {
 async fn asha_sweep_stops_some_trials_early() {
     let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
-    let spec = branin_sweep(12, 1, 3, 5)
-        .replace(
-            "searcher = \"random\"",
-            "searcher = \"asha\"\neta = 3\nmin_epochs = 1",
-        )
-        .replace("max_epochs = 3", "max_epochs = 9");
+    let spec = halving_sweep("asha", 12);
     let spec = write_spec(&cluster, "asha.toml", &spec);
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
         .await
@@ -156,12 +162,7 @@ async fn asha_sweep_stops_some_trials_early() {
 async fn hyperband_sweep_runs_its_brackets_and_promotes_within_them() {
     let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
-    let spec = branin_sweep(18, 1, 3, 5)
-        .replace(
-            "searcher = \"random\"",
-            "searcher = \"hyperband\"\neta = 3\nmin_epochs = 1",
-        )
-        .replace("max_epochs = 3", "max_epochs = 9");
+    let spec = halving_sweep("hyperband", 18);
     let spec = write_spec(&cluster, "hyperband.toml", &spec);
     let id = sweeps::submit(&args, SweepKind::Sweep, &spec)
         .await
@@ -218,12 +219,7 @@ async fn hyperband_sweep_runs_its_brackets_and_promotes_within_them() {
 async fn asha_sweep_with_early_stopping_stops_trials_at_their_plateau() {
     let cluster = TestCluster::must_start_formed(1, 3).await;
     let args = client(&cluster);
-    let text = branin_sweep(12, 1, 3, 5)
-        .replace(
-            "searcher = \"random\"",
-            "searcher = \"asha\"\neta = 3\nmin_epochs = 1",
-        )
-        .replace("max_epochs = 3", "max_epochs = 9")
+    let text = halving_sweep("asha", 12)
         .replace(
             "[job.model]",
             "[job.early_stopping]\nmetric = \"objective\"\nmode = \"min\"\npatience = 1\nmin_delta = 0.5\n\n[job.model]",

@@ -723,6 +723,9 @@ pub fn status_text(view: &SweepView) -> String {
         "objective: {} ({})",
         r.objective_metric, r.objective_mode
     );
+    if let Some(failure) = &r.failure {
+        let _ = writeln!(out, "cannot be taken over: {failure}");
+    }
     for line in sweep_progress(view) {
         let _ = writeln!(out, "{line}");
     }

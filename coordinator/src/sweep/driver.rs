@@ -923,20 +923,28 @@ mod tests {
         assert_eq!(configs.len(), 5, "configurations differ");
     }
 
-    #[test]
-    fn asha_promotes_the_top_third_and_stops_the_rest() {
+    /// Nine random trials under successive halving (eta 3, rungs from 1 to
+    /// 9 epochs, `brackets` brackets) where trial n scores n at every rung
+    /// (the higher, the better): the driver once nothing is left to run,
+    /// and every segment it handed out as (trial, start, stop epoch).
+    fn halving_run(brackets: u32) -> (Driver, Vec<(u64, u32, u32)>) {
         let stopping = Stopping {
             eta: 3,
             min_epochs: 1,
-            brackets: 1,
+            brackets,
         };
         let mut driver = Driver::new(config(Source::Random, Some(stopping), 9)).unwrap();
-        // Trial n scores n at every rung: the higher, the better (max).
         let mut segments = Vec::new();
         while let Some(work) = driver.next_work() {
             segments.push((work.trial, work.start_epoch, work.stop_epoch));
             run(&mut driver, &work, work.trial as f64);
         }
+        (driver, segments)
+    }
+
+    #[test]
+    fn asha_promotes_the_top_third_and_stops_the_rest() {
+        let (mut driver, segments) = halving_run(1);
         assert!(driver.is_done() || driver.next_work().is_none());
         // Hand-worked: rung 0 results arrive in order 0,1,2 → quota 1 → 2
         // promoted to rung 1 (epochs 1..3); then 3,4,5 → 5 is promoted;
@@ -1569,18 +1577,7 @@ mod tests {
 
     #[test]
     fn hyperband_promotes_within_each_bracket_only() {
-        let stopping = Stopping {
-            eta: 3,
-            min_epochs: 1,
-            brackets: 3,
-        };
-        let mut driver = Driver::new(config(Source::Random, Some(stopping), 9)).unwrap();
-        // Trial n scores n at every rung: the higher, the better (max).
-        let mut segments = Vec::new();
-        while let Some(work) = driver.next_work() {
-            segments.push((work.trial, work.start_epoch, work.stop_epoch));
-            run(&mut driver, &work, work.trial as f64);
-        }
+        let (mut driver, segments) = halving_run(3);
         let brackets: Vec<usize> = driver.trials().values().map(|t| t.bracket).collect();
         assert_eq!(brackets, [0, 1, 2, 0, 1, 2, 0, 1, 2], "dealt in turn");
         // Hand-worked: bracket 0 (rungs at 1, 3, 9 epochs) ranks 0, 3, 6 at

@@ -39,7 +39,8 @@ pub enum SweepState {
     Running,
     Completed,
     Cancelled,
-    /// Every trial failed (or a job's only trial did).
+    /// Every trial failed (or a job's only trial did), or a new leader
+    /// could not take the sweep over (see [`SweepRecord::failure`]).
     Failed,
 }
 
@@ -72,6 +73,11 @@ pub struct SweepRecord {
     /// only admins and viewers see it).
     #[serde(default)]
     pub owner: String,
+    /// Why a leader marked the sweep failed when it could not take it over
+    /// (its spec no longer parses, a trial record is unreadable, its trials
+    /// do not replay), each problem naming the etcd key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -110,8 +110,9 @@ pub enum Stored {
     Running(Box<SweepRun>),
     /// Finished: the record only.
     Finished(SweepRecord),
-    /// Some of its records are unreadable, or its trials no longer replay:
-    /// set aside (listed, readable, never resumed) with what is wrong, each
+    /// Running, but its spec no longer parses, some of its records are
+    /// unreadable, or its trials no longer replay: set aside (listed,
+    /// readable, never resumed, marked failed) with what is wrong, each
     /// problem naming the etcd key.
     SetAside(SweepRecord, Vec<String>),
 }
@@ -182,9 +183,12 @@ impl Scheduler {
     }
 
     /// Loads one stored sweep (at the start of a term). One set aside is
-    /// listed and readable, with its problems, and nothing more is done
-    /// for it.
-    pub fn restore(&mut self, stored: Stored) {
+    /// listed and readable, with its problems, never resumed, and marked
+    /// failed with the problems as the reason (so `--watch` ends and later
+    /// terms load it as finished): returns that write, to make once the
+    /// term's writer runs.
+    pub fn restore(&mut self, stored: Stored) -> Effects {
+        let mut effects = Effects::default();
         let seq = match &stored {
             Stored::Running(run) => run.record.seq,
             Stored::Finished(record) | Stored::SetAside(record, _) => record.seq,
@@ -197,12 +201,18 @@ impl Scheduler {
             Stored::Finished(record) => {
                 self.finished.insert(record.id.clone(), record);
             }
-            Stored::SetAside(record, problems) => {
+            Stored::SetAside(mut record, problems) => {
+                warn!(sweep = %record.id, ?problems, "a running sweep cannot be taken over; marked failed");
+                record.state = SweepState::Failed;
+                record.finished_unix_ms = Some(unix_ms());
+                record.failure = Some(problems.join("; "));
+                effects.write_sweep(&record);
                 self.unreadable.extend(problems.iter().cloned());
                 self.damaged.insert(record.id.clone(), problems);
                 self.finished.insert(record.id.clone(), record);
             }
         }
+        effects
     }
 
     /// Allocates the id and sequence of a new sweep.
