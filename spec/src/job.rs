@@ -132,13 +132,8 @@ impl JobSpec {
         at_least_one(self.epochs, &["epochs"])?;
         at_least_one(self.batch_size, &["batch_size"])?;
         at_least_one(self.eval_batch_size, &["eval_batch_size"])?;
-        let device = self.device.as_str();
-        let cuda_index = device.strip_prefix("cuda:").map(str::parse::<u32>);
-        if !matches!(device, "auto" | "cpu" | "cuda") && !matches!(cuda_index, Some(Ok(_))) {
-            return Err(FieldError::new(
-                &["device"],
-                format!("expected auto, cpu, cuda or cuda:N, got `{device}`"),
-            ));
+        if let Err(problem) = self.device.parse::<JobDevice>() {
+            return Err(FieldError::new(&["device"], problem));
         }
         match (&self.model, self.dataset == DatasetSpec::default()) {
             (ModelSpec::Synthetic { .. }, _) => {}
@@ -885,6 +880,48 @@ fn default_features_key() -> String {
 fn default_labels_key() -> String {
     "labels".into()
 }
+/// What a `device` string ("auto" | "cpu" | "cuda" | "cuda:N") asks for:
+/// the one parser the spec check, the leader's placement and the worker
+/// share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobDevice {
+    /// The worker's own device.
+    Auto,
+    Cpu,
+    /// A GPU, whichever the worker has.
+    AnyCuda,
+    /// GPU N.
+    Cuda(u32),
+}
+
+impl JobDevice {
+    /// How many GPUs a worker must have to run it.
+    pub fn gpus_needed(self) -> usize {
+        match self {
+            Self::Auto | Self::Cpu => 0,
+            Self::AnyCuda => 1,
+            Self::Cuda(n) => n as usize + 1,
+        }
+    }
+}
+
+impl std::str::FromStr for JobDevice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::AnyCuda),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got `{other}`")),
+        }
+    }
+}
+
 fn default_mlp_hidden() -> Vec<u32> {
     vec![128]
 }

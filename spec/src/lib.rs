@@ -19,7 +19,7 @@ pub mod stopping;
 pub mod synthetic;
 
 pub use error::{Document, FieldError, FieldPath, Location, SpecError};
-pub use job::JobSpec;
+pub use job::{JobDevice, JobSpec};
 pub use overrides::{apply_overrides, with_overrides};
 pub use shard::{FileDeal, ShardError, ShardPlan};
 /// The TOML crate whose tables [`with_overrides`] takes, so users need not

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use ringleader_proto::coordinator::{GpuInfo, WorkerResources};
+use ringleader_spec::JobDevice;
 
 /// The `--device` a worker was asked to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,18 +20,12 @@ impl FromStr for DeviceRequest {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.trim() {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| {
-                    format!("unknown device {other:?}: expected auto, cpu, cuda or cuda:N")
-                }),
-        }
+        Ok(match text.trim().parse::<JobDevice>()? {
+            JobDevice::Auto => Self::Auto,
+            JobDevice::Cpu => Self::Cpu,
+            JobDevice::AnyCuda => Self::Cuda(0),
+            JobDevice::Cuda(n) => Self::Cuda(n as usize),
+        })
     }
 }
 
@@ -79,11 +74,15 @@ pub fn for_job(
     worker: tch::Device,
     cuda_devices: usize,
 ) -> Result<tch::Device, DeviceError> {
-    let request: DeviceRequest = job_device.parse().map_err(DeviceError::Unknown)?;
-    match (job_device.trim(), request) {
-        ("cuda", _) if matches!(worker, tch::Device::Cuda(_)) => Ok(worker),
-        (_, DeviceRequest::Auto) => Ok(worker),
-        (_, request) => request.resolve(cuda_devices),
+    match job_device
+        .parse::<JobDevice>()
+        .map_err(DeviceError::Unknown)?
+    {
+        JobDevice::Auto => Ok(worker),
+        JobDevice::AnyCuda if matches!(worker, tch::Device::Cuda(_)) => Ok(worker),
+        JobDevice::Cpu => Ok(tch::Device::Cpu),
+        JobDevice::AnyCuda => DeviceRequest::Cuda(0).resolve(cuda_devices),
+        JobDevice::Cuda(n) => DeviceRequest::Cuda(n as usize).resolve(cuda_devices),
     }
 }
 

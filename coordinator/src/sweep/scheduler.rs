@@ -16,7 +16,7 @@ use ringleader_proto::coordinator::{
     coordinator_message, Assignment, AttemptRef, CoordinatorMessage, Register, StopAttempt,
     TrialFinished,
 };
-use ringleader_spec::JobSpec;
+use ringleader_spec::{JobDevice, JobSpec};
 use tracing::{info, warn};
 
 use super::driver::{Driver, Work};
@@ -853,14 +853,9 @@ fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, work: &Work) -> PathB
 /// worker with a GPU, `cuda:N` one with N + 1 GPUs at least; `cpu` and
 /// `auto` take any.
 fn pick_gang(idle: &[(String, usize)], need: usize, device: &str) -> Option<Vec<String>> {
-    let gpus_needed = match device.strip_prefix("cuda") {
-        Some("") => 1,
-        Some(index) => index
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .map_or(usize::MAX, |n| n.saturating_add(1)),
-        None => 0,
-    };
+    let gpus_needed = device
+        .parse::<JobDevice>()
+        .map_or(usize::MAX, JobDevice::gpus_needed);
     let fit: Vec<String> = idle
         .iter()
         .filter(|(_, gpus)| *gpus >= gpus_needed)
