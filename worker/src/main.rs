@@ -61,8 +61,8 @@ struct Args {
     /// (hosts without NVML; tests of placement). Jobs still train on the
     /// CUDA devices libtorch sees: a job on a GPU this machine lacks fails,
     /// saying so. Without it a worker offers the GPUs libtorch sees, or
-    /// none with `--device cpu`.
-    #[arg(long, env = "RINGLEADER_GPUS")]
+    /// none with `--device cpu`. At most 64, the most the leader accepts.
+    #[arg(long, env = "RINGLEADER_GPUS", value_parser = clap::value_parser!(u32).range(0..=64))]
     gpus: Option<u32>,
 
     /// Stable worker id (the pod name in Kubernetes); defaults to
