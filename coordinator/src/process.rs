@@ -160,6 +160,30 @@ impl ManagedChild {
         }
     }
 
+    /// SIGSTOP, returning once every thread of the process is stopped.
+    ///
+    /// `kill` only queues the signal: a thread running on another CPU (or a
+    /// descheduled virtual CPU) goes on for a moment, long enough for a
+    /// frozen etcd to answer one more request. The kernel's per-thread state
+    /// (`T` in `/proc/PID/task/*/stat`) says when the stop has happened.
+    pub fn freeze(&mut self, within: Duration) -> Result<()> {
+        self.signal(libc::SIGSTOP);
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.pid()));
+        let deadline = Instant::now() + within;
+        loop {
+            if all_threads_stopped(&tasks) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Process {
+                    what: format!("freezing {}", self.name),
+                    reason: format!("not every thread stopped within {within:?} of SIGSTOP"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         self.stopped_on_purpose = true;
@@ -186,6 +210,30 @@ impl ManagedChild {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// Whether every thread listed under `/proc/PID/task` is stopped (state
+/// `T`, or `t` when traced). A process that has gone counts as not stopped.
+fn all_threads_stopped(tasks: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return false;
+    };
+    let mut seen = 0;
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // `pid (comm) S ...`: comm may hold spaces and parentheses, so the
+        // state is the first field after the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if !matches!(state, Some("T" | "t")) {
+            return false;
+        }
+        seen += 1;
+    }
+    seen > 0
 }
 
 impl Drop for ManagedChild {

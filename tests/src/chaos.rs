@@ -404,7 +404,11 @@ async fn inject(
         }
         FaultKind::EtcdPause => {
             let hold = LEASE_TTL + Duration::from_millis(rng.random_range(500..2000));
-            cluster.etcd().process().signal(libc::SIGSTOP);
+            cluster
+                .etcd()
+                .process()
+                .freeze(Duration::from_secs(10))
+                .expect("etcd stops");
             // The fault itself: etcd stays frozen for `hold`.
             tokio::time::sleep(hold).await;
             cluster.etcd().process().signal(libc::SIGCONT);

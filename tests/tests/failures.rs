@@ -222,7 +222,11 @@ async fn etcd_frozen_past_the_lease_ttl_leaves_no_leader_then_exactly_one() {
     .await;
 
     let frozen_at = Instant::now();
-    cluster.etcd().process().signal(libc::SIGSTOP);
+    cluster
+        .etcd()
+        .process()
+        .freeze(Duration::from_secs(10))
+        .expect("etcd stops");
     // The leader steps down (and stops writing) within the TTL.
     wait_until("the leader to step down", LEASE_TTL, || async {
         let leaders = cluster.claimed_leaders().await;

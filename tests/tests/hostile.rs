@@ -845,7 +845,10 @@ async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
 
     // etcd frozen: the change fails after the bound and the term is given
     // up, instead of the writer retrying forever.
-    server.process().signal(libc::SIGSTOP);
+    server
+        .process()
+        .freeze(Duration::from_secs(10))
+        .expect("etcd stops");
     let started = std::time::Instant::now();
     let outage = writer.enqueue(small("d")).await.unwrap();
     server.process().signal(libc::SIGCONT);
