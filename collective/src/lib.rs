@@ -54,6 +54,7 @@ pub mod local;
 pub mod plan;
 pub mod ring;
 pub mod service;
+pub mod stats;
 pub mod wire;
 
 pub use auth::RingSecret;

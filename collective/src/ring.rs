@@ -415,7 +415,12 @@ impl Ring {
         let Some(links) = self.links.as_mut() else {
             return Ok(()); // world of one: already reduced (x / 1 == x)
         };
+        let started = std::time::Instant::now();
         let result = all_reduce_ring(links, &mut self.heads, header, data, op, place).await;
+        if result.is_ok() {
+            let bytes = (data.len() * std::mem::size_of::<T>()) as u64;
+            crate::stats::record_all_reduce(bytes, self.world, started.elapsed());
+        }
         // On failure the links go first, so that nothing holds our frames.
         let result = self.finish(result);
         // Whatever happened, nothing sent from `data` may outlive the call.

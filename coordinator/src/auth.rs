@@ -5,7 +5,8 @@
 //!        │
 //!        ├─ Attach ─────────── worker certificate
 //!        ├─ WhoIsLeader ────── any Ringleader certificate
-//!        └─ everything else ── client certificate + bearer token
+//!        └─ everything else ── client (or relaying coordinator) certificate
+//!                              + bearer token
 //!                                 │ admin bootstrap token (--admin-token-file)
 //!                                 │ or a stored token (hash compared, not revoked)
 //!                                 ▼
@@ -173,7 +174,15 @@ impl Authenticator {
                 role: UserRole::Admin,
             });
         }
-        self.transport.check_peer(request, Role::Client)?;
+        // A coordinator's own certificate may relay a user's token: its
+        // dashboard asks on behalf of the browser that holds it.
+        if self
+            .transport
+            .check_peer(request, Role::Coordinator)
+            .is_err()
+        {
+            self.transport.check_peer(request, Role::Client)?;
+        }
         self.caller(&bearer_token(request.metadata())?)
     }
 

@@ -301,6 +301,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RINGLEADER_ADVERTISE")]
     pub advertise: Option<String>,
 
+    /// Where to serve the web dashboard and its JSON API (HTTPS with the
+    /// coordinator's certificate; plain HTTP only with --insecure).
+    /// "off" serves none.
+    #[arg(long, env = "RINGLEADER_DASHBOARD_LISTEN", default_value = "0.0.0.0:7480", value_parser = parse_optional_address)]
+    pub dashboard_listen: OptionalAddress,
+
+    /// Where to serve Prometheus /metrics (plain HTTP, for scrapers: keep
+    /// the port off public networks). "off" serves none.
+    #[arg(long, env = "RINGLEADER_METRICS_LISTEN", default_value = "0.0.0.0:7490", value_parser = parse_optional_address)]
+    pub metrics_listen: OptionalAddress,
+
     /// etcd endpoints, comma-separated.
     #[arg(long, env = "RINGLEADER_ETCD", value_delimiter = ',', required = true)]
     pub etcd: Vec<String>,
@@ -376,6 +387,15 @@ pub struct LocalArgs {
     /// clients need the config file the cluster prints.
     #[arg(long, env = "RINGLEADER_INSECURE")]
     pub insecure: bool,
+
+    /// Where the first coordinator serves the web dashboard (the others
+    /// take free ports; every coordinator's shows the leader's view).
+    #[arg(
+        long,
+        env = "RINGLEADER_DASHBOARD_LISTEN",
+        default_value = "127.0.0.1:7480"
+    )]
+    pub dashboard_listen: SocketAddr,
 
     /// Directory the workers may read data sets and TorchScript modules
     /// from; repeatable (default: the worker's own defaults).
@@ -489,4 +509,18 @@ mod tests {
         assert_eq!(args.workers, 3);
         assert_eq!(args.run, ["ringleader", "status"]);
     }
+}
+
+/// An address to listen on, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddress(pub Option<SocketAddr>);
+
+/// Parses an address to listen on, or `off`.
+pub fn parse_optional_address(text: &str) -> Result<OptionalAddress, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddress(None));
+    }
+    text.parse()
+        .map(|a| OptionalAddress(Some(a)))
+        .map_err(|e| format!("{text:?} is not an address (host:port) or \"off\": {e}"))
 }

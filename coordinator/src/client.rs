@@ -68,9 +68,15 @@ impl Interceptor for Credentials {
 /// A client of one coordinator that presents the connection's credentials.
 pub type LeaderClient = CoordinatorClient<InterceptedService<Channel, Credentials>>;
 
+/// A client on `channel` that presents `token` with every call.
+pub fn authorized(channel: Channel, token: Option<&Token>) -> LeaderClient {
+    CoordinatorClient::with_interceptor(channel, Credentials::new(token))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
 /// Dials one coordinator; every call on the channel is bounded by the
 /// connection's timeout except streams, which callers bound themselves.
-pub async fn connect(connection: &Connection, address: &str) -> Result<LeaderClient> {
+pub async fn dial(connection: &Connection, address: &str) -> Result<Channel> {
     let timeout = connection.timeout;
     let endpoint = connection
         .transport
@@ -78,7 +84,7 @@ pub async fn connect(connection: &Connection, address: &str) -> Result<LeaderCli
         .map_err(|e| Error::InvalidArgument(format!("coordinator {address}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
+    tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| Error::Unreachable {
             address: address.to_string(),
@@ -87,16 +93,27 @@ pub async fn connect(connection: &Connection, address: &str) -> Result<LeaderCli
         .map_err(|e| Error::Unreachable {
             address: address.to_string(),
             reason: error_chain(&e),
-        })?;
-    Ok(
-        CoordinatorClient::with_interceptor(channel, Credentials::new(connection.token.as_ref()))
-            .max_decoding_message_size(MAX_RESPONSE_BYTES),
-    )
+        })
+}
+
+/// [`dial`], presenting the connection's token.
+pub async fn connect(connection: &Connection, address: &str) -> Result<LeaderClient> {
+    Ok(authorized(
+        dial(connection, address).await?,
+        connection.token.as_ref(),
+    ))
 }
 
 /// Asks the connection's coordinators (and whoever they name) for the leader and
 /// returns its address and a client for it.
 pub async fn find_leader(connection: &Connection) -> Result<(String, LeaderClient)> {
+    let (address, channel) = find_leader_channel(connection).await?;
+    Ok((address, authorized(channel, connection.token.as_ref())))
+}
+
+/// [`find_leader`], returning the channel itself, for callers that present
+/// a different token on each call (the dashboard relays its browsers').
+pub async fn find_leader_channel(connection: &Connection) -> Result<(String, Channel)> {
     let addresses = &connection.addresses();
     let timeout = connection.timeout;
     let mut queue: VecDeque<String> = addresses.iter().cloned().collect();
@@ -108,13 +125,14 @@ pub async fn find_leader(connection: &Connection) -> Result<(String, LeaderClien
             continue;
         }
         tried.push(address.clone());
-        let mut client = match connect(connection, &address).await {
-            Ok(client) => client,
+        let channel = match dial(connection, &address).await {
+            Ok(channel) => channel,
             Err(error) => {
                 failures.push(error.to_string());
                 continue;
             }
         };
+        let mut client = authorized(channel.clone(), connection.token.as_ref());
         let answer =
             tokio::time::timeout(timeout, client.who_is_leader(WhoIsLeaderRequest {})).await;
         match answer {
@@ -122,7 +140,7 @@ pub async fn find_leader(connection: &Connection) -> Result<(String, LeaderClien
                 any_answered = true;
                 let response = response.into_inner();
                 if response.is_leader {
-                    return Ok((address, client));
+                    return Ok((address, channel));
                 }
                 if response.leader_address.is_empty() {
                     failures.push(format!("{address}: standby, no leader elected yet"));

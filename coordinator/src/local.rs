@@ -4,6 +4,7 @@
 //! Used by `ringleader local` (the zero-configuration default) and by the
 //! integration tests, which reach into it to kill and restart members.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -189,6 +190,9 @@ pub struct LocalClusterOptions {
     pub secure: bool,
     /// Where workers may read data (`--data-root`); empty: their default.
     pub data_roots: Vec<PathBuf>,
+    /// The first coordinator's dashboard address; the others' (and all of
+    /// them when `None`) are free ports on 127.0.0.1.
+    pub dashboard_listen: Option<SocketAddr>,
 }
 
 /// Where a local cluster keeps its certificates and its client config.
@@ -217,6 +221,15 @@ pub struct Member {
     pub id: String,
     pub address: String,
     pub process: ManagedChild,
+    /// Coordinator: where its dashboard listens.
+    pub dashboard: Option<SocketAddr>,
+    /// Where its Prometheus `/metrics` listens.
+    pub metrics: SocketAddr,
+}
+
+/// A free port on 127.0.0.1, as an address to listen on.
+fn free_loopback_socket() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
 }
 
 impl LocalCluster {
@@ -292,6 +305,34 @@ impl LocalCluster {
         }
     }
 
+    /// The first coordinator's dashboard, with the admin's token in the
+    /// fragment (which browsers never send; the page keeps it for the
+    /// session and clears it from the address bar).
+    pub fn dashboard_url(&self) -> Option<String> {
+        let address = self.coordinators.first()?.dashboard?;
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let fragment = self
+            .admin
+            .token
+            .as_ref()
+            .map(|t| format!("#token={}", t.reveal()))
+            .unwrap_or_default();
+        Some(format!("{scheme}://{address}/{fragment}"))
+    }
+
+    /// The CA that signed the dashboard's certificate (secure clusters).
+    pub fn ca_certificate_path(&self) -> PathBuf {
+        self.certs
+            .as_deref()
+            .unwrap_or(&self.options.dir)
+            .join("ca")
+            .join(tls::CA_FILE)
+    }
+
     /// The client config file, written when the cluster starts (with the
     /// coordinators it started with).
     pub fn client_config_path(&self) -> PathBuf {
@@ -326,11 +367,19 @@ impl LocalCluster {
     /// Starts one more coordinator on a fresh port.
     pub fn add_coordinator(&mut self) -> Result<&mut Member> {
         let address = free_loopback_address()?;
-        let process = self.spawn_coordinator(&address, self.coordinators.len())?;
+        let dashboard = match self.options.dashboard_listen {
+            Some(listen) if self.coordinators.is_empty() => listen,
+            _ => free_loopback_socket()?,
+        };
+        let metrics = free_loopback_socket()?;
+        let process =
+            self.spawn_coordinator(&address, Some(dashboard), metrics, self.coordinators.len())?;
         self.coordinators.push(Member {
             id: address.clone(),
             address,
             process,
+            dashboard: Some(dashboard),
+            metrics,
         });
         Ok(self.coordinators.last_mut().expect("just pushed"))
     }
@@ -338,18 +387,32 @@ impl LocalCluster {
     /// Starts coordinator `index` again on its old address (after a kill),
     /// so workers configured with that address can still reach it.
     pub fn restart_coordinator(&mut self, index: usize) -> Result<()> {
-        let address = self.coordinators[index].address.clone();
+        let member = &self.coordinators[index];
+        let (address, dashboard, metrics) =
+            (member.address.clone(), member.dashboard, member.metrics);
         self.coordinators[index].process.kill();
-        self.coordinators[index].process = self.spawn_coordinator(&address, index)?;
+        self.coordinators[index].process =
+            self.spawn_coordinator(&address, dashboard, metrics, index)?;
         Ok(())
     }
 
-    fn spawn_coordinator(&self, address: &str, index: usize) -> Result<ManagedChild> {
+    fn spawn_coordinator(
+        &self,
+        address: &str,
+        dashboard: Option<SocketAddr>,
+        metrics: SocketAddr,
+        index: usize,
+    ) -> Result<ManagedChild> {
         let mut command = Command::new(&self.coordinator_bin);
         command
             .arg("serve")
             .arg(format!("--listen={address}"))
             .arg(format!("--advertise={address}"))
+            .arg(format!(
+                "--dashboard-listen={}",
+                dashboard.map_or_else(|| "off".to_string(), |a| a.to_string())
+            ))
+            .arg(format!("--metrics-listen={metrics}"))
             .arg(format!("--etcd={}", self.etcd_endpoints.join(",")))
             .arg(format!("--lease-ttl={}s", self.options.lease_ttl.as_secs()))
             .arg(format!(
@@ -385,11 +448,14 @@ impl LocalCluster {
         let index = self.workers.len();
         let id = format!("worker-{index}");
         let address = free_loopback_address()?;
-        let process = self.spawn_worker(&id, &address, extra_args)?;
+        let metrics = free_loopback_socket()?;
+        let process = self.spawn_worker(&id, &address, metrics, extra_args)?;
         self.workers.push(Member {
             id,
             address,
             process,
+            dashboard: None,
+            metrics,
         });
         Ok(self.workers.last_mut().expect("just pushed"))
     }
@@ -398,19 +464,24 @@ impl LocalCluster {
     /// a kill or a shutdown), as a machine coming back would (without the
     /// extra arguments of [`LocalCluster::add_worker_with`]).
     pub fn restart_worker(&mut self, index: usize) -> Result<()> {
-        let (id, address) = (
-            self.workers[index].id.clone(),
-            self.workers[index].address.clone(),
-        );
+        let worker = &self.workers[index];
+        let (id, address, metrics) = (worker.id.clone(), worker.address.clone(), worker.metrics);
         self.workers[index].process.kill();
-        self.workers[index].process = self.spawn_worker(&id, &address, &[])?;
+        self.workers[index].process = self.spawn_worker(&id, &address, metrics, &[])?;
         Ok(())
     }
 
-    fn spawn_worker(&self, id: &str, address: &str, extra_args: &[&str]) -> Result<ManagedChild> {
+    fn spawn_worker(
+        &self,
+        id: &str,
+        address: &str,
+        metrics: SocketAddr,
+        extra_args: &[&str],
+    ) -> Result<ManagedChild> {
         let mut command = Command::new(&self.worker_bin);
         command
             .arg(format!("--id={id}"))
+            .arg(format!("--metrics-listen={metrics}"))
             .arg(format!(
                 "--coordinator={}",
                 self.coordinator_addresses().join(",")

@@ -81,6 +81,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         transport,
         etcd_tls,
         admin_token,
+        dashboard_listen: args.dashboard_listen.0,
+        metrics_listen: args.metrics_listen.0,
     };
     server::serve(options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
@@ -256,6 +258,7 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
         bin_dir: None,
         secure: !args.insecure,
         data_roots: args.data_roots.clone(),
+        dashboard_listen: Some(args.dashboard_listen),
     };
     if args.insecure {
         tracing::warn!("{}", ringleader_security::tls::INSECURE_WARNING);
@@ -306,6 +309,15 @@ async fn run_cluster(
             "NONE (--insecure)"
         }
     );
+    if let Some(url) = cluster.dashboard_url() {
+        println!("  dashboard:   {url}");
+        if cluster.certs().is_some() {
+            println!(
+                "               (signed by the cluster's own CA, {}: import it, or accept the browser's warning once)",
+                cluster.ca_certificate_path().display()
+            );
+        }
+    }
     println!("to use it from another shell:");
     println!("  export RINGLEADER_CONFIG={}", config.display());
 

@@ -14,6 +14,8 @@ use tracing::{error, info, warn};
 use ringleader_security::{TlsDir, Token, Transport};
 
 use crate::auth::{TokenRecord, TOKENS_PREFIX};
+use crate::client::Connection;
+use crate::dashboard::Dashboard;
 use crate::election::{Election, LeaderTerm, Role};
 use crate::error::{Error, Result};
 use crate::etcd::Etcd;
@@ -46,6 +48,10 @@ pub struct ServeOptions {
     pub etcd_tls: Option<TlsDir>,
     /// The bootstrap admin's token (`--admin-token-file`).
     pub admin_token: Option<Token>,
+    /// The web dashboard's address, if served.
+    pub dashboard_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics`' address, if served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The configurable bounds on what clients may submit (see
@@ -88,6 +94,19 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
 
+    if let Some(listen) = options.metrics_listen {
+        let state = state.clone();
+        crate::metrics::serve_registry(
+            listen,
+            move || state.metrics.render(&state),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    if let Some(listen) = options.dashboard_listen {
+        serve_dashboard(listen, &options, shutdown.clone()).await?;
+    }
+
     let election_task = tokio::spawn(election.run(shutdown.clone()));
     let duties_task = tokio::spawn(leader_duties(
         state.clone(),
@@ -122,6 +141,38 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
     })
 }
 
+/// Serves the dashboard on `listen`: HTTPS with the coordinator's
+/// certificate, relaying browsers' tokens to the leader through this
+/// coordinator's own address.
+async fn serve_dashboard(
+    listen: SocketAddr,
+    options: &ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let listener = crate::web::bind(listen, "the dashboard").await?;
+    let tls = match &options.transport {
+        Transport::Tls(dir) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            dir.https_server_config()
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        ))),
+        Transport::Insecure => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(url = %format!("{scheme}://{}/", listener.local_addr().unwrap_or(listen)), "dashboard");
+    let dashboard = Dashboard::new(Connection {
+        coordinators: vec![options.advertise.clone()],
+        transport: options.transport.clone(),
+        token: None,
+        timeout: DASHBOARD_CALL_TIMEOUT,
+    });
+    let handler = move |request| dashboard.clone().handle(request);
+    tokio::spawn(crate::web::serve(listener, tls, handler, shutdown));
+    Ok(())
+}
+
+/// How long the dashboard waits for the leader on a browser's behalf.
+const DASHBOARD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Starts and stops the leader-only work as the role changes.
 async fn leader_duties(
     state: Arc<CoordinatorState>,
@@ -141,6 +192,7 @@ async fn leader_duties(
                 term.create_revision,
                 Instant::now() + options.worker_lost_after,
             );
+            state.metrics.terms_won.inc();
             tokio::spawn(lead(state.clone(), term, options.clone()));
         }
         tokio::select! {
@@ -153,7 +205,8 @@ async fn leader_duties(
 /// One leadership term: load the stored sweeps, then keep scheduling and
 /// watching for lost workers until the term ends.
 async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOptions) {
-    let store = FencedStore::new(state.etcd.clone(), &term);
+    let store = FencedStore::new(state.etcd.clone(), &term)
+        .timed(state.metrics.etcd_commit_seconds.clone());
     match store.begin_term().await {
         Ok(number) => info!(term = number, "leader term recorded"),
         Err(error) => warn!(%error, "could not record the leader term"),

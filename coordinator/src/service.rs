@@ -32,6 +32,7 @@ use crate::limits::{
     DEFAULT_TRIALS_PER_PAGE, MAX_ADDRESS_BYTES, MAX_HOST_BYTES, MAX_PAGE_BYTES, MAX_PATH_BYTES,
     MAX_TRIALS_PER_PAGE, MAX_WORKER_ID_BYTES,
 };
+use crate::metrics::CoordinatorMetrics;
 use crate::registry::ConnectionId;
 use crate::search::Mode;
 use crate::server::{ServeOptions, SubmitLimits};
@@ -55,6 +56,7 @@ pub struct CoordinatorState {
     pub checkpoint_root: PathBuf,
     pub limits: SubmitLimits,
     pub auth: Authenticator,
+    pub metrics: CoordinatorMetrics,
     scheduler: Mutex<Scheduler>,
     /// The current term's writer, once its state is loaded from etcd.
     writer: Mutex<Option<StateWriter>>,
@@ -68,6 +70,7 @@ impl CoordinatorState {
         Self {
             limits: options.limits,
             auth: Authenticator::new(options.transport.clone(), options.admin_token.clone()),
+            metrics: CoordinatorMetrics::default(),
             advertise: options.advertise.clone(),
             etcd,
             role,
@@ -524,6 +527,7 @@ impl Coordinator for CoordinatorService {
                 max_trials: template.max_trials(),
                 owner: caller.user.clone(),
                 failure: None,
+                summary: None,
             };
             (s.submit(SweepRun::new(record, driver, template)), Ok(id))
         });

@@ -7,20 +7,30 @@ use ringleader_proto::coordinator::{
 };
 use serde_json::{json, Value};
 
-use crate::client::{self, Connection};
+use std::time::Duration;
+
+use crate::client::{self, Connection, LeaderClient};
 use crate::error::{Error, Result};
 
 /// Asks the leader (found through any of the given coordinators).
 pub async fn fetch(args: &Connection) -> Result<ClusterStatusResponse> {
     let (leader, mut client) = client::find_leader(args).await?;
-    let response =
-        tokio::time::timeout(args.timeout, client.cluster_status(ClusterStatusRequest {}))
-            .await
-            .map_err(|_| Error::Unreachable {
-                address: leader.clone(),
-                reason: format!("no status within {:?}", args.timeout),
-            })?
-            .map_err(|status| client::status_error(&format!("status from {leader}"), status))?;
+    fetch_from(&leader, &mut client, args.timeout).await
+}
+
+/// Asks `client`, a client of the leader at `leader`.
+pub async fn fetch_from(
+    leader: &str,
+    client: &mut LeaderClient,
+    timeout: Duration,
+) -> Result<ClusterStatusResponse> {
+    let response = tokio::time::timeout(timeout, client.cluster_status(ClusterStatusRequest {}))
+        .await
+        .map_err(|_| Error::Unreachable {
+            address: leader.to_string(),
+            reason: format!("no status within {timeout:?}"),
+        })?
+        .map_err(|status| client::status_error(&format!("status from {leader}"), status))?;
     Ok(response.into_inner())
 }
 
@@ -76,6 +86,9 @@ pub fn to_json(status: &ClusterStatusResponse) -> Value {
                 })).collect::<Vec<_>>(),
                 "last_heartbeat_ms_ago": w.last_heartbeat_ms_ago,
                 "registered_at_unix_ms": w.registered_at_unix_ms,
+                "running": w.running.as_ref().map(|r| json!({
+                    "sweep": r.sweep_id, "trial": r.trial, "attempt": r.attempt,
+                })),
             })
         }).collect::<Vec<_>>(),
     })

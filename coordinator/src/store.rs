@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnResponse};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -31,6 +32,8 @@ pub struct FencedStore {
     etcd: Etcd,
     fence_key: Vec<u8>,
     create_revision: i64,
+    /// Where each transaction's time goes (`ringleader_etcd_commit_seconds`).
+    commit_seconds: Option<Histogram>,
 }
 
 impl FencedStore {
@@ -39,6 +42,15 @@ impl FencedStore {
             etcd,
             fence_key: term.key.clone(),
             create_revision: term.create_revision,
+            commit_seconds: None,
+        }
+    }
+
+    /// Records the time of every transaction in `histogram`.
+    pub fn timed(self, histogram: Histogram) -> Self {
+        Self {
+            commit_seconds: Some(histogram),
+            ..self
         }
     }
 
@@ -59,10 +71,14 @@ impl FencedStore {
         let mut all = vec![fence];
         all.extend(conditions);
         let txn = Txn::new().when(all).and_then(ops).or_else(vec![check]);
+        let started = std::time::Instant::now();
         let response: TxnResponse = self
             .etcd
             .call("write (fenced)", |mut c| async move { c.txn(txn).await })
             .await?;
+        if let Some(histogram) = &self.commit_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
         if response.succeeded() {
             return Ok(true);
         }

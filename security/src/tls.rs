@@ -104,6 +104,31 @@ impl TlsDir {
             .domain_name(server_role.server_name())
     }
 
+    /// The dashboard's HTTPS: our certificate, no client certificate
+    /// asked for (browsers carry none; the API asks for a bearer token).
+    pub fn https_server_config(&self) -> Result<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |file: &str, reason: String| SecurityError::BadMaterial {
+            path: self.dir.join(file),
+            reason,
+        };
+        let chain = CertificateDer::pem_slice_iter(self.cert.as_bytes())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(CERT_FILE, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes())
+            .map_err(|e| bad(KEY_FILE, e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(CERT_FILE, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(KEY_FILE, e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// Client side for servers that are not ours (etcd): verify the
     /// server by the host it is dialled at, present our certificate.
     pub fn client_config_by_host(&self) -> ClientTlsConfig {

@@ -175,6 +175,7 @@ impl TestCluster {
                 PathBuf::from("/usr/share/datasets"),
                 PathBuf::from("/var/tmp/ringleader"),
             ],
+            dashboard_listen: None,
         };
         let cluster = LocalCluster::start(options).await.expect("cluster starts");
         Self { cluster, dir }

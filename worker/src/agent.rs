@@ -195,6 +195,7 @@ async fn attach_once(
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
                     last_heard = Instant::now();
+                    crate::metrics::worker().heard_from_leader();
                     match message.kind {
                         Some(coordinator_message::Kind::Assign(assignment)) => trials.start(assignment),
                         Some(coordinator_message::Kind::Stop(stop)) => {

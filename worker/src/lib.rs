@@ -16,5 +16,6 @@ pub mod collective;
 pub mod confine;
 pub mod device;
 pub mod lineage;
+pub mod metrics;
 pub mod train;
 pub mod trial;

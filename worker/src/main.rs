@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ringleader_collective::ring;
 use ringleader_collective::{CollectiveService, LocalSocket, RingOptions};
-use ringleader_coordinator::cli::{parse_duration, TlsArgs};
+use ringleader_coordinator::cli::{
+    parse_duration, parse_optional_address, OptionalAddress, TlsArgs,
+};
 use ringleader_coordinator::client::{self, Connection};
 use ringleader_coordinator::runtime;
 use ringleader_proto::coordinator::Register;
@@ -17,6 +19,7 @@ use ringleader_security::{Role, Transport};
 use ringleader_worker::agent::{self, AgentOptions};
 use ringleader_worker::confine::RootArgs;
 use ringleader_worker::device::{self, DeviceRequest};
+use ringleader_worker::metrics;
 use ringleader_worker::trial::{TrialContext, Trials};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -178,6 +181,11 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "RINGLEADER_LOG_JSON")]
     log_json: bool,
+
+    /// Where to serve Prometheus /metrics (plain HTTP, for scrapers: keep
+    /// the port off public networks). "off" serves none.
+    #[arg(long, env = "RINGLEADER_METRICS_LISTEN", default_value = "0.0.0.0:7590", value_parser = parse_optional_address)]
+    metrics_listen: OptionalAddress,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -244,6 +252,15 @@ async fn run(args: Args) -> Result<()> {
         gpus = resources.gpus.len(),
         "worker starting"
     );
+
+    if let OptionalAddress(Some(listen)) = args.metrics_listen {
+        ringleader_coordinator::metrics::serve_registry(
+            listen,
+            || metrics::worker().render(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
 
     let listener = TcpListener::bind(args.listen)
         .await

@@ -324,7 +324,9 @@ async fn run_attempt(
     let reference = attempt.clone();
     let stopping = stop.clone();
     let trained = tokio::task::spawn_blocking(move || {
+        let global_batch = f64::from(segment.spec.batch_size) * segment.world as f64;
         let result = train::run_segment(&segment, &mut ring, &runtime, &mut |epoch| {
+            crate::metrics::worker().epoch_done(&epoch.metrics, global_batch);
             if segment.rank == 0 {
                 reports.report(worker_message::Kind::Epoch(EpochMessage {
                     attempt: Some(reference.clone()),

@@ -3,9 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use ringleader_proto::coordinator::{
     CancelSweepRequest, GetSweepRequest, ListSweepsRequest, SubmitKind, SubmitRequest,
 };
@@ -27,11 +29,7 @@ pub struct SweepView {
 
 impl SweepView {
     fn mode(&self) -> Mode {
-        if self.record.objective_mode == "min" {
-            Mode::Min
-        } else {
-            Mode::Max
-        }
+        self.record.mode()
     }
 
     pub fn best(&self) -> Option<&TrialRecord> {
@@ -112,7 +110,11 @@ pub async fn submit(args: &Connection, kind: SweepKind, file: &Path) -> Result<S
 
 /// A sweep and all its trials, read page by page.
 pub async fn get(args: &Connection, id: &str) -> Result<SweepView> {
-    let mut leader = leader(args).await?;
+    get_from(&mut leader(args).await?, id).await
+}
+
+/// [`get`] from a client of the leader.
+pub async fn get_from(leader: &mut LeaderClient, id: &str) -> Result<SweepView> {
     let mut trials = Vec::new();
     let mut from = 0;
     loop {
@@ -145,19 +147,25 @@ pub async fn get(args: &Connection, id: &str) -> Result<SweepView> {
 }
 
 pub async fn list(args: &Connection) -> Result<Vec<SweepRecord>> {
-    let response = leader(args)
-        .await?
+    Ok(list_from(&mut leader(args).await?).await?.0)
+}
+
+/// The sweeps a client of the leader may see, and the records that
+/// could not be read (each naming its etcd key).
+pub async fn list_from(leader: &mut LeaderClient) -> Result<(Vec<SweepRecord>, Vec<String>)> {
+    let response = leader
         .list_sweeps(ListSweepsRequest {
             include_spec: false,
         })
         .await
         .map_err(|s| status_error("list", s))?
         .into_inner();
-    response
+    let sweeps = response
         .sweep_json
         .iter()
         .map(|s| parse_record(s))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((sweeps, response.unreadable))
 }
 
 pub async fn cancel(args: &Connection, id: &str) -> Result<u32> {
@@ -177,7 +185,7 @@ fn parse_record<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
     })
 }
 
-/// Polls until the sweep finishes, printing progress as it changes; rides
+/// Polls until the sweep finishes, showing progress as it changes; rides
 /// out leader failovers (the state is in etcd), but gives up once no
 /// coordinator has answered for `give_up_after`. Returns the final view.
 pub async fn watch(
@@ -186,30 +194,22 @@ pub async fn watch(
     every: Duration,
     give_up_after: Duration,
 ) -> Result<SweepView> {
-    let mut printed = BTreeSet::new();
-    let mut last_line = String::new();
+    let mut progress = Progress::new();
     let mut last_answer = tokio::time::Instant::now();
     loop {
         let asked = tokio::time::Instant::now();
         match get(args, id).await {
             Ok(view) => {
                 last_answer = tokio::time::Instant::now();
-                let lines = match view.record.kind {
-                    SweepKind::Job => job_progress(&view, &mut printed),
-                    SweepKind::Sweep => sweep_progress(&view),
-                };
-                for line in lines {
-                    if line != last_line {
-                        println!("{line}");
-                        last_line = line;
-                    }
-                }
+                progress.show(&view);
                 if view.record.state.is_terminal() {
+                    progress.finish();
                     return Ok(view);
                 }
             }
             Err(error @ (Error::Unreachable { .. } | Error::NoLeader { .. })) => {
                 if last_answer.elapsed() >= give_up_after {
+                    progress.finish();
                     return Err(Error::Unreachable {
                         address: args.coordinators.join(","),
                         reason: format!(
@@ -219,13 +219,132 @@ pub async fn watch(
                         ),
                     });
                 }
-                eprintln!("waiting for the leader: {error}");
+                progress.waiting(&error);
             }
-            Err(error) => return Err(error),
+            Err(error) => {
+                progress.finish();
+                return Err(error);
+            }
         }
         // A sweep of many trials takes a while to read: poll no harder
         // than half the time (the leader serves others too).
         tokio::time::sleep(every.max(asked.elapsed() * 2)).await;
+    }
+}
+
+/// How `--watch` shows progress: a live bar on a terminal; plain lines,
+/// each printed once, anywhere else (CI logs, pipes).
+enum Progress {
+    Bar(ProgressBar),
+    Lines {
+        printed: BTreeSet<(u32, u32)>,
+        last_line: String,
+    },
+}
+
+impl Progress {
+    fn new() -> Self {
+        if !std::io::stdout().is_terminal() {
+            return Progress::Lines {
+                printed: BTreeSet::new(),
+                last_line: String::new(),
+            };
+        }
+        let bar = ProgressBar::new(0);
+        let style = ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} {prefix} (eta {eta})  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress::Bar(bar)
+    }
+
+    fn show(&mut self, view: &SweepView) {
+        match self {
+            Progress::Lines { printed, last_line } => {
+                let lines = match view.record.kind {
+                    SweepKind::Job => job_progress(view, printed),
+                    SweepKind::Sweep => sweep_progress(view),
+                };
+                for line in lines {
+                    if line != *last_line {
+                        println!("{line}");
+                        *last_line = line;
+                    }
+                }
+            }
+            Progress::Bar(bar) => {
+                let (done, total, unit, message) = bar_state(view);
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_prefix(unit);
+                bar.set_message(message);
+            }
+        }
+    }
+
+    fn waiting(&mut self, error: &Error) {
+        match self {
+            Progress::Bar(bar) => bar.set_message(format!("waiting for the leader: {error}")),
+            Progress::Lines { .. } => eprintln!("waiting for the leader: {error}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish();
+        }
+    }
+}
+
+/// A view as a bar: done, total, what is counted, and a message.
+fn bar_state(view: &SweepView) -> (u64, u64, &'static str, String) {
+    match view.record.kind {
+        SweepKind::Job => {
+            let Some(trial) = view.trials.first() else {
+                return (0, 0, "epochs", "waiting for workers".into());
+            };
+            let total = trial.attempts.last().map_or(0, |a| a.stop_epoch);
+            let last = trial.metrics.last();
+            let shown = last.map(|m| {
+                let wanted = [view.record.objective_metric.as_str(), "train_loss"];
+                m.metrics
+                    .iter()
+                    .filter(|(k, _)| wanted.contains(&k.as_str()))
+                    .map(|(k, v)| format!("{k} {}", number(*v)))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            });
+            let epoch = last.map_or(0, |m| m.epoch);
+            (
+                u64::from(epoch),
+                u64::from(total.max(epoch)),
+                "epochs",
+                format!("{}: {}", state_name(trial.state), shown.unwrap_or_default()),
+            )
+        }
+        SweepKind::Sweep => {
+            let done = view.trials.iter().filter(|t| t.state.is_terminal()).count();
+            let best = view
+                .best()
+                .map(|t| {
+                    format!(
+                        "  best #{} {}={}",
+                        t.number,
+                        view.record.objective_metric,
+                        number(t.objective.unwrap_or(f64::NAN))
+                    )
+                })
+                .unwrap_or_default();
+            let message = format!(
+                "{} running, {} paused{best}",
+                view.count(TrialState::Running),
+                view.count(TrialState::Paused)
+            );
+            (done as u64, view.record.max_trials, "trials", message)
+        }
     }
 }
 

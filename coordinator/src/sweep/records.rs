@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::driver::best_trial;
+use crate::search::Mode;
+
 pub use float::Float;
 
 pub const SWEEPS_PREFIX: &str = "/ringleader/sweeps/";
@@ -78,9 +81,69 @@ pub struct SweepRecord {
     /// do not replay), each problem naming the etcd key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Trials by state and the best so far: kept current by the leader
+    /// while the sweep runs and written with the finished record, so a
+    /// list of sweeps shows progress without reading every trial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SweepSummary>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl SweepRecord {
+    pub fn mode(&self) -> Mode {
+        if self.objective_mode == "min" {
+            Mode::Min
+        } else {
+            Mode::Max
+        }
+    }
+}
+
+/// How a state or outcome is spelled in records (`early_stopped`).
+pub fn wire_name<T: Serialize>(value: T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// A sweep's trials at a glance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SweepSummary {
+    pub trials: BTreeMap<TrialState, u64>,
+    /// Attempts by outcome (`running` while live).
+    #[serde(default)]
+    pub attempts: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub best_trial: Option<u64>,
+    #[serde(default, with = "float::option")]
+    pub best_objective: Option<f64>,
+}
+
+impl SweepSummary {
+    pub fn of<'a>(trials: impl Iterator<Item = &'a TrialRecord> + Clone, mode: Mode) -> Self {
+        let mut counts = BTreeMap::new();
+        let mut attempts = BTreeMap::new();
+        for t in trials.clone() {
+            *counts.entry(t.state).or_insert(0) += 1;
+            for a in &t.attempts {
+                let outcome = match a.outcome {
+                    None => "running".to_string(),
+                    Some(outcome) => wire_name(outcome),
+                };
+                *attempts.entry(outcome).or_insert(0) += 1;
+            }
+        }
+        let best = best_trial(trials.filter(|t| t.state.has_result()), mode);
+        Self {
+            trials: counts,
+            attempts,
+            best_trial: best.map(|t| t.number),
+            best_objective: best.and_then(|t| t.objective),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrialState {
     /// Waiting for workers (new, or re-queued after a failed attempt).

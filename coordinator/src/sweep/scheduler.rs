@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::driver::{Driver, Work};
 use super::records::{
     sweep_key, trial_key, AttemptOutcome, FileDigest, Lineage, SweepKind, SweepRecord, SweepState,
-    TrialRecord,
+    SweepSummary, TrialRecord,
 };
 use super::template::Template;
 use crate::error::Error;
@@ -74,6 +74,11 @@ pub struct SweepRun {
 }
 
 impl SweepRun {
+    /// Its trials at a glance, as they stand.
+    pub fn summary(&self) -> SweepSummary {
+        SweepSummary::of(self.driver.trials().values(), self.record.mode())
+    }
+
     pub fn new(record: SweepRecord, driver: Driver, template: Template) -> Self {
         Self {
             record,
@@ -241,7 +246,11 @@ impl Scheduler {
             .finished
             .values()
             .cloned()
-            .chain(self.sweeps.values().map(|r| r.record.clone()))
+            .chain(self.sweeps.values().map(|r| {
+                let mut record = r.record.clone();
+                record.summary = Some(r.summary());
+                record
+            }))
             .collect();
         all.sort_by_key(|r| r.seq);
         all
@@ -554,6 +563,7 @@ impl Scheduler {
         }
         run.record.state = SweepState::Cancelled;
         run.record.finished_unix_ms = Some(unix_ms());
+        run.record.summary = Some(run.summary());
         effects.write_sweep(&run.record);
         info!(sweep = id, stopped, "sweep cancelled");
         self.finished.insert(id.to_string(), run.record);
@@ -715,8 +725,9 @@ impl Scheduler {
                 SweepState::Failed
             };
             run.record.finished_unix_ms = Some(unix_ms());
+            run.record.summary = Some(run.summary());
             effects.write_sweep(&run.record);
-            info!(sweep = %run.record.id, state = ?run.record.state, trials = trials.len(), "sweep finished");
+            info!(sweep = %run.record.id, state = ?run.record.state, trials = run.driver.trials().len(), "sweep finished");
             self.finished.insert(run.record.id.clone(), run.record);
         }
     }

@@ -1124,7 +1124,10 @@ impl Epochs for Trainer<'_> {
                 evaluations: self.evaluations.clone(),
                 input_shape: self.data.train.features.size()[1..].to_vec(),
             };
-            checkpoint::save(dir, &tensors, &sidecar, Durability::Synced)?
+            let started = Instant::now();
+            let path = checkpoint::save(dir, &tensors, &sidecar, Durability::Synced)?;
+            crate::metrics::worker().checkpoint_written(started.elapsed());
+            path
         } else {
             checkpoint::tensors_path(dir, epoch)
         };
