@@ -15,7 +15,7 @@ VENV="$CACHE/venv"
 TORCH_VERSION="2.11.0"
 APT_PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev dataset-fashion-mnist
   build-essential pkg-config python3-venv python3-pip iperf3 binutils curl ca-certificates
-  openssl)
+  openssl chromium)
 
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nsetup failed at step "%s": %s\n' "$CURRENT" "$1" >&2; exit 1; }

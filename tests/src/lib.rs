@@ -15,10 +15,11 @@ use std::sync::Arc;
 use ringleader_coordinator::client::Connection;
 use ringleader_coordinator::local::{EtcdServer, LocalCluster, LocalClusterOptions};
 use ringleader_proto::coordinator::{ClusterStatusResponse, WhoIsLeaderRequest, WorkerState};
-use ringleader_security::{Role, TlsDir, Transport};
+use ringleader_security::{Role, TlsDir, Token, Transport};
 
 pub mod chaos;
 pub mod sweeps;
+pub mod web;
 
 /// Default election lease for test clusters (the product default).
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -377,4 +378,19 @@ impl Drop for TestCluster {
         }
         self.cluster.shutdown(Duration::from_secs(5));
     }
+}
+
+/// `ringleader token create` as the cluster's admin; returns the token.
+pub fn must_create_token(cluster: &TestCluster, name: &str, role: &str) -> Token {
+    let out = command("ringleader")
+        .env("RINGLEADER_CONFIG", cluster.cluster.client_config_path())
+        .args(["token", "create", "--name", name, "--role", role])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Token::parse(&String::from_utf8_lossy(&out.stdout)).expect("token create prints the token")
 }

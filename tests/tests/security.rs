@@ -20,7 +20,7 @@ use ringleader_proto::coordinator::{
 use ringleader_security::certs::{self, InitOptions};
 use ringleader_security::{Role, TlsDir, Token, Transport};
 use ringleader_tests::sweeps::{must_finish_sweep, write_spec, BraninSweep};
-use ringleader_tests::{command, wait_until, TestCluster};
+use ringleader_tests::{command, must_create_token, wait_until, TestCluster};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -213,21 +213,6 @@ async fn a_certificates_role_decides_which_calls_it_may_make() {
     assert!(workers.iter().all(|w| w.worker_id != "impostor"));
 }
 
-/// `ringleader token create` as the cluster's admin; returns the token.
-fn create_token(cluster: &TestCluster, name: &str, role: &str) -> Token {
-    let out = command("ringleader")
-        .env("RINGLEADER_CONFIG", cluster.cluster.client_config_path())
-        .args(["token", "create", "--name", name, "--role", role])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "token create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Token::parse(&String::from_utf8_lossy(&out.stdout)).expect("token create prints the token")
-}
-
 fn as_user(cluster: &TestCluster, token: &Token) -> Connection {
     Connection {
         token: Some(token.clone()),
@@ -264,9 +249,9 @@ async fn cancel(connection: &Connection, id: &str) -> Result<(), tonic::Status> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_owners_decide_what_users_may_do() {
     let mut cluster = TestCluster::must_start_formed(2, 1).await;
-    let alice = create_token(&cluster, "alice", "user");
-    let bob = create_token(&cluster, "bob", "user");
-    let vera = create_token(&cluster, "vera", "viewer");
+    let alice = must_create_token(&cluster, "alice", "user");
+    let bob = must_create_token(&cluster, "bob", "user");
+    let vera = must_create_token(&cluster, "vera", "viewer");
     let spec = write_spec(&cluster, "slow.toml", &slow_sweep());
 
     // No token, a malformed one, and one this cluster never issued.
