@@ -397,6 +397,11 @@ pub struct LocalArgs {
     )]
     pub dashboard_listen: SocketAddr,
 
+    /// After the command ends, keep the cluster (and its dashboard) running
+    /// until Ctrl-C; the exit status is still the command's.
+    #[arg(long, env = "RINGLEADER_LOCAL_KEEP_RUNNING")]
+    pub keep_running: bool,
+
     /// Directory the workers may read data sets and TorchScript modules
     /// from; repeatable (default: the worker's own defaults).
     #[arg(

@@ -350,13 +350,22 @@ async fn run_cluster(
     };
 
     let mut poll = tokio::time::interval(Duration::from_millis(200));
+    let mut exit = ExitCode::SUCCESS;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+            _ = shutdown.cancelled() => return Ok(exit),
             status = async { command.as_mut().expect("guarded").wait().await }, if command.is_some() => {
                 let status = status.context("waiting for the command")?;
                 let code = status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1);
-                return Ok(ExitCode::from(code));
+                if !args.keep_running {
+                    return Ok(ExitCode::from(code));
+                }
+                command = None;
+                exit = ExitCode::from(code);
+                println!("the command ended ({status}); the cluster keeps running (--keep-running): press Ctrl-C to stop");
+                if let Some(url) = cluster.dashboard_url() {
+                    println!("  dashboard:   {url}");
+                }
             }
             _ = poll.tick() => {
                 if let Some(dead) = cluster.first_dead_member() {

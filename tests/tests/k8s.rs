@@ -14,6 +14,15 @@
 //!   environment, every `RINGLEADER_*` key of a referenced ConfigMap is an
 //!   `[env: …]` of the binary, and the binary accepts the whole command line
 //!   with that environment (clap exits 2 on a bad flag or value);
+//! * every container port of ours is served by the listener of that name
+//!   (`LISTENERS`: `grpc` by `--listen`, `dashboard` by
+//!   `--dashboard-listen`, `metrics` by `--metrics-listen`, each flag with
+//!   its `[env: …]` as the binary's help gives it), set explicitly by flag
+//!   or ConfigMap to every interface and that port, and every listener of
+//!   the binary that is not `off` has its container port;
+//! * our pods carry the `prometheus.io/{scrape,port,path,scheme}`
+//!   annotations for their `metrics` port, `/metrics`, plain http, and any
+//!   pod Prometheus is told to scrape is reachable by the monitoring pods;
 //! * probes point at a container port, and none of ours is a gRPC probe
 //!   (the kubelet's speaks no TLS);
 //! * our images are tagged with the workspace version, no image is untagged
@@ -57,14 +66,18 @@
 //!   known names, required, read-only, mode without world bits;
 //! * NetworkPolicies, evaluated as the API defines them for our pods and for
 //!   strangers: a default deny, etcd's client port only from coordinators,
-//!   its peer port only from etcd, the ring only from workers, the API from
-//!   workers, coordinators and labelled clients.
+//!   its peer port only from etcd, the ring only from workers, the API and
+//!   the dashboard from workers, coordinators and labelled clients, the
+//!   coordinators' and workers' metrics ports only from the monitoring pods
+//!   (Prometheus in the namespace `monitoring`), and every container port
+//!   of our pods has such an expectation.
 //!
 //! The certificates (`cert_manager_problems`, `certs_init_…`): every TLS
 //! Secret the pods mount is made by a Certificate of k8s/cert-manager and
 //! by the `ringleader certs init` command of docs/KUBERNETES.md (run for
 //! real, read with `openssl x509`) with its role name and usages, etcd's
-//! covering every host the manifests dial it by; the guide's `kubectl
+//! covering every host the manifests dial it by, the coordinator's naming
+//! localhost and 127.0.0.1 (the port-forwarded dashboard); the guide's `kubectl
 //! create secret` lines make every Secret.
 //!
 //! `checks_catch_broken_manifests`, `spec_checks_catch_broken_specs_and_mounts`
@@ -98,6 +111,35 @@ const CHECKPOINT_CLAIM: &str = "ringleader-checkpoints";
 const WORKER_DEFAULT_DATA_ROOTS: &str = "/usr/share/datasets,/var/tmp/ringleader";
 /// Documents that tell users to run `/etc/ringleader/specs/FILE`.
 const DOCS: &[&str] = &["docs/KUBERNETES.md", "README.md"];
+/// What serves each container port of ours: (program, container port
+/// name, the flag that sets its address, the flag's variable). Each is set
+/// explicitly (a flag or a ConfigMap key) to every interface and the
+/// container port's number; a container port of ours that is none of these
+/// is served by nothing.
+const LISTENERS: &[(&str, &str, &str, &str)] = &[
+    ("ringleader serve", "grpc", "--listen", "RINGLEADER_LISTEN"),
+    (
+        "ringleader serve",
+        "dashboard",
+        "--dashboard-listen",
+        "RINGLEADER_DASHBOARD_LISTEN",
+    ),
+    (
+        "ringleader serve",
+        "metrics",
+        "--metrics-listen",
+        "RINGLEADER_METRICS_LISTEN",
+    ),
+    ("ringleader-worker", "grpc", "--listen", "RINGLEADER_LISTEN"),
+    (
+        "ringleader-worker",
+        "metrics",
+        "--metrics-listen",
+        "RINGLEADER_METRICS_LISTEN",
+    ),
+];
+/// Addresses a listener may take: every interface, or the pod's own IP.
+const POD_WIDE_HOSTS: &[&str] = &["0.0.0.0", "[::]", "$(POD_IP)"];
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -230,6 +272,31 @@ fn long_options(help: &str) -> BTreeSet<String> {
         .filter(|word| word.starts_with("--") && word.len() > 2)
         .map(|word| word.trim_end_matches('-').to_string())
         .collect()
+}
+
+/// The variable of the long option `flag` in a clap help text: None when
+/// the help has no such option, Some(None) when it names no `[env: …]`.
+fn option_env(help: &str, flag: &str) -> Option<Option<String>> {
+    let lines: Vec<&str> = help.lines().collect();
+    let start = lines.iter().position(|line| {
+        line.trim()
+            .split(", ")
+            .any(|part| part.split_whitespace().next() == Some(flag))
+    })?;
+    // The option's paragraph: up to the next option.
+    let paragraph: String = lines[start..]
+        .iter()
+        .enumerate()
+        .take_while(|(i, line)| *i == 0 || !line.trim_start().starts_with('-'))
+        .map(|(_, line)| *line)
+        .collect::<Vec<_>>()
+        .join(" ");
+    Some(
+        paragraph
+            .split_once("[env: ")
+            .and_then(|(_, rest)| rest.split_once('='))
+            .map(|(var, _)| var.to_string()),
+    )
 }
 
 /// `$(VAR)` references in an argument.
@@ -419,6 +486,7 @@ impl Checker {
                     }
                 }
                 self.check_command_line(&name, c, &config_maps, &mut problems);
+                self.check_listeners(&name, c, &config_maps, &mut problems);
                 if our_binary(str_of(&c["image"])) == Some("ringleader-worker") {
                     check_worker_device(overlay, &name, c, &mut problems);
                 }
@@ -435,6 +503,9 @@ impl Checker {
                 "overlay {overlay} mentions nvidia.com/gpu; only the gpu overlay may"
             ));
         }
+
+        // Prometheus finds and may reach the metrics ports.
+        problems.extend(scrape_problems(docs));
 
         // Secure by default: TLS everywhere, Secrets only by reference, pods
         // unprivileged, NetworkPolicies that fence etcd and the ring.
@@ -602,6 +673,114 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// Every container port of ours is served by its listener
+    /// (`LISTENERS`), which the binary's help documents with that variable,
+    /// set explicitly to every interface and that port; every listener that
+    /// is not `off` has its container port.
+    fn check_listeners(
+        &mut self,
+        name: &str,
+        c: &Value,
+        config_maps: &BTreeMap<&str, &Value>,
+        problems: &mut Vec<String>,
+    ) {
+        let Some(binary) = our_binary(str_of(&c["image"])) else {
+            return;
+        };
+        let argv = argv_of(c);
+        let env = container_env(c, config_maps).vars;
+        let subcommand = match binary {
+            "ringleader" => argv
+                .first()
+                .map(String::as_str)
+                .filter(|s| !s.starts_with('-')),
+            _ => None,
+        };
+        let program = match subcommand {
+            Some(sub) => format!("{binary} {sub}"),
+            None => binary.to_string(),
+        };
+        let ports: Vec<(String, u64)> = seq(&c["ports"])
+            .iter()
+            .map(|p| {
+                (
+                    str_of(&p["name"]).to_string(),
+                    p["containerPort"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        let listeners: Vec<_> = LISTENERS.iter().filter(|l| l.0 == program).collect();
+        for (port_name, number) in &ports {
+            if !listeners.iter().any(|l| l.1 == port_name) {
+                problems.push(format!(
+                    "{name}: container port {port_name:?} ({number}) is served by no listener \
+                     of `{program}` (LISTENERS: {:?})",
+                    listeners.iter().map(|l| l.1).collect::<Vec<_>>()
+                ));
+            }
+        }
+        let help = self.help(binary, subcommand).to_string();
+        for &&(_, port_name, flag, var) in &listeners {
+            match option_env(&help, flag) {
+                None => {
+                    problems.push(format!(
+                        "{name}: `{program}` has no option {flag}, which LISTENERS says \
+                         serves port {port_name}"
+                    ));
+                    continue;
+                }
+                Some(documented) if documented.as_deref() != Some(var) => {
+                    problems.push(format!(
+                        "{name}: `{program}` {flag} reads {documented:?}, not {var}"
+                    ));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let declared = ports.iter().find(|(n, _)| n == port_name).map(|p| p.1);
+            let Some(value) = setting(&argv, &env, flag, var) else {
+                problems.push(format!(
+                    "{name}: {flag} ({var}) is not set; set the address of port {port_name} \
+                     explicitly, not by the binary's default"
+                ));
+                continue;
+            };
+            if value == "off" {
+                if let Some(number) = declared {
+                    problems.push(format!(
+                        "{name}: declares container port {port_name} ({number}), but {flag} is \
+                         off"
+                    ));
+                }
+                continue;
+            }
+            let Some(number) = declared else {
+                problems.push(format!(
+                    "{name}: serves {flag}={value} but has no container port named {port_name}"
+                ));
+                continue;
+            };
+            let Some((host, port)) = value.rsplit_once(':') else {
+                problems.push(format!("{name}: {flag}={value} is no host:port"));
+                continue;
+            };
+            if !POD_WIDE_HOSTS.contains(&host) {
+                problems.push(format!(
+                    "{name}: {flag}={value} listens on {host} only; port {port_name} must be \
+                     served on one of {POD_WIDE_HOSTS:?}"
+                ));
+            }
+            if expand(port, &env).parse::<u64>().ok() != Some(number) {
+                problems.push(format!(
+                    "{name}: container port {port_name} is {number}, but {flag} listens on \
+                     {value}"
+                ));
+            }
+        }
+    }
+}
+
 /// Starts `binary argv` with exactly `env` (plus PATH) and reports a usage
 /// error: clap exits with status 2 at once. Anything else — running, or
 /// failing later because etcd or the coordinator cannot be reached here —
@@ -720,6 +899,15 @@ fn the_rendering_holds_what_the_guide_promises() {
         assert!(seq(&service["spec"]["ports"])
             .iter()
             .any(|p| str_of(&p["name"]) == "grpc" && p["port"].as_u64() == Some(7400)));
+        // `kubectl port-forward svc/ringleader-coordinator 7480` (the guide).
+        assert!(
+            seq(&service["spec"]["ports"]).iter().any(|p| {
+                str_of(&p["name"]) == "dashboard"
+                    && p["port"].as_u64() == Some(7480)
+                    && str_of(&p["targetPort"]) == "dashboard"
+            }),
+            "overlay {overlay}: the coordinator Service has no port dashboard 7480 → dashboard"
+        );
         let tolerations =
             serde_yaml::to_string(&worker["spec"]["template"]["spec"]["tolerations"]).unwrap();
         assert_eq!(
@@ -873,6 +1061,147 @@ fn checks_catch_broken_manifests() {
         "a ConfigMap key no binary reads",
         &problems,
         "RINGLEADER_LEASE_TIME is no environment variable",
+    );
+
+    // Listeners and their container ports. The help is read option by
+    // option: --listen is not --dashboard-listen, nor a prefix an option.
+    let mut checker = Checker::new(false);
+    let serve = checker.help("ringleader", Some("serve")).to_string();
+    assert_eq!(
+        option_env(&serve, "--listen"),
+        Some(Some("RINGLEADER_LISTEN".into()))
+    );
+    assert_eq!(
+        option_env(&serve, "--dashboard-listen"),
+        Some(Some("RINGLEADER_DASHBOARD_LISTEN".into()))
+    );
+    assert_eq!(option_env(&serve, "--metrics"), None);
+    assert_eq!(option_env(&serve, "--help"), Some(None));
+    let problems = problems_after("StatefulSet", "ringleader-worker", |doc| {
+        arg_replace(
+            doc,
+            "--metrics-listen=",
+            Some("--metrics-listen=0.0.0.0:7591"),
+        );
+    });
+    assert_reported(
+        "a metrics port the worker does not listen on",
+        &problems,
+        "container port metrics is 7590, but --metrics-listen listens on 0.0.0.0:7591",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        arg_replace(doc, "--dashboard-listen=", Some("--dashboard-listen=off"));
+    });
+    assert_reported(
+        "a dashboard port that is switched off",
+        &problems,
+        "declares container port dashboard (7480), but --dashboard-listen is off",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        arg_replace(
+            doc,
+            "--metrics-listen=",
+            Some("--metrics-listen=127.0.0.1:7490"),
+        );
+    });
+    assert_reported(
+        "metrics on the loopback only",
+        &problems,
+        "--metrics-listen=127.0.0.1:7490 listens on 127.0.0.1 only",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        arg_replace(doc, "--metrics-listen=", None);
+    });
+    assert_reported(
+        "a metrics address left to the default",
+        &problems,
+        "--metrics-listen (RINGLEADER_METRICS_LISTEN) is not set",
+    );
+
+    // The same address from the ConfigMap is as good as the flag; a
+    // variable of another listener is not.
+    let moved = |var: &str| {
+        problems_after_docs(|docs| {
+            let coordinator = doc_mut(docs, "Deployment", "ringleader-coordinator");
+            arg_replace(coordinator, "--metrics-listen=", None);
+            let settings = doc_mut(docs, "ConfigMap", "ringleader-coordinator");
+            settings["data"][var] = Value::from("0.0.0.0:7490");
+        })
+    };
+    assert_clean("cpu", &moved("RINGLEADER_METRICS_LISTEN"));
+    assert_reported(
+        "the metrics address under the dashboard's variable",
+        &moved("RINGLEADER_DASHBOARD_LISTEN"),
+        "--metrics-listen (RINGLEADER_METRICS_LISTEN) is not set",
+    );
+
+    let problems = problems_after("StatefulSet", "ringleader-worker", |doc| {
+        let c = container_mut(doc, &["spec", "template"]);
+        let ports = c["ports"].as_sequence_mut().unwrap();
+        ports.retain(|p| str_of(&p["name"]) != "metrics");
+    });
+    assert_reported(
+        "a listener without its container port",
+        &problems,
+        "serves --metrics-listen=0.0.0.0:7590 but has no container port named metrics",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        let c = container_mut(doc, &["spec", "template"]);
+        c["ports"][1]["name"] = Value::from("https");
+    });
+    assert_reported(
+        "a container port no listener serves",
+        &problems,
+        "container port \"https\" (7480) is served by no listener of `ringleader serve`",
+    );
+
+    // Prometheus's annotations.
+    let problems = problems_after("StatefulSet", "ringleader-worker", |doc| {
+        doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] =
+            Value::from("7500");
+    });
+    assert_reported(
+        "a scrape on the ring port",
+        &problems,
+        "prometheus.io/port is Some(\"7500\"), not \"7590\"",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        doc["spec"]["template"]["metadata"]
+            .as_mapping_mut()
+            .unwrap()
+            .remove("annotations");
+    });
+    assert_reported(
+        "coordinators Prometheus does not find",
+        &problems,
+        "prometheus.io/scrape is None, not \"true\"",
+    );
+
+    let problems = problems_after("Deployment", "ringleader-coordinator", |doc| {
+        doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] =
+            Value::from("https");
+    });
+    assert_reported(
+        "metrics scraped over https",
+        &problems,
+        "prometheus.io/scheme is \"https\"",
+    );
+
+    let problems = problems_after("StatefulSet", "etcd", |doc| {
+        let mut annotations = Mapping::new();
+        annotations.insert("prometheus.io/scrape".into(), "true".into());
+        annotations.insert("prometheus.io/port".into(), "2381".into());
+        doc["spec"]["template"]["metadata"]["annotations"] = Value::Mapping(annotations);
+    });
+    assert_reported(
+        "a scrape the NetworkPolicies refuse",
+        &problems,
+        "StatefulSet/etcd: Prometheus is told to scrape port 2381, but the NetworkPolicies keep",
     );
 
     // Secure by default: each check of security_problems fails on a
@@ -1365,6 +1694,101 @@ fn security_checks_catch_broken_manifests() {
         "the API policy on the wrong port",
         &problems,
         "NetworkPolicies keep worker pods from ringleader-coordinator port 7400",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-coordinator", |doc| {
+        let ports = doc["spec"]["ingress"][0]["ports"]
+            .as_sequence_mut()
+            .unwrap();
+        ports.retain(|p| p["port"].as_u64() != Some(7480));
+    });
+    assert_reported(
+        "a dashboard closed to the API's callers",
+        &problems,
+        "NetworkPolicies keep a client pod of the namespace from ringleader-coordinator port 7480",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-coordinator", |doc| {
+        let ports = doc["spec"]["ingress"][0]["ports"]
+            .as_sequence_mut()
+            .unwrap();
+        ports.push(parse("protocol: TCP\nport: metrics\n").remove(0));
+    });
+    assert_reported(
+        "the coordinators' metrics open to the API's callers",
+        &problems,
+        "NetworkPolicies let worker pods reach ringleader-coordinator port 7490",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-metrics", |doc| {
+        let peer = doc["spec"]["ingress"][0]["from"][0]
+            .as_mapping_mut()
+            .unwrap();
+        peer.remove("namespaceSelector");
+    });
+    assert_reported(
+        "metrics open to Prometheus pods of this namespace only",
+        &problems,
+        "NetworkPolicies let a Prometheus pod of the namespace reach ringleader-worker port 7590",
+    );
+    assert_reported(
+        "metrics open to Prometheus pods of this namespace only",
+        &problems,
+        "NetworkPolicies keep a monitoring pod from ringleader-coordinator port 7490",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-metrics", |doc| {
+        let peer = doc["spec"]["ingress"][0]["from"][0]
+            .as_mapping_mut()
+            .unwrap();
+        peer.remove("podSelector");
+    });
+    assert_reported(
+        "metrics open to the whole monitoring namespace",
+        &problems,
+        "NetworkPolicies let an unlabelled pod of the monitoring namespace reach \
+         ringleader-coordinator port 7490",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-metrics", |doc| {
+        doc["spec"]["ingress"][0]
+            .as_mapping_mut()
+            .unwrap()
+            .remove("ports");
+    });
+    assert_reported(
+        "Prometheus admitted to every port",
+        &problems,
+        "NetworkPolicies let a monitoring pod reach ringleader-worker port 7500",
+    );
+
+    let problems = problems_after("NetworkPolicy", "ringleader-metrics", |doc| {
+        doc["spec"]["podSelector"] = parse("{}").remove(0);
+    });
+    assert_reported(
+        "Prometheus admitted to etcd's metrics",
+        &problems,
+        "NetworkPolicies let a monitoring pod reach etcd port 2381",
+    );
+
+    let problems = problems_after_docs(|docs| {
+        docs.retain(|d| !(str_of(&d["kind"]) == "NetworkPolicy" && id(d).ends_with("-metrics")));
+    });
+    assert_reported(
+        "no metrics policy",
+        &problems,
+        "NetworkPolicies keep a monitoring pod from ringleader-worker port 7590",
+    );
+
+    let problems = problems_after("StatefulSet", "ringleader-worker", |doc| {
+        let c = container_mut(doc, &["spec", "template"]);
+        let ports = c["ports"].as_sequence_mut().unwrap();
+        ports.push(parse("name: debug\ncontainerPort: 7599\n").remove(0));
+    });
+    assert_reported(
+        "a port the policy checks know nothing of",
+        &problems,
+        "ringleader-worker pods have container port 7599 (\"debug\"), for which",
     );
 }
 
@@ -1874,6 +2298,14 @@ const POD_UID: u64 = 10001;
 /// The label that lets a pod (and, for other namespaces, a namespace) use the
 /// coordinators' API.
 const CLIENT_LABEL: &str = "ringleader.io/client";
+/// Who may scrape the metrics ports (the policy ringleader-metrics, the
+/// knob docs/KUBERNETES.md tells users to change): pods with this label in
+/// this namespace.
+const MONITORING_NAMESPACE: &str = "monitoring";
+const MONITORING_POD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "prometheus");
+/// The container port (name) of our metrics, and its path.
+const METRICS_PORT: &str = "metrics";
+const METRICS_PATH: &str = "/metrics";
 /// Every Secret the manifests may mount. None is ever rendered: they are
 /// made with `ringleader certs init` + `kubectl create secret`, or by
 /// cert-manager (k8s/cert-manager).
@@ -2734,6 +3166,119 @@ fn admits(
     })
 }
 
+/// The labels of the namespace `name` as the API server sets them, over
+/// those it is rendered with.
+fn namespace_labels(docs: &[Value], name: &str) -> BTreeMap<String, String> {
+    let mut labels = docs
+        .iter()
+        .find(|d| str_of(&d["kind"]) == "Namespace" && str_of(&d["metadata"]["name"]) == name)
+        .map(|d| string_map(&d["metadata"]["labels"]))
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), name.to_string());
+    labels
+}
+
+fn monitoring_pod_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        MONITORING_POD_LABEL.0.to_string(),
+        MONITORING_POD_LABEL.1.to_string(),
+    )])
+}
+
+fn monitoring_namespace_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_string(),
+        MONITORING_NAMESPACE.to_string(),
+    )])
+}
+
+/// The Prometheus annotations: our pods ask to be scraped on their
+/// `metrics` port at /metrics over plain http, and every pod that asks is
+/// reachable there by the monitoring pods.
+fn scrape_problems(docs: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| str_of(&d["kind"]) == "NetworkPolicy")
+        .collect();
+    let monitoring = Source {
+        what: "the monitoring pods".into(),
+        labels: monitoring_pod_labels(),
+        namespace: MONITORING_NAMESPACE.into(),
+        namespace_labels: monitoring_namespace_labels(),
+    };
+    for doc in docs {
+        let Some(template) = pod_template(doc) else {
+            continue;
+        };
+        let pod_spec = &template["spec"];
+        let annotations = string_map(&template["metadata"]["annotations"]);
+        let annotation = |key: &str| annotations.get(&format!("prometheus.io/{key}"));
+        let ports = container_ports(pod_spec);
+        let ours = containers(pod_spec).any(|c| our_binary(str_of(&c["image"])).is_some());
+        if ours {
+            let metrics = containers(pod_spec)
+                .filter(|c| our_binary(str_of(&c["image"])).is_some())
+                .flat_map(|c| seq(&c["ports"]))
+                .find(|p| str_of(&p["name"]) == METRICS_PORT)
+                .and_then(|p| p["containerPort"].as_u64());
+            let Some(metrics) = metrics else {
+                problems.push(format!(
+                    "{}: our pods have no container port {METRICS_PORT:?} (ports {ports:?})",
+                    id(doc)
+                ));
+                continue;
+            };
+            let wanted = [
+                ("scrape", "true".to_string()),
+                ("port", metrics.to_string()),
+                ("path", METRICS_PATH.to_string()),
+            ];
+            for (key, value) in wanted {
+                if annotation(key) != Some(&value) {
+                    problems.push(format!(
+                        "{}: pod annotation prometheus.io/{key} is {:?}, not {value:?}",
+                        id(doc),
+                        annotation(key)
+                    ));
+                }
+            }
+        }
+        // /metrics is plain HTTP on every port of ours and etcd's.
+        if let Some(scheme) = annotation("scheme").filter(|s| s.as_str() != "http") {
+            problems.push(format!(
+                "{}: pod annotation prometheus.io/scheme is {scheme:?}; metrics are plain http",
+                id(doc)
+            ));
+        }
+        if annotation("scrape").map(String::as_str) != Some("true") {
+            continue;
+        }
+        let port = annotation("port").and_then(|p| p.parse::<u64>().ok());
+        let Some(port) = port.filter(|p| ports.iter().any(|(_, n)| n == p)) else {
+            problems.push(format!(
+                "{}: prometheus.io/port {:?} is no container port {ports:?}",
+                id(doc),
+                annotation("port")
+            ));
+            continue;
+        };
+        let labels = string_map(&template["metadata"]["labels"]);
+        let namespace = str_of(&doc["metadata"]["namespace"]);
+        if !admits(&policies, namespace, &labels, &ports, port, &monitoring) {
+            problems.push(format!(
+                "{}: Prometheus is told to scrape port {port}, but the NetworkPolicies keep {} \
+                 ({}={} in the namespace {MONITORING_NAMESPACE}) from it",
+                id(doc),
+                monitoring.what,
+                MONITORING_POD_LABEL.0,
+                MONITORING_POD_LABEL.1
+            ));
+        }
+    }
+    problems
+}
+
 /// The NetworkPolicies: a default deny, and for each port of ours exactly
 /// the sources that need it (checked against our pods and against strangers
 /// in and outside the namespace, labelled as clients or not).
@@ -2777,13 +3322,9 @@ fn network_policy_problems(docs: &[Value]) -> Vec<String> {
         return problems;
     };
     let namespace = coordinator.2.clone();
-    let mut namespace_labels = docs
-        .iter()
-        .find(|d| str_of(&d["kind"]) == "Namespace" && str_of(&d["metadata"]["name"]) == namespace)
-        .map(|d| string_map(&d["metadata"]["labels"]))
-        .unwrap_or_default();
-    namespace_labels.insert("kubernetes.io/metadata.name".into(), namespace.clone());
+    let namespace_labels = namespace_labels(docs, &namespace);
     let client = BTreeMap::from([(CLIENT_LABEL.to_string(), "true".to_string())]);
+    let prometheus = monitoring_pod_labels();
     let elsewhere = |labelled: bool| {
         let mut labels = BTreeMap::from([(
             "kubernetes.io/metadata.name".to_string(),
@@ -2844,25 +3385,75 @@ fn network_policy_problems(docs: &[Value]) -> Vec<String> {
             "elsewhere",
             elsewhere(false),
         ),
+        source(
+            "a monitoring pod",
+            &prometheus,
+            MONITORING_NAMESPACE,
+            monitoring_namespace_labels(),
+        ),
+        source(
+            "an unlabelled pod of the monitoring namespace",
+            &BTreeMap::new(),
+            MONITORING_NAMESPACE,
+            monitoring_namespace_labels(),
+        ),
+        source(
+            "a Prometheus pod of the namespace",
+            &prometheus,
+            &namespace,
+            namespace_labels.clone(),
+        ),
+        source(
+            "a Prometheus pod of another namespace",
+            &prometheus,
+            "elsewhere",
+            elsewhere(false),
+        ),
+    ];
+    // The API and the dashboard (which relays to the API with the
+    // caller's token) take the same callers.
+    let api_callers: &[&str] = &[
+        "worker pods",
+        "coordinator pods",
+        "a client pod of the namespace",
+        "a client pod of a client namespace",
     ];
     // (pods, their labels/ports, port, the sources that may connect).
-    let expectations: [(&str, &_, u64, &[&str]); 5] = [
+    let expectations: [(&str, &_, u64, &[&str]); 8] = [
         ("etcd", &etcd, 2379, &["coordinator pods"]),
         ("etcd", &etcd, 2380, &["etcd pods"]),
         ("etcd", &etcd, 2381, &[]),
+        ("ringleader-coordinator", &coordinator, 7400, api_callers),
+        ("ringleader-coordinator", &coordinator, 7480, api_callers),
         (
             "ringleader-coordinator",
             &coordinator,
-            7400,
-            &[
-                "worker pods",
-                "coordinator pods",
-                "a client pod of the namespace",
-                "a client pod of a client namespace",
-            ],
+            7490,
+            &["a monitoring pod"],
         ),
         ("ringleader-worker", &worker, 7500, &["worker pods"]),
+        ("ringleader-worker", &worker, 7590, &["a monitoring pod"]),
     ];
+    // Every port of our pods is fenced as expected: a new one needs its
+    // line above.
+    for (pods, (_, ports, _)) in [
+        ("etcd", &etcd),
+        ("ringleader-coordinator", &coordinator),
+        ("ringleader-worker", &worker),
+    ] {
+        for (port_name, port) in ports {
+            if !expectations
+                .iter()
+                .any(|(p, _, number, _)| *p == pods && number == port)
+            {
+                problems.push(format!(
+                    "{pods} pods have container port {port} ({port_name:?}), for which \
+                     tests/tests/k8s.rs expects no sources: add it to the expectations of \
+                     network_policy_problems"
+                ));
+            }
+        }
+    }
     for (pods, (labels, ports, ns), port, allowed) in expectations {
         if !ports.iter().any(|(_, p)| *p == port) {
             problems.push(format!(
@@ -2902,6 +3493,9 @@ struct CertNeeds {
     server_auth: bool,
     client_auth: bool,
     etcd: bool,
+    /// Names it must carry besides its role: the coordinator's dashboard
+    /// is reached at https://localhost:7480 through `kubectl port-forward`.
+    local_names: &'static [&'static str],
 }
 
 const CERTS: &[CertNeeds] = &[
@@ -2912,6 +3506,7 @@ const CERTS: &[CertNeeds] = &[
         server_auth: true,
         client_auth: false,
         etcd: false,
+        local_names: &["localhost", "127.0.0.1"],
     },
     // A worker serves the ring port and dials coordinators and peers.
     CertNeeds {
@@ -2921,6 +3516,7 @@ const CERTS: &[CertNeeds] = &[
         server_auth: true,
         client_auth: true,
         etcd: false,
+        local_names: &[],
     },
     CertNeeds {
         secret: "ringleader-client-tls",
@@ -2929,6 +3525,7 @@ const CERTS: &[CertNeeds] = &[
         server_auth: false,
         client_auth: true,
         etcd: false,
+        local_names: &[],
     },
     // Serves etcd's client and peer ports, and peers (and etcd's own gRPC
     // gateway) dial with it: both usages, and every name etcd is dialed by.
@@ -2939,6 +3536,7 @@ const CERTS: &[CertNeeds] = &[
         server_auth: true,
         client_auth: true,
         etcd: true,
+        local_names: &[],
     },
     CertNeeds {
         secret: "ringleader-etcd-client-tls",
@@ -2947,6 +3545,7 @@ const CERTS: &[CertNeeds] = &[
         server_auth: false,
         client_auth: true,
         etcd: true,
+        local_names: &[],
     },
 ];
 const ROLE_NAMES: [&str; 3] = [
@@ -3021,6 +3620,15 @@ fn cert_needs_problems(
                     "{what} also names {other}: one role per certificate"
                 ));
             }
+        }
+    }
+    for name in needs.local_names {
+        if !facts.dns_names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            problems.push(format!(
+                "{what} does not name {name}, which the dashboard is reached by through \
+                 `kubectl port-forward` (names: {:?})",
+                facts.dns_names
+            ));
         }
     }
     if needs.server_auth && !facts.server_auth {
@@ -3301,6 +3909,16 @@ fn cert_manager_checks_catch_broken_certificates() {
         "a client certificate with two roles",
         &problems,
         "also names coordinator.ringleader.internal",
+    );
+
+    let problems = after(&|docs| {
+        let cert = cert_mut(docs, "ringleader-coordinator-tls");
+        cert["spec"].as_mapping_mut().unwrap().remove("ipAddresses");
+    });
+    assert_reported(
+        "a coordinator certificate the port-forwarded dashboard fails",
+        &problems,
+        "does not name 127.0.0.1, which the dashboard is reached by",
     );
 
     let problems = after(&|docs| {

@@ -12,15 +12,16 @@
 //! may see what: it asks the leader with the browser's token, exactly as
 //! the CLI would, so a viewer sees what `ringleader sweep list` shows that
 //! viewer, and a standby's dashboard shows the leader's view. Answers are
-//! kept for [`CACHE_FOR`] per token and path, so many browsers polling
-//! the same page cost the leader one call per second.
+//! shared between browsers ([`Dashboard`] says how), so many browsers on
+//! one page cost the leader about one call per second.
 
 mod importance;
+mod memo;
 mod views;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -28,18 +29,23 @@ use http::{header, Method, StatusCode};
 use ringleader_security::Token;
 use serde_json::Value;
 use tokio::sync::Mutex as AsyncMutex;
+
+use self::memo::{Memo, Refusal};
 use tonic::transport::Channel;
 
 use crate::client::{authorized, find_leader_channel, Connection, LeaderClient};
 use crate::error::{Error, Result};
 use crate::status;
-use crate::sweep::client::{get_from, list_from};
+use crate::sweep::client::{get_from, list_from, SweepView};
+use crate::sweep::SweepRecord;
 use crate::web::{error_response, json_body, respond, HttpResponse};
 
-/// How long an answer is reused for the same token and path.
+/// How long what may change (a running sweep, the cluster, what a token
+/// may see) is reused.
 pub const CACHE_FOR: Duration = Duration::from_secs(1);
-/// Most answers kept.
-const CACHE_ENTRIES: usize = 256;
+/// Tokens whose answers are kept, and sweeps whose trials are.
+const TOKENS_KEPT: usize = 256;
+const SWEEPS_KEPT: usize = 32;
 /// Longest sweep id a path may hold.
 const MAX_ID_BYTES: usize = 64;
 
@@ -58,9 +64,6 @@ enum ApiCall {
     Curves(String, Option<String>),
     Trial(String, u64),
 }
-
-/// A bad path or query, as the HTTP status and message to answer with.
-type Refusal = (StatusCode, String);
 
 impl ApiCall {
     /// Parses the path after `/api/v1/` and the query string.
@@ -148,27 +151,63 @@ impl Upstream {
         Ok((address, authorized(channel, token)))
     }
 
-    async fn forget(&self) {
-        *self.leader.lock().await = None;
+    /// `call` on the leader as `token`, bounded by the connection's
+    /// timeout; once more on a freshly found leader if ours moved.
+    async fn ask<T, F, Fut>(&self, token: Option<&Token>, call: F) -> Result<T, Refusal>
+    where
+        F: Fn(String, LeaderClient) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let timeout = self.connection.timeout;
+        let once = || async {
+            let (address, client) = self.client(token).await?;
+            tokio::time::timeout(timeout, call(address.clone(), client))
+                .await
+                .map_err(|_| Error::Unreachable {
+                    address,
+                    reason: format!("no answer within {timeout:?}"),
+                })?
+        };
+        let mut answer = once().await;
+        if answer.as_ref().is_err_and(leader_moved) {
+            *self.leader.lock().await = None;
+            answer = once().await;
+        }
+        answer.map_err(|error| (http_status(&error), error.to_string()))
     }
 
-    async fn call(&self, call: &ApiCall, token: Option<&Token>) -> Result<Value> {
-        let (address, mut client) = self.client(token).await?;
+    async fn cluster(&self, token: Option<&Token>) -> Result<Arc<Bytes>, Refusal> {
         let timeout = self.connection.timeout;
-        match call {
-            ApiCall::Cluster => status::fetch_from(&address, &mut client, timeout)
-                .await
-                .map(|s| status::to_json(&s)),
-            ApiCall::Sweeps => list_from(&mut client)
-                .await
-                .map(|(records, unreadable)| views::sweeps(&records, &unreadable)),
-            ApiCall::Sweep(id) => get_from(&mut client, id).await.map(|v| views::sweep(&v)),
-            ApiCall::Curves(id, metric) => get_from(&mut client, id)
-                .await
-                .map(|v| views::curves(&v, metric.as_deref())),
-            ApiCall::Trial(id, number) => views::trial(&get_from(&mut client, id).await?, *number),
-        }
+        self.ask(token, |address, mut client| async move {
+            let status = status::fetch_from(&address, &mut client, timeout).await?;
+            Ok(Arc::new(encode(&status::to_json(&status))))
+        })
+        .await
     }
+
+    async fn visible(&self, token: Option<&Token>) -> Result<Arc<Visible>, Refusal> {
+        self.ask(token, |_, mut client| async move {
+            let (records, unreadable) = list_from(&mut client).await?;
+            Ok(Arc::new(Visible {
+                records,
+                unreadable,
+            }))
+        })
+        .await
+    }
+
+    async fn sweep(&self, id: &str, token: Option<&Token>) -> Result<Arc<SweepView>, Refusal> {
+        self.ask(token, |_, mut client| async move {
+            get_from(&mut client, id).await.map(Arc::new)
+        })
+        .await
+    }
+}
+
+/// The sweep records a token may see.
+struct Visible {
+    records: Vec<SweepRecord>,
+    unreadable: Vec<String>,
 }
 
 /// Whether the channel we hold no longer reaches a leader.
@@ -180,10 +219,24 @@ fn leader_moved(error: &Error) -> bool {
     }
 }
 
+fn encode(value: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
 /// One coordinator's dashboard.
+///
+/// Who may see what is the leader's decision, asked with each browser's
+/// token: the sweeps a token may see are its `ListSweeps` answer (kept
+/// for [`CACHE_FOR`] per token), and a sweep's trials are fetched once
+/// for every token allowed to see it (the leader answers `GetSweep` the
+/// same to all of them), kept for [`CACHE_FOR`] while the sweep runs and
+/// for as long as there is room once it has finished (it no longer
+/// changes).
 pub struct Dashboard {
     upstream: Upstream,
-    cache: Mutex<HashMap<(String, String), (Instant, Bytes)>>,
+    clusters: Memo<Arc<Bytes>>,
+    visible: Memo<Arc<Visible>>,
+    sweeps: Memo<Arc<SweepView>>,
 }
 
 impl Dashboard {
@@ -195,7 +248,9 @@ impl Dashboard {
                 connection,
                 leader: AsyncMutex::new(None),
             },
-            cache: Mutex::new(HashMap::new()),
+            clusters: Memo::new(TOKENS_KEPT),
+            visible: Memo::new(TOKENS_KEPT),
+            sweeps: Memo::new(SWEEPS_KEPT),
         })
     }
 
@@ -229,56 +284,82 @@ impl Dashboard {
             Ok(call) => call,
             Err((status, message)) => return error_response(status, message),
         };
-        let authorization = match request.headers.get(header::AUTHORIZATION) {
+        let token = match request.headers.get(header::AUTHORIZATION) {
             None => None,
             Some(value) => match bearer(value) {
                 Ok(token) => Some(token),
                 Err(message) => return error_response(StatusCode::UNAUTHORIZED, message),
             },
         };
-        let key = (
-            authorization
-                .as_ref()
-                .map(|t| t.reveal().to_string())
-                .unwrap_or_default(),
-            format!("{route}?{}", request.uri.query().unwrap_or_default()),
-        );
-        if let Some(body) = self.cached(&key) {
-            return json_body(StatusCode::OK, body);
-        }
-        let token = authorization.as_ref();
-        let mut answer = self.upstream.call(&call, token).await;
-        if answer.as_ref().is_err_and(leader_moved) {
-            self.upstream.forget().await;
-            answer = self.upstream.call(&call, token).await;
-        }
-        match answer {
-            Ok(value) => {
-                let body = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
-                self.remember(key, body.clone());
-                json_body(StatusCode::OK, body)
-            }
-            Err(error) => error_response(http_status(&error), error.to_string()),
+        match self.answer(&call, token.as_ref()).await {
+            Ok(body) => json_body(StatusCode::OK, body),
+            Err((status, message)) => error_response(status, message),
         }
     }
 
-    fn cached(&self, key: &(String, String)) -> Option<Bytes> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < CACHE_FOR)
-            .map(|(_, body)| body.clone())
-    }
-
-    fn remember(&self, key: (String, String), body: Bytes) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
+    async fn answer(&self, call: &ApiCall, token: Option<&Token>) -> Result<Bytes, Refusal> {
+        let young = |_: &_, age: Duration| age < CACHE_FOR;
+        let key = token.map(Token::reveal).unwrap_or_default();
+        match call {
+            ApiCall::Cluster => {
+                let body = self
+                    .clusters
+                    .get(&key, young, || self.upstream.cluster(token))
+                    .await?;
+                Ok(Bytes::clone(&body))
+            }
+            ApiCall::Sweeps => {
+                let visible = self.visible(&key, token).await?;
+                Ok(encode(&views::sweeps(
+                    &visible.records,
+                    &visible.unreadable,
+                )))
+            }
+            ApiCall::Sweep(id) => Ok(encode(&views::sweep(&*self.sweep(id, &key, token).await?))),
+            ApiCall::Curves(id, metric) => {
+                let view = self.sweep(id, &key, token).await?;
+                Ok(encode(&views::curves(&view, metric.as_deref())))
+            }
+            ApiCall::Trial(id, number) => {
+                let view = self.sweep(id, &key, token).await?;
+                views::trial(&view, *number)
+                    .map(|value| encode(&value))
+                    .map_err(|error| (http_status(&error), error.to_string()))
             }
         }
-        cache.insert(key, (Instant::now(), body));
+    }
+
+    async fn visible(&self, key: &str, token: Option<&Token>) -> Result<Arc<Visible>, Refusal> {
+        self.visible
+            .get(
+                key,
+                |_, age| age < CACHE_FOR,
+                || self.upstream.visible(token),
+            )
+            .await
+    }
+
+    /// Sweep `id` with its trials, if `token` may see it.
+    async fn sweep(
+        &self,
+        id: &str,
+        key: &str,
+        token: Option<&Token>,
+    ) -> Result<Arc<SweepView>, Refusal> {
+        let visible = self.visible(key, token).await?;
+        if !visible.records.iter().any(|r| r.id == id) {
+            // Not (yet) among what it may see: the leader's own answer
+            // says why (no such sweep, or another user's), or has it if
+            // it was submitted since.
+            return self.upstream.sweep(id, token).await;
+        }
+        self.sweeps
+            .get(
+                id,
+                |view, age| view.record.state.is_terminal() || age < CACHE_FOR,
+                || self.upstream.sweep(id, token),
+            )
+            .await
     }
 }
 
