@@ -90,6 +90,21 @@ pub struct BraninSweep {
 }
 
 impl BraninSweep {
+    /// ASHA over `max_trials` instant trials (up to 9 epochs), two at a
+    /// time on one worker each: a finished sweep with stopped trials and
+    /// learning curves, in seconds.
+    pub fn instant_asha(max_trials: u32) -> Self {
+        Self {
+            searcher: "asha",
+            max_trials,
+            workers_per_trial: 1,
+            max_concurrent: 2,
+            max_epochs: 9,
+            max_failures: 1,
+            epoch_ms: 0,
+        }
+    }
+
     pub fn spec(&self) -> String {
         let Self {
             searcher,

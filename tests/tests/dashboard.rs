@@ -77,16 +77,7 @@ async fn the_dashboard_api_and_metrics_show_what_the_cluster_did() {
     let mut cluster = TestCluster::start(2, 2).await;
     cluster.must_form(Duration::from_secs(60)).await;
     let admin = client(&cluster);
-    let sweep_spec = BraninSweep {
-        searcher: "asha",
-        max_trials: 12,
-        workers_per_trial: 1,
-        max_concurrent: 2,
-        max_epochs: 9,
-        max_failures: 1,
-        epoch_ms: 0,
-    }
-    .spec();
+    let sweep_spec = BraninSweep::instant_asha(12).spec();
     let sweep_id = must_submit(&cluster, "sweep.toml", &sweep_spec).await;
     let sweep = must_finish_sweep(&admin, &sweep_id, FINISH).await;
     let job_file = write_spec(&cluster, "job.toml", &tiny_job());

@@ -130,16 +130,7 @@ async fn main() {
     let mut cluster = TestCluster::start(1, 2).await;
     cluster.must_form(Duration::from_secs(60)).await;
     let admin = client(&cluster);
-    let spec = BraninSweep {
-        searcher: "asha",
-        max_trials: 200,
-        workers_per_trial: 1,
-        max_concurrent: 2,
-        max_epochs: 9,
-        max_failures: 1,
-        epoch_ms: 0,
-    }
-    .spec();
+    let spec = BraninSweep::instant_asha(200).spec();
     let sweep = must_submit(&cluster, "sweep.toml", &spec).await;
     must_finish_sweep(&admin, &sweep, Duration::from_secs(600)).await;
 
