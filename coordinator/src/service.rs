@@ -36,7 +36,7 @@ use crate::metrics::CoordinatorMetrics;
 use crate::registry::ConnectionId;
 use crate::search::Mode;
 use crate::server::{ServeOptions, SubmitLimits};
-use crate::store::{load_trials, ReadLimit, StateWriter};
+use crate::store::{durable_or_ended, load_trials, Durable, NotStored, ReadLimit, StateWriter};
 use crate::sweep::driver::Driver;
 use crate::sweep::scheduler::unix_ms;
 use crate::sweep::{
@@ -120,7 +120,7 @@ impl CoordinatorState {
     pub fn apply<T>(
         &self,
         step: impl FnOnce(&mut Scheduler) -> (Effects, T),
-    ) -> (T, oneshot::Receiver<Result<(), String>>) {
+    ) -> (T, oneshot::Receiver<Durable>) {
         let (done_tx, done_rx) = oneshot::channel();
         let (effects, value, ticket) = {
             let mut scheduler = self.scheduler();
@@ -129,7 +129,7 @@ impl CoordinatorState {
                 (true, _) => None,
                 (false, Some(writer)) => Some(writer.enqueue(effects.writes.clone())),
                 (false, None) => {
-                    let _ = done_tx.send(Err("the leader is still loading its state".into()));
+                    let _ = done_tx.send(Err(NotStored::Loading));
                     return (value, done_rx);
                 }
             };
@@ -138,9 +138,7 @@ impl CoordinatorState {
         tokio::spawn(async move {
             let durable = match ticket {
                 None => Ok(()),
-                Some(ticket) => ticket
-                    .await
-                    .unwrap_or_else(|_| Err("the state writer stopped".into())),
+                Some(ticket) => durable_or_ended(ticket.await),
             };
             if durable.is_ok() {
                 for (to, message) in effects.messages {
@@ -161,10 +159,7 @@ impl CoordinatorState {
             Some(writer) => writer.flushed(),
             None => return Err(Status::unavailable("this coordinator is not leading")),
         };
-        flushed
-            .await
-            .unwrap_or_else(|_| Err("the state writer stopped".into()))
-            .map_err(Status::unavailable)
+        Ok(durable_or_ended(flushed.await)?)
     }
 
     /// Places work after an event.
@@ -233,15 +228,11 @@ fn not_yours(caller: &Caller, id: &str, verb: &str) -> Status {
     ))
 }
 
-/// Waits until a scheduler step's writes are durable.
-async fn durable(answer: oneshot::Receiver<Result<(), String>>) -> Result<(), Status> {
-    match answer.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(reason)) => Err(Status::unavailable(format!(
-            "the change could not be stored: {reason}"
-        ))),
-        Err(_) => Err(Status::unavailable("the change could not be stored")),
-    }
+/// Waits until a scheduler step's writes are durable: a change etcd
+/// refused is RESOURCE_EXHAUSTED (final), one a term ended under is
+/// UNAVAILABLE (the next leader may take it).
+async fn durable(answer: oneshot::Receiver<Durable>) -> Result<(), Status> {
+    Ok(durable_or_ended(answer.await)?)
 }
 
 /// The gRPC face of a coordinator.

@@ -146,7 +146,43 @@ pub const TRANSIENT_RETRY_BOUND: Duration = Duration::from_secs(30);
 
 struct QueuedWrites {
     puts: Vec<(String, String)>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Durable>,
+}
+
+/// Why a state change was not stored, as a caller must act on it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotStored {
+    /// etcd refused this change itself (too large, too many operations):
+    /// sending it again cannot help. The writer has moved on.
+    #[error("etcd refused the change: {0}")]
+    Refused(String),
+    /// This coordinator's term ended first (fenced out, etcd unreachable
+    /// past the retry bound, or stepped down): a new leader reloads from
+    /// etcd, and the change may be made again there.
+    #[error("the leadership term ended before the change was stored: {0}")]
+    TermEnded(String),
+    /// This coordinator leads but has not loaded its stored state yet.
+    #[error("the leader is still loading its state")]
+    Loading,
+}
+
+impl From<NotStored> for tonic::Status {
+    fn from(error: NotStored) -> Self {
+        let message = format!("the change could not be stored: {error}");
+        match error {
+            // Final: a client that retried would be refused again.
+            NotStored::Refused(_) => tonic::Status::resource_exhausted(message),
+            NotStored::TermEnded(_) | NotStored::Loading => tonic::Status::unavailable(message),
+        }
+    }
+}
+
+/// What a queued change's receiver answers.
+pub type Durable = Result<(), NotStored>;
+
+/// The answer of a receiver whose writer went away without answering.
+pub fn durable_or_ended(answer: Result<Durable, oneshot::error::RecvError>) -> Durable {
+    answer.unwrap_or_else(|_| Err(NotStored::TermEnded("the state writer stopped".into())))
 }
 
 /// Group commit for the leader's state: writes queued from anywhere are
@@ -184,31 +220,22 @@ impl StateWriter {
 
     /// Queues `puts` (key, JSON); the receiver answers once they are
     /// durable, or with why they never will be.
-    pub fn enqueue(&self, puts: Vec<(String, String)>) -> oneshot::Receiver<Result<(), String>> {
+    pub fn enqueue(&self, puts: Vec<(String, String)>) -> oneshot::Receiver<Durable> {
         let (done, answer) = oneshot::channel();
         if let Err(mpsc::error::SendError(rejected)) = self.queue.send(QueuedWrites { puts, done })
         {
-            let _ = rejected
-                .done
-                .send(Err("this coordinator's term has ended".into()));
+            let _ = rejected.done.send(Err(NotStored::TermEnded(
+                "this coordinator's term has ended".into(),
+            )));
         }
         answer
     }
 
     /// Answers once every write queued before this call is durable (writes
     /// commit in queue order).
-    pub fn flushed(&self) -> oneshot::Receiver<Result<(), String>> {
+    pub fn flushed(&self) -> oneshot::Receiver<Durable> {
         self.enqueue(Vec::new())
     }
-}
-
-/// Why a commit failed, as the writer must act on it.
-#[derive(Debug)]
-enum CommitError {
-    /// etcd refused the request itself; sending it again cannot help.
-    Permanent(String),
-    /// Retried for the whole bound, or fenced out: the term is over.
-    Fatal(String),
 }
 
 async fn commit_loop(
@@ -229,32 +256,32 @@ async fn commit_loop(
         let puts: Vec<&(String, String)> = batch.iter().flat_map(|w| w.puts.iter()).collect();
         match commit_puts(&store, &term, retry_bound, &puts).await {
             Ok(()) => answer(batch, Ok(())),
-            Err(CommitError::Fatal(reason)) => {
-                error!(%reason, "state writes failed; giving up this leadership term");
+            Err(ended @ NotStored::TermEnded(_)) => {
+                error!(reason = %ended, "state writes failed; giving up this leadership term");
                 term.cancel();
-                answer(batch, Err(reason));
+                answer(batch, Err(ended));
                 return;
             }
             // One change etcd will never take must not sink the others
             // committed with it: commit them one by one, in queue order.
-            Err(CommitError::Permanent(reason)) if batch.len() == 1 => {
-                warn!(%reason, "etcd refused a state change; it was not stored");
-                answer(batch, Err(reason));
+            Err(refused) if batch.len() == 1 => {
+                warn!(reason = %refused, "a state change was not stored");
+                answer(batch, Err(refused));
             }
-            Err(CommitError::Permanent(_)) => {
+            Err(_) => {
                 for change in batch {
                     let puts: Vec<&(String, String)> = change.puts.iter().collect();
                     match commit_puts(&store, &term, retry_bound, &puts).await {
                         Ok(()) => answer(vec![change], Ok(())),
-                        Err(CommitError::Permanent(reason)) => {
-                            warn!(%reason, "etcd refused a state change; it was not stored");
-                            answer(vec![change], Err(reason));
-                        }
-                        Err(CommitError::Fatal(reason)) => {
-                            error!(%reason, "state writes failed; giving up this leadership term");
+                        Err(ended @ NotStored::TermEnded(_)) => {
+                            error!(reason = %ended, "state writes failed; giving up this leadership term");
                             term.cancel();
-                            answer(vec![change], Err(reason));
+                            answer(vec![change], Err(ended));
                             return;
+                        }
+                        Err(refused) => {
+                            warn!(reason = %refused, "a state change was not stored");
+                            answer(vec![change], Err(refused));
                         }
                     }
                 }
@@ -263,7 +290,7 @@ async fn commit_loop(
     }
 }
 
-fn answer(changes: Vec<QueuedWrites>, result: Result<(), String>) {
+fn answer(changes: Vec<QueuedWrites>, result: Durable) {
     for change in changes {
         let _ = change.done.send(result.clone());
     }
@@ -276,7 +303,7 @@ async fn commit_puts(
     term: &CancellationToken,
     retry_bound: Duration,
     puts: &[&(String, String)],
-) -> Result<(), CommitError> {
+) -> Durable {
     let mut order: Vec<&str> = Vec::new();
     let mut latest: std::collections::HashMap<&str, &str> = Default::default();
     for (key, value) in puts.iter().map(|kv| (kv.0.as_str(), kv.1.as_str())) {
@@ -339,33 +366,30 @@ async fn commit_with_retry(
     term: &CancellationToken,
     retry_bound: Duration,
     ops: Vec<TxnOp>,
-) -> Result<(), CommitError> {
+) -> Durable {
     let give_up_at = tokio::time::Instant::now() + retry_bound;
     let mut delay = Duration::from_millis(100);
     loop {
         match store.txn_if(vec![], ops.clone()).await {
             Ok(_) => return Ok(()),
             Err(error @ Error::FencedOut { .. }) => {
-                return Err(CommitError::Fatal(error.to_string()))
+                return Err(NotStored::TermEnded(error.to_string()))
             }
             Err(error) if is_permanent(&error) => {
                 warn!(%error, "etcd refused a state write");
-                return Err(CommitError::Permanent(format!(
-                    "etcd refused the write: {}",
-                    cause(&error)
-                )));
+                return Err(NotStored::Refused(cause(&error)));
             }
             Err(error) => {
                 if tokio::time::Instant::now() + delay > give_up_at {
                     warn!(%error, "etcd did not take a state write in time");
-                    return Err(CommitError::Fatal(format!(
+                    return Err(NotStored::TermEnded(format!(
                         "etcd did not take the write within {retry_bound:?}: {}",
                         cause(&error)
                     )));
                 }
                 warn!(%error, retry_in = ?delay, "state write failed; retrying");
                 tokio::select! {
-                    _ = term.cancelled() => return Err(CommitError::Fatal("this coordinator's term has ended".into())),
+                    _ = term.cancelled() => return Err(NotStored::TermEnded("this coordinator's term has ended".into())),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));

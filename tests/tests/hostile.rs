@@ -800,7 +800,7 @@ async fn writer_term(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
-    use ringleader_coordinator::store::{FencedStore, StateWriter};
+    use ringleader_coordinator::store::{FencedStore, NotStored, StateWriter};
     let dir = tempfile::tempdir().unwrap();
     let mut server = ringleader_coordinator::local::EtcdServer::start(dir.path(), None).unwrap();
     server.wait_ready(Duration::from_secs(20)).await.unwrap();
@@ -826,6 +826,13 @@ async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
     let last = writer.enqueue(small("b"));
     assert_eq!(first.await.unwrap(), Ok(()));
     let refused = huge.await.unwrap().expect_err("etcd refuses 1.8 MB");
+    assert!(matches!(refused, NotStored::Refused(_)), "{refused:?}");
+    // Final for a client: retrying the same change would be refused again.
+    assert_eq!(
+        tonic::Status::from(refused.clone()).code(),
+        tonic::Code::ResourceExhausted
+    );
+    let refused = refused.to_string();
     assert!(refused.contains("request is too large"), "{refused}");
     assert!(
         !refused.contains("127.0.0.1"),
@@ -853,6 +860,12 @@ async fn the_state_writer_fails_one_refused_change_and_gives_up_on_an_outage() {
     let outage = writer.enqueue(small("d")).await.unwrap();
     server.process().signal(libc::SIGCONT);
     let reason = outage.expect_err("nothing answers while etcd is stopped");
+    assert!(matches!(reason, NotStored::TermEnded(_)), "{reason:?}");
+    assert_eq!(
+        tonic::Status::from(reason.clone()).code(),
+        tonic::Code::Unavailable
+    );
+    let reason = reason.to_string();
     assert!(
         reason.contains("did not take the write within 2s"),
         "{reason}"
