@@ -76,6 +76,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A spec that does not parse is the caller's to fix.
+impl From<ringleader_spec::SpecError> for Error {
+    fn from(error: ringleader_spec::SpecError) -> Self {
+        Error::InvalidArgument(error.to_string())
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err {

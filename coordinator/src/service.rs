@@ -469,8 +469,8 @@ impl Coordinator for CoordinatorService {
         };
         // Parsed in full before anything is stored: a rejected spec
         // leaves no trace in etcd.
-        let template =
-            Template::parse(kind, &request.spec, &origin).map_err(Status::invalid_argument)?;
+        let template = Template::parse(kind, &request.spec, &origin)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let limits = self.state.limits;
         if template.max_trials() > limits.max_trials_per_sweep {
             return Err(Status::invalid_argument(format!(

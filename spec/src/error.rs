@@ -58,6 +58,13 @@ pub enum SpecError {
         #[source]
         source: std::io::Error,
     },
+    /// The spec is longer than a cluster accepts.
+    #[error("{origin}: the spec is {bytes} bytes; at most {limit} are accepted")]
+    TooLarge {
+        origin: String,
+        bytes: usize,
+        limit: usize,
+    },
     /// The file is not valid TOML.
     #[error("{origin}:{at}: {message}")]
     Syntax {
@@ -80,7 +87,7 @@ impl SpecError {
     /// Where in the file the problem is, when known.
     pub fn location(&self) -> Option<Location> {
         match self {
-            SpecError::Read { .. } => None,
+            SpecError::Read { .. } | SpecError::TooLarge { .. } => None,
             SpecError::Syntax { at, .. } => Some(*at),
             SpecError::Invalid { at, .. } => *at,
         }

@@ -63,8 +63,7 @@ pub fn check(kind: SweepKind, file: &Path) -> Result<(String, Template)> {
         )));
     }
     let spec = std::fs::read_to_string(file).map_err(cannot_read)?;
-    let template = Template::parse(kind, &spec, &file.display().to_string())
-        .map_err(Error::InvalidArgument)?;
+    let template = Template::parse(kind, &spec, &file.display().to_string())?;
     Ok((spec, template))
 }
 

@@ -639,7 +639,7 @@ impl Scheduler {
                     }
                     Err(error) => {
                         warn!(sweep = %run.record.id, trial = work.trial, %error, "trial cannot be built");
-                        run.driver.reject(work.trial, error);
+                        run.driver.reject(work.trial, error.to_string());
                         if let Some(t) = run.driver.trial(work.trial) {
                             effects.write_trial(t);
                         }

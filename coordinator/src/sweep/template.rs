@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use ringleader_spec::job::ModelSpec;
-use ringleader_spec::JobSpec;
+use ringleader_spec::{JobSpec, SpecError};
 use serde_json::Value;
 
 use super::driver::{DriverConfig, Source, Stopping};
@@ -25,20 +25,19 @@ pub enum Template {
 impl Template {
     /// Parses (and fully validates) a spec; the error names file, field
     /// and line.
-    pub fn parse(kind: SweepKind, text: &str, origin: &str) -> Result<Self, String> {
+    pub fn parse(kind: SweepKind, text: &str, origin: &str) -> Result<Self, SpecError> {
         if text.len() > MAX_SPEC_BYTES {
-            return Err(format!(
-                "{origin}: the spec is {} bytes; at most {MAX_SPEC_BYTES} are accepted",
-                text.len()
-            ));
+            return Err(SpecError::TooLarge {
+                origin: origin.to_string(),
+                bytes: text.len(),
+                limit: MAX_SPEC_BYTES,
+            });
         }
         match kind {
-            SweepKind::Job => JobSpec::parse(text, origin)
-                .map(|j| Template::Job(Box::new(j)))
-                .map_err(|e| e.to_string()),
-            SweepKind::Sweep => SweepSpec::parse(text, origin)
-                .map(|s| Template::Sweep(Box::new(s)))
-                .map_err(|e| e.to_string()),
+            SweepKind::Job => JobSpec::parse(text, origin).map(|j| Template::Job(Box::new(j))),
+            SweepKind::Sweep => {
+                SweepSpec::parse(text, origin).map(|s| Template::Sweep(Box::new(s)))
+            }
         }
     }
 
@@ -154,10 +153,10 @@ impl Template {
     }
 
     /// The job one trial runs.
-    pub fn job(&self, config: &BTreeMap<String, Value>) -> Result<JobSpec, String> {
+    pub fn job(&self, config: &BTreeMap<String, Value>) -> Result<JobSpec, SpecError> {
         match self {
             Template::Job(job) => Ok(job.as_ref().clone()),
-            Template::Sweep(sweep) => sweep.trial_job(config).map_err(|e| e.to_string()),
+            Template::Sweep(sweep) => sweep.trial_job(config),
         }
     }
 }
