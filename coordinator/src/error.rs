@@ -76,6 +76,23 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<ringleader_client::ClientError> for Error {
+    fn from(error: ringleader_client::ClientError) -> Self {
+        use ringleader_client::ClientError as C;
+        match error {
+            C::NoLeader { addresses, reason } => Error::NoLeader { addresses, reason },
+            C::Unreachable { address, reason } => Error::Unreachable { address, reason },
+            C::InvalidArgument(m) => Error::InvalidArgument(m),
+            C::NotFound(m) => Error::NotFound(m),
+            C::FailedPrecondition(m) => Error::FailedPrecondition(m),
+            C::ResourceExhausted(m) => Error::ResourceExhausted(m),
+            C::Corrupt(m) => Error::Corrupt(m),
+            C::Unauthenticated(m) => Error::Unauthenticated(m),
+            C::PermissionDenied(m) => Error::PermissionDenied(m),
+        }
+    }
+}
+
 /// A spec that does not parse is the caller's to fix.
 impl From<ringleader_spec::SpecError> for Error {
     fn from(error: ringleader_spec::SpecError) -> Self {

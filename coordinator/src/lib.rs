@@ -24,7 +24,6 @@
 
 pub mod auth;
 pub mod cli;
-pub mod client;
 pub mod client_config;
 pub mod dashboard;
 pub mod election;
@@ -36,7 +35,6 @@ pub mod local;
 pub mod metrics;
 pub mod process;
 pub mod registry;
-pub mod runtime;
 pub mod search;
 pub mod server;
 pub mod service;
@@ -44,6 +42,8 @@ pub mod status;
 pub mod store;
 pub mod sweep;
 pub mod sweep_spec;
-pub mod web;
 
 pub use error::{Error, Result};
+/// The client side lives in `ringleader-client` (the worker shares it);
+/// these keep its modules where the coordinator's code looks for them.
+pub use ringleader_client::{leader as client, runtime, web};

@@ -41,14 +41,9 @@ pub const MAX_METRIC_NAME_BYTES: usize = 64;
 pub const MAX_ERROR_BYTES: usize = 4096;
 pub const MAX_PATH_BYTES: usize = 4096;
 
-/// A trial's lineage (docs/MODELS.md): data files it lists, the bytes of
-/// all their paths together (each path is also at most [`MAX_PATH_BYTES`]),
-/// and the length of the worker's version and commit strings. A worker
-/// lists files up to these limits and counts the rest; a report beyond
-/// them fails the attempt.
-pub const MAX_LINEAGE_FILES: usize = 128;
-pub const MAX_LINEAGE_PATHS_BYTES: usize = 64 * 1024;
-pub const MAX_LINEAGE_VERSION_BYTES: usize = 128;
+pub use ringleader_client::limits::{
+    MAX_LINEAGE_FILES, MAX_LINEAGE_PATHS_BYTES, MAX_LINEAGE_VERSION_BYTES, MAX_RESPONSE_BYTES,
+};
 
 /// A trial record's JSON stays below this: past it, the oldest epochs'
 /// metrics are dropped from the record (the objective, rung results and
@@ -65,9 +60,6 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub const DEFAULT_TRIALS_PER_PAGE: u32 = 1_000;
 pub const MAX_TRIALS_PER_PAGE: u32 = 10_000;
 pub const MAX_PAGE_BYTES: usize = 8 << 20;
-
-/// Largest response a client decodes: a page plus one record, with room.
-pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// Keys per etcd range request when the leader reads its state, and the
 /// largest range response it accepts (a page of the largest records).

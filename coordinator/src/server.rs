@@ -96,7 +96,7 @@ pub async fn serve(options: ServeOptions, shutdown: CancellationToken) -> Result
 
     if let Some(listen) = options.metrics_listen {
         let state = state.clone();
-        crate::metrics::serve_registry(
+        ringleader_client::metrics::serve_registry(
             listen,
             move || state.metrics.render(&state),
             shutdown.clone(),

@@ -81,7 +81,7 @@ async fn plaintext_and_foreign_certificates_are_refused_on_every_port() {
     };
     let error = client::find_leader(&plaintext).await.unwrap_err();
     assert!(
-        matches!(error, ringleader_coordinator::Error::Unreachable { .. }),
+        matches!(error, ringleader_client::ClientError::Unreachable { .. }),
         "{error}"
     );
 
@@ -101,7 +101,7 @@ async fn plaintext_and_foreign_certificates_are_refused_on_every_port() {
     };
     let error = client::find_leader(&foreign_client).await.unwrap_err();
     assert!(
-        matches!(error, ringleader_coordinator::Error::Unreachable { .. }),
+        matches!(error, ringleader_client::ClientError::Unreachable { .. }),
         "{error}"
     );
     // And a client that trusts only the other CA will not talk to ours.

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use ringleader_coordinator::client::{self, Connection};
+use ringleader_client::leader::{self as client, Connection};
 use ringleader_proto::coordinator::{
     coordinator_message, worker_message, Heartbeat, Register, WorkerMessage,
 };
@@ -42,7 +42,7 @@ pub struct AgentOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Coordinator(#[from] ringleader_coordinator::Error),
+    Coordinator(#[from] ringleader_client::ClientError),
     #[error("leader {leader} refused the attach: {status}")]
     Refused {
         leader: String,
@@ -75,7 +75,7 @@ pub async fn run(
                 backoff = options.min_backoff;
                 continue;
             }
-            AgentError::Coordinator(ringleader_coordinator::Error::NoLeader { .. }) => {
+            AgentError::Coordinator(ringleader_client::ClientError::NoLeader { .. }) => {
                 debug!(%error, "waiting for an election");
                 backoff = options.min_backoff;
                 tokio::select! {

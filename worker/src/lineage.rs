@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ringleader_coordinator::limits::{MAX_LINEAGE_FILES, MAX_LINEAGE_PATHS_BYTES};
+use ringleader_client::limits::{MAX_LINEAGE_FILES, MAX_LINEAGE_PATHS_BYTES};
 use ringleader_proto::coordinator::{FileDigest, Lineage};
 use ringleader_spec::job::ModelSpec;
 use ringleader_spec::JobSpec;

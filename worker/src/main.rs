@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ringleader_client::args::{parse_duration, parse_optional_address, OptionalAddress, TlsArgs};
+use ringleader_client::leader::{self as client, Connection};
+use ringleader_client::runtime;
 use ringleader_collective::ring;
 use ringleader_collective::{CollectiveService, LocalSocket, RingOptions};
-use ringleader_coordinator::cli::{
-    parse_duration, parse_optional_address, OptionalAddress, TlsArgs,
-};
-use ringleader_coordinator::client::{self, Connection};
-use ringleader_coordinator::runtime;
 use ringleader_proto::coordinator::Register;
 use ringleader_security::{Role, Transport};
 use ringleader_worker::agent::{self, AgentOptions};
@@ -254,7 +252,7 @@ async fn run(args: Args) -> Result<()> {
     );
 
     if let OptionalAddress(Some(listen)) = args.metrics_listen {
-        ringleader_coordinator::metrics::serve_registry(
+        ringleader_client::metrics::serve_registry(
             listen,
             || metrics::worker().render(),
             shutdown.clone(),

@@ -14,8 +14,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use ringleader_client::metrics::encode_registry;
 use ringleader_collective::stats::all_reduce_totals;
-use ringleader_coordinator::metrics::encode_registry;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;

@@ -14,7 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use crate::error::{ClientError as Error, Result};
 use crate::limits::MAX_RESPONSE_BYTES;
 
 /// How to reach a cluster's leader: where, over what, and as whom.
