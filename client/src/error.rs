@@ -1,8 +1,7 @@
 //! What a client of the leader can be told, as errors it can act on.
 
-/// Why a call to the leader did not succeed: refusals (bad input, unknown
-/// id, a limit, who the caller is) are final; only an unreachable or
-/// unavailable leader is worth waiting for.
+/// Why a call to the leader did not succeed: only an unreachable or
+/// unavailable leader is worth waiting for; a refusal is final.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Coordinators answered, but none of them is (or names) a reachable
@@ -14,27 +13,14 @@ pub enum ClientError {
     #[error("coordinator {address} is unreachable: {reason}")]
     Unreachable { address: String, reason: String },
 
+    /// The leader refused the call; `code` says why (not found, not
+    /// allowed, a limit, bad input…), `message` how.
+    #[error("{message}")]
+    Refused { code: tonic::Code, message: String },
+
+    /// Something this side was given is malformed (an address, a flag).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-
-    #[error("{0}")]
-    NotFound(String),
-
-    #[error("{0}")]
-    FailedPrecondition(String),
-
-    #[error("{0}")]
-    ResourceExhausted(String),
-
-    /// A stored record could not be read; it names the key.
-    #[error("{0}")]
-    Corrupt(String),
-
-    #[error("{0}")]
-    Unauthenticated(String),
-
-    #[error("{0}")]
-    PermissionDenied(String),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -170,26 +170,19 @@ pub async fn find_leader_channel(connection: &Connection) -> Result<(String, Cha
     }
 }
 
-/// The leader's answer as an error a caller can act on: refusals (bad
-/// input, unknown id, a limit reached) are final; only an unreachable or
-/// unavailable leader is worth waiting for.
+/// The leader's answer as an error a caller can act on: an unreachable or
+/// unavailable leader is worth waiting for, anything else is a refusal.
 pub fn status_error(what: &str, status: tonic::Status) -> Error {
     use tonic::Code;
     let message = format!("{what}: {}", status.message());
     match status.code() {
-        Code::NotFound => Error::NotFound(message),
-        Code::FailedPrecondition => Error::FailedPrecondition(message),
-        Code::ResourceExhausted | Code::OutOfRange => Error::ResourceExhausted(message),
-        Code::DataLoss => Error::Corrupt(message),
-        Code::Unauthenticated => Error::Unauthenticated(message),
-        Code::PermissionDenied => Error::PermissionDenied(message),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
             Error::Unreachable {
                 address: "the leader".into(),
                 reason: message,
             }
         }
-        _ => Error::InvalidArgument(message),
+        code => Error::Refused { code, message },
     }
 }
 

@@ -79,16 +79,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<ringleader_client::ClientError> for Error {
     fn from(error: ringleader_client::ClientError) -> Self {
         use ringleader_client::ClientError as C;
+        use tonic::Code;
         match error {
             C::NoLeader { addresses, reason } => Error::NoLeader { addresses, reason },
             C::Unreachable { address, reason } => Error::Unreachable { address, reason },
-            C::InvalidArgument(m) => Error::InvalidArgument(m),
-            C::NotFound(m) => Error::NotFound(m),
-            C::FailedPrecondition(m) => Error::FailedPrecondition(m),
-            C::ResourceExhausted(m) => Error::ResourceExhausted(m),
-            C::Corrupt(m) => Error::Corrupt(m),
-            C::Unauthenticated(m) => Error::Unauthenticated(m),
-            C::PermissionDenied(m) => Error::PermissionDenied(m),
+            C::InvalidArgument(message) => Error::InvalidArgument(message),
+            C::Refused { code, message } => match code {
+                Code::NotFound => Error::NotFound(message),
+                Code::FailedPrecondition => Error::FailedPrecondition(message),
+                Code::ResourceExhausted | Code::OutOfRange => Error::ResourceExhausted(message),
+                Code::DataLoss => Error::Corrupt(message),
+                Code::Unauthenticated => Error::Unauthenticated(message),
+                Code::PermissionDenied => Error::PermissionDenied(message),
+                _ => Error::InvalidArgument(message),
+            },
         }
     }
 }
