@@ -14,6 +14,7 @@
 //! encrypted: they never leave the machine's memory.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use ringleader_security::Transport;
@@ -110,6 +111,22 @@ pub(crate) async fn dial(
     path: &Path,
     options: &RingOptions,
 ) -> std::result::Result<Channel, String> {
+    // A successor that is still starting may not listen yet: try again for
+    // a moment, as the TCP dial does, before the caller falls back to TCP.
+    let deadline = tokio::time::Instant::now() + options.timeout.min(UNIX_DIAL_PATIENCE);
+    loop {
+        match dial_once(path, options).await {
+            Ok(channel) => return Ok(channel),
+            Err(reason) if tokio::time::Instant::now() >= deadline => return Err(reason),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// How long a Unix socket dial is retried.
+const UNIX_DIAL_PATIENCE: Duration = Duration::from_secs(2);
+
+async fn dial_once(path: &Path, options: &RingOptions) -> std::result::Result<Channel, String> {
     let path = path.to_path_buf();
     // The URI is required by the API and unused: the connector ignores it.
     let endpoint = Endpoint::from_static("http://ring.local");

@@ -34,7 +34,6 @@ use crate::limits::{
 };
 use crate::metrics::CoordinatorMetrics;
 use crate::registry::ConnectionId;
-use crate::search::Mode;
 use crate::server::{ServeOptions, SubmitLimits};
 use crate::store::{durable_or_ended, load_trials, Durable, NotStored, ReadLimit, StateWriter};
 use crate::sweep::driver::Driver;
@@ -514,7 +513,7 @@ impl Coordinator for CoordinatorService {
                 submitted_unix_ms: unix_ms(),
                 finished_unix_ms: None,
                 objective_metric: metric,
-                objective_mode: mode_name(mode).into(),
+                objective_mode: mode,
                 max_trials: template.max_trials(),
                 owner: caller.user.clone(),
                 failure: None,
@@ -755,13 +754,6 @@ impl TrialPage {
 
 fn to_json<T: serde::Serialize>(record: &T) -> String {
     serde_json::to_string(record).expect("records serialise")
-}
-
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Max => "max",
-        Mode::Min => "min",
-    }
 }
 
 /// Feeds one worker's messages into the scheduler until the stream ends or

@@ -177,7 +177,7 @@ impl SweepSpec {
         let objective = match &sweep.objective {
             Some(raw) => Objective {
                 metric: raw.metric.clone(),
-                mode: raw.mode.into(),
+                mode: raw.mode,
             },
             None if base.dataset.has_validation() => Objective::validation_accuracy(),
             None => {
@@ -577,23 +577,7 @@ enum Stopper {
 #[serde(deny_unknown_fields)]
 struct RawObjective {
     metric: String,
-    mode: RawMode,
-}
-
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawMode {
-    Max,
-    Min,
-}
-
-impl From<RawMode> for Mode {
-    fn from(mode: RawMode) -> Self {
-        match mode {
-            RawMode::Max => Mode::Max,
-            RawMode::Min => Mode::Min,
-        }
-    }
+    mode: Mode,
 }
 
 /// [`TpeOptions`] as written; omitted keys take its defaults.

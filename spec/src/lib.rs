@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod job;
+pub mod mode;
 pub mod overrides;
 pub mod prepare;
 pub mod shard;
@@ -20,6 +21,7 @@ pub mod synthetic;
 
 pub use error::{Document, FieldError, FieldPath, Location, SpecError};
 pub use job::{JobDevice, JobSpec};
+pub use mode::Mode;
 pub use overrides::{apply_overrides, with_overrides};
 pub use shard::{FileDeal, ShardError, ShardPlan};
 /// The TOML crate whose tables [`with_overrides`] takes, so users need not

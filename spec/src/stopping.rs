@@ -20,6 +20,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FieldError;
+use crate::Mode;
 
 /// `early_stopping = { metric = "val_loss", mode = "min", patience = 3,
 /// min_delta = 0.001 }`.
@@ -29,19 +30,12 @@ pub struct EarlyStopping {
     /// A metric the job reports every epoch.
     pub metric: String,
     /// Whether smaller (`min`) or larger (`max`) values are better.
-    pub mode: Direction,
+    pub mode: Mode,
     /// Epochs in a row without an improvement before training stops.
     pub patience: u32,
     /// How much a value must beat the best so far to count as better.
     #[serde(default)]
     pub min_delta: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Min,
-    Max,
 }
 
 /// Where a trial stands on its plateau: what the next epoch must beat.
@@ -123,11 +117,9 @@ impl EarlyStopping {
     ) -> Option<EarlyStop> {
         let value = value?;
         let improved = value.is_finite()
-            && match (plateau.best, self.mode) {
-                (None, _) => true,
-                (Some(best), Direction::Min) => value < best - self.min_delta,
-                (Some(best), Direction::Max) => value > best + self.min_delta,
-            };
+            && plateau
+                .best
+                .is_none_or(|best| self.mode.improves(value, best, self.min_delta));
         if improved {
             *plateau = Plateau {
                 best: Some(value),
@@ -152,7 +144,7 @@ impl EarlyStopping {
 mod tests {
     use super::*;
 
-    fn stopping(mode: Direction, patience: u32, min_delta: f64) -> EarlyStopping {
+    fn stopping(mode: Mode, patience: u32, min_delta: f64) -> EarlyStopping {
         EarlyStopping {
             metric: "val_loss".into(),
             mode,
@@ -173,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_scripted_sequence_stops_after_patience_epochs_without_improvement() {
-        let rule = stopping(Direction::Min, 3, 0.01);
+        let rule = stopping(Mode::Min, 3, 0.01);
         // Best 0.5 at epoch 3; 0.495 (epoch 4) beats it by less than
         // min_delta, so epochs 4, 5, 6 are stale: stop after epoch 6.
         let values = [1.0, 0.7, 0.5, 0.495, 0.52, 0.499, 0.1].map(Some);
@@ -191,18 +183,15 @@ mod tests {
         );
         // An improvement resets the count.
         let values = [1.0, 0.9, 0.95, 0.8, 0.85, 0.86, 0.87].map(Some);
-        assert_eq!(
-            stop_epoch(&stopping(Direction::Min, 2, 0.0), &values),
-            Some(6)
-        );
+        assert_eq!(stop_epoch(&stopping(Mode::Min, 2, 0.0), &values), Some(6));
         // Never stale long enough.
         let values = [1.0, 1.0, 0.5, 0.5, 0.2].map(Some);
-        assert_eq!(stop_epoch(&stopping(Direction::Min, 2, 0.0), &values), None);
+        assert_eq!(stop_epoch(&stopping(Mode::Min, 2, 0.0), &values), None);
     }
 
     #[test]
     fn max_mode_wants_larger_values_and_nan_never_improves() {
-        let rule = stopping(Direction::Max, 2, 0.0);
+        let rule = stopping(Mode::Max, 2, 0.0);
         let values = [0.5, 0.6, 0.6, 0.7, 0.65, 0.7].map(Some);
         assert_eq!(stop_epoch(&rule, &values), Some(6), "equal is not better");
         let values = [Some(0.5), Some(f64::NAN), Some(f64::NAN), Some(0.9)];
@@ -214,14 +203,14 @@ mod tests {
 
     #[test]
     fn epochs_without_the_metric_do_not_count() {
-        let rule = stopping(Direction::Min, 2, 0.0);
+        let rule = stopping(Mode::Min, 2, 0.0);
         let values = [Some(1.0), None, Some(2.0), None, None, Some(3.0)];
         assert_eq!(stop_epoch(&rule, &values), Some(6));
     }
 
     #[test]
     fn a_resumed_plateau_stops_at_the_same_epoch() {
-        let rule = stopping(Direction::Min, 3, 0.0);
+        let rule = stopping(Mode::Min, 3, 0.0);
         let values = [0.9, 0.5, 0.6, 0.6, 0.4, 0.5, 0.5, 0.5, 0.1].map(Some);
         let whole = stop_epoch(&rule, &values);
         assert_eq!(whole, Some(8));
@@ -275,7 +264,7 @@ mod tests {
     fn stopping_on(metric: &str, patience: u32, min_delta: f64) -> EarlyStopping {
         EarlyStopping {
             metric: metric.into(),
-            mode: Direction::Min,
+            mode: Mode::Min,
             patience,
             min_delta,
         }
@@ -284,8 +273,8 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let reported = ["train_loss", "val_loss"];
-        assert!(stopping(Direction::Min, 1, 0.0).validate(&reported).is_ok());
-        let mut unknown = stopping(Direction::Min, 1, 0.0);
+        assert!(stopping(Mode::Min, 1, 0.0).validate(&reported).is_ok());
+        let mut unknown = stopping(Mode::Min, 1, 0.0);
         unknown.metric = "val_los".into();
         let error = unknown.validate(&reported).unwrap_err();
         assert_eq!(error.path.to_string(), "early_stopping.metric");
@@ -294,14 +283,10 @@ mod tests {
             "{}",
             error.message
         );
-        let error = stopping(Direction::Min, 0, 0.0)
-            .validate(&reported)
-            .unwrap_err();
+        let error = stopping(Mode::Min, 0, 0.0).validate(&reported).unwrap_err();
         assert_eq!(error.path.to_string(), "early_stopping.patience");
         for bad in [-0.1, f64::NAN, f64::INFINITY] {
-            let error = stopping(Direction::Min, 1, bad)
-                .validate(&reported)
-                .unwrap_err();
+            let error = stopping(Mode::Min, 1, bad).validate(&reported).unwrap_err();
             assert_eq!(error.path.to_string(), "early_stopping.min_delta", "{bad}");
         }
     }

@@ -16,32 +16,7 @@
 
 use std::collections::BTreeSet;
 
-/// Which way the objective improves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Max,
-    Min,
-}
-
-impl Mode {
-    /// The worst possible objective: what a diverged trial scores.
-    pub fn worst(self) -> f64 {
-        match self {
-            Mode::Max => f64::NEG_INFINITY,
-            Mode::Min => f64::INFINITY,
-        }
-    }
-
-    /// The value searchers rank an objective by: a NaN or infinite one
-    /// (training diverged) counts as the worst, never as the best.
-    pub fn ranked(self, objective: f64) -> f64 {
-        if objective.is_finite() {
-            objective
-        } else {
-            self.worst()
-        }
-    }
-}
+pub use ringleader_spec::Mode;
 
 /// A paused trial that should continue to `resource` (rung `rung`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,15 +135,7 @@ impl Asha {
             let next_resource = self.rungs[k + 1].resource;
             let rung = &mut self.rungs[k];
             let mut ranked = rung.results.clone();
-            ranked.sort_by(|a, b| {
-                let order = a.0.total_cmp(&b.0);
-                let order = if mode == Mode::Max {
-                    order.reverse()
-                } else {
-                    order
-                };
-                order.then(a.1.cmp(&b.1))
-            });
+            ranked.sort_by(|a, b| mode.best_first(a.0, b.0).then(a.1.cmp(&b.1)));
             let quota = ranked.len() / eta;
             if let Some(&(_, trial)) = ranked
                 .iter()

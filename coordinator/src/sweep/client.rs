@@ -29,7 +29,7 @@ pub struct SweepView {
 
 impl SweepView {
     fn mode(&self) -> Mode {
-        self.record.mode()
+        self.record.objective_mode
     }
 
     pub fn best(&self) -> Option<&TrialRecord> {
@@ -70,7 +70,6 @@ pub fn check(kind: SweepKind, file: &Path) -> Result<(String, Template)> {
 /// A one-line description of a valid spec, for `submit --dry-run`.
 pub fn summary(template: &Template) -> String {
     let (metric, mode) = template.objective();
-    let mode = if mode == Mode::Max { "max" } else { "min" };
     let config = template.driver_config("dry-run");
     let params = config.space.params();
     let params = if params.is_empty() {
@@ -512,14 +511,7 @@ fn leaderboard(view: &SweepView) -> Vec<&TrialRecord> {
             _ => t.objective.map(|v| mode.ranked(v)),
         };
         match (key(a), key(b)) {
-            (Some(x), Some(y)) => {
-                let order = x.total_cmp(&y);
-                if mode == Mode::Max {
-                    order.reverse()
-                } else {
-                    order
-                }
-            }
+            (Some(x), Some(y)) => mode.best_first(x, y),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => a.number.cmp(&b.number),

@@ -837,16 +837,10 @@ pub fn best_trial<'a>(
     trials
         .filter(|t| t.objective.is_some_and(f64::is_finite))
         .min_by(|a, b| {
-            let (x, y) = (
+            mode.best_first(
                 a.objective.unwrap_or_default(),
                 b.objective.unwrap_or_default(),
-            );
-            let order = x.total_cmp(&y);
-            if mode == Mode::Max {
-                order.reverse()
-            } else {
-                order
-            }
+            )
         })
 }
 

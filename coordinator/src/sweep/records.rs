@@ -68,8 +68,7 @@ pub struct SweepRecord {
     #[serde(default)]
     pub finished_unix_ms: Option<u64>,
     pub objective_metric: String,
-    /// "max" or "min".
-    pub objective_mode: String,
+    pub objective_mode: Mode,
     /// Trials the sweep may start (the budget).
     pub max_trials: u64,
     /// The user who submitted it ("" for records from before owners: then
@@ -86,16 +85,6 @@ pub struct SweepRecord {
     /// list of sweeps shows progress without reading every trial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<SweepSummary>,
-}
-
-impl SweepRecord {
-    pub fn mode(&self) -> Mode {
-        if self.objective_mode == "min" {
-            Mode::Min
-        } else {
-            Mode::Max
-        }
-    }
 }
 
 /// How a state or outcome is spelled in records (`early_stopped`).

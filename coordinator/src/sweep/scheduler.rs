@@ -76,7 +76,7 @@ pub struct SweepRun {
 impl SweepRun {
     /// Its trials at a glance, as they stand.
     pub fn summary(&self) -> SweepSummary {
-        SweepSummary::of(self.driver.trials().values(), self.record.mode())
+        SweepSummary::of(self.driver.trials().values(), self.record.objective_mode)
     }
 
     pub fn new(record: SweepRecord, driver: Driver, template: Template) -> Self {
