@@ -211,6 +211,17 @@ async fn bad_requests_get_clear_answers(
             got.body
         );
     }
+    // A browser without a token is told how to sign in, not CLI flags.
+    let unsigned = get(dashboard, Some(ca), "/api/v1/cluster", None).await;
+    assert_eq!(unsigned.status, 401);
+    assert!(
+        unsigned.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("sign in"),
+        "{}",
+        unsigned.body
+    );
     // A head far over the limit: refused, and the server goes on.
     let huge = format!(
         "GET /api/v1/sweeps HTTP/1.1\r\nX-Padding: {}",

@@ -43,6 +43,10 @@ use crate::web::{error_response, json_body, respond, HttpResponse};
 /// How long what may change (a running sweep, the cluster, what a token
 /// may see) is reused.
 pub const CACHE_FOR: Duration = Duration::from_secs(1);
+/// What a browser without a token is told.
+const SIGN_IN: &str = "sign in with a token: `ringleader token create` makes one, and \
+     `ringleader local` prints a dashboard link that carries the admin's";
+
 /// Tokens whose answers are kept, and sweeps whose trials are.
 const TOKENS_KEPT: usize = 256;
 const SWEEPS_KEPT: usize = 32;
@@ -293,6 +297,11 @@ impl Dashboard {
         };
         match self.answer(&call, token.as_ref()).await {
             Ok(body) => json_body(StatusCode::OK, body),
+            // The leader's words are for the CLI (`--token`); a browser
+            // signs in.
+            Err((StatusCode::UNAUTHORIZED, _)) if token.is_none() => {
+                error_response(StatusCode::UNAUTHORIZED, SIGN_IN)
+            }
             Err((status, message)) => error_response(status, message),
         }
     }
