@@ -180,11 +180,11 @@ impl Upstream {
         answer.map_err(|error| (http_status(&error), error.to_string()))
     }
 
-    async fn cluster(&self, token: Option<&Token>) -> Result<Arc<Bytes>, Refusal> {
+    async fn cluster(&self, token: Option<&Token>) -> Result<Bytes, Refusal> {
         let timeout = self.connection.timeout;
         self.ask(token, |address, mut client| async move {
             let status = status::fetch_from(&address, &mut client, timeout).await?;
-            Ok(Arc::new(encode(&status::to_json(&status))))
+            Ok(encode(&status::to_json(&status)))
         })
         .await
     }
@@ -238,7 +238,7 @@ fn encode(value: &Value) -> Bytes {
 /// changes).
 pub struct Dashboard {
     upstream: Upstream,
-    clusters: Memo<Arc<Bytes>>,
+    clusters: Memo<Bytes>,
     visible: Memo<Arc<Visible>>,
     sweeps: Memo<Arc<SweepView>>,
 }
@@ -311,11 +311,9 @@ impl Dashboard {
         let key = token.map(Token::reveal).unwrap_or_default();
         match call {
             ApiCall::Cluster => {
-                let body = self
-                    .clusters
+                self.clusters
                     .get(&key, young, || self.upstream.cluster(token))
-                    .await?;
-                Ok(Bytes::clone(&body))
+                    .await
             }
             ApiCall::Sweeps => {
                 let visible = self.visible(&key, token).await?;
