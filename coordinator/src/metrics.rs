@@ -125,7 +125,7 @@ impl CoordinatorMetrics {
         self.attempts.clear();
         let (sweeps, workers) = {
             let scheduler = state.scheduler();
-            let workers = scheduler.registry.snapshot(std::time::Instant::now());
+            let workers = scheduler.workers(std::time::Instant::now());
             (scheduler.list(), workers)
         };
         let mut queued = 0;

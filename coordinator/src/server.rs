@@ -22,10 +22,9 @@ use crate::etcd::Etcd;
 use crate::limits::MAX_REQUEST_BYTES;
 use crate::service::{CoordinatorService, CoordinatorState};
 use crate::store::{load_prefix, load_trials, FencedStore, ReadLimit, StateWriter, Unreadable};
-use crate::sweep::driver::Driver;
-use crate::sweep::records::{sweep_key, SWEEPS_PREFIX};
-use crate::sweep::scheduler::{Effects, Stored};
-use crate::sweep::{SweepRecord, SweepRun, Template};
+use crate::sweep::records::SWEEPS_PREFIX;
+use crate::sweep::scheduler::{Effects, Input, Now, Stored};
+use crate::sweep::SweepRecord;
 
 /// Everything `ringleader serve` needs.
 #[derive(Clone, Debug)]
@@ -239,14 +238,18 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
             scheduler.unreadable_record(bad.to_string());
         }
         let mut writes = Effects::default();
+        let now = Now::system();
         for sweep in sweeps {
-            writes.writes.extend(scheduler.restore(sweep).writes);
+            writes.extend(scheduler.restore(sweep, now));
         }
         writes
     };
-    state.loaded(StateWriter::spawn(store, term.token.clone()));
+    state.loaded(
+        StateWriter::spawn(store, term.token.clone()),
+        term.token.clone(),
+    );
     if !set_aside.is_empty() {
-        let (_, durable) = state.apply(|_| (set_aside, ()));
+        let durable = state.commit(set_aside);
         tokio::spawn(async move {
             if let Ok(Err(error)) = durable.await {
                 error!(%error, "could not mark the sweeps that cannot be taken over failed");
@@ -259,14 +262,8 @@ async fn lead(state: Arc<CoordinatorState>, term: LeaderTerm, options: ServeOpti
             _ = tick.tick() => {}
             _ = term.token.cancelled() => return,
         }
-        let lost = state.scheduler().registry.sweep(Instant::now());
-        if !lost.is_empty() {
-            for worker in &lost {
-                warn!(worker = %worker, "worker lost: missed heartbeats");
-            }
-            let _ = state.apply(|s| (s.workers_lost(&lost), ()));
-        }
-        state.schedule();
+        // A change not stored ends the term (see service.rs's `deliver`).
+        let _ = state.step(Input::Tick);
     }
 }
 
@@ -295,19 +292,10 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
     }
     let mut sweeps = Vec::new();
     for record in loaded.records {
-        if record.state.is_terminal() {
-            sweeps.push(Stored::Finished(record));
-            continue;
-        }
-        let template = match Template::parse(record.kind, &record.spec, &record.origin) {
-            Ok(template) => template,
-            Err(error) => {
-                warn!(sweep = %record.id, %error, "stored spec no longer parses");
-                let problem = format!(
-                    "stored sweep {}: its spec no longer parses: {error}",
-                    sweep_key(&record.id)
-                );
-                sweeps.push(Stored::SetAside(record, vec![problem]));
+        let (record, template) = match Stored::take_over(record) {
+            Ok(running) => running,
+            Err(stored) => {
+                sweeps.push(stored);
                 continue;
             }
         };
@@ -320,19 +308,7 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
             sweeps.push(Stored::SetAside(record, problems));
             continue;
         }
-        match Driver::restore(template.driver_config(&record.id), trials.records) {
-            Ok(driver) => sweeps.push(Stored::Running(Box::new(SweepRun::new(
-                record, driver, template,
-            )))),
-            Err(error) => {
-                warn!(sweep = %record.id, %error, "stored trials do not replay");
-                let problem = format!(
-                    "stored sweep {}: its trials do not replay: {error}",
-                    sweep_key(&record.id)
-                );
-                sweeps.push(Stored::SetAside(record, vec![problem]));
-            }
-        }
+        sweeps.push(Stored::running(record, template, trials.records));
     }
     Ok((sweeps, loaded.unreadable))
 }

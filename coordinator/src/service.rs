@@ -1,10 +1,12 @@
 //! The `Coordinator` gRPC service: thin handlers over [`CoordinatorState`].
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream};
+use rand::Rng;
 use ringleader_proto::coordinator::coordinator_server::Coordinator;
 use std::path::PathBuf;
 
@@ -19,8 +21,9 @@ use ringleader_proto::coordinator::{
 use ringleader_security::{Token, UserRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::auth::{
     token_key, validate_token_name, Authenticator, Caller, TokenInfo, TokenRecord, MAX_TOKENS,
@@ -33,17 +36,34 @@ use crate::limits::{
     MAX_TRIALS_PER_PAGE, MAX_WORKER_ID_BYTES,
 };
 use crate::metrics::CoordinatorMetrics;
-use crate::registry::ConnectionId;
+use crate::registry::{Address, ConnectionId};
 use crate::server::{ServeOptions, SubmitLimits};
 use crate::store::{durable_or_ended, load_trials, Durable, NotStored, ReadLimit, StateWriter};
-use crate::sweep::driver::Driver;
-use crate::sweep::scheduler::unix_ms;
-use crate::sweep::{
-    Effects, Scheduler, SweepKind, SweepRecord, SweepRun, SweepState, Template, TrialRecord,
-};
+use crate::sweep::scheduler::{Input, Now, Reply, Report, Submission};
+use crate::sweep::{Effects, Scheduler, SweepKind, Template, TrialRecord};
 
 /// How long a new attach stream may take to send its `Register`.
 const REGISTER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The leader's half of a worker's attach stream.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// The current term's effect runner: its fenced writer, and the outbox that
+/// sends each step's messages once that step's writes are durable.
+struct TermRunner {
+    writer: StateWriter,
+    outbox: mpsc::UnboundedSender<Delivery>,
+}
+
+/// One step's messages, waiting for its writes.
+struct Delivery {
+    writes: Option<oneshot::Receiver<Durable>>,
+    messages: Vec<(Address, CoordinatorMessage)>,
+    done: oneshot::Sender<Durable>,
+}
+
+/// The open attach streams, by worker: where the outbox delivers.
+type Streams = Mutex<HashMap<String, (ConnectionId, Outbound)>>;
 
 /// State shared by the service handlers and the leader's background tasks.
 pub struct CoordinatorState {
@@ -57,8 +77,9 @@ pub struct CoordinatorState {
     pub auth: Authenticator,
     pub metrics: CoordinatorMetrics,
     scheduler: Mutex<Scheduler>,
-    /// The current term's writer, once its state is loaded from etcd.
-    writer: Mutex<Option<StateWriter>>,
+    /// The current term's runner, once its state is loaded from etcd.
+    runner: Mutex<Option<TermRunner>>,
+    streams: Arc<Streams>,
 }
 
 impl CoordinatorState {
@@ -80,97 +101,142 @@ impl CoordinatorState {
                 0,
                 checkpoint_root.clone(),
                 Instant::now(),
+                rand::rng().random(),
             )),
             checkpoint_root,
-            writer: Mutex::new(None),
+            runner: Mutex::new(None),
+            streams: Arc::default(),
         }
     }
 
-    /// The scheduler; a poisoned lock only means a handler panicked
-    /// mid-update of plain data, which stays usable.
+    /// The scheduler, to read; a poisoned lock only means a handler
+    /// panicked mid-update of plain data, which stays usable. Changes go
+    /// through [`CoordinatorState::step`].
     pub fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
         self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn writer(&self) -> MutexGuard<'_, Option<StateWriter>> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    fn runner(&self) -> MutexGuard<'_, Option<TermRunner>> {
+        self.runner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a term: a fresh scheduler (workers re-register with it), no
-    /// writer until [`CoordinatorState::loaded`].
+    fn streams(&self) -> MutexGuard<'_, HashMap<String, (ConnectionId, Outbound)>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a term: a fresh scheduler (workers re-register with it, its
+    /// ring secrets from a generator seeded by the operating system), no
+    /// runner until [`CoordinatorState::loaded`].
     pub fn begin_term(&self, owner: i64, reattach_until: Instant) {
-        *self.writer() = None;
+        *self.runner() = None;
+        self.streams().clear();
         *self.scheduler() = Scheduler::new(
             self.lost_after,
             owner,
             self.checkpoint_root.clone(),
             reattach_until,
+            rand::rng().random(),
         );
     }
 
-    /// The term's stored state is in the scheduler: accept changes.
-    pub fn loaded(&self, writer: StateWriter) {
-        *self.writer() = Some(writer);
+    /// The term's stored state is in the scheduler: accept changes, and
+    /// send each step's messages once its writes are durable. A change
+    /// that is not stored ends the term (see [`deliver`]).
+    pub fn loaded(&self, writer: StateWriter, term: CancellationToken) {
+        let (outbox, deliveries) = mpsc::unbounded_channel();
+        tokio::spawn(deliver(deliveries, self.streams.clone(), term));
+        *self.runner() = Some(TermRunner { writer, outbox });
     }
 
-    /// Runs a scheduler step: its writes are queued (in decision order,
-    /// under the lock) and its messages sent once the writes are durable.
-    /// The returned receiver answers when that has happened.
-    pub fn apply<T>(
-        &self,
-        step: impl FnOnce(&mut Scheduler) -> (Effects, T),
-    ) -> (T, oneshot::Receiver<Durable>) {
-        let (done_tx, done_rx) = oneshot::channel();
-        let (effects, value, ticket) = {
-            let mut scheduler = self.scheduler();
-            let (effects, value) = step(&mut scheduler);
-            let ticket = match (effects.writes.is_empty(), self.writer().as_ref()) {
-                (true, _) => None,
-                (false, Some(writer)) => Some(writer.enqueue(effects.writes.clone())),
-                (false, None) => {
-                    let _ = done_tx.send(Err(NotStored::Loading));
-                    return (value, done_rx);
+    /// Gives the scheduler one input. Its writes are queued and its
+    /// messages handed to the outbox under the scheduler's lock, so both
+    /// keep decision order; the receiver answers once the writes are
+    /// durable and the messages sent, or with why they never will be.
+    pub fn step(&self, input: Input) -> (Reply, oneshot::Receiver<Durable>) {
+        let mut scheduler = self.scheduler();
+        let (effects, reply) = scheduler.step(Now::system(), input);
+        (reply, self.run_effects(effects))
+    }
+
+    /// Queues `effects` (the caller holds the scheduler's lock).
+    fn run_effects(&self, effects: Effects) -> oneshot::Receiver<Durable> {
+        let (done, answer) = oneshot::channel();
+        if effects.is_empty() {
+            let _ = done.send(Ok(()));
+            return answer;
+        }
+        match self.runner().as_ref() {
+            Some(runner) => {
+                let writes = (!effects.writes.is_empty())
+                    .then(|| runner.writer.enqueue(effects.writes));
+                let delivery = Delivery {
+                    writes,
+                    messages: effects.messages,
+                    done,
+                };
+                if let Err(mpsc::error::SendError(lost)) = runner.outbox.send(delivery) {
+                    let _ = lost.done.send(Err(NotStored::TermEnded(
+                        "this coordinator's term has ended".into(),
+                    )));
                 }
-            };
-            (effects, value, ticket)
-        };
-        tokio::spawn(async move {
-            let durable = match ticket {
-                None => Ok(()),
-                Some(ticket) => durable_or_ended(ticket.await),
-            };
-            if durable.is_ok() {
-                for (to, message) in effects.messages {
-                    let _ = to.send(Ok(message)).await;
-                }
-            } else if let Err(error) = &durable {
-                warn!(%error, "state change not stored; its messages were not sent");
             }
-            let _ = done_tx.send(durable);
-        });
-        (value, done_rx)
+            None => {
+                let _ = done.send(Err(NotStored::Loading));
+            }
+        }
+        answer
+    }
+
+    /// Writes effects decided outside a step (sweeps set aside at load).
+    pub fn commit(&self, effects: Effects) -> oneshot::Receiver<Durable> {
+        let _scheduler = self.scheduler();
+        self.run_effects(effects)
+    }
+
+    /// A worker's registration: its stream is where the outbox delivers
+    /// from now on, and `registered` (the acknowledgement) is on it before
+    /// anything the registration leads to.
+    fn register(
+        &self,
+        registration: Register,
+        outbound: &Outbound,
+        registered: CoordinatorMessage,
+    ) -> Result<ConnectionId, Status> {
+        let mut scheduler = self.scheduler();
+        let worker = registration.worker_id.clone();
+        let host = registration.host.clone();
+        let (effects, reply) = scheduler.step(Now::system(), Input::Register(registration));
+        let connection = match reply {
+            Reply::Registered(Ok(connection)) => connection,
+            Reply::Registered(Err(refused)) => {
+                warn!(worker = %worker, host = %host, "refused a registration: the id belongs to a live worker");
+                return Err(Status::already_exists(refused.to_string()));
+            }
+            other => unreachable!("a registration answers Registered, not {other:?}"),
+        };
+        // A fresh channel: the first message always fits.
+        outbound
+            .try_send(Ok(registered))
+            .map_err(|_| Status::cancelled("worker went away during registration"))?;
+        self.streams()
+            .insert(worker, (connection, outbound.clone()));
+        let _ = self.run_effects(effects);
+        Ok(connection)
     }
 
     /// Waits until every state change made so far is durable in etcd, so
     /// that a read from etcd sees them.
     async fn changes_durable(&self) -> Result<(), Status> {
-        let flushed = match self.writer().as_ref() {
-            Some(writer) => writer.flushed(),
+        let flushed = match self.runner().as_ref() {
+            Some(runner) => runner.writer.flushed(),
             None => return Err(Status::unavailable("this coordinator is not leading")),
         };
         Ok(durable_or_ended(flushed.await)?)
     }
 
-    /// Places work after an event.
-    pub fn schedule(&self) {
-        if self.writer().is_some() {
-            let _ = self.apply(|s| (s.schedule(Instant::now()), ()));
-        }
-    }
-
     /// Whether this term's state is loaded (sweep calls need it).
     pub fn is_loaded(&self) -> bool {
-        self.writer().is_some()
+        self.runner().is_some()
     }
 
     /// Leader with its state loaded, or the status that says why not.
@@ -198,12 +264,69 @@ impl CoordinatorState {
     }
 }
 
+/// The outbox of one term: each step's messages go out once its writes are
+/// durable, in step order. A change that is not stored ends the term: the
+/// in-memory state ran ahead of etcd, so the next term (here or on another
+/// coordinator) rebuilds it from what etcd holds, and nothing decided after
+/// it is sent either, as it may rest on the change that was lost.
+async fn deliver(
+    mut deliveries: mpsc::UnboundedReceiver<Delivery>,
+    streams: Arc<Streams>,
+    term: CancellationToken,
+) {
+    let mut failed: Option<NotStored> = None;
+    while let Some(delivery) = deliveries.recv().await {
+        let durable = match (&failed, delivery.writes) {
+            (Some(earlier), _) => Err(NotStored::TermEnded(format!(
+                "an earlier change was not stored ({earlier})"
+            ))),
+            (None, None) => Ok(()),
+            (None, Some(writes)) => durable_or_ended(writes.await),
+        };
+        match &durable {
+            Ok(()) => {
+                let streams = streams.lock().unwrap_or_else(|p| p.into_inner());
+                for (to, message) in delivery.messages {
+                    send(&streams, to, message);
+                }
+            }
+            Err(error) if failed.is_none() => {
+                error!(%error, "a state change was not stored: its messages are not sent, and this leadership term ends so that the next one starts from what etcd holds");
+                failed = Some(error.clone());
+                term.cancel();
+            }
+            Err(_) => {}
+        }
+        let _ = delivery.done.send(durable);
+    }
+}
+
+/// Sends `message` on the stream it was decided for, if that stream is
+/// still the worker's. A full channel (a worker not reading) does not hold
+/// up the outbox: that one message waits in its own task.
+fn send(streams: &HashMap<String, (ConnectionId, Outbound)>, to: Address, message: CoordinatorMessage) {
+    let Some((connection, outbound)) = streams.get(&to.worker) else {
+        return;
+    };
+    if *connection != to.connection {
+        return;
+    }
+    if let Err(mpsc::error::TrySendError::Full(message)) = outbound.try_send(Ok(message)) {
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            let _ = outbound.send(message).await;
+        });
+    }
+}
+
 impl CoordinatorState {
     /// Writes a token record through the term's fenced writer, then makes
     /// it the one the authenticator uses.
     async fn store_token(&self, record: &TokenRecord) -> Result<(), Status> {
-        let ticket = match self.writer().as_ref() {
-            Some(writer) => writer.enqueue(vec![(token_key(&record.id), to_json(record))]),
+        let ticket = match self.runner().as_ref() {
+            Some(runner) => runner
+                .writer
+                .enqueue(vec![(token_key(&record.id), to_json(record))]),
             None => return Err(Status::unavailable("this coordinator is not leading")),
         };
         durable(ticket).await?;
@@ -345,28 +468,12 @@ impl Coordinator for CoordinatorService {
         validate_registration(&registration)?;
         let worker_id = registration.worker_id.clone();
         let (tx, rx) = mpsc::channel(64);
-        let connection = {
-            let mut scheduler = self.state.scheduler();
-            // Until the term's sweeps are loaded, a re-registering worker's
-            // running attempt would look unknown and be stopped: it must
-            // wait, so that it is re-attached instead.
-            if scheduler.owner() != term.create_revision || !self.state.is_loaded() {
-                return Err(Status::unavailable(
-                    "the leader is starting its term; retry",
-                ));
-            }
-            let connection = scheduler
-                .registry
-                .register(registration.clone(), Instant::now())
-                .map_err(|refused| {
-                    warn!(worker = %worker_id, host = %registration.host, "refused a registration: the id belongs to a live worker");
-                    Status::already_exists(refused.to_string())
-                })?;
-            scheduler
-                .registry
-                .set_outbound(&worker_id, connection, tx.clone());
-            connection
-        };
+        // Until the term's sweeps are loaded, a re-registering worker's
+        // running attempt would look unknown and be stopped: it must wait,
+        // so that it is re-attached instead.
+        if self.state.scheduler().owner() != term.create_revision || !self.state.is_loaded() {
+            return Err(Status::unavailable("the leader is starting its term; retry"));
+        }
         info!(
             worker = %worker_id,
             host = %registration.host,
@@ -381,11 +488,7 @@ impl Coordinator for CoordinatorService {
                     .unwrap_or(u32::MAX),
             })),
         };
-        tx.send(Ok(registered))
-            .await
-            .map_err(|_| Status::cancelled("worker went away during registration"))?;
-        let _ = self.state.apply(|s| (s.registered(&registration), ()));
-        self.state.schedule();
+        let connection = self.state.register(registration, &tx, registered)?;
         tokio::spawn(serve_worker_stream(
             self.state.clone(),
             term,
@@ -412,7 +515,7 @@ impl Coordinator for CoordinatorService {
                 lease: format!("{:x}", c.lease),
             })
             .collect();
-        let workers = self.state.scheduler().registry.snapshot(Instant::now());
+        let workers = self.state.scheduler().workers(Instant::now());
         Ok(Response::new(ClusterStatusResponse {
             leader_address: self.state.advertise.clone(),
             coordinators,
@@ -479,52 +582,22 @@ impl Coordinator for CoordinatorService {
                 limits.max_trials_per_sweep
             )));
         }
-        let (id, answer) = self.state.apply(|s| {
-            if s.running_sweeps() >= limits.max_running_sweeps {
-                return (
-                    Effects::default(),
-                    Err(Status::resource_exhausted(format!(
-                        "{} sweeps and jobs are running or waiting, the most this cluster \
-                         takes (ringleader serve --max-running-sweeps); submit again when one \
-                         has finished",
-                        limits.max_running_sweeps
-                    ))),
-                );
-            }
-            let (id, seq) = s.next_id(kind);
-            let (metric, mode) = template.objective();
-            let driver = match Driver::new(template.driver_config(&id)) {
-                Ok(driver) => driver,
-                Err(error) => {
-                    return (
-                        Effects::default(),
-                        Err(Status::invalid_argument(error.to_string())),
-                    )
-                }
-            };
-            let record = SweepRecord {
-                id: id.clone(),
-                seq,
-                kind,
-                name: template.name().to_string(),
-                spec: request.spec.clone(),
-                origin: origin.clone(),
-                state: SweepState::Running,
-                submitted_unix_ms: unix_ms(),
-                finished_unix_ms: None,
-                objective_metric: metric,
-                objective_mode: mode,
-                max_trials: template.max_trials(),
-                owner: caller.user.clone(),
-                failure: None,
-                summary: None,
-            };
-            (s.submit(SweepRun::new(record, driver, template)), Ok(id))
-        });
+        let submission = Submission {
+            kind,
+            template,
+            spec: request.spec,
+            origin,
+            owner: caller.user.clone(),
+            max_running: limits.max_running_sweeps,
+        };
+        let (reply, answer) = self.state.step(Input::Submit(Box::new(submission)));
+        let id = match reply {
+            Reply::Submitted(submitted) => submitted.map_err(Status::from),
+            other => unreachable!("a submission answers Submitted, not {other:?}"),
+        };
         let id = id?;
         durable(answer).await?;
         audit(&caller, "submit", &id);
-        self.state.schedule();
         Ok(Response::new(SubmitResponse { sweep_id: id }))
     }
 
@@ -615,14 +688,13 @@ impl Coordinator for CoordinatorService {
                 return Err(not_yours(&caller, &id, "cancel"));
             }
         }
-        let (result, answer) = self.state.apply(|s| match s.cancel(&id) {
-            Ok((effects, stopped)) => (effects, Ok(stopped)),
-            Err(error) => (Effects::default(), Err(error)),
-        });
-        let stopped = result?;
+        let (reply, answer) = self.state.step(Input::Cancel { sweep: id.clone() });
+        let stopped = match reply {
+            Reply::Cancelled(cancelled) => cancelled?,
+            other => unreachable!("a cancellation answers Cancelled, not {other:?}"),
+        };
         durable(answer).await?;
         audit(&caller, "cancel", &id);
-        self.state.schedule();
         Ok(Response::new(CancelSweepResponse {
             stopped_attempts: stopped,
         }))
@@ -654,7 +726,7 @@ impl Coordinator for CoordinatorService {
             name: request.name,
             role,
             secret_sha256: token.secret_hash(),
-            created_unix_ms: unix_ms(),
+            created_unix_ms: Now::system().unix_ms,
             created_by: caller.user.clone(),
             revoked_unix_ms: None,
         };
@@ -702,7 +774,7 @@ impl Coordinator for CoordinatorService {
                 return Err(Status::not_found(format!("no token {id}")));
             };
             // Refused from now on, even before the record is durable.
-            record.revoked_unix_ms.get_or_insert_with(unix_ms);
+            record.revoked_unix_ms.get_or_insert(Now::system().unix_ms);
             record.clone()
         };
         self.state.store_token(&record).await?;
@@ -806,15 +878,17 @@ async fn serve_worker_stream(
             break;
         }
     }
-    let lost = state
-        .scheduler()
-        .registry
-        .disconnected(&worker_id, connection);
-    if lost {
-        warn!(worker = %worker_id, "worker disconnected");
-        let _ = state.apply(|s| (s.workers_lost(std::slice::from_ref(&worker_id)), ()));
-        state.schedule();
+    {
+        let mut streams = state.streams();
+        if streams.get(&worker_id).is_some_and(|(c, _)| *c == connection) {
+            streams.remove(&worker_id);
+        }
     }
+    // A change not stored ends the term (see `deliver`): nothing to do here.
+    let _ = state.step(Input::Disconnected {
+        worker: worker_id,
+        connection,
+    });
 }
 
 /// Worker messages handled in one scheduler step at most.
@@ -833,19 +907,22 @@ async fn handle_worker_messages(
     // declared lost) no longer speaks for the worker: ending it makes a
     // worker that is still alive register again, instead of heartbeating
     // into a void.
-    if !state.scheduler().registry.is_current(worker_id, connection) {
-        return Err(Status::aborted(
+    let superseded = || {
+        Status::aborted(
             "this attach stream was replaced by a newer registration of the same worker id; register again",
-        ));
-    }
+        )
+    };
     let mut reports = Vec::new();
     for kind in batch {
         match kind {
             worker_message::Kind::Heartbeat(hb) => {
-                state
-                    .scheduler()
-                    .registry
-                    .heartbeat(worker_id, connection, Instant::now());
+                let heartbeat = Input::Heartbeat {
+                    worker: worker_id.to_string(),
+                    connection,
+                };
+                if let (Reply::Superseded, _) = state.step(heartbeat) {
+                    return Err(superseded());
+                }
                 let ack = CoordinatorMessage {
                     kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
                         sequence: hb.sequence,
@@ -864,43 +941,21 @@ async fn handle_worker_messages(
                     "Register may only be the first message",
                 ));
             }
-            report => reports.push(report),
+            worker_message::Kind::Epoch(report) => reports.push(Report::Epoch(report)),
+            worker_message::Kind::Finished(report) => reports.push(Report::Finished(report)),
         }
     }
     if reports.is_empty() {
         return Ok(());
     }
-    let _ = state.apply(|s| {
-        let mut effects = Effects::default();
-        let mut ended = false;
-        for report in reports {
-            match report {
-                worker_message::Kind::Epoch(report) => {
-                    let attempt = report.attempt.expect("checked above");
-                    let metrics = report.metrics.into_iter().collect();
-                    let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
-                    effects.extend(s.epoch_report(
-                        worker_id,
-                        &attempt,
-                        report.epoch,
-                        metrics,
-                        checkpoint,
-                    ));
-                }
-                worker_message::Kind::Finished(report) => {
-                    effects.extend(s.finished_report(worker_id, &report));
-                    ended = true;
-                }
-                _ => unreachable!("only reports are collected"),
-            }
-        }
-        // The end of one attempt and the start of the next, in one commit:
-        // the freed worker's next assignment waits for a single etcd round
-        // trip.
-        if ended {
-            effects.extend(s.schedule(Instant::now()));
-        }
-        (effects, ())
+    // A change not stored ends the term (see `deliver`): nothing to do here.
+    let (reply, _) = state.step(Input::Reports {
+        worker: worker_id.to_string(),
+        connection,
+        reports,
     });
-    Ok(())
+    match reply {
+        Reply::Superseded => Err(superseded()),
+        _ => Ok(()),
+    }
 }

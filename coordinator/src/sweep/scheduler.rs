@@ -1,20 +1,32 @@
-//! The leader's scheduler: sweeps in submission order, each driven by its
-//! [`Driver`], placed on gangs of idle workers.
+//! The leader as a sans-IO state machine: sweeps in submission order, each
+//! driven by its [`Driver`], placed on gangs of idle workers.
 //!
-//! Every method is synchronous and returns [`Effects`]: the records to write
-//! and the messages to send once they are durable. The caller queues the
-//! writes on the [`StateWriter`](crate::store::StateWriter) while still
-//! holding the scheduler's lock (so writes reach etcd in decision order),
-//! then waits for them and only then sends the messages: a worker never
-//! runs an attempt etcd does not know about.
+//! Every input (a registration, a heartbeat, reports, a disconnect, a
+//! submission, a cancellation, a tick) goes through [`Scheduler::step`]
+//! with the time it happened at, and returns [`Effects`]: the records to
+//! write and the messages to send, addressed by worker and connection,
+//! once they are durable. The scheduler reads no clock, holds no channel
+//! and draws its ring secrets from a generator seeded by its owner, so
+//! the same inputs give the same effects: the simulation in
+//! [`crate::sweep::sim`] steps this very code.
+//!
+//! The runner (service.rs) queues the writes on the
+//! [`StateWriter`](crate::store::StateWriter) while still holding the
+//! scheduler's lock (so writes reach etcd in decision order), and sends the
+//! messages only once they are durable: a worker never runs an attempt
+//! etcd does not know about. State changes are made in memory at once;
+//! if their writes are not stored, the term ends and the next one rebuilds
+//! this state from etcd, so nothing that was not stored outlives its term.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 use ringleader_proto::coordinator::{
-    coordinator_message, Assignment, AttemptRef, CoordinatorMessage, Register, StopAttempt,
-    TrialFinished,
+    coordinator_message, Assignment, AttemptRef, CoordinatorMessage, EpochReport, Register,
+    StopAttempt, TrialFinished,
 };
 use ringleader_spec::{JobDevice, JobSpec};
 use tracing::{info, warn};
@@ -30,13 +42,103 @@ use crate::limits::{
     truncated, MAX_ERROR_BYTES, MAX_LINEAGE_FILES, MAX_LINEAGE_PATHS_BYTES,
     MAX_LINEAGE_VERSION_BYTES, MAX_METRICS_PER_EPOCH, MAX_METRIC_NAME_BYTES, MAX_PATH_BYTES,
 };
-use crate::registry::{Outbound, WorkerRegistry};
+use crate::registry::{Address, ConnectionId, DuplicateWorker, WorkerRegistry};
 
-/// What the caller must do after a scheduler call: write, then send.
+/// The time an input happened at: the scheduler's only clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// For heartbeat timeouts and the re-attach grace period.
+    pub instant: Instant,
+    /// For the times records show.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// The system's clocks (the runner's, never the scheduler's).
+    pub fn system() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `d` later.
+    pub fn after(self, d: Duration) -> Self {
+        Self {
+            instant: self.instant + d,
+            unix_ms: self.unix_ms + d.as_millis() as u64,
+        }
+    }
+}
+
+/// What a worker reports on its attach stream.
+#[derive(Clone, Debug)]
+pub enum Report {
+    Epoch(EpochReport),
+    Finished(TrialFinished),
+}
+
+/// A checked submission: its spec parsed, its caller known.
+pub struct Submission {
+    pub kind: SweepKind,
+    pub template: Template,
+    pub spec: String,
+    pub origin: String,
+    pub owner: String,
+    /// Sweeps and jobs running or waiting at most (the cluster's limit).
+    pub max_running: usize,
+}
+
+/// Everything that can happen to the leader.
+pub enum Input {
+    /// A worker opened an attach stream with this registration.
+    Register(Register),
+    Heartbeat {
+        worker: String,
+        connection: ConnectionId,
+    },
+    /// Reports that arrived together on one attach stream.
+    Reports {
+        worker: String,
+        connection: ConnectionId,
+        reports: Vec<Report>,
+    },
+    /// A worker's attach stream ended.
+    Disconnected {
+        worker: String,
+        connection: ConnectionId,
+    },
+    Submit(Box<Submission>),
+    Cancel {
+        sweep: String,
+    },
+    /// Time passed: find silent workers, re-queue orphaned attempts, place.
+    Tick,
+}
+
+/// The answer to the input's sender (the effects go to the runner).
+#[derive(Debug)]
+pub enum Reply {
+    /// Nothing to answer.
+    Done,
+    /// A registration: its connection, or why the id is taken.
+    Registered(Result<ConnectionId, DuplicateWorker>),
+    /// Reports or a heartbeat on a stream a newer registration replaced.
+    Superseded,
+    /// A submission: the new sweep's id.
+    Submitted(Result<String, Error>),
+    /// A cancellation: how many attempts were told to stop.
+    Cancelled(Result<u32, Error>),
+}
+
+/// What the caller must do after a scheduler step: write, then send.
 #[derive(Default)]
 pub struct Effects {
     pub writes: Vec<(String, String)>,
-    pub messages: Vec<(Outbound, CoordinatorMessage)>,
+    pub messages: Vec<(Address, CoordinatorMessage)>,
 }
 
 impl Effects {
@@ -54,7 +156,7 @@ impl Effects {
         ));
     }
 
-    fn send(&mut self, to: Option<Outbound>, kind: coordinator_message::Kind) {
+    fn send(&mut self, to: Option<Address>, kind: coordinator_message::Kind) {
         if let Some(to) = to {
             self.messages
                 .push((to, CoordinatorMessage { kind: Some(kind) }));
@@ -63,6 +165,11 @@ impl Effects {
 
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.messages.is_empty()
+    }
+
+    pub fn extend(&mut self, other: Effects) {
+        self.writes.extend(other.writes);
+        self.messages.extend(other.messages);
     }
 }
 
@@ -91,24 +198,6 @@ impl SweepRun {
 /// Bytes of an attempt's ring secret.
 const RING_SECRET_BYTES: usize = 32;
 
-/// A fresh secret for one attempt's ring. It lives only in the leader's
-/// messages to the gang (never in a record): a ring can be joined only by
-/// the ranks this leader assigned, however predictable the generation is.
-fn new_ring_secret() -> Vec<u8> {
-    use rand::RngCore;
-    let mut secret = vec![0u8; RING_SECRET_BYTES];
-    // ThreadRng: a CSPRNG seeded and reseeded from the operating system.
-    rand::rng().fill_bytes(&mut secret);
-    secret
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// A stored sweep as a new term takes it over.
 pub enum Stored {
     /// Running: rebuilt with its trials, it carries on.
@@ -122,9 +211,50 @@ pub enum Stored {
     SetAside(SweepRecord, Vec<String>),
 }
 
+impl Stored {
+    /// The first look at a stored sweep: finished, set aside because its
+    /// spec no longer parses, or running with its template (its trials are
+    /// read next, see [`Stored::running`]).
+    pub fn take_over(record: SweepRecord) -> Result<(SweepRecord, Template), Stored> {
+        if record.state.is_terminal() {
+            return Err(Stored::Finished(record));
+        }
+        match Template::parse(record.kind, &record.spec, &record.origin) {
+            Ok(template) => Ok((record, template)),
+            Err(error) => {
+                warn!(sweep = %record.id, %error, "stored spec no longer parses");
+                let problem = format!(
+                    "stored sweep {}: its spec no longer parses: {error}",
+                    sweep_key(&record.id)
+                );
+                Err(Stored::SetAside(record, vec![problem]))
+            }
+        }
+    }
+
+    /// A running sweep rebuilt from its trial records (in trial order), or
+    /// set aside if they do not replay.
+    pub fn running(record: SweepRecord, template: Template, trials: Vec<TrialRecord>) -> Stored {
+        match Driver::restore(template.driver_config(&record.id), trials) {
+            Ok(driver) => Stored::Running(Box::new(SweepRun::new(record, driver, template))),
+            Err(error) => {
+                warn!(sweep = %record.id, %error, "stored trials do not replay");
+                let problem = format!(
+                    "stored sweep {}: its trials do not replay: {error}",
+                    sweep_key(&record.id)
+                );
+                Stored::SetAside(record, vec![problem])
+            }
+        }
+    }
+}
+
 /// Everything the leader knows in memory; rebuilt from etcd each term.
 pub struct Scheduler {
-    pub registry: WorkerRegistry,
+    registry: WorkerRegistry,
+    /// Ring secrets: a CSPRNG seeded by the runner from the operating
+    /// system (a simulation seeds it itself).
+    secrets: ChaCha20Rng,
     /// Running sweeps by submission sequence (FIFO).
     sweeps: BTreeMap<u64, SweepRun>,
     /// Finished sweeps (records only), by id.
@@ -151,9 +281,11 @@ impl Scheduler {
         owner: i64,
         checkpoint_root: PathBuf,
         reattach_until: Instant,
+        secret_seed: [u8; 32],
     ) -> Self {
         Self {
             registry: WorkerRegistry::new(lost_after),
+            secrets: ChaCha20Rng::from_seed(secret_seed),
             sweeps: BTreeMap::new(),
             finished: BTreeMap::new(),
             owner,
@@ -187,12 +319,107 @@ impl Scheduler {
         self.owner
     }
 
+    /// The workers as they stand (for status and metrics).
+    pub fn workers(&self, now: Instant) -> Vec<ringleader_proto::coordinator::WorkerInfo> {
+        self.registry.snapshot(now)
+    }
+
+    /// Takes one input at `now`: what to write and send, and the answer
+    /// for whoever gave the input.
+    pub fn step(&mut self, now: Now, input: Input) -> (Effects, Reply) {
+        let mut effects = Effects::default();
+        let reply = match input {
+            Input::Register(registration) => {
+                match self
+                    .registry
+                    .register(registration.clone(), now.instant, now.unix_ms)
+                {
+                    Ok(connection) => {
+                        self.registered(&registration, now, &mut effects);
+                        self.place_and_finish(now, &mut effects);
+                        Reply::Registered(Ok(connection))
+                    }
+                    Err(taken) => Reply::Registered(Err(taken)),
+                }
+            }
+            Input::Heartbeat { worker, connection } => {
+                if self.registry.is_current(&worker, connection) {
+                    self.registry.heartbeat(&worker, connection, now.instant);
+                    Reply::Done
+                } else {
+                    Reply::Superseded
+                }
+            }
+            Input::Reports {
+                worker,
+                connection,
+                reports,
+            } => {
+                if !self.registry.is_current(&worker, connection) {
+                    return (effects, Reply::Superseded);
+                }
+                let mut ended = false;
+                for report in reports {
+                    match report {
+                        Report::Epoch(report) => self.epoch_report(&worker, report, now, &mut effects),
+                        Report::Finished(report) => {
+                            self.finished_report(&worker, &report, now, &mut effects);
+                            ended = true;
+                        }
+                    }
+                }
+                // The end of one attempt and the start of the next, in one
+                // commit: the freed worker's next assignment waits for a
+                // single etcd round trip.
+                if ended {
+                    self.place_and_finish(now, &mut effects);
+                }
+                Reply::Done
+            }
+            Input::Disconnected { worker, connection } => {
+                if self.registry.disconnected(&worker, connection) {
+                    warn!(worker = %worker, "worker disconnected");
+                    self.workers_lost(std::slice::from_ref(&worker), now, &mut effects);
+                    self.place_and_finish(now, &mut effects);
+                }
+                Reply::Done
+            }
+            Input::Submit(submission) => {
+                let submitted = self.submit(*submission, now, &mut effects);
+                if submitted.is_ok() {
+                    self.place_and_finish(now, &mut effects);
+                }
+                Reply::Submitted(submitted)
+            }
+            Input::Cancel { sweep } => {
+                let cancelled = self.cancel(&sweep, now, &mut effects);
+                if cancelled.is_ok() {
+                    self.place_and_finish(now, &mut effects);
+                }
+                Reply::Cancelled(cancelled)
+            }
+            Input::Tick => {
+                let lost = self.registry.sweep(now.instant);
+                for worker in &lost {
+                    warn!(worker = %worker, "worker lost: missed heartbeats");
+                }
+                self.workers_lost(&lost, now, &mut effects);
+                if now.instant >= self.reattach_until {
+                    self.requeue_orphans(now, &mut effects);
+                }
+                self.place_and_finish(now, &mut effects);
+                Reply::Done
+            }
+        };
+        (effects, reply)
+    }
+
     /// Loads one stored sweep (at the start of a term). One set aside is
     /// listed and readable, with its problems, never resumed, and marked
     /// failed with the problems as the reason (so `--watch` ends and later
     /// terms load it as finished): returns that write, to make once the
     /// term's writer runs.
-    pub fn restore(&mut self, stored: Stored) -> Effects {
+    pub fn restore(&mut self, stored: Stored, now: Now) -> Effects {
         let mut effects = Effects::default();
         let seq = match &stored {
             Stored::Running(run) => run.record.seq,
@@ -209,7 +436,7 @@ impl Scheduler {
             Stored::SetAside(mut record, problems) => {
                 warn!(sweep = %record.id, ?problems, "a running sweep cannot be taken over; marked failed");
                 record.state = SweepState::Failed;
-                record.finished_unix_ms = Some(unix_ms());
+                record.finished_unix_ms = Some(now.unix_ms);
                 record.failure = Some(problems.join("; "));
                 effects.write_sweep(&record);
                 self.unreadable.extend(problems.iter().cloned());
@@ -220,24 +447,60 @@ impl Scheduler {
         effects
     }
 
-    /// Allocates the id and sequence of a new sweep.
-    pub fn next_id(&mut self, kind: SweepKind) -> (String, u64) {
+    /// Adds a submitted sweep; its record is written before anything else.
+    fn submit(
+        &mut self,
+        submission: Submission,
+        now: Now,
+        effects: &mut Effects,
+    ) -> Result<String, Error> {
+        let Submission {
+            kind,
+            template,
+            spec,
+            origin,
+            owner,
+            max_running,
+        } = submission;
+        if self.sweeps.len() >= max_running {
+            return Err(Error::ResourceExhausted(format!(
+                "{max_running} sweeps and jobs are running or waiting, the most this cluster \
+                 takes (ringleader serve --max-running-sweeps); submit again when one has \
+                 finished"
+            )));
+        }
         let seq = self.next_seq;
-        self.next_seq += 1;
         let prefix = match kind {
             SweepKind::Job => "job",
             SweepKind::Sweep => "sweep",
         };
-        (format!("{prefix}-{seq}"), seq)
-    }
-
-    /// Adds a submitted sweep; its record is written before anything else.
-    pub fn submit(&mut self, run: SweepRun) -> Effects {
-        let mut effects = Effects::default();
-        effects.write_sweep(&run.record);
-        info!(sweep = %run.record.id, name = %run.record.name, "sweep submitted");
-        self.sweeps.insert(run.record.seq, run);
-        effects
+        let id = format!("{prefix}-{seq}");
+        let driver = Driver::new(template.driver_config(&id))
+            .map_err(|error| Error::InvalidArgument(error.to_string()))?;
+        self.next_seq += 1;
+        let (objective_metric, objective_mode) = template.objective();
+        let record = SweepRecord {
+            id: id.clone(),
+            seq,
+            kind,
+            name: template.name().to_string(),
+            spec,
+            origin,
+            state: SweepState::Running,
+            submitted_unix_ms: now.unix_ms,
+            finished_unix_ms: None,
+            objective_metric,
+            objective_mode,
+            max_trials: template.max_trials(),
+            owner,
+            failure: None,
+            summary: None,
+        };
+        effects.write_sweep(&record);
+        info!(sweep = %record.id, name = %record.name, "sweep submitted");
+        self.sweeps
+            .insert(seq, SweepRun::new(record, driver, template));
+        Ok(id)
     }
 
     /// Sweep records, oldest first.
@@ -277,11 +540,10 @@ impl Scheduler {
     /// A worker (re-)registered: re-attach the attempt it still runs, or
     /// tell it to stop one we no longer want; apply a report it could not
     /// deliver before.
-    pub fn registered(&mut self, registration: &Register) -> Effects {
-        let mut effects = Effects::default();
+    fn registered(&mut self, registration: &Register, now: Now, effects: &mut Effects) {
         let worker = registration.worker_id.as_str();
         if let Some(report) = &registration.last_finished {
-            effects.extend(self.finished_report(worker, report));
+            self.finished_report(worker, report, now, effects);
         }
         if let Some(running) = &registration.running {
             let wanted = self
@@ -295,7 +557,7 @@ impl Scheduler {
                 // assignment meanwhile would be refused as a failure.
                 self.registry.assign(worker, running.clone());
                 effects.send(
-                    self.registry.outbound(worker),
+                    self.registry.address(worker),
                     coordinator_message::Kind::Stop(StopAttempt {
                         attempt: Some(running.clone()),
                         reason: "the attempt is no longer current".into(),
@@ -303,7 +565,6 @@ impl Scheduler {
                 );
             }
         }
-        effects
     }
 
     fn live_attempt(&self, r: &AttemptRef) -> Option<&super::records::AttemptRecord> {
@@ -324,55 +585,61 @@ impl Scheduler {
     /// Metrics of one epoch from rank 0 of the live attempt. A report from
     /// any other worker is refused (logged, never applied); one that
     /// breaks the limits on metrics fails the attempt, saying why.
-    pub fn epoch_report(
-        &mut self,
-        worker: &str,
-        attempt: &AttemptRef,
-        epoch: u32,
-        metrics: BTreeMap<String, f64>,
-        checkpoint: Option<String>,
-    ) -> Effects {
-        let mut effects = Effects::default();
+    fn epoch_report(&mut self, worker: &str, report: EpochReport, now: Now, effects: &mut Effects) {
+        let Some(attempt) = report.attempt else {
+            warn!(worker, "refused an epoch report that names no attempt");
+            return;
+        };
+        let attempt = &attempt;
+        let metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
+        let checkpoint = (!report.checkpoint.is_empty()).then_some(report.checkpoint);
         let Some(live) = self.live_attempt(attempt) else {
-            return effects;
+            return;
         };
         if live.workers.first().map(String::as_str) != Some(worker) {
             warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, "refused an epoch report from a worker that is not rank 0 of that attempt");
-            return effects;
+            return;
         }
         if let Err(problem) = check_epoch_report(&metrics, checkpoint.as_deref()) {
             warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, %problem, "refused an epoch report");
             let epochs = self.epochs_done(attempt);
             let error = Some(format!("{worker} sent an epoch report that {problem}"));
-            self.end_attempt(attempt, AttemptOutcome::Failed, epochs, error, &mut effects);
-            return effects;
+            self.end_attempt(attempt, AttemptOutcome::Failed, epochs, error, now, effects);
+            return;
         }
         if let Some(run) = self.run_mut(&attempt.sweep_id) {
-            if run
-                .driver
-                .epoch(attempt.trial, attempt.attempt, epoch, metrics, checkpoint)
-            {
+            if run.driver.epoch(
+                attempt.trial,
+                attempt.attempt,
+                report.epoch,
+                metrics,
+                checkpoint,
+            ) {
                 if let Some(t) = run.driver.trial(attempt.trial) {
                     effects.write_trial(t);
                 }
             }
         }
-        effects
     }
 
     /// A worker's report that it stopped running an attempt.
-    pub fn finished_report(&mut self, worker: &str, report: &TrialFinished) -> Effects {
-        let mut effects = Effects::default();
+    fn finished_report(
+        &mut self,
+        worker: &str,
+        report: &TrialFinished,
+        now: Now,
+        effects: &mut Effects,
+    ) {
         let Some(attempt) = report.attempt.clone() else {
-            return effects;
+            return;
         };
         self.registry.release(worker, &attempt);
         let Some(live) = self.live_attempt(&attempt).cloned() else {
-            return effects;
+            return;
         };
         if !live.workers.iter().any(|w| w == worker) {
             warn!(worker, sweep = %attempt.sweep_id, trial = attempt.trial, attempt = attempt.attempt, "refused an end-of-attempt report from a worker outside that attempt's gang");
-            return effects;
+            return;
         }
         let outcome = match report.outcome() {
             ringleader_proto::coordinator::AttemptOutcome::Done => AttemptOutcome::Done,
@@ -393,7 +660,7 @@ impl Scheduler {
         // last checkpoint comes first); any rank's failure ends it.
         let rank0 = live.workers.first().map(String::as_str) == Some(worker);
         if matches!(outcome, AttemptOutcome::Done | AttemptOutcome::EarlyStopped) && !rank0 {
-            return effects;
+            return;
         }
         // Only rank 0 writes checkpoints: another rank's epoch count may be
         // ahead of what exists on disk, and resuming from it would fail.
@@ -420,8 +687,7 @@ impl Scheduler {
                 }
             }
         }
-        self.end_attempt(&attempt, outcome, epochs_done, error, &mut effects);
-        effects
+        self.end_attempt(&attempt, outcome, epochs_done, error, now, effects);
     }
 
     /// Ends a live attempt, stops the rest of its gang and records it.
@@ -431,9 +697,9 @@ impl Scheduler {
         outcome: AttemptOutcome,
         epochs_done: u32,
         error: Option<String>,
+        now: Now,
         effects: &mut Effects,
     ) {
-        let now = unix_ms();
         let Some(run) = self
             .sweeps
             .values_mut()
@@ -458,7 +724,7 @@ impl Scheduler {
             outcome,
             epochs_done,
             error.clone(),
-            now,
+            now.unix_ms,
         ) {
             return;
         }
@@ -482,7 +748,7 @@ impl Scheduler {
             for worker in workers {
                 if self.registry.running(&worker) == Some(&reference) {
                     effects.send(
-                        self.registry.outbound(&worker),
+                        self.registry.address(&worker),
                         coordinator_message::Kind::Stop(StopAttempt {
                             attempt: Some(reference.clone()),
                             reason: format!("the attempt ended ({outcome:?})"),
@@ -494,8 +760,7 @@ impl Scheduler {
     }
 
     /// Workers declared lost: their attempts fail (and are re-queued).
-    pub fn workers_lost(&mut self, workers: &[String]) -> Effects {
-        let mut effects = Effects::default();
+    fn workers_lost(&mut self, workers: &[String], now: Now, effects: &mut Effects) {
         for worker in workers {
             // The lost worker stays booked to its attempt and is told to
             // stop it: one that was only frozen (SIGSTOP, a long pause) and
@@ -508,11 +773,11 @@ impl Scheduler {
                     AttemptOutcome::Failed,
                     epochs,
                     Some(format!("worker {worker} was lost")),
-                    &mut effects,
+                    now,
+                    effects,
                 );
             }
         }
-        effects
     }
 
     fn epochs_done(&self, attempt: &AttemptRef) -> u32 {
@@ -522,8 +787,7 @@ impl Scheduler {
     }
 
     /// Cancels a sweep: its live attempts are told to stop.
-    pub fn cancel(&mut self, id: &str) -> Result<(Effects, u32), Error> {
-        let mut effects = Effects::default();
+    fn cancel(&mut self, id: &str, now: Now, effects: &mut Effects) -> Result<u32, Error> {
         let Some(seq) = self
             .sweeps
             .iter()
@@ -539,7 +803,7 @@ impl Scheduler {
             };
         };
         let mut run = self.sweeps.remove(&seq).expect("found above");
-        let live = run.driver.cancel(unix_ms());
+        let live = run.driver.cancel(now.unix_ms);
         let stopped = live.len() as u32;
         for (trial, attempt) in live {
             let reference = AttemptRef {
@@ -549,7 +813,7 @@ impl Scheduler {
             };
             for worker in &attempt.workers {
                 effects.send(
-                    self.registry.outbound(worker),
+                    self.registry.address(worker),
                     coordinator_message::Kind::Stop(StopAttempt {
                         attempt: Some(reference.clone()),
                         reason: "the sweep was cancelled".into(),
@@ -562,29 +826,24 @@ impl Scheduler {
             effects.write_trial(t);
         }
         run.record.state = SweepState::Cancelled;
-        run.record.finished_unix_ms = Some(unix_ms());
+        run.record.finished_unix_ms = Some(now.unix_ms);
         run.record.summary = Some(run.summary());
         effects.write_sweep(&run.record);
         info!(sweep = id, stopped, "sweep cancelled");
         self.finished.insert(id.to_string(), run.record);
-        Ok((effects, stopped))
+        Ok(stopped)
     }
 
-    /// Periodic and after every event: re-queue orphaned attempts, place
-    /// work on idle workers, finish sweeps that are done.
-    pub fn schedule(&mut self, now: Instant) -> Effects {
-        let mut effects = Effects::default();
-        if now >= self.reattach_until {
-            self.requeue_orphans(&mut effects);
-        }
-        self.place(&mut effects);
-        self.finish_done(&mut effects);
-        effects
+    /// After every event: place work on idle workers, finish sweeps that
+    /// are done.
+    fn place_and_finish(&mut self, now: Now, effects: &mut Effects) {
+        self.place(now, effects);
+        self.finish_done(now, effects);
     }
 
     /// Live attempts with a worker that is not running them any more (it
     /// never re-attached after a failover, or was lost before we led).
-    fn requeue_orphans(&mut self, effects: &mut Effects) {
+    fn requeue_orphans(&mut self, now: Now, effects: &mut Effects) {
         let mut orphans = Vec::new();
         for run in self.sweeps.values() {
             for t in run.driver.running_trials() {
@@ -610,13 +869,16 @@ impl Scheduler {
                 AttemptOutcome::Abandoned,
                 epochs,
                 Some("its workers did not re-attach after a leader change".into()),
+                now,
                 effects,
             );
         }
     }
 
-    fn place(&mut self, effects: &mut Effects) {
-        let mut idle = self.registry.idle();
+    fn place(&mut self, now: Now, effects: &mut Effects) {
+        if self.registry.idle().next().is_none() {
+            return;
+        }
         let alive = self.registry.alive();
         let seqs: Vec<u64> = self.sweeps.keys().copied().collect();
         'sweeps: for seq in seqs {
@@ -647,7 +909,7 @@ impl Scheduler {
                     }
                 };
                 let need = job.workers as usize;
-                let gang = pick_gang(&idle, need, &job.device);
+                let gang = pick_gang(&self.registry, need, &job.device);
                 let Some(gang) = gang else {
                     // First come, first served: a sweep that could run with
                     // the workers we have waits for them; later sweeps may
@@ -657,11 +919,12 @@ impl Scheduler {
                     }
                     break;
                 };
-                idle.retain(|(id, _)| !gang.contains(id));
                 self.generations += 1;
                 let generation = ((self.owner as u64) << 24) | self.generations;
                 let dir = checkpoint_dir(&self.checkpoint_root, &job, &run.record.id, &work);
-                let attempt = run.driver.start(&work, generation, gang.clone(), unix_ms());
+                let attempt = run
+                    .driver
+                    .start(&work, generation, gang.clone(), now.unix_ms);
                 let trial = run.driver.trial(work.trial).expect("started above");
                 effects.write_trial(trial);
                 let reference = AttemptRef {
@@ -679,11 +942,12 @@ impl Scheduler {
                 let local_peers = registered(|r| &r.local_peer_address);
                 let machine_ids = registered(|r| &r.machine_id);
                 let job_json = serde_json::to_string(&job).expect("job serialises");
-                let ring_secret = new_ring_secret();
+                let mut ring_secret = vec![0u8; RING_SECRET_BYTES];
+                self.secrets.fill_bytes(&mut ring_secret);
                 for (rank, worker) in gang.iter().enumerate() {
                     self.registry.assign(worker, reference.clone());
                     effects.send(
-                        self.registry.outbound(worker),
+                        self.registry.address(worker),
                         coordinator_message::Kind::Assign(Assignment {
                             attempt: Some(reference.clone()),
                             generation,
@@ -704,7 +968,7 @@ impl Scheduler {
         }
     }
 
-    fn finish_done(&mut self, effects: &mut Effects) {
+    fn finish_done(&mut self, now: Now, effects: &mut Effects) {
         let done: Vec<u64> = self
             .sweeps
             .iter_mut()
@@ -724,19 +988,12 @@ impl Scheduler {
             } else {
                 SweepState::Failed
             };
-            run.record.finished_unix_ms = Some(unix_ms());
+            run.record.finished_unix_ms = Some(now.unix_ms);
             run.record.summary = Some(run.summary());
             effects.write_sweep(&run.record);
             info!(sweep = %run.record.id, state = ?run.record.state, trials = run.driver.trials().len(), "sweep finished");
             self.finished.insert(run.record.id.clone(), run.record);
         }
-    }
-}
-
-impl Effects {
-    pub fn extend(&mut self, other: Effects) {
-        self.writes.extend(other.writes);
-        self.messages.extend(other.messages);
     }
 }
 
@@ -863,14 +1120,14 @@ fn checkpoint_dir(root: &Path, job: &JobSpec, sweep: &str, work: &Work) -> PathB
 /// `need` idle workers able to run on `device`, or `None`: `cuda` needs a
 /// worker with a GPU, `cuda:N` one with N + 1 GPUs at least; `cpu` and
 /// `auto` take any.
-fn pick_gang(idle: &[(String, usize)], need: usize, device: &str) -> Option<Vec<String>> {
+fn pick_gang(workers: &WorkerRegistry, need: usize, device: &str) -> Option<Vec<String>> {
     let gpus_needed = device
         .parse::<JobDevice>()
         .map_or(usize::MAX, JobDevice::gpus_needed);
-    let fit: Vec<String> = idle
-        .iter()
-        .filter(|(_, gpus)| *gpus >= gpus_needed)
-        .map(|(id, _)| id.clone())
+    let fit: Vec<String> = workers
+        .idle()
+        .filter(|id| workers.gpus(id) >= gpus_needed)
+        .map(str::to_string)
         .take(need)
         .collect();
     (need > 0 && fit.len() == need).then_some(fit)
@@ -882,10 +1139,19 @@ mod tests {
 
     #[test]
     fn gpu_jobs_go_only_to_workers_with_enough_gpus() {
-        let idle: Vec<(String, usize)> = [("a-cpu", 0), ("b-one", 1), ("c-two", 2), ("d-cpu", 0)]
-            .iter()
-            .map(|(id, gpus)| (id.to_string(), *gpus))
-            .collect();
+        use ringleader_proto::coordinator::{GpuInfo, WorkerResources};
+        let mut idle = WorkerRegistry::new(Duration::from_secs(5));
+        for (id, gpus) in [("a-cpu", 0), ("b-one", 1), ("c-two", 2), ("d-cpu", 0)] {
+            let registration = Register {
+                worker_id: id.into(),
+                resources: Some(WorkerResources {
+                    gpus: vec![GpuInfo::default(); gpus],
+                    ..WorkerResources::default()
+                }),
+                ..Register::default()
+            };
+            idle.register(registration, Instant::now(), 0).unwrap();
+        }
         let pick = |need, device| pick_gang(&idle, need, device);
         assert_eq!(pick(2, "cpu"), Some(vec!["a-cpu".into(), "b-one".into()]));
         assert_eq!(pick(4, "auto").map(|g| g.len()), Some(4));
