@@ -277,7 +277,6 @@ impl WorkerRegistry {
             })
             .collect()
     }
-
 }
 
 fn millis(d: Duration) -> u64 {
@@ -353,7 +352,9 @@ mod tests {
         );
         // Silent past the timeout: the id is free, the old stream is not current.
         assert_eq!(r.sweep(t0 + Duration::from_secs(6)), ["w1"]);
-        let second = r.register(reg("w1"), t0 + Duration::from_secs(6), 0).unwrap();
+        let second = r
+            .register(reg("w1"), t0 + Duration::from_secs(6), 0)
+            .unwrap();
         assert!(!r.is_current("w1", first));
         assert!(r.is_current("w1", second));
         // The stale stream's heartbeat does not revive anything.

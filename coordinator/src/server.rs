@@ -295,7 +295,7 @@ async fn load_state(state: &CoordinatorState) -> Result<(Vec<Stored>, Vec<Unread
         let (record, template) = match Stored::take_over(record) {
             Ok(running) => running,
             Err(stored) => {
-                sweeps.push(stored);
+                sweeps.push(*stored);
                 continue;
             }
         };

@@ -167,8 +167,8 @@ impl CoordinatorState {
         }
         match self.runner().as_ref() {
             Some(runner) => {
-                let writes = (!effects.writes.is_empty())
-                    .then(|| runner.writer.enqueue(effects.writes));
+                let writes =
+                    (!effects.writes.is_empty()).then(|| runner.writer.enqueue(effects.writes));
                 let delivery = Delivery {
                     writes,
                     messages: effects.messages,
@@ -205,7 +205,8 @@ impl CoordinatorState {
         let mut scheduler = self.scheduler();
         let worker = registration.worker_id.clone();
         let host = registration.host.clone();
-        let (effects, reply) = scheduler.step(Now::system(), Input::Register(registration));
+        let (effects, reply) =
+            scheduler.step(Now::system(), Input::Register(Box::new(registration)));
         let connection = match reply {
             Reply::Registered(Ok(connection)) => connection,
             Reply::Registered(Err(refused)) => {
@@ -220,7 +221,7 @@ impl CoordinatorState {
             .map_err(|_| Status::cancelled("worker went away during registration"))?;
         self.streams()
             .insert(worker, (connection, outbound.clone()));
-        let _ = self.run_effects(effects);
+        drop(self.run_effects(effects));
         Ok(connection)
     }
 
@@ -304,7 +305,11 @@ async fn deliver(
 /// Sends `message` on the stream it was decided for, if that stream is
 /// still the worker's. A full channel (a worker not reading) does not hold
 /// up the outbox: that one message waits in its own task.
-fn send(streams: &HashMap<String, (ConnectionId, Outbound)>, to: Address, message: CoordinatorMessage) {
+fn send(
+    streams: &HashMap<String, (ConnectionId, Outbound)>,
+    to: Address,
+    message: CoordinatorMessage,
+) {
     let Some((connection, outbound)) = streams.get(&to.worker) else {
         return;
     };
@@ -472,7 +477,9 @@ impl Coordinator for CoordinatorService {
         // running attempt would look unknown and be stopped: it must wait,
         // so that it is re-attached instead.
         if self.state.scheduler().owner() != term.create_revision || !self.state.is_loaded() {
-            return Err(Status::unavailable("the leader is starting its term; retry"));
+            return Err(Status::unavailable(
+                "the leader is starting its term; retry",
+            ));
         }
         info!(
             worker = %worker_id,
@@ -880,7 +887,10 @@ async fn serve_worker_stream(
     }
     {
         let mut streams = state.streams();
-        if streams.get(&worker_id).is_some_and(|(c, _)| *c == connection) {
+        if streams
+            .get(&worker_id)
+            .is_some_and(|(c, _)| *c == connection)
+        {
             streams.remove(&worker_id);
         }
     }

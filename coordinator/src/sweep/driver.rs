@@ -16,7 +16,7 @@
 //!             value goes into the ASHA rung it was climbing, never promoted)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -91,13 +91,20 @@ pub struct Driver {
     configs: Configs,
     /// One ASHA per bracket; empty without early stopping.
     brackets: Vec<Asha>,
-    /// Promotions decided but not yet started (no workers were free).
-    promoted: Vec<(u64, u32)>,
+    /// Trials a decision made pending: new ones, and promoted ones. Those
+    /// still pending once the scheduler has placed what it could (no
+    /// workers were free) are written as they are
+    /// ([`Driver::take_changed`]), so that the decision, and the order it
+    /// gives them, outlives a failover.
+    changed: Vec<u64>,
     /// The source has no more configurations (grid done, job started).
     exhausted: bool,
     /// Trials pending or running, by number: what every event asks about,
     /// without walking a sweep of thousands of trials.
     active: BTreeMap<u64, TrialState>,
+    /// The pending ones among them: what placement asks for on every event
+    /// (a sweep with thousands of trials running must not walk them all).
+    pending: BTreeSet<u64>,
 }
 
 impl Driver {
@@ -135,9 +142,10 @@ impl Driver {
             trials: BTreeMap::new(),
             configs,
             brackets,
-            promoted: Vec::new(),
+            changed: Vec::new(),
             exhausted: false,
             active: BTreeMap::new(),
+            pending: BTreeSet::new(),
         })
     }
 
@@ -201,9 +209,15 @@ impl Driver {
         match self.trials.get(&number).map(|t| t.state) {
             Some(state @ (TrialState::Pending | TrialState::Running)) => {
                 self.active.insert(number, state);
+                if state == TrialState::Pending {
+                    self.pending.insert(number);
+                } else {
+                    self.pending.remove(&number);
+                }
             }
             _ => {
                 self.active.remove(&number);
+                self.pending.remove(&number);
             }
         }
         if let (Configs::Tpe(tpe), Some(t)) = (&mut self.configs, self.trials.get(&number)) {
@@ -241,17 +255,8 @@ impl Driver {
         if let Some(work) = self.pending().find_map(|t| self.pending_work(t)) {
             return Some(work);
         }
-        if self.promoted.is_empty() {
-            self.decide_promotion();
-        }
-        if let Some(&(trial, resource)) = self.promoted.first() {
-            let start = self.trials.get(&trial).map_or(0, |t| t.epochs_done);
-            return Some(Work {
-                trial,
-                start_epoch: start,
-                stop_epoch: resource,
-                fold: None,
-            });
+        if let Some(trial) = self.decide_promotion() {
+            return self.trials.get(&trial).and_then(|t| self.pending_work(t));
         }
         if self.exhausted || self.trials.len() as u64 >= self.config.max_trials {
             return None;
@@ -287,15 +292,13 @@ impl Driver {
         };
         let work = self.pending_work(&record);
         self.trials.insert(number, record);
+        self.changed.push(number);
         self.index(number);
         work
     }
 
     fn pending(&self) -> impl Iterator<Item = &TrialRecord> {
-        self.active
-            .iter()
-            .filter(|(_, s)| **s == TrialState::Pending)
-            .filter_map(|(n, _)| self.trials.get(n))
+        self.pending.iter().filter_map(|n| self.trials.get(n))
     }
 
     /// The segment a pending trial runs next: from its checkpoint to its
@@ -341,7 +344,6 @@ impl Driver {
         workers: Vec<String>,
         now_ms: u64,
     ) -> AttemptRecord {
-        self.promoted.retain(|(t, _)| *t != work.trial);
         let trial = self
             .trials
             .get_mut(&work.trial)
@@ -642,7 +644,6 @@ impl Driver {
     /// Fails a trial that cannot run at all (its configuration does not
     /// make a valid job): retrying would not help.
     pub fn reject(&mut self, trial: u64, error: String) {
-        self.promoted.retain(|(t, _)| *t != trial);
         if let Some(t) = self.trials.get_mut(&trial) {
             t.state = TrialState::Failed;
             t.error = Some(error);
@@ -662,43 +663,53 @@ impl Driver {
             }
             t.state = TrialState::Cancelled;
         }
-        self.promoted.clear();
         self.exhausted = true;
         self.active.clear();
+        self.pending.clear();
         live
     }
 
     /// True once nothing runs or waits and nothing new can start. Paused
     /// trials left then are stopped by [`Driver::stop_paused`].
     pub fn is_done(&mut self) -> bool {
-        if !self.active.is_empty() || !self.promoted.is_empty() {
+        if !self.active.is_empty() {
             return false;
         }
         if !self.exhausted && (self.trials.len() as u64) < self.config.max_trials {
             return false;
         }
-        !self.decide_promotion()
+        self.decide_promotion().is_none()
     }
 
-    /// Asks the brackets for the next promotion of a paused trial; returns
-    /// whether one was found. A diverged trial sits in its rung at the
-    /// worst value and can still come out on top of a rung where every
-    /// result is that bad: it is passed over (ASHA marks it promoted, so
-    /// it is never offered again).
-    fn decide_promotion(&mut self) -> bool {
-        for asha in &mut self.brackets {
-            while let Some(p) = asha.next_promotion() {
-                let paused = self
+    /// Trials changed by decisions since the last call (see
+    /// [`Driver::changed`]).
+    pub fn take_changed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Asks the brackets for the next promotion of a paused trial, which
+    /// becomes pending (to run to its next rung) and is noted as changed;
+    /// returns its number. A diverged trial sits in its rung at the worst
+    /// value and can still come out on top of a rung where every result
+    /// is that bad: it is passed over (ASHA marks it promoted, so it is
+    /// never offered again).
+    fn decide_promotion(&mut self) -> Option<u64> {
+        for b in 0..self.brackets.len() {
+            while let Some(p) = self.brackets[b].next_promotion() {
+                let Some(t) = self
                     .trials
-                    .get(&p.trial)
-                    .is_some_and(|t| t.state == TrialState::Paused);
-                if paused {
-                    self.promoted.push((p.trial, p.resource));
-                    return true;
-                }
+                    .get_mut(&p.trial)
+                    .filter(|t| t.state == TrialState::Paused)
+                else {
+                    continue;
+                };
+                t.state = TrialState::Pending;
+                self.changed.push(p.trial);
+                self.index(p.trial);
+                return Some(p.trial);
             }
         }
-        false
+        None
     }
 
     /// Stops the trials still paused at a rung; returns their numbers.

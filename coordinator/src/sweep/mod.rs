@@ -7,6 +7,7 @@ pub mod client;
 pub mod driver;
 pub mod records;
 pub mod scheduler;
+pub mod sim;
 pub mod template;
 
 pub use records::{SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};

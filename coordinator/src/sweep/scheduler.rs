@@ -95,7 +95,7 @@ pub struct Submission {
 /// Everything that can happen to the leader.
 pub enum Input {
     /// A worker opened an attach stream with this registration.
-    Register(Register),
+    Register(Box<Register>),
     Heartbeat {
         worker: String,
         connection: ConnectionId,
@@ -215,9 +215,9 @@ impl Stored {
     /// The first look at a stored sweep: finished, set aside because its
     /// spec no longer parses, or running with its template (its trials are
     /// read next, see [`Stored::running`]).
-    pub fn take_over(record: SweepRecord) -> Result<(SweepRecord, Template), Stored> {
+    pub fn take_over(record: SweepRecord) -> Result<(SweepRecord, Template), Box<Stored>> {
         if record.state.is_terminal() {
-            return Err(Stored::Finished(record));
+            return Err(Box::new(Stored::Finished(record)));
         }
         match Template::parse(record.kind, &record.spec, &record.origin) {
             Ok(template) => Ok((record, template)),
@@ -227,7 +227,7 @@ impl Stored {
                     "stored sweep {}: its spec no longer parses: {error}",
                     sweep_key(&record.id)
                 );
-                Err(Stored::SetAside(record, vec![problem]))
+                Err(Box::new(Stored::SetAside(record, vec![problem])))
             }
         }
     }
@@ -332,7 +332,7 @@ impl Scheduler {
             Input::Register(registration) => {
                 match self
                     .registry
-                    .register(registration.clone(), now.instant, now.unix_ms)
+                    .register((*registration).clone(), now.instant, now.unix_ms)
                 {
                     Ok(connection) => {
                         self.registered(&registration, now, &mut effects);
@@ -361,7 +361,9 @@ impl Scheduler {
                 let mut ended = false;
                 for report in reports {
                     match report {
-                        Report::Epoch(report) => self.epoch_report(&worker, report, now, &mut effects),
+                        Report::Epoch(report) => {
+                            self.epoch_report(&worker, report, now, &mut effects)
+                        }
                         Report::Finished(report) => {
                             self.finished_report(&worker, &report, now, &mut effects);
                             ended = true;
@@ -839,6 +841,18 @@ impl Scheduler {
     fn place_and_finish(&mut self, now: Now, effects: &mut Effects) {
         self.place(now, effects);
         self.finish_done(now, effects);
+        for run in self.sweeps.values_mut() {
+            // Those that started were written then.
+            for number in run.driver.take_changed() {
+                if let Some(t) = run
+                    .driver
+                    .trial(number)
+                    .filter(|t| t.state == super::records::TrialState::Pending)
+                {
+                    effects.write_trial(t);
+                }
+            }
+        }
     }
 
     /// Live attempts with a worker that is not running them any more (it
