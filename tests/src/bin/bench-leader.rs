@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ringleader_coordinator::sweep::sim::{branin_spec, Faults, Options, Simulation, Stats};
 
+/// The allocator the `ringleader` binary uses (see coordinator/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: bench-leader [--workers N] [--trials N] [--seed N]";
 const MAX_PER_SWEEP: u64 = 250_000;
 
