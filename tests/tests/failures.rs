@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ringleader_coordinator::sweep::records::AttemptOutcome;
-use ringleader_coordinator::sweep::scheduler::unix_ms;
+use ringleader_coordinator::sweep::scheduler::Now;
 use ringleader_coordinator::sweep::TrialState;
 use ringleader_tests::sweeps::{
     client, must_finish_sweep, must_submit, sweep_problems, wait_for_sweep, BraninSweep,
@@ -66,7 +66,7 @@ async fn lost_worker_fails_its_attempt_and_the_trial_resumes_from_its_checkpoint
     // Rank 0: it reports epochs and writes the checkpoints.
     let victim = workers[0].clone();
     let index = cluster.worker_index(&victim);
-    let killed_at = unix_ms();
+    let killed_at = Now::system().unix_ms;
     cluster.cluster.workers()[index].process.kill();
 
     let view = wait_for_sweep(&args, &id, "trial 0's second attempt", FINISH, |view| {
@@ -99,7 +99,7 @@ async fn lost_worker_fails_its_attempt_and_the_trial_resumes_from_its_checkpoint
         .exists());
 
     // The worker comes back under the same id and is given work again.
-    let restarted_at = unix_ms();
+    let restarted_at = Now::system().unix_ms;
     cluster.restart_worker(&victim);
     wait_for_sweep(
         &args,
