@@ -564,7 +564,7 @@ fn normal_cdf(z: f64) -> f64 {
 mod tests {
     use super::super::space::Random;
     use super::*;
-    use ringleader_spec::synthetic::hartmann6;
+    use crate::synthetic::hartmann6;
 
     fn unit_cube(dims: usize) -> Space {
         Space::new(

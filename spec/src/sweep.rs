@@ -36,14 +36,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ringleader_spec::error::{Document, FieldError, FieldPath, SpecError};
-use ringleader_spec::job::{read_spec, FoldSpec, ModelSpec};
-use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::{Document, FieldError, FieldPath, SpecError};
+use crate::job::{read_spec, FoldSpec, ModelSpec};
 use crate::limits::{MAX_GRID_POINTS, MAX_PARAMS, MAX_TRIALS};
 use crate::search::{Asha, AshaError, Grid, Mode, Param, Space, TpeOptions};
+use crate::{apply_overrides, toml, with_overrides, JobSpec};
 
 /// A checked sweep.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -673,7 +673,6 @@ fn default_step() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::template::Template;
 
     const GOOD: &str = r#"[sweep]
 name = "fmnist"
@@ -830,6 +829,8 @@ kind = "cnn"
 
     #[test]
     fn the_objective_defaults_to_validation_accuracy_when_the_job_holds_out_validation() {
+        // (What the coordinator warns of a test objective is tested with
+        // its Template, coordinator/src/sweep/template.rs.)
         let objective_line = "objective = { metric = \"test_accuracy\", mode = \"max\" }\n";
         let held_out = GOOD.replacen(objective_line, "", 1).replacen(
             "classes = 10",
@@ -839,23 +840,16 @@ kind = "cnn"
         let spec = SweepSpec::parse(&held_out, "sweep.toml").unwrap();
         assert_eq!(spec.objective, Objective::validation_accuracy());
         assert!(!spec.objective.selects_on_test());
-        assert!(Template::Sweep(Box::new(spec)).warnings().is_empty());
         // Without a validation set there is nothing to default to.
         assert_error(
             objective_line,
             "",
             "sweep.toml:1:2: sweep.objective: required when the job holds out no validation set",
         );
-        // A test objective is allowed, with a warning.
+        // A test objective is allowed (the coordinator warns of it).
         let on_test = GOOD.replacen("classes = 10", "classes = 10\nvalidation_fraction = 0.1", 1);
         let spec = SweepSpec::parse(&on_test, "sweep.toml").unwrap();
         assert!(spec.objective.selects_on_test());
-        let warnings = Template::Sweep(Box::new(spec)).warnings();
-        assert!(
-            warnings.len() == 1
-                && warnings[0].contains("test_accuracy chooses trials on the test split"),
-            "{warnings:?}"
-        );
     }
 
     #[test]
@@ -931,10 +925,8 @@ kind = "cnn"
         let spec = SweepSpec::parse(&cross_validated("3"), "sweep.toml").unwrap();
         assert_eq!(spec.cross_validation, Some(CrossValidation { folds: 3 }));
         assert_eq!(spec.objective, Objective::validation_accuracy());
-        let template = Template::Sweep(Box::new(spec));
-        assert_eq!(template.driver_config("s").folds, Some(3));
         // Trial jobs hold no fold: the leader sets each fold's.
-        let job = template.job(&BTreeMap::new()).unwrap();
+        let job = spec.trial_job(&BTreeMap::new()).unwrap();
         assert_eq!(job.dataset.folds, None);
     }
 
