@@ -17,8 +17,9 @@
 //!   leader key's create revision.
 //! * [`registry`] is the leader's pure view of its workers; [`service`] is
 //!   the gRPC face; [`server`] wires them up (`serve`).
-//! * [`search`] holds the pure searchers (search spaces, grid, random,
-//!   ASHA) that sweeps are built on.
+//! * [`sweep`] drives sweeps: the pure searchers (search spaces, grid,
+//!   random, TPE, ASHA) and the sweep spec they are built from live in
+//!   `ringleader_spec::search` and `ringleader_spec::sweep`.
 //! * [`local`] and [`process`] run a whole cluster as child processes, for
 //!   `ringleader local` and the integration tests.
 
@@ -35,13 +36,11 @@ pub mod local;
 pub mod metrics;
 pub mod process;
 pub mod registry;
-pub mod search;
 pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
 pub mod sweep;
-pub mod sweep_spec;
 
 pub use error::{Error, Result};
 /// The client side lives in `ringleader-client` (the worker shares it);

@@ -8,15 +8,9 @@
 /// sweep's etcd record, and etcd refuses requests over 1.5 MiB.
 pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 
-/// Search parameters in one sweep.
-pub const MAX_PARAMS: usize = 64;
-
-/// `grid_points` for each continuous parameter of a grid sweep.
-pub const MAX_GRID_POINTS: u32 = 10_000;
-
-/// Trials one sweep may ever start (its `max_trials`, or its grid's size
-/// when that is the default). Trial keys have six digits.
-pub const MAX_TRIALS: u64 = 999_999;
+/// What a sweep spec may ask for (parameters, grid points, trials): checked
+/// where the spec is parsed, in ringleader-spec.
+pub use ringleader_spec::limits::{MAX_GRID_POINTS, MAX_PARAMS, MAX_TRIALS};
 
 /// Default for `ringleader serve --max-trials-per-sweep`: what the leader
 /// accepts unless its operator allows more (up to [`MAX_TRIALS`]).

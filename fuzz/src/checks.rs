@@ -19,8 +19,8 @@ use ringleader_collective::auth::{
 use ringleader_coordinator::client_config::ClientConfig;
 use ringleader_coordinator::sweep::driver::Driver;
 use ringleader_coordinator::sweep::{SweepKind, SweepRecord, Template, TrialRecord};
-use ringleader_coordinator::sweep_spec::SweepSpec;
 use ringleader_security::Token;
+use ringleader_spec::sweep::SweepSpec;
 use ringleader_spec::JobSpec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

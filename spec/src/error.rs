@@ -220,9 +220,13 @@ impl<'a> Document<'a> {
                     let path = self.table_at(&span).join(field);
                     (FieldError { path, message }, None)
                 }
+                // An error about a whole inline table (a search parameter's
+                // domain, say) points at its key, as a missing field does,
+                // not at its opening brace.
                 (Some(span), None) => {
                     let path = self.path_at(&span);
-                    (FieldError { path, message }, Some(span))
+                    let span = Some(span).filter(|span| !self.is_inline_table_at(&path, span));
+                    (FieldError { path, message }, span)
                 }
                 (None, _) => (FieldError::new(&[], message), None),
             }
@@ -277,6 +281,28 @@ impl<'a> Document<'a> {
         let mut best = Vec::new();
         search(self.root.get_ref(), span.start, &mut Vec::new(), &mut best);
         FieldPath(best)
+    }
+
+    /// Whether `path` holds an inline table (`{ … }`) that starts where
+    /// `span` does.
+    fn is_inline_table_at(&self, path: &FieldPath, span: &Range<usize>) -> bool {
+        let mut table = self.root.get_ref();
+        let mut keys = path.0.iter().peekable();
+        while let Some(key) = keys.next() {
+            let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+                return false;
+            };
+            let DeValue::Table(inner) = value.get_ref() else {
+                return false;
+            };
+            if keys.peek().is_none() {
+                let start = value.span().start;
+                return start == span.start
+                    && self.text.get(start..).is_some_and(|t| t.starts_with('{'));
+            }
+            table = inner;
+        }
+        false
     }
 
     /// The path of the table whose span is exactly `span` (the root when

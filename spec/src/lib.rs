@@ -12,11 +12,14 @@
 
 pub mod error;
 pub mod job;
+pub mod limits;
 pub mod mode;
 pub mod overrides;
 pub mod prepare;
+pub mod search;
 pub mod shard;
 pub mod stopping;
+pub mod sweep;
 pub mod synthetic;
 
 pub use error::{Document, FieldError, FieldPath, Location, SpecError};

@@ -108,7 +108,7 @@ pub(crate) mod tests {
             submitted_unix_ms: 1,
             finished_unix_ms: None,
             objective_metric: "val_accuracy".into(),
-            objective_mode: crate::search::Mode::Max,
+            objective_mode: ringleader_spec::Mode::Max,
             max_trials: trials,
             owner: "alice".into(),
             failure: None,

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringleader_proto::coordinator::{
     CancelSweepRequest, GetSweepRequest, ListSweepsRequest, SubmitKind, SubmitRequest,
 };
+use ringleader_spec::Mode;
 use serde_json::{json, Value};
 
 use super::driver::best_trial;
@@ -19,7 +20,6 @@ use super::template::Template;
 use crate::client::{self, status_error, Connection, LeaderClient};
 use crate::error::{Error, Result};
 use crate::limits::MAX_SPEC_BYTES;
-use crate::search::Mode;
 
 /// A sweep as the leader reports it.
 pub struct SweepView {

@@ -26,7 +26,9 @@ use super::records::{
     AttemptOutcome, AttemptRecord, EpochMetrics, FoldProgress, Lineage, TrialRecord, TrialState,
 };
 use crate::limits::MAX_TRIAL_RECORD_BYTES;
-use crate::search::{Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions, TrialOutcome};
+use ringleader_spec::search::{
+    Asha, AshaError, Grid, Mode, Random, Space, Tpe, TpeOptions, TrialOutcome,
+};
 
 /// Where configurations come from.
 #[derive(Clone, Debug)]
@@ -858,7 +860,7 @@ pub fn best_trial<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::Param;
+    use ringleader_spec::search::Param;
 
     fn config(source: Source, stopping: Option<Stopping>, max_trials: u64) -> DriverConfig {
         let params = BTreeMap::from([(
@@ -1511,7 +1513,7 @@ mod tests {
             min_epochs: 1,
             brackets: 1,
         };
-        let options = crate::search::TpeOptions {
+        let options = ringleader_spec::search::TpeOptions {
             startup_trials: 3,
             ..Default::default()
         };

@@ -9,11 +9,11 @@
 
 use std::collections::BTreeMap;
 
+use ringleader_spec::Mode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::driver::best_trial;
-use crate::search::Mode;
 
 pub use float::Float;
 

@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use ringleader_spec::job::ModelSpec;
+use ringleader_spec::search::{Mode, Space};
+use ringleader_spec::sweep::{SearcherSpec, SweepSpec};
 use ringleader_spec::{JobSpec, SpecError};
 use serde_json::Value;
 
 use super::driver::{DriverConfig, Source, Stopping};
 use super::records::SweepKind;
 use crate::limits::MAX_SPEC_BYTES;
-use crate::search::{Mode, Space};
-use crate::sweep_spec::{SearcherSpec, SweepSpec};
 
 /// Attempts that may fail before a job (a one-trial sweep) is failed.
 const JOB_MAX_FAILURES: u32 = 2;
@@ -170,4 +170,71 @@ fn hyperband_brackets(eta: u32, min_epochs: u32, max_epochs: u32) -> u32 {
         r *= u64::from(eta);
     }
     brackets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random search over a data set with a test split, with
+    /// `sweep_line` added to `[sweep]` and `dataset_line` to
+    /// `[job.dataset]`.
+    fn sweep(sweep_line: &str, dataset_line: &str) -> Template {
+        let text = format!(
+            r#"[sweep]
+name = "fmnist"
+searcher = "random"
+max_trials = 12
+{sweep_line}
+
+[sweep.params]
+"optimizer.lr" = {{ kind = "log_uniform", low = 0.001, high = 0.3 }}
+
+[job]
+name = "base"
+workers = 1
+epochs = 3
+
+[job.dataset]
+format = "idx"
+classes = 10
+train = {{ images = "i.gz", labels = "l.gz" }}
+test = {{ images = "ti.gz", labels = "tl.gz" }}
+{dataset_line}
+
+[job.model]
+kind = "cnn"
+"#
+        );
+        Template::parse(SweepKind::Sweep, &text, "sweep.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn an_objective_on_the_test_split_is_warned_of() {
+        let on_validation = sweep("", "validation_fraction = 0.1");
+        assert_eq!(
+            on_validation.objective(),
+            ("val_accuracy".into(), Mode::Max)
+        );
+        assert!(on_validation.warnings().is_empty());
+        let on_test = sweep(
+            "objective = { metric = \"test_accuracy\", mode = \"max\" }",
+            "validation_fraction = 0.1",
+        );
+        let warnings = on_test.warnings();
+        assert!(
+            warnings.len() == 1
+                && warnings[0].contains("test_accuracy chooses trials on the test split"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_cross_validated_sweep_drives_its_folds_and_its_trial_jobs_hold_none() {
+        let template = sweep("cross_validation = { folds = 3 }", "");
+        assert_eq!(template.driver_config("s").folds, Some(3));
+        // The leader sets each fold's.
+        let job = template.job(&BTreeMap::new()).unwrap();
+        assert_eq!(job.dataset.folds, None);
+    }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context};
-use ringleader_coordinator::search::{Mode, Param, Space, Tpe, TpeOptions, TrialOutcome};
+use ringleader_spec::search::{Mode, Param, Space, Tpe, TpeOptions, TrialOutcome};
 use ringleader_spec::synthetic::{branin, hartmann6};
 use serde_json::{json, Value};
 

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeSet;
 
-pub use ringleader_spec::Mode;
+pub use crate::Mode;
 
 /// A paused trial that should continue to `resource` (rung `rung`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,13 +1,28 @@
 //! Search spaces: parameter kinds, validation, sampling and grids.
+//!
+//! A [`Param`] reads from a spec as it is written there
+//! (`{ kind = "log_uniform", low = 0.001, high = 0.3 }`) and is checked as
+//! it is read: a deserialised parameter always has a valid domain.
 
 use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 /// One hyperparameter's domain.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Serde reads and writes it tagged by `kind` (`uniform`, `log_uniform`,
+/// `int`, `choice`); an `int` may leave out `step` (1) and `log` (false).
+/// Deserialising checks the domain ([`Param::check`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    remote = "Self",
+    tag = "kind",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 pub enum Param {
     Uniform {
         low: f64,
@@ -22,55 +37,75 @@ pub enum Param {
     Int {
         low: i64,
         high: i64,
+        #[serde(default = "default_step")]
         step: i64,
+        #[serde(default)]
         log: bool,
     },
-    Choice(Vec<Value>),
+    Choice {
+        values: Vec<Value>,
+    },
+}
+
+fn default_step() -> i64 {
+    1
+}
+
+// `remote = "Self"` gives the derived code as inherent functions, so that
+// these impls can wrap them: reading checks the domain.
+impl Serialize for Param {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Param::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Param {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let param = Param::deserialize(deserializer)?;
+        param.check().map_err(serde::de::Error::custom)?;
+        Ok(param)
+    }
+}
+
+/// What is wrong with a domain.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DomainError {
+    #[error("empty range [{low}, {high}] (low must be below high)")]
+    EmptyRange { low: String, high: String },
+    #[error("log scale needs bounds above 0, got low {low}")]
+    NonPositiveLogBound { low: String },
+    #[error("step must be positive, got {step}")]
+    BadStep { step: i64 },
+    #[error("choice needs at least one value")]
+    EmptyChoice,
+    #[error("bound {value} is not finite")]
+    NotFinite { value: f64 },
 }
 
 /// What is wrong with a parameter, naming it.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum SpaceError {
-    #[error("parameter {name}: empty range [{low}, {high}] (low must be below high)")]
-    EmptyRange {
-        name: String,
-        low: String,
-        high: String,
-    },
-    #[error("parameter {name}: log scale needs bounds above 0, got low {low}")]
-    NonPositiveLogBound { name: String, low: String },
-    #[error("parameter {name}: step must be positive, got {step}")]
-    BadStep { name: String, step: i64 },
-    #[error("parameter {name}: choice needs at least one value")]
-    EmptyChoice { name: String },
-    #[error("parameter {name}: bound {value} is not finite")]
-    NotFinite { name: String, value: f64 },
+#[error("parameter {name}: {error}")]
+pub struct SpaceError {
+    pub name: String,
+    pub error: DomainError,
 }
 
 impl Param {
-    /// Checks the domain; `name` is used in the error.
-    pub fn validate(&self, name: &str) -> Result<(), SpaceError> {
-        let empty = |low: String, high: String| SpaceError::EmptyRange {
-            name: name.into(),
-            low,
-            high,
-        };
+    /// Checks the domain.
+    pub fn check(&self) -> Result<(), DomainError> {
+        let empty = |low: String, high: String| DomainError::EmptyRange { low, high };
         match self {
             Param::Uniform { low, high } | Param::LogUniform { low, high } => {
-                for v in [*low, *high] {
-                    if !v.is_finite() {
-                        return Err(SpaceError::NotFinite {
-                            name: name.into(),
-                            value: v,
-                        });
+                for value in [*low, *high] {
+                    if !value.is_finite() {
+                        return Err(DomainError::NotFinite { value });
                     }
                 }
                 if low >= high {
                     return Err(empty(low.to_string(), high.to_string()));
                 }
                 if matches!(self, Param::LogUniform { .. }) && *low <= 0.0 {
-                    return Err(SpaceError::NonPositiveLogBound {
-                        name: name.into(),
+                    return Err(DomainError::NonPositiveLogBound {
                         low: low.to_string(),
                     });
                 }
@@ -85,25 +120,29 @@ impl Param {
                     return Err(empty(low.to_string(), high.to_string()));
                 }
                 if *step <= 0 {
-                    return Err(SpaceError::BadStep {
-                        name: name.into(),
-                        step: *step,
-                    });
+                    return Err(DomainError::BadStep { step: *step });
                 }
                 if *log && *low <= 0 {
-                    return Err(SpaceError::NonPositiveLogBound {
-                        name: name.into(),
+                    return Err(DomainError::NonPositiveLogBound {
                         low: low.to_string(),
                     });
                 }
             }
-            Param::Choice(values) => {
+            Param::Choice { values } => {
                 if values.is_empty() {
-                    return Err(SpaceError::EmptyChoice { name: name.into() });
+                    return Err(DomainError::EmptyChoice);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Checks the domain; `name` is used in the error.
+    pub fn validate(&self, name: &str) -> Result<(), SpaceError> {
+        self.check().map_err(|error| SpaceError {
+            name: name.into(),
+            error,
+        })
     }
 
     /// One value drawn from the domain.
@@ -136,7 +175,7 @@ impl Param {
                 };
                 self.grid_value(0, index)
             }
-            Param::Choice(values) => values[rng.random_range(0..values.len())].clone(),
+            Param::Choice { values } => values[rng.random_range(0..values.len())].clone(),
         }
     }
 
@@ -150,7 +189,7 @@ impl Param {
             Param::Int {
                 low, high, step, ..
             } => lattice_len(*low, *high, *step),
-            Param::Choice(values) => values.len() as u64,
+            Param::Choice { values } => values.len() as u64,
         }
     }
 
@@ -166,7 +205,7 @@ impl Param {
                 let value = i128::from(*low) + i128::from(*step) * i128::from(index);
                 Value::from(i64::try_from(value).unwrap_or(i64::MAX))
             }
-            Param::Choice(values) => values[index as usize].clone(),
+            Param::Choice { values } => values[index as usize].clone(),
         }
     }
 }
@@ -305,7 +344,9 @@ mod tests {
             ),
             (
                 "opt".to_string(),
-                Param::Choice(vec![Value::from("sgd"), Value::from("adam")]),
+                Param::Choice {
+                    values: vec![Value::from("sgd"), Value::from("adam")],
+                },
             ),
         ]))
         .unwrap()
@@ -331,12 +372,40 @@ mod tests {
             log: false
         })
         .contains("step must be positive"));
-        assert!(err(Param::Choice(vec![])).contains("at least one value"));
+        assert!(err(Param::Choice { values: vec![] }).contains("at least one value"));
         assert!(err(Param::Uniform {
             low: f64::NAN,
             high: 1.0
         })
         .contains("not finite"));
+    }
+
+    #[test]
+    fn params_read_and_write_tagged_by_kind_and_are_checked_as_they_are_read() {
+        let int: Param = serde_json::from_str(r#"{"kind": "int", "low": 1, "high": 9}"#).unwrap();
+        let expected = Param::Int {
+            low: 1,
+            high: 9,
+            step: 1,
+            log: false,
+        };
+        assert_eq!(int, expected);
+        for param in [int, space().params()["opt"].clone()] {
+            let json = serde_json::to_value(&param).unwrap();
+            assert_eq!(serde_json::from_value::<Param>(json).unwrap(), param);
+        }
+        let err = |json: &str| serde_json::from_str::<Param>(json).unwrap_err().to_string();
+        assert!(
+            err(r#"{"kind": "uniform", "low": 1.0, "high": 1.0}"#)
+                .starts_with("empty range [1, 1] (low must be below high)"),
+            "{}",
+            err(r#"{"kind": "uniform", "low": 1.0, "high": 1.0}"#)
+        );
+        assert!(err(r#"{"kind": "choice", "values": []}"#).contains("at least one value"));
+        assert!(err(r#"{"kind": "gaussian"}"#).contains("unknown variant `gaussian`"));
+        assert!(
+            err(r#"{"kind": "int", "low": 1, "high": 2, "by": 1}"#).contains("unknown field `by`")
+        );
     }
 
     #[test]
@@ -374,7 +443,9 @@ mod tests {
             ),
             (
                 "b".to_string(),
-                Param::Choice(vec![Value::from(true), Value::from(false)]),
+                Param::Choice {
+                    values: vec![Value::from(true), Value::from(false)],
+                },
             ),
         ]))
         .unwrap();

@@ -24,21 +24,32 @@ use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::asha::Mode;
 use super::space::{Param, Space};
+use crate::Mode;
 
 /// TPE settings (defaults as Optuna's: the best 10% count as good, at most
 /// 25 of them; parameters modelled jointly).
-#[derive(Clone, Debug)]
+///
+/// A sweep spec's `[sweep.tpe]` table reads straight into it: omitted keys
+/// keep their defaults, and `gamma` and `candidates` are checked as they
+/// are read, so an error names the key and its line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TpeOptions {
     pub startup_trials: usize,
-    /// Fraction of observations counted as good.
+    /// Fraction of observations counted as good, in (0, 1).
+    #[serde(deserialize_with = "fraction")]
     pub gamma: f64,
-    /// At most this many observations count as good.
+    /// At most this many observations count as good. Not read from specs
+    /// (Optuna does not expose it either): it keeps its default there.
+    #[serde(skip)]
     pub max_good: usize,
-    /// Candidates drawn from l(x) per suggestion.
+    /// Candidates drawn from l(x) per suggestion, at least 1.
+    #[serde(deserialize_with = "at_least_one")]
     pub candidates: usize,
     /// Model the parameters jointly (one mixture over all of them) rather
     /// than one independent mixture per parameter.
@@ -54,6 +65,22 @@ impl Default for TpeOptions {
             candidates: 24,
             multivariate: true,
         }
+    }
+}
+
+fn fraction<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let gamma = f64::deserialize(deserializer)?;
+    if gamma > 0.0 && gamma < 1.0 {
+        Ok(gamma)
+    } else {
+        Err(D::Error::custom(format!("must lie in (0, 1), got {gamma}")))
+    }
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    match usize::deserialize(deserializer)? {
+        0 => Err(D::Error::custom("must be at least 1")),
+        n => Ok(n),
     }
 }
 
@@ -270,7 +297,7 @@ impl Coordinate for Param {
             Param::LogUniform { .. } => value.as_f64().filter(|x| *x > 0.0).map(f64::ln),
             Param::Int { log: false, .. } => value.as_f64(),
             Param::Int { log: true, .. } => value.as_f64().filter(|x| *x > 0.0).map(f64::ln),
-            Param::Choice(options) => options.iter().position(|o| o == value).map(|i| i as f64),
+            Param::Choice { values } => values.iter().position(|o| o == value).map(|i| i as f64),
         }
     }
 
@@ -288,9 +315,9 @@ impl Coordinate for Param {
                 let index = ((x - *low as f64) / *step as f64).round() as i64;
                 Value::from((low + index * step).clamp(*low, *high))
             }
-            Param::Choice(options) => {
-                let index = (x.round().max(0.0) as usize).min(options.len() - 1);
-                options[index].clone()
+            Param::Choice { values } => {
+                let index = (x.round().max(0.0) as usize).min(values.len() - 1);
+                values[index].clone()
             }
         }
     }
@@ -311,7 +338,7 @@ impl Coordinate for Param {
                 log: true,
                 ..
             } => Some(((*low as f64).ln(), (*high as f64).ln())),
-            Param::Choice(_) => None,
+            Param::Choice { .. } => None,
         }
     }
 }
@@ -372,7 +399,9 @@ impl Parzen {
                 let values: Vec<f64> = set.iter().map(|point| point[dim]).collect();
                 match (&params[dim].1, params[dim].1.range()) {
                     (_, Some((low, high))) => Kernels::continuous(values, low, high),
-                    (Param::Choice(options), None) => Kernels::choice(&values, options.len()),
+                    (Param::Choice { values: options }, None) => {
+                        Kernels::choice(&values, options.len())
+                    }
                     (_, None) => unreachable!("only choices have no range"),
                 }
             })
@@ -564,7 +593,7 @@ fn normal_cdf(z: f64) -> f64 {
 mod tests {
     use super::super::space::Random;
     use super::*;
-    use ringleader_spec::synthetic::hartmann6;
+    use crate::synthetic::hartmann6;
 
     fn unit_cube(dims: usize) -> Space {
         Space::new(
@@ -695,7 +724,9 @@ mod tests {
             ),
             (
                 "c".into(),
-                Param::Choice(vec![Value::from(1), Value::from(2), Value::from(3)]),
+                Param::Choice {
+                    values: vec![Value::from(1), Value::from(2), Value::from(3)],
+                },
             ),
         ];
         let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -917,7 +948,9 @@ mod tests {
             ),
             (
                 "act".to_string(),
-                Param::Choice(vec![Value::from("relu"), Value::from("gelu")]),
+                Param::Choice {
+                    values: vec![Value::from("relu"), Value::from("gelu")],
+                },
             ),
         ]))
         .unwrap();

@@ -27,23 +27,27 @@
 //! choice), still gives a valid job. Every error names the file, the line
 //! and the field. Parsing is pure, so a rejected spec never writes anything.
 //!
-//! The search space types ([`Param`], [`Mode`], [`TpeOptions`]) have no
-//! serde form, so a `SweepSpec` serialises as its origin and TOML source
-//! and deserialises by parsing that again: what etcd holds is exactly what
-//! the user wrote, and a stored sweep is checked by the same code as a new
-//! one.
+//! The file reads straight into the search types: `[sweep.params]` into
+//! [`Param`]s, `[sweep.tpe]` into [`TpeOptions`], the objective's `mode`
+//! into [`Mode`], each checked as it is read. Only `[sweep]` itself has a
+//! form of its own (`RawSweep`), since its flat keys (`searcher`, `eta`,
+//! `grid_points`, …) become a [`SearcherSpec`] only together.
+//!
+//! A `SweepSpec` serialises as its origin and TOML source and deserialises
+//! by parsing that again: what etcd holds is exactly what the user wrote,
+//! and a stored sweep is checked by the same code as a new one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ringleader_spec::error::{Document, FieldError, FieldPath, SpecError};
-use ringleader_spec::job::{read_spec, FoldSpec, ModelSpec};
-use ringleader_spec::{apply_overrides, toml, with_overrides, JobSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::{Document, FieldError, FieldPath, SpecError};
+use crate::job::{read_spec, FoldSpec, ModelSpec};
 use crate::limits::{MAX_GRID_POINTS, MAX_PARAMS, MAX_TRIALS};
 use crate::search::{Asha, AshaError, Grid, Mode, Param, Space, TpeOptions};
+use crate::{apply_overrides, toml, with_overrides, JobSpec};
 
 /// A checked sweep.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,8 +107,10 @@ pub struct AshaStopper {
     pub min_epochs: u32,
 }
 
-/// The metric trials are ranked by, and which way is better.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The metric trials are ranked by, and which way is better:
+/// `objective = { metric = "val_loss", mode = "min" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Objective {
     pub metric: String,
     pub mode: Mode,
@@ -175,10 +181,7 @@ impl SweepSpec {
                 .map_err(|(path, message)| at(&path, message))?;
         }
         let objective = match &sweep.objective {
-            Some(raw) => Objective {
-                metric: raw.metric.clone(),
-                mode: raw.mode,
-            },
+            Some(objective) => objective.clone(),
             None if base.dataset.has_validation() => Objective::validation_accuracy(),
             None => {
                 let message = "required when the job holds out no validation set \
@@ -237,8 +240,8 @@ impl SweepSpec {
             return Err(at(&["sweep", "params"], message));
         }
         let mut params = BTreeMap::new();
-        for (name, spec) in sweep.params {
-            let param = check_param(&name, spec.into(), &file.job, &fixed)
+        for (name, param) in sweep.params {
+            check_param(&name, &param, &file.job, &fixed)
                 .map_err(|e| at(&["sweep", "params", &name], e))?;
             params.insert(name, param);
         }
@@ -333,28 +336,20 @@ fn check_metric(metric: &str, base: &JobSpec) -> Result<(), String> {
     ))
 }
 
-/// Checks one parameter's domain, and that the job accepts its path with
-/// each of its [`representatives`], so a bad path or value fails at submit
-/// time and not in a trial. The error does not repeat the parameter name
-/// (the caller places it at the parameter).
+/// Checks that the job accepts one parameter's path with each of its
+/// [`representatives`], so a bad path or value fails at submit time and
+/// not in a trial (its domain was checked as it was read). The error does
+/// not repeat the parameter name (the caller places it at the parameter).
 fn check_param(
     name: &str,
-    param: Param,
+    param: &Param,
     job: &toml::Table,
     fixed: &BTreeMap<String, Value>,
-) -> Result<Param, String> {
+) -> Result<(), String> {
     if let Some((_, sweep_key)) = SET_BY_SWEEP.iter().find(|(key, _)| *key == name) {
         return Err(format!("{name} is set by sweep.{sweep_key}"));
     }
-    param.validate(name).map_err(|e| {
-        let message = e.to_string();
-        let prefix = format!("parameter {name}: ");
-        message
-            .strip_prefix(&prefix)
-            .unwrap_or(&message)
-            .to_string()
-    })?;
-    for value in representatives(&param) {
+    for value in representatives(param) {
         let mut overrides = fixed.clone();
         overrides.insert(name.into(), value.clone());
         apply_overrides(job, &overrides).map_err(|e| {
@@ -365,7 +360,7 @@ fn check_param(
             }
         })?;
     }
-    Ok(param)
+    Ok(())
 }
 
 /// Values that stand for a domain when checking it against the job: both
@@ -383,7 +378,7 @@ fn representatives(param: &Param) -> Vec<Value> {
                 Value::from(low + (high - low) / step * step),
             ]
         }
-        Param::Choice(values) => values.clone(),
+        Param::Choice { values } => values.clone(),
     }
 }
 
@@ -440,7 +435,7 @@ struct RawSweep {
     /// Omitted: `val_accuracy` (max) when the job holds out a validation
     /// set; required otherwise.
     #[serde(default)]
-    objective: Option<RawObjective>,
+    objective: Option<Objective>,
     #[serde(default = "default_eta")]
     eta: u32,
     #[serde(default = "default_min_epochs")]
@@ -450,9 +445,9 @@ struct RawSweep {
     #[serde(default = "default_grid_points")]
     grid_points: u32,
     #[serde(default)]
-    tpe: RawTpe,
+    tpe: TpeOptions,
     #[serde(default)]
-    params: BTreeMap<String, ParamSpec>,
+    params: BTreeMap<String, Param>,
     #[serde(default)]
     cross_validation: Option<CrossValidation>,
 }
@@ -527,30 +522,9 @@ impl RawSweep {
                 eta: self.eta,
                 min_epochs: self.min_epochs,
             },
-            SearcherKind::Tpe => {
-                let tpe = &self.tpe;
-                if !(tpe.gamma > 0.0 && tpe.gamma < 1.0) {
-                    return Err(at(
-                        &["sweep", "tpe", "gamma"],
-                        format!("must lie in (0, 1), got {}", tpe.gamma),
-                    ));
-                }
-                if tpe.candidates == 0 {
-                    return Err(at(
-                        &["sweep", "tpe", "candidates"],
-                        "must be at least 1".into(),
-                    ));
-                }
-                SearcherSpec::Tpe {
-                    options: TpeOptions {
-                        startup_trials: tpe.startup_trials,
-                        gamma: tpe.gamma,
-                        candidates: tpe.candidates,
-                        multivariate: tpe.multivariate,
-                        ..TpeOptions::default()
-                    },
-                }
-            }
+            SearcherKind::Tpe => SearcherSpec::Tpe {
+                options: self.tpe.clone(),
+            },
         })
     }
 }
@@ -573,87 +547,6 @@ enum Stopper {
     Asha,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawObjective {
-    metric: String,
-    mode: Mode,
-}
-
-/// [`TpeOptions`] as written; omitted keys take its defaults.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawTpe {
-    startup_trials: usize,
-    candidates: usize,
-    gamma: f64,
-    multivariate: bool,
-}
-
-impl Default for RawTpe {
-    fn default() -> Self {
-        let TpeOptions {
-            startup_trials,
-            gamma,
-            candidates,
-            multivariate,
-            ..
-        } = TpeOptions::default();
-        Self {
-            startup_trials,
-            candidates,
-            gamma,
-            multivariate,
-        }
-    }
-}
-
-/// A [`Param`] as written.
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-enum ParamSpec {
-    Uniform {
-        low: f64,
-        high: f64,
-    },
-    LogUniform {
-        low: f64,
-        high: f64,
-    },
-    Int {
-        low: i64,
-        high: i64,
-        #[serde(default = "default_step")]
-        step: i64,
-        #[serde(default)]
-        log: bool,
-    },
-    Choice {
-        values: Vec<Value>,
-    },
-}
-
-impl From<ParamSpec> for Param {
-    fn from(spec: ParamSpec) -> Self {
-        match spec {
-            ParamSpec::Uniform { low, high } => Param::Uniform { low, high },
-            ParamSpec::LogUniform { low, high } => Param::LogUniform { low, high },
-            ParamSpec::Int {
-                low,
-                high,
-                step,
-                log,
-            } => Param::Int {
-                low,
-                high,
-                step,
-                log,
-            },
-            ParamSpec::Choice { values } => Param::Choice(values),
-        }
-    }
-}
-
 fn default_max_failures() -> u32 {
     2
 }
@@ -666,14 +559,10 @@ fn default_min_epochs() -> u32 {
 fn default_grid_points() -> u32 {
     3
 }
-fn default_step() -> i64 {
-    1
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::template::Template;
 
     const GOOD: &str = r#"[sweep]
 name = "fmnist"
@@ -829,7 +718,71 @@ kind = "cnn"
     }
 
     #[test]
+    fn tpe_settings_read_into_its_options_and_are_checked_as_they_are_read() {
+        let tpe = |settings: &str| {
+            GOOD.replacen(
+                "searcher = \"asha\"",
+                &format!("searcher = \"tpe\"\ntpe = {{ {settings} }}"),
+                1,
+            )
+        };
+        let spec = SweepSpec::parse(&tpe("startup_trials = 4, gamma = 0.25"), "s").unwrap();
+        let SearcherSpec::Tpe { options } = spec.searcher else {
+            panic!("{:?}", spec.searcher);
+        };
+        assert_eq!(
+            options,
+            TpeOptions {
+                startup_trials: 4,
+                gamma: 0.25,
+                ..TpeOptions::default()
+            }
+        );
+        for (settings, expected) in [
+            (
+                "gamma = 1.0",
+                "sweep.toml:4:17: sweep.tpe.gamma: must lie in (0, 1), got 1",
+            ),
+            (
+                "candidates = 0",
+                "sweep.toml:4:22: sweep.tpe.candidates: must be at least 1",
+            ),
+            (
+                "max_good = 5",
+                "sweep.toml:4:9: sweep.tpe.max_good: unknown field `max_good`",
+            ),
+        ] {
+            let message = SweepSpec::parse(&tpe(settings), "sweep.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.starts_with(expected),
+                "{message}\nexpected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_parameter_written_as_a_table_is_placed_at_its_header() {
+        let text = GOOD.replacen(
+            "[job]\n",
+            "[sweep.params.\"model.dropout\"]\nkind = \"uniform\"\nlow = 0.5\nhigh = 0.1\n\n[job]\n",
+            1,
+        );
+        let message = SweepSpec::parse(&text, "sweep.toml")
+            .unwrap_err()
+            .to_string();
+        let expected = "sweep.toml:15:1: sweep.params.\"model.dropout\": empty range [0.5, 0.1]";
+        assert!(
+            message.starts_with(expected),
+            "{message}\nexpected {expected}"
+        );
+    }
+
+    #[test]
     fn the_objective_defaults_to_validation_accuracy_when_the_job_holds_out_validation() {
+        // (What the coordinator warns of a test objective is tested with
+        // its Template, coordinator/src/sweep/template.rs.)
         let objective_line = "objective = { metric = \"test_accuracy\", mode = \"max\" }\n";
         let held_out = GOOD.replacen(objective_line, "", 1).replacen(
             "classes = 10",
@@ -839,23 +792,16 @@ kind = "cnn"
         let spec = SweepSpec::parse(&held_out, "sweep.toml").unwrap();
         assert_eq!(spec.objective, Objective::validation_accuracy());
         assert!(!spec.objective.selects_on_test());
-        assert!(Template::Sweep(Box::new(spec)).warnings().is_empty());
         // Without a validation set there is nothing to default to.
         assert_error(
             objective_line,
             "",
             "sweep.toml:1:2: sweep.objective: required when the job holds out no validation set",
         );
-        // A test objective is allowed, with a warning.
+        // A test objective is allowed (the coordinator warns of it).
         let on_test = GOOD.replacen("classes = 10", "classes = 10\nvalidation_fraction = 0.1", 1);
         let spec = SweepSpec::parse(&on_test, "sweep.toml").unwrap();
         assert!(spec.objective.selects_on_test());
-        let warnings = Template::Sweep(Box::new(spec)).warnings();
-        assert!(
-            warnings.len() == 1
-                && warnings[0].contains("test_accuracy chooses trials on the test split"),
-            "{warnings:?}"
-        );
     }
 
     #[test]
@@ -931,10 +877,8 @@ kind = "cnn"
         let spec = SweepSpec::parse(&cross_validated("3"), "sweep.toml").unwrap();
         assert_eq!(spec.cross_validation, Some(CrossValidation { folds: 3 }));
         assert_eq!(spec.objective, Objective::validation_accuracy());
-        let template = Template::Sweep(Box::new(spec));
-        assert_eq!(template.driver_config("s").folds, Some(3));
         // Trial jobs hold no fold: the leader sets each fold's.
-        let job = template.job(&BTreeMap::new()).unwrap();
+        let job = spec.trial_job(&BTreeMap::new()).unwrap();
         assert_eq!(job.dataset.folds, None);
     }
 
