@@ -969,3 +969,86 @@ async fn handle_worker_messages(
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sequence: u64) -> CoordinatorMessage {
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::HeartbeatAck(HeartbeatAck {
+                sequence,
+            })),
+        }
+    }
+
+    /// A step whose writes answer `stored`, with one message for `w1`.
+    fn step(stored: Durable, sequence: u64) -> (Delivery, oneshot::Receiver<Durable>) {
+        let (writes_done, writes) = oneshot::channel();
+        writes_done.send(stored).unwrap();
+        let (done, answer) = oneshot::channel();
+        let to = Address {
+            worker: "w1".into(),
+            connection: 1,
+        };
+        let delivery = Delivery {
+            writes: Some(writes),
+            messages: vec![(to, message(sequence))],
+            done,
+        };
+        (delivery, answer)
+    }
+
+    #[tokio::test]
+    async fn a_change_not_stored_ends_the_term_and_nothing_after_it_is_sent() {
+        let (outbound, mut inbox) = mpsc::channel(8);
+        let streams: Arc<Streams> = Arc::default();
+        streams
+            .lock()
+            .unwrap()
+            .insert("w1".into(), (1, outbound));
+        let term = CancellationToken::new();
+        let (outbox, deliveries) = mpsc::unbounded_channel();
+        let runner = tokio::spawn(deliver(deliveries, streams, term.clone()));
+        let (first, stored) = step(Ok(()), 1);
+        let refused = NotStored::Refused("request is too large".into());
+        let (second, not_stored) = step(Err(refused.clone()), 2);
+        let (third, after) = step(Ok(()), 3);
+        for delivery in [first, second, third] {
+            outbox.send(delivery).unwrap();
+        }
+        drop(outbox);
+        runner.await.unwrap();
+        assert_eq!(stored.await.unwrap(), Ok(()));
+        assert_eq!(not_stored.await.unwrap(), Err(refused));
+        let after = after.await.unwrap().unwrap_err();
+        assert!(
+            after.to_string().contains("an earlier change was not stored"),
+            "{after}"
+        );
+        assert!(term.is_cancelled(), "the term must end");
+        // Only the stored step's message reached the worker.
+        let sent = inbox.recv().await.unwrap().unwrap();
+        assert_eq!(sent, message(1));
+        assert!(inbox.try_recv().is_err(), "nothing after the failed change");
+    }
+
+    #[tokio::test]
+    async fn messages_for_a_replaced_stream_are_not_delivered() {
+        let (outbound, mut inbox) = mpsc::channel(8);
+        let streams: Arc<Streams> = Arc::default();
+        // w1 registered again: its current stream is connection 2.
+        streams
+            .lock()
+            .unwrap()
+            .insert("w1".into(), (2, outbound));
+        let (outbox, deliveries) = mpsc::unbounded_channel();
+        let runner = tokio::spawn(deliver(deliveries, streams, CancellationToken::new()));
+        let (delivery, answer) = step(Ok(()), 1);
+        outbox.send(delivery).unwrap();
+        drop(outbox);
+        runner.await.unwrap();
+        assert_eq!(answer.await.unwrap(), Ok(()));
+        assert!(inbox.try_recv().is_err());
+    }
+}
