@@ -1,11 +1,18 @@
 //! Specs both sides of the cluster share: the job spec (a training run),
-//! overrides that turn a sweep's base job into one trial's job, and the
-//! dataset shard plan. Pure code: no I/O beyond reading a spec file, no
-//! libtorch.
+//! the sweep spec (a search over jobs) with the search spaces and searchers
+//! it reads into, overrides that turn a sweep's base job into one trial's
+//! job, and the dataset shard plan. Pure code: no I/O beyond reading a spec
+//! file, no libtorch, no async.
 //!
 //! ```text
 //!  job.toml ──Document::parse──▶ spans ──deserialize + validate──▶ JobSpec
 //!      errors: "job.toml:12:7: optimizer.kind: unknown variant `adagrad`, …"
+//!  sweep.toml ──Document::parse──▶ spans ──deserialize──▶ [sweep]  + base [job]
+//!      [sweep.params] ─▶ search::Param (domain checked as read)
+//!      [sweep.tpe]    ─▶ search::TpeOptions,  objective.mode ─▶ Mode
+//!      each parameter at the ends of its domain ─with the base job─▶ valid?
+//!      ──▶ sweep::SweepSpec   (errors as for jobs: "sweep.toml:10:1: sweep.params.…")
+//!  search::Space ──▶ Grid | Random | Tpe (next config)   Asha (which trial to promote)
 //!  base job table + {"optimizer.lr": 0.1} ──with_overrides──▶ JobSpec
 //!  ShardPlan (examples, world, rank, seed) ──indices(epoch)──▶ this rank's examples
 //! ```
