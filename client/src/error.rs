@@ -18,6 +18,11 @@ pub enum ClientError {
     #[error("{message}")]
     Refused { code: tonic::Code, message: String },
 
+    /// The leader's answer holds records that cannot be read (it names
+    /// their keys), or that this client cannot decode.
+    #[error("{0}")]
+    Corrupt(String),
+
     /// Something this side was given is malformed (an address, a flag).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -7,6 +7,7 @@
 //!            ClientError
 //!   args     --tls-dir / --insecure, durations, listen addresses or "off"
 //!   runtime  logging and the shutdown token (SIGINT, SIGTERM)
+//!   sweeps   typed sweep calls: submit, get (every trial), list, cancel
 //!   web      the bounded HTTP/1.1 server behind the dashboard and /metrics
 //!   metrics  a Prometheus registry served at /metrics
 //!   limits   bounds both ends of a leader connection agree on
@@ -18,6 +19,7 @@ pub mod leader;
 pub mod limits;
 pub mod metrics;
 pub mod runtime;
+pub mod sweeps;
 pub mod web;
 
 pub use error::{ClientError, Result};

@@ -84,6 +84,7 @@ impl From<ringleader_client::ClientError> for Error {
             C::NoLeader { addresses, reason } => Error::NoLeader { addresses, reason },
             C::Unreachable { address, reason } => Error::Unreachable { address, reason },
             C::InvalidArgument(message) => Error::InvalidArgument(message),
+            C::Corrupt(message) => Error::Corrupt(message),
             C::Refused { code, message } => match code {
                 Code::NotFound => Error::NotFound(message),
                 Code::FailedPrecondition => Error::FailedPrecondition(message),

@@ -1003,10 +1003,7 @@ mod tests {
     async fn a_change_not_stored_ends_the_term_and_nothing_after_it_is_sent() {
         let (outbound, mut inbox) = mpsc::channel(8);
         let streams: Arc<Streams> = Arc::default();
-        streams
-            .lock()
-            .unwrap()
-            .insert("w1".into(), (1, outbound));
+        streams.lock().unwrap().insert("w1".into(), (1, outbound));
         let term = CancellationToken::new();
         let (outbox, deliveries) = mpsc::unbounded_channel();
         let runner = tokio::spawn(deliver(deliveries, streams, term.clone()));
@@ -1023,7 +1020,9 @@ mod tests {
         assert_eq!(not_stored.await.unwrap(), Err(refused));
         let after = after.await.unwrap().unwrap_err();
         assert!(
-            after.to_string().contains("an earlier change was not stored"),
+            after
+                .to_string()
+                .contains("an earlier change was not stored"),
             "{after}"
         );
         assert!(term.is_cancelled(), "the term must end");
@@ -1038,10 +1037,7 @@ mod tests {
         let (outbound, mut inbox) = mpsc::channel(8);
         let streams: Arc<Streams> = Arc::default();
         // w1 registered again: its current stream is connection 2.
-        streams
-            .lock()
-            .unwrap()
-            .insert("w1".into(), (2, outbound));
+        streams.lock().unwrap().insert("w1".into(), (2, outbound));
         let (outbox, deliveries) = mpsc::unbounded_channel();
         let runner = tokio::spawn(deliver(deliveries, streams, CancellationToken::new()));
         let (delivery, answer) = step(Ok(()), 1);

@@ -1,7 +1,8 @@
 //! Specs both sides of the cluster share: the job spec (a training run),
 //! the sweep spec (a search over jobs) with the search spaces and searchers
 //! it reads into, overrides that turn a sweep's base job into one trial's
-//! job, and the dataset shard plan. Pure code: no I/O beyond reading a spec
+//! job, the dataset shard plan, and the records of sweeps and trials
+//! that the leader stores and clients read. Pure code: no I/O beyond reading a spec
 //! file, no libtorch, no async.
 //!
 //! ```text
@@ -15,6 +16,7 @@
 //!  search::Space ──▶ Grid | Random | Tpe (next config)   Asha (which trial to promote)
 //!  base job table + {"optimizer.lr": 0.1} ──with_overrides──▶ JobSpec
 //!  ShardPlan (examples, world, rank, seed) ──indices(epoch)──▶ this rank's examples
+//!  records: SweepRecord, TrialRecord ── the JSON etcd holds, and clients read
 //! ```
 
 pub mod error;
@@ -23,6 +25,7 @@ pub mod limits;
 pub mod mode;
 pub mod overrides;
 pub mod prepare;
+pub mod records;
 pub mod search;
 pub mod shard;
 pub mod stopping;

@@ -36,9 +36,10 @@ use tonic::transport::Channel;
 use crate::client::{authorized, find_leader_channel, Connection, LeaderClient};
 use crate::error::{Error, Result};
 use crate::status;
-use crate::sweep::client::{get_from, list_from, SweepView};
+use crate::sweep::client::SweepView;
 use crate::sweep::SweepRecord;
 use crate::web::{error_response, json_body, respond, HttpResponse};
+use ringleader_client::sweeps;
 
 /// How long what may change (a running sweep, the cluster, what a token
 /// may see) is reused.
@@ -191,7 +192,7 @@ impl Upstream {
 
     async fn visible(&self, token: Option<&Token>) -> Result<Arc<Visible>, Refusal> {
         self.ask(token, |_, mut client| async move {
-            let (records, unreadable) = list_from(&mut client).await?;
+            let (records, unreadable) = sweeps::list(&mut client).await?;
             Ok(Arc::new(Visible {
                 records,
                 unreadable,
@@ -202,7 +203,7 @@ impl Upstream {
 
     async fn sweep(&self, id: &str, token: Option<&Token>) -> Result<Arc<SweepView>, Refusal> {
         self.ask(token, |_, mut client| async move {
-            get_from(&mut client, id).await.map(Arc::new)
+            Ok(Arc::new(sweeps::get(&mut client, id).await?))
         })
         .await
     }

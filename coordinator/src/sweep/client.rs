@@ -8,41 +8,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ringleader_proto::coordinator::{
-    CancelSweepRequest, GetSweepRequest, ListSweepsRequest, SubmitKind, SubmitRequest,
-};
-use ringleader_spec::Mode;
+use ringleader_client::sweeps;
 use serde_json::{json, Value};
 
-use super::driver::best_trial;
 use super::records::{Float, SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
 use super::template::Template;
-use crate::client::{self, status_error, Connection, LeaderClient};
+use crate::client::{self, Connection, LeaderClient};
 use crate::error::{Error, Result};
 use crate::limits::MAX_SPEC_BYTES;
 
-/// A sweep as the leader reports it.
-pub struct SweepView {
-    pub record: SweepRecord,
-    pub trials: Vec<TrialRecord>,
-}
-
-impl SweepView {
-    fn mode(&self) -> Mode {
-        self.record.objective_mode
-    }
-
-    pub fn best(&self) -> Option<&TrialRecord> {
-        best_trial(
-            self.trials.iter().filter(|t| t.state.has_result()),
-            self.mode(),
-        )
-    }
-
-    fn count(&self, state: TrialState) -> usize {
-        self.trials.iter().filter(|t| t.state == state).count()
-    }
-}
+pub use ringleader_client::sweeps::SweepView;
 
 /// Calls the leader, following redirects; unreachable or no leader is an
 /// error after `args.timeout`.
@@ -90,97 +65,20 @@ pub fn summary(template: &Template) -> String {
 pub async fn submit(args: &Connection, kind: SweepKind, file: &Path) -> Result<String> {
     let (spec, _) = check(kind, file)?;
     let origin = file.display().to_string();
-    let request = SubmitRequest {
-        kind: match kind {
-            SweepKind::Job => SubmitKind::Job,
-            SweepKind::Sweep => SubmitKind::Sweep,
-        } as i32,
-        spec,
-        origin,
-    };
-    let response = leader(args)
-        .await?
-        .submit(request)
-        .await
-        .map_err(|s| status_error("submit", s))?;
-    Ok(response.into_inner().sweep_id)
+    Ok(sweeps::submit(&mut leader(args).await?, kind, spec, origin).await?)
 }
 
-/// A sweep and all its trials, read page by page.
+/// A sweep and all its trials.
 pub async fn get(args: &Connection, id: &str) -> Result<SweepView> {
-    get_from(&mut leader(args).await?, id).await
-}
-
-/// [`get`] from a client of the leader.
-pub async fn get_from(leader: &mut LeaderClient, id: &str) -> Result<SweepView> {
-    let mut trials = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = leader
-            .get_sweep(GetSweepRequest {
-                sweep_id: id.to_string(),
-                trials_from: from,
-                trials_limit: 0,
-            })
-            .await
-            .map_err(|s| status_error("get", s))?
-            .into_inner();
-        for trial in &page.trial_json {
-            trials.push(parse_record(trial)?);
-        }
-        if !page.unreadable.is_empty() {
-            return Err(Error::Corrupt(format!(
-                "{id} cannot be read whole: {}",
-                page.unreadable.join("; ")
-            )));
-        }
-        if !page.more_trials || page.next_trials_from <= from {
-            return Ok(SweepView {
-                record: parse_record(&page.sweep_json)?,
-                trials,
-            });
-        }
-        from = page.next_trials_from;
-    }
+    Ok(sweeps::get(&mut leader(args).await?, id).await?)
 }
 
 pub async fn list(args: &Connection) -> Result<Vec<SweepRecord>> {
-    Ok(list_from(&mut leader(args).await?).await?.0)
-}
-
-/// The sweeps a client of the leader may see, and the records that
-/// could not be read (each naming its etcd key).
-pub async fn list_from(leader: &mut LeaderClient) -> Result<(Vec<SweepRecord>, Vec<String>)> {
-    let response = leader
-        .list_sweeps(ListSweepsRequest {
-            include_spec: false,
-        })
-        .await
-        .map_err(|s| status_error("list", s))?
-        .into_inner();
-    let sweeps = response
-        .sweep_json
-        .iter()
-        .map(|s| parse_record(s))
-        .collect::<Result<_>>()?;
-    Ok((sweeps, response.unreadable))
+    Ok(sweeps::list(&mut leader(args).await?).await?.0)
 }
 
 pub async fn cancel(args: &Connection, id: &str) -> Result<u32> {
-    let response = leader(args)
-        .await?
-        .cancel_sweep(CancelSweepRequest {
-            sweep_id: id.to_string(),
-        })
-        .await
-        .map_err(|s| status_error("cancel", s))?;
-    Ok(response.into_inner().stopped_attempts)
-}
-
-fn parse_record<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
-    serde_json::from_str(json).map_err(|e| {
-        Error::InvalidArgument(format!("the leader sent a record we cannot read: {e}"))
-    })
+    Ok(sweeps::cancel(&mut leader(args).await?, id).await?)
 }
 
 /// Polls until the sweep finishes, showing progress as it changes; rides

@@ -23,7 +23,8 @@ use serde_json::Value;
 use ringleader_spec::job::FoldSpec;
 
 use super::records::{
-    AttemptOutcome, AttemptRecord, EpochMetrics, FoldProgress, Lineage, TrialRecord, TrialState,
+    best_trial, AttemptOutcome, AttemptRecord, EpochMetrics, FoldProgress, Lineage, TrialRecord,
+    TrialState,
 };
 use crate::limits::MAX_TRIAL_RECORD_BYTES;
 use ringleader_spec::search::{
@@ -840,21 +841,6 @@ fn mean_and_std(values: &[f64]) -> (f64, f64) {
     let mean = values.iter().sum::<f64>() / n;
     let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
     (mean, variance.sqrt())
-}
-
-/// The trial with the best latest objective among `trials`.
-pub fn best_trial<'a>(
-    trials: impl Iterator<Item = &'a TrialRecord>,
-    mode: Mode,
-) -> Option<&'a TrialRecord> {
-    trials
-        .filter(|t| t.objective.is_some_and(f64::is_finite))
-        .min_by(|a, b| {
-            mode.best_first(
-                a.objective.unwrap_or_default(),
-                b.objective.unwrap_or_default(),
-            )
-        })
 }
 
 #[cfg(test)]

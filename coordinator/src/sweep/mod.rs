@@ -5,10 +5,12 @@
 
 pub mod client;
 pub mod driver;
-pub mod records;
 pub mod scheduler;
 pub mod sim;
 pub mod template;
+
+/// The records live in ringleader-spec, where clients read them too.
+pub use ringleader_spec::records;
 
 pub use records::{SweepKind, SweepRecord, SweepState, TrialRecord, TrialState};
 pub use scheduler::{Effects, Scheduler, SweepRun};

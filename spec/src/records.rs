@@ -1,6 +1,7 @@
-//! What etcd holds about sweeps and trials, as JSON under
-//! [`crate::store::STATE_PREFIX`]. These records are the only durable state:
-//! a new leader rebuilds everything else from them.
+//! What etcd holds about sweeps and trials, as JSON under the leader's
+//! state prefix. These records are the only durable state: a new leader
+//! rebuilds everything else from them, and clients read them as the
+//! leader serves them.
 //!
 //! ```text
 //! /ringleader/sweeps/<sweep id>            SweepRecord
@@ -9,11 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use ringleader_spec::Mode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::driver::best_trial;
+use crate::Mode;
 
 pub use float::Float;
 
@@ -281,7 +281,7 @@ pub struct TrialRecord {
 
 /// A trial's lineage: the data and code a model was trained from. Every
 /// list and string is bounded where the worker's report arrives
-/// (`crate::limits`, docs/LIMITS.md).
+/// (the coordinator's limits, docs/LIMITS.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lineage {
     /// The job's data files (and TorchScript module) with their SHA-256.
@@ -460,6 +460,21 @@ pub mod float {
                 .collect())
         }
     }
+}
+
+/// The trial with the best latest objective among `trials`.
+pub fn best_trial<'a>(
+    trials: impl Iterator<Item = &'a TrialRecord>,
+    mode: Mode,
+) -> Option<&'a TrialRecord> {
+    trials
+        .filter(|t| t.objective.is_some_and(f64::is_finite))
+        .min_by(|a, b| {
+            mode.best_first(
+                a.objective.unwrap_or_default(),
+                b.objective.unwrap_or_default(),
+            )
+        })
 }
 
 #[cfg(test)]
